@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tiktoken
 import tiktoken.load
+
 # GPT-2's pre-split regex (contractions, words, numbers, punctuation, spaces), as tiktoken has it
 from tiktoken_ext.openai_public import r50k_pat_str
 

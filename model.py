@@ -132,7 +132,7 @@ class MultiHeadAttention(nn.Module):
             start = cache.pos
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
-            k = cache.k[layer, :, :, :start + T]                        # (B, n_heads, start+T, head_dim)
+            k = cache.k[layer, :, :, :start + T]            # (B, n_heads, start+T, head_dim)
             v = cache.v[layer, :, :, :start + T]
             if start > 0:
                 # New query i sits at position start+i and may see keys 0..start+i.
