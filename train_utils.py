@@ -34,15 +34,18 @@ def get_device(preferred=None):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(preferred)
+    try:
+        device = torch.device(preferred)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(preferred)!r}; choose cuda, mps or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(preferred)!r} was asked for, but this PyTorch sees no CUDA "
                          f"GPU; use --device cpu or install a CUDA build of torch")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(preferred)!r} was asked for, but MPS (Apple GPU) is not "
                          f"available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {str(preferred)!r}; choose cuda, mps or cpu")
     return device
 
 
@@ -157,8 +160,10 @@ def lr_at(step, peak_lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
 
 
 def _rng_state():
+    # Plain tensors and tuples only, so the checkpoint loads with weights_only=True.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -167,7 +172,8 @@ def _rng_state():
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -1,0 +1,209 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_utils
+from dataset import create_dataloader, default_corpus_text, get_tokenizer
+from model import GPTModel, load_checkpoint, read_checkpoint
+from train import main
+from train_utils import (
+    accumulate_gradients,
+    epoch_batches,
+    get_device,
+    lr_at,
+    make_optimizer,
+    train_model,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
+              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
+              "--dtype", "fp32", "--start-context", "The"]
+
+
+@pytest.fixture(scope="module")
+def corpus_tokens():
+    return get_tokenizer().encode(default_corpus_text()[:40_000])
+
+
+def tiny_model(seed=0, drop=0.0):
+    torch.manual_seed(seed)
+    return GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+                     "n_layers": 2, "drop_rate": drop, "qkv_bias": False})
+
+
+def test_loss_falls_on_a_tiny_corpus(corpus_tokens):
+    train = create_dataloader(corpus_tokens[:4000], batch_size=8, max_length=32, stride=32)
+    val = create_dataloader(corpus_tokens[8000:9000], batch_size=8, max_length=32, stride=32,
+                            shuffle=False, drop_last=False)
+    model = tiny_model()
+    history = train_model(model, train, val, device="cpu", num_epochs=2, eval_freq=5,
+                          eval_iter=3, learning_rate=5e-3, warmup_steps=3, progress=False)
+    assert history["step"][-1] == history["final_step"] == 2 * (125 // 8)
+    assert history["train_loss"][0] > history["train_loss"][-1] + 1.0
+    assert history["val_loss"][0] > history["val_loss"][-1] + 0.5
+    assert history["tokens_seen"][-1] == history["final_step"] * 8 * 32
+
+
+def test_grad_accumulation_equals_one_big_batch(corpus_tokens):
+    ds = create_dataloader(corpus_tokens[:2000], batch_size=1, max_length=32, stride=32).dataset
+    samples = [ds[i] for i in range(5)]
+    big = train_utils.collate(samples)
+    a, b = tiny_model(), tiny_model()
+    loss_a, n_a = accumulate_gradients(a, [big], torch.device("cpu"))
+    # 4 x 1 plus a short 1-sample group split unevenly (2 + 1 + 1 + 1): still exact
+    micro = [train_utils.collate(samples[:2])] + [train_utils.collate([s]) for s in samples[2:]]
+    loss_b, n_b = accumulate_gradients(b, micro, torch.device("cpu"))
+    assert n_a == n_b == 5 * 32
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_epoch_batches_are_seeded_and_disjoint_across_ranks():
+    one = epoch_batches(10, 2, True, True, seed=1, epoch=0)
+    assert one == epoch_batches(10, 2, True, True, seed=1, epoch=0)
+    assert one != epoch_batches(10, 2, True, True, seed=1, epoch=1)
+    assert sorted(i for b in one for i in b) == list(range(10))
+    r0 = epoch_batches(10, 2, True, False, 1, 0, rank=0, world_size=2)
+    r1 = epoch_batches(10, 2, True, False, 1, 0, rank=1, world_size=2)
+    assert sorted(i for b in r0 + r1 for i in b) == list(range(10))
+    assert epoch_batches(7, 3, False, False, 0, 0) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 1.0, 100, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x > y for x, y in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings():
+    model = tiny_model()
+    decay, no_decay = make_optimizer(model, weight_decay=0.1).param_groups
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names and all(n.endswith("weight") and "norm" not in n and "emb" not in n
+                         for n in names)
+    assert "out_head.weight" in names and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_get_device():
+    assert get_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
+            get_device("cuda")
+    for bad in ("tpu", "xla"):
+        with pytest.raises(ValueError, match=f"unknown device '{bad}'; choose cuda, mps or cpu"):
+            get_device(bad)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus_tokens, monkeypatch):
+    train = create_dataloader(corpus_tokens[:4000], batch_size=4, max_length=32, stride=32)
+    ckpt = tmp_path / "run.pth"
+    real = train_utils.calc_loss_batch
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(train_utils, "calc_loss_batch", poisoned)
+    with pytest.raises(FloatingPointError, match=f"loss became nan at optimizer step 6; .*"
+                                                 f"last good checkpoint is {ckpt}"):
+        train_model(tiny_model(), train, train, device="cpu", num_epochs=1, eval_freq=100,
+                    checkpoint_path=ckpt, checkpoint_every=3, progress=False)
+    assert read_checkpoint(ckpt)["step"] == 6
+    load_checkpoint(ckpt)
+
+
+def _final_line(out):
+    return [line for line in out.splitlines() if line.startswith("final:")][-1]
+
+
+def test_train_py_end_to_end(tmp_path, capsys):
+    data = tmp_path / "input.txt"
+    data.write_text(default_corpus_text()[:30_000])
+    out = tmp_path / "w" / "m.pth"
+    history = main(["--data", str(data), "--out", str(out), "--max-steps", "6",
+                    "--eval-freq", "3", *TINY_FLAGS])
+    printed = capsys.readouterr().out
+    final = _final_line(printed)
+    assert final == (f"final: step=6 train_loss={history['final_train_loss']:.4f} "
+                     f"val_loss={history['final_val_loss']:.4f}")
+    saved = json.loads((tmp_path / "w" / "m_history.json").read_text())
+    assert saved["step"] == [3, 6] and len(saved["tokens_seen"]) == 2
+    assert (tmp_path / "w" / "m_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in tmp_path.iterdir()} >= {"train.txt", "valid.txt", "test.txt"}
+    model = load_checkpoint(out)
+    assert model.cfg["emb_dim"] == 32 and "Model: a small GPT-2" in printed
+
+
+@pytest.mark.parametrize("content, error, match", [
+    (None, FileNotFoundError, "no text file at .*Put a UTF-8 .txt file there"),
+    (b"", ValueError, "is empty"),
+    (b"a\n" * 15, ValueError, "need at least max_length\\+1=33. Add text or lower"),
+    (b"a\n" * 25, ValueError, "fewer windows than batch_size=4.*Lower batch_size, add text"),
+    (b"tiny text\nonly\n", ValueError, "too short to split.*Add more text"),
+    (b"caf\xe9 au lait\n" * 200, ValueError, "not UTF-8"),
+])
+def test_train_py_bad_input(tmp_path, content, error, match):
+    data = tmp_path / "input.txt"
+    if content is not None:
+        data.write_bytes(content)
+    with pytest.raises(error, match=match):
+        main(["--data", str(data), "--out", str(tmp_path / "m.pth"), *TINY_FLAGS])
+
+
+def test_bad_config_flag_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'emb_dim' \\(31\\) must be divisible by 'n_heads'"):
+        main(["--data", str(tmp_path / "x.txt"), *TINY_FLAGS, "--emb-dim", "31"])
+
+
+def _train_cmd(tmp_path, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "input.txt"),
+            "--out", str(tmp_path / "run.pth"), "--max-steps", "40", "--eval-freq", "10",
+            "--checkpoint-every", "5", "--drop-rate", "0.1", *TINY_FLAGS, *extra]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    (tmp_path / "input.txt").write_text(default_corpus_text()[:60_000])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The uninterrupted reference run, in its own folder with the same data.
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    (ref_dir / "input.txt").write_text(default_corpus_text()[:60_000])
+    ref = subprocess.run(_train_cmd(ref_dir), capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr
+
+    # Kill -9 as soon as the first periodic checkpoint exists (mid-run, maybe mid-write).
+    proc = subprocess.Popen(_train_cmd(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not (tmp_path / "run.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = read_checkpoint(tmp_path / "run.pth")["step"]
+    assert 5 <= killed_at < 40 and "final:" not in out
+
+    resumed = subprocess.run(_train_cmd(tmp_path, "--resume"), capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resumed from {tmp_path / 'run.pth'} at step {killed_at}" in resumed.stdout
+    assert _final_line(resumed.stdout) == _final_line(ref.stdout)
+    ref_hist = json.loads((ref_dir / "run_history.json").read_text())
+    hist = json.loads((tmp_path / "run_history.json").read_text())
+    assert hist["val_loss"] == ref_hist["val_loss"] and hist["step"] == ref_hist["step"]
+    assert math.isfinite(hist["final_val_loss"])
