@@ -201,13 +201,17 @@ class GPTModel(nn.Module):
             # embedding that turned tokens into vectors (one Parameter, 38.6M fewer weights
             # at 124M). OpenAI's GPT-2 does this. Training from scratch we leave it off by
             # default, as the seed did: separate matrices are easier to inspect.
-            self.out_head.weight = self.tok_emb.weight
+            self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream,
         # since 2 * n_layers of them add up there: the sum's variance would grow otherwise.
         for name, p in self.named_parameters():
             if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    def tie_weights(self):
+        """Make the output head use the token-embedding Parameter (one tensor, not two)."""
+        self.out_head.weight = self.tok_emb.weight
 
     @staticmethod
     def _init_weights(module):
@@ -287,6 +291,63 @@ def gpt2_param_names(n_layers):
         for ours, hf, tf, conv in _BLOCK_PARAMS:
             rows.append((f"trf_blocks.{i}.{ours}", f"h.{i}.{hf}", f"h{i}/{tf}", conv))
     return rows
+
+
+def iter_gpt2_weights(gpt, fetch, source, head=None):
+    """Yield ``(our_name, tensor)`` for every GPT-2 weight, in our layout, shape-checked.
+
+    This is the one converter loop both loaders use. ``fetch(row)`` returns the source's
+    tensor (torch or numpy) for a row ``(ours, hf, openai_tf, is_conv1d)`` of
+    ``gpt2_param_names``, or raises KeyError naming what is missing. ``gpt`` only supplies
+    the expected shapes and dtype (it may live on the meta device). ``head`` is the
+    source's untied output head ((vocab, C), e.g. HF's ``lm_head.weight``) or None when
+    the head is the token embedding, as in GPT-2.
+
+    ``out_head.weight`` is yielded only when ``gpt`` has an untied head; a tied model
+    shares it with ``tok_emb.weight``. Source Q/K/V biases are dropped when ``gpt`` was
+    built with qkv_bias=False, but only if they are all zero (then nothing changes).
+    """
+    expected = gpt.state_dict()
+    n_layers = gpt.cfg["n_layers"]
+    wte = None
+    for row in gpt2_param_names(n_layers):
+        ours, _, _, is_conv1d = row
+        try:
+            tensor = torch.as_tensor(fetch(row))
+        except KeyError as e:
+            raise ValueError(f"{source} has no weight {e.args[0]!r} (needed for {ours!r}); is it "
+                             f"a GPT-2 model with at least n_layers={n_layers} blocks?") from None
+        if is_conv1d:
+            tensor = tensor.t()                 # Conv1D (in, out) -> nn.Linear (out, in)
+        if ours not in expected:
+            if not torch.any(tensor):
+                continue                        # zero biases a bias-free layer already has
+            raise ValueError(f"{source} has a non-zero {ours!r} but the model has no such "
+                             f"parameter; build it with qkv_bias=True, as GPT-2 was trained")
+        want = expected[ours]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ValueError(f"shape mismatch for {ours!r} (from {source}): the weights are "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(want.shape)}; "
+                             f"build the model with the config these weights came with")
+        tensor = tensor.to(want.dtype).contiguous()
+        if ours == "tok_emb.weight":
+            wte = tensor
+        yield ours, tensor
+    if head is not None:
+        head = torch.as_tensor(head)
+        if tuple(head.shape) != tuple(wte.shape):
+            raise ValueError(f"shape mismatch for 'out_head.weight' (from {source}): the "
+                             f"weights are {tuple(head.shape)}, the model expects "
+                             f"{tuple(wte.shape)}")
+        head = head.to(wte.dtype).contiguous()
+    if gpt.cfg["tie_embeddings"]:
+        if head is not None and not torch.equal(head.to(wte.device), wte):
+            raise ValueError(f"{source} has an output head different from its token embedding, "
+                             f"but the model ties them; build it with tie_embeddings=False")
+    else:
+        # An untied model starts its head from the embedding when the source has none:
+        # that is exactly the function GPT-2 computes.
+        yield "out_head.weight", wte if head is None else head
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,9 +430,14 @@ def load_checkpoint(path, device=None, cfg=None):
             f"(for example MODEL_CONFIGS['gpt2-small (124M)'] or GPT_CONFIG_124M)")
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} does not hold a state dict")
-    model = GPTModel(cfg)
+    # Build on the "meta" device (shapes only, no memory, no random init) and let the
+    # loaded tensors become the parameters: the weights then exist once, not twice.
+    with torch.device("meta"):
+        model = GPTModel(cfg)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: {e}") from None
+    if model.cfg["tie_embeddings"]:
+        model.tie_weights()       # assign=True gave the head a Parameter of its own
     return model.to(device or "cpu").eval()

@@ -1,0 +1,423 @@
+"""Hugging Face GPT-2 weights <-> GPTModel.
+
+    Hub id / save_pretrained folder --load_gpt2_hf--> GPTModel        (no TensorFlow needed)
+    transformers GPT2Model / GPT2LMHeadModel / state dict --load_weights_into_gpt--> GPTModel
+    GPTModel --export_to_hf--> folder that transformers.GPT2LMHeadModel and pipeline() load
+
+    python download_weights_hf.py --load "gpt2-small (124M)" --save model_weights/gpt2.pth
+    python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
+
+Both directions loop over ``model.gpt2_param_names``, the one table of GPT-2 names; HF
+stores the four linear layers per block as "Conv1D" with (in, out) weights, which we
+transpose. ``load_gpt2_hf`` reads the safetensors file directly instead of building a
+transformers model first, so loading costs about one copy of the weights in memory.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dataset import gpt2_bpe_files
+from model import (
+    GPTModel,
+    gpt2_param_names,
+    iter_gpt2_weights,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
+
+# Our config names -> the Hub repositories OpenAI's weights live in.
+HF_HUB_IDS = {
+    "gpt2-small (124M)": "openai-community/gpt2",
+    "gpt2-medium (355M)": "openai-community/gpt2-medium",
+    "gpt2-large (774M)": "openai-community/gpt2-large",
+    "gpt2-xl (1558M)": "openai-community/gpt2-xl",
+}
+# Only what load_gpt2_hf reads: skipping pytorch_model.bin, tf/flax/onnx copies saves GBs.
+_HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
+                 "model.safetensors.index.json"]
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_ID = 50256
+
+
+# ---------------------------------------------------------------------------------------
+# transformers model or state dict -> GPTModel
+
+def _hf_state_dict(gpt_hf):
+    """A flat state dict without the ``transformer.`` prefix GPT2LMHeadModel adds.
+
+    The ``attn.bias``/``attn.masked_bias`` causal-mask buffers that older transformers
+    versions saved need no special care: the converter only looks up the names in
+    the table, so they are never read.
+    """
+    if isinstance(gpt_hf, torch.nn.Module):
+        state = gpt_hf.state_dict()
+    elif isinstance(gpt_hf, Mapping):
+        state = gpt_hf
+    else:
+        raise TypeError(f"gpt_hf must be a transformers GPT2Model/GPT2LMHeadModel or a state "
+                        f"dict, got {type(gpt_hf).__name__}")
+    return {key.removeprefix("transformer."): value for key, value in state.items()}
+
+
+def load_weights_into_gpt(gpt, gpt_hf):
+    """Copy the weights of a transformers GPT-2 (model or state dict) into ``gpt``.
+
+    Works for ``GPT2Model``, ``GPT2LMHeadModel`` and their state dicts, with or without
+    the ``transformer.`` prefix. Shapes are checked first (the error names the parameter).
+    An untied ``lm_head.weight`` different from ``wte`` needs ``gpt`` built with
+    tie_embeddings=False. Returns ``gpt``.
+    """
+    state = _hf_state_dict(gpt_hf)
+
+    def fetch(row):
+        return state[row[1]]                # KeyError names the missing HF key
+
+    targets = dict(gpt.named_parameters())
+    with torch.no_grad():
+        for name, tensor in iter_gpt2_weights(gpt, fetch, "the Hugging Face weights",
+                                              head=state.get("lm_head.weight")):
+            targets[name].copy_(tensor)
+    return gpt
+
+
+# ---------------------------------------------------------------------------------------
+# A folder of config.json + safetensors -> GPTModel, one tensor at a time
+
+def config_from_hf(hf_config, source="config.json"):
+    """A transformers GPT-2 config.json (as a dict) -> our cfg.
+
+    Raises ValueError for settings our GPTModel does not implement, rather than
+    silently computing something else.
+    """
+    model_type = hf_config.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{source} has model_type={model_type!r}; only 'gpt2' is supported")
+    unsupported = {
+        # (what HF calls it, value it has, value our model computes)
+        "activation_function": (hf_config.get("activation_function", "gelu_new"),
+                                ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf_config.get("n_inner"), (None, 4 * hf_config.get("n_embd", 0))),
+        "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx":
+            (hf_config.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "add_cross_attention": (hf_config.get("add_cross_attention", False), (False,)),
+    }
+    for key, (value, ok) in unsupported.items():
+        if value not in ok:
+            raise ValueError(f"{source} sets {key}={value!r}; GPTModel implements only "
+                             f"{' or '.join(map(repr, ok))}")
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise ValueError(f"{source} sets layer_norm_epsilon={eps}; GPTModel uses 1e-5")
+    try:
+        return {"vocab_size": hf_config["vocab_size"],
+                "context_length": hf_config.get("n_positions", hf_config.get("n_ctx")),
+                "emb_dim": hf_config["n_embd"], "n_heads": hf_config["n_head"],
+                "n_layers": hf_config["n_layer"],
+                # Dropout is for training; a loaded model is for inference (and fine-tuning
+                # sets its own rate). Biases everywhere: GPT-2 has them.
+                "drop_rate": 0.0, "qkv_bias": True,
+                "tie_embeddings": bool(hf_config.get("tie_word_embeddings", True))}
+    except KeyError as e:
+        raise ValueError(f"{source} has no {e.args[0]!r}; is it a GPT-2 config.json?") from None
+
+
+def _weight_files(folder):
+    """{tensor name: safetensors file} for a single or sharded save_pretrained folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is damaged ({e!r}); delete {str(folder)!r} and "
+                             f"download or save the model again") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no model.safetensors (or model.safetensors.index.json); "
+            f"save the model with transformers' save_pretrained (safetensors is its default)")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{single} is truncated or not a safetensors file ({e}); delete "
+                         f"{str(folder)!r} and download or save the model again") from None
+
+
+def _read_tensor(path, name):
+    """One tensor from a safetensors file: a view of a private memory map of the file.
+
+    Opening the file per tensor looks wasteful, but the map's pages count towards this
+    process's memory while it is alive; a short-lived map per tensor keeps the peak near
+    one copy of the weights (one handle for the whole load measured ~2x at 774M).
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"could not read {name!r} from {path} ({e}); the file is truncated "
+                         f"or damaged: delete it and download or save the model again") from None
+
+
+def _resolve_folder(name_or_path, cache_dir):
+    """A local folder as is; a MODEL_CONFIGS key or Hub id -> a downloaded snapshot folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    repo_id = HF_HUB_IDS.get(name, name)
+    # A Hub id is "owner/name" (or a bare legacy name like "gpt2"); anything that can only
+    # be a path is reported as a missing folder instead of being looked up online.
+    if name not in HF_HUB_IDS and (isinstance(name_or_path, os.PathLike) or path.is_absolute()
+                                   or name.startswith(".") or name.count("/") > 1):
+        raise FileNotFoundError(f"{name!r} is not a folder; pass a save_pretrained folder, a "
+                                f"Hub id like 'openai-community/gpt2' or one of "
+                                f"{list(HF_HUB_IDS)}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError("downloading from the Hugging Face Hub needs huggingface_hub: "
+                          "pip install huggingface_hub") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
+    except OSError as e:      # every huggingface_hub error (offline, 404, 401) is an OSError
+        raise OSError(f"could not download {repo_id!r} from the Hugging Face Hub "
+                      f"({type(e).__name__}: {e}). Check the name and your internet "
+                      f"connection, or pass a local folder written by save_pretrained "
+                      f"(choices: {list(HF_HUB_IDS)})") from e
+
+
+def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None):
+    """A GPTModel holding Hugging Face GPT-2 weights, in eval mode on ``device``.
+
+    ``name_or_path``: a key of MODEL_CONFIGS (mapped through HF_HUB_IDS), a Hub id such as
+    ``"openai-community/gpt2"``, or a local folder written by ``save_pretrained``. Nothing
+    is downloaded for a local folder.
+
+    The config comes from config.json, the weights straight from the safetensors file(s),
+    one tensor at a time. The model is built on the "meta" device (shapes, no memory) and
+    the loaded tensors become its parameters (``assign=True``), so the weights exist once
+    in memory rather than twice (random init + loaded copy), and the slow random init of
+    a large model is skipped.
+    """
+    folder = _resolve_folder(name_or_path, cache_dir)
+    config_path = folder / "config.json"
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json; is it a "
+                                f"save_pretrained folder?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); delete {str(folder)!r} and "
+                         f"download or save the model again") from None
+    cfg = config_from_hf(hf_config, source=str(config_path))
+
+    files = _weight_files(folder)
+    prefix = "transformer." if any(k.startswith("transformer.") for k in files) else ""
+    mapped = set()        # storages that are views of the files, not memory of our own
+
+    def read(key):
+        if key not in files:
+            raise KeyError(key)
+        tensor = _read_tensor(files[key], key)
+        mapped.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    head = None
+    if not cfg["tie_embeddings"]:
+        if "lm_head.weight" not in files:
+            raise ValueError(f"{config_path} says tie_word_embeddings=false but the weights "
+                             f"have no lm_head.weight; the output head is missing")
+        head = read("lm_head.weight")
+
+    with torch.device("meta"):
+        gpt = GPTModel(cfg)
+    state = {}
+    converted = iter_gpt2_weights(gpt, lambda row: read(prefix + row[1]), str(folder), head=head)
+    rows = len(gpt2_param_names(cfg["n_layers"]))
+    for name, tensor in tqdm(converted, total=rows, desc="loading weights", unit="tensor"):
+        # The transposed Conv1D weights are already fresh copies; the rest still view the
+        # file. Copy those once, so that the model owns its memory: weights that view a
+        # file crash (SIGBUS) or change when that file is overwritten in place, e.g. by
+        # save_pretrained into the same folder. Copying each tensor exactly once, with no
+        # temporaries, also keeps malloc from fragmenting (a clone-then-transpose measured
+        # ~30% above one copy at 774M).
+        if tensor.untyped_storage().data_ptr() in mapped:
+            tensor = tensor.clone()
+        state[name] = tensor
+    if cfg["tie_embeddings"]:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    gpt.load_state_dict(state, strict=True, assign=True)
+    if cfg["tie_embeddings"]:
+        # assign=True wraps each tensor in its own Parameter; re-tie so there is one
+        # Parameter again (an optimizer must not see and update the matrix twice).
+        gpt.tie_weights()
+    still_meta = [n for n, t in gpt.state_dict().items() if t.is_meta]
+    assert not still_meta, f"internal error: {still_meta} were not loaded"
+    return gpt.to(device or "cpu").eval()
+
+
+# ---------------------------------------------------------------------------------------
+# GPTModel -> a folder transformers loads
+
+def _hf_config(cfg, tied, dtype):
+    p = cfg["drop_rate"]
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg["vocab_size"], "n_positions": cfg["context_length"],
+        "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
+        "n_head": cfg["n_heads"], "n_inner": None,
+        "activation_function": "gelu_new",          # GELU, tanh approximation, like ours
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "use_cache": True,
+        "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
+        "tie_word_embeddings": tied, "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _export_tensors(model):
+    """Our state -> HF GPT2LMHeadModel names and Conv1D layouts (CPU, contiguous)."""
+    cfg = model.cfg
+    ours = model.state_dict()
+    tensors = {}
+    for name, hf, _, is_conv1d in gpt2_param_names(cfg["n_layers"]):
+        if name in ours:
+            tensor = ours[name].detach()
+            tensor = tensor.t() if is_conv1d else tensor   # nn.Linear (out, in) -> (in, out)
+        else:
+            # qkv_bias=False: GPT-2's format always has a c_attn bias; zeros compute the same.
+            tensor = torch.zeros(3 * cfg["emb_dim"], dtype=ours["tok_emb.weight"].dtype)
+        tensors[f"transformer.{hf}"] = tensor.cpu().contiguous()
+    if not cfg["tie_embeddings"]:
+        tensors["lm_head.weight"] = ours["out_head.weight"].detach().cpu().contiguous()
+    # A tied head is not written: GPT2LMHeadModel ties lm_head to wte from the config, and
+    # safetensors refuses to store one tensor under two names anyway.
+    return tensors
+
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_to_hf(model, out_dir):
+    """Write ``model`` as a Hugging Face GPT-2 folder; returns its Path.
+
+    The folder has config.json, model.safetensors, generation_config.json and GPT-2's
+    tokenizer files (vocab.json, merges.txt, tokenizer_config.json), so
+    ``GPT2LMHeadModel.from_pretrained(out_dir)`` and
+    ``pipeline("text-generation", model=out_dir)`` need no other argument, and give the
+    same logits as ``model``.
+
+    A tied head is stored once (tie_word_embeddings=true); an untied one as its own
+    lm_head.weight. qkv_bias=False becomes zero c_attn biases. The one thing the format
+    cannot hold is a vocabulary other than GPT-2's 50257 tokens: the tokenizer written
+    beside the weights would then produce or expect ids the model does not have, so that
+    is a ValueError.
+
+    Files are written into a hidden temporary folder next to ``out_dir`` that is renamed
+    into place only when complete, so a crash never leaves a half-written ``out_dir``.
+    An existing ``out_dir`` is replaced only if it looks like a model folder.
+    """
+    model = unwrap_model(model)
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"export_to_hf needs a GPTModel, got {type(model).__name__}")
+    cfg = model.cfg
+    if cfg["vocab_size"] != GPT2_VOCAB_SIZE:
+        raise ValueError(
+            f"the model has vocab_size={cfg['vocab_size']}, but the exported folder carries "
+            f"GPT-2's tokenizer with {GPT2_VOCAB_SIZE} tokens; only models trained with the "
+            f"GPT-2 tokenizer (vocab_size={GPT2_VOCAB_SIZE}) can be exported")
+    if cfg["tie_embeddings"] and model.out_head.weight is not model.tok_emb.weight:
+        raise ValueError("the model's config says tie_embeddings=True but out_head and tok_emb "
+                         "are different Parameters; re-tie them (model.out_head.weight = "
+                         "model.tok_emb.weight) or set tie_embeddings=False")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and (
+            not any(out_dir.iterdir()) or (out_dir / "config.json").is_file())):
+        raise FileExistsError(f"{str(out_dir)!r} exists and is not a model folder; choose "
+                              f"another --out or remove it")
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    tensors = _export_tensors(model)
+    dtype = tensors["transformer.wte.weight"].dtype
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)          # mkdtemp makes it private (0700); a model folder is not
+        # metadata format=pt: transformers refuses safetensors files without it
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "config.json", _hf_config(cfg, cfg["tie_embeddings"], dtype))
+        _write_json(tmp / "generation_config.json", {
+            "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
+            # GPT-2 has no padding token; padding finished rows with EOS is the convention
+            # (and stops transformers warning that it picked that for you).
+            "pad_token_id": GPT2_EOS_ID, "max_length": cfg["context_length"]})
+        shutil.copyfile(encoder_json, tmp / "vocab.json")     # the same file, HF's name
+        shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+        _write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>", "add_prefix_space": False})
+        for file in tmp.iterdir():                           # durable before it is visible
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if out_dir.exists():
+            # A folder cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old",
+                                        dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert GPT-2 weights between Hugging Face "
+                                                 "format and our .pth checkpoints.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--export", metavar="PTH", help="our checkpoint to write as an HF folder")
+    what.add_argument("--load", metavar="NAME_OR_PATH",
+                      help=f"HF folder, Hub id or one of {list(HF_HUB_IDS)}")
+    parser.add_argument("--out", metavar="DIR", help="folder to write (with --export)")
+    parser.add_argument("--save", metavar="PTH", help="checkpoint to write (with --load)")
+    parser.add_argument("--cache-dir", default="model_weights",
+                        help="where Hub downloads are kept (with --load)")
+    args = parser.parse_args(argv)
+    if args.export:
+        if not args.out:
+            parser.error("--export needs --out DIR")
+        path = export_to_hf(load_checkpoint(args.export), args.out)
+        print(f"wrote {path}; load it with transformers.GPT2LMHeadModel.from_pretrained"
+              f"({str(path)!r})")
+    else:
+        if not args.save:
+            parser.error("--load needs --save PTH")
+        path = save_checkpoint(args.save, load_gpt2_hf(args.load, cache_dir=args.cache_dir))
+        print(f"saved {path}; load it with model.load_checkpoint({str(path)!r})")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Hugging Face weights <-> GPTModel: same logits and greedy tokens as transformers.
+
+Everything is offline: a tiny random GPT2LMHeadModel is written with save_pretrained and
+read back through our loaders; our models are exported and read back by transformers.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import download_weights_hf  # noqa: E402
+from dataset import get_tokenizer  # noqa: E402
+from download_weights_hf import (  # noqa: E402
+    config_from_hf,
+    export_to_hf,
+    load_gpt2_hf,
+    load_weights_into_gpt,
+)
+from model import GPTModel, load_checkpoint, save_checkpoint  # noqa: E402
+
+VOCAB, CTX, EMB, LAYERS, HEADS = 97, 32, 48, 3, 4
+PROMPT = torch.tensor([[5, 17, 42, 3, 88, 60], [1, 2, 3, 4, 5, 6]])
+
+
+def randomize_(model, seed):
+    """Give every weight a random value, LayerNorms and biases included.
+
+    Fresh models have zero biases and unit LayerNorm weights, so a converter that dropped
+    or swapped them would still pass; random values make every tensor count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def random_hf_model(seed=0, tie=True, vocab=VOCAB, n_layer=LAYERS):
+    config = GPT2Config(vocab_size=vocab, n_positions=CTX, n_embd=EMB, n_layer=n_layer,
+                        n_head=HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                        pad_token_id=vocab - 1, tie_word_embeddings=tie)
+    model = randomize_(GPT2LMHeadModel(config), seed)
+    if not tie:
+        assert model.lm_head.weight is not model.transformer.wte.weight
+    return model
+
+
+def our_cfg(tie=True, vocab=VOCAB, qkv_bias=True):
+    return {"vocab_size": vocab, "context_length": CTX, "emb_dim": EMB, "n_heads": HEADS,
+            "n_layers": LAYERS, "drop_rate": 0.0, "qkv_bias": qkv_bias, "tie_embeddings": tie}
+
+
+@torch.no_grad()
+def greedy_tokens(model, idx, steps):
+    """Our own greedy loop (generate.py is someone else's module): argmax, append, repeat."""
+    for _ in range(steps):
+        next_id = model(idx)[:, -1].argmax(dim=-1, keepdim=True)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def assert_same_model(gpt, hf, prompt=PROMPT, steps=6):
+    """Logits within 1e-5 and identical greedy continuations."""
+    torch.testing.assert_close(gpt(prompt), hf(prompt).logits, atol=1e-5, rtol=1e-5)
+    hf_ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                         max_new_tokens=steps, pad_token_id=hf.config.eos_token_id)
+    # HF stops a row at EOS; then both agree up to there, which is what we compare.
+    ours = greedy_tokens(gpt, prompt, hf_ids.shape[1] - prompt.shape[1])
+    assert hf_ids.shape[1] > prompt.shape[1]
+    torch.testing.assert_close(ours, hf_ids, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    hf = random_hf_model()
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+# ---------------------------------------------------------------------------------------
+# HF -> ours
+
+def test_load_gpt2_hf_from_folder_matches_transformers(hf_folder):
+    hf, folder = hf_folder
+    gpt = load_gpt2_hf(folder)
+    assert gpt.cfg == our_cfg()
+    assert not gpt.training
+    # one tied Parameter, as GPTModel(cfg) builds it, not two sharing memory
+    assert gpt.out_head.weight is gpt.tok_emb.weight
+    assert all(not t.is_meta and t.device.type == "cpu" for t in gpt.state_dict().values())
+    assert_same_model(gpt, hf)
+
+
+@pytest.mark.parametrize("source", ["GPT2LMHeadModel", "GPT2Model", "state dict with prefix",
+                                    "state dict without prefix"])
+def test_load_weights_into_gpt_accepts_models_and_state_dicts(hf_folder, source):
+    hf, _ = hf_folder
+    gpt_hf = {"GPT2LMHeadModel": hf, "GPT2Model": hf.transformer,
+              "state dict with prefix": hf.state_dict(),
+              "state dict without prefix": hf.transformer.state_dict()}[source]
+    gpt = load_weights_into_gpt(GPTModel(our_cfg()), gpt_hf).eval()
+    assert_same_model(gpt, hf)
+
+
+def test_old_attention_buffers_are_ignored(hf_folder):
+    hf, _ = hf_folder
+    state = dict(hf.transformer.state_dict())
+    for i in range(LAYERS):      # what older transformers versions kept in state dicts
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, CTX, CTX))
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    assert_same_model(load_weights_into_gpt(GPTModel(our_cfg()), state).eval(), hf)
+
+
+def test_untied_head(tmp_path):
+    hf = random_hf_model(seed=3, tie=False)
+    hf.save_pretrained(tmp_path)
+    gpt = load_gpt2_hf(tmp_path)
+    assert gpt.cfg["tie_embeddings"] is False
+    assert_same_model(gpt, hf)
+    assert_same_model(load_weights_into_gpt(GPTModel(our_cfg(tie=False)), hf).eval(), hf)
+    with pytest.raises(ValueError, match="tie_embeddings=False"):
+        load_weights_into_gpt(GPTModel(our_cfg(tie=True)), hf)
+
+
+def test_sharded_checkpoint(tmp_path, hf_folder):
+    hf, _ = hf_folder
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_same_model(load_gpt2_hf(tmp_path), hf)
+
+
+def test_wrong_shape_names_the_parameter(hf_folder):
+    hf, _ = hf_folder
+    state = dict(hf.state_dict())
+    state["transformer.h.1.mlp.c_fc.weight"] = state["transformer.h.1.mlp.c_fc.weight"][:, :-1]
+    with pytest.raises(ValueError, match=r"trf_blocks\.1\.ff\.fc\.weight"):
+        load_weights_into_gpt(GPTModel(our_cfg()), state)
+
+
+def test_missing_key_is_named(hf_folder):
+    hf, _ = hf_folder
+    state = dict(hf.state_dict())
+    del state["transformer.h.2.ln_2.bias"]
+    with pytest.raises(ValueError, match=r"h\.2\.ln_2\.bias"):
+        load_weights_into_gpt(GPTModel(our_cfg()), state)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_safetensors_gives_clear_error(tmp_path, hf_folder, damage):
+    hf, _ = hf_folder
+    hf.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 4096)
+    with pytest.raises(ValueError, match="truncated"):
+        load_gpt2_hf(tmp_path)
+
+
+def test_config_gpt_model_cannot_compute_is_rejected():
+    base = {"model_type": "gpt2", "vocab_size": 97, "n_positions": 32, "n_embd": 48,
+            "n_layer": 2, "n_head": 4}
+    assert config_from_hf(base)["tie_embeddings"] is True
+    for bad in ({"activation_function": "relu"}, {"layer_norm_epsilon": 1e-6},
+                {"scale_attn_by_inverse_layer_idx": True}, {"model_type": "llama"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            config_from_hf({**base, **bad})
+
+
+def test_hub_names_go_through_snapshot_download(hf_folder, monkeypatch, tmp_path):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hf, folder = hf_folder
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):     # the real one needs the internet
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert_same_model(load_gpt2_hf("gpt2-small (124M)", cache_dir=tmp_path), hf)
+    load_gpt2_hf("openai-community/gpt2-medium", cache_dir=tmp_path)
+    assert [repo for repo, _ in calls] == ["openai-community/gpt2", "openai-community/gpt2-medium"]
+    kwargs = calls[0][1]
+    assert kwargs["cache_dir"] == tmp_path
+    assert {"config.json", "*.safetensors"} <= set(kwargs["allow_patterns"])
+
+
+def test_offline_hub_gives_clear_error(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the Hub and nothing is cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="internet connection"):
+        load_gpt2_hf("gpt2-small (124M)")
+    for missing in ("./no/such/folder", Path("no-such-folder")):
+        with pytest.raises(FileNotFoundError, match="not a folder"):
+            load_gpt2_hf(missing)
+
+
+# ---------------------------------------------------------------------------------------
+# ours -> HF
+
+def random_gpt(tie, qkv_bias, seed=0):
+    # vocab 50257 so GPT-2's real tokenizer fits; emb 48 keeps it at ~2.5M parameters
+    return randomize_(GPTModel(our_cfg(tie=tie, vocab=50257, qkv_bias=qkv_bias)), seed)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv_bias", "no_qkv_bias"])
+def test_export_round_trip(tmp_path, tie, qkv_bias):
+    from safetensors import safe_open
+
+    gpt = random_gpt(tie, qkv_bias)
+    out = export_to_hf(gpt, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is tie
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert ("lm_head.weight" in f.keys()) is (not tie)
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    prompt = torch.tensor([[464, 2068, 7586, 21831, 18045, 625], [50256, 40, 716, 257, 1332, 13]])
+    assert_same_model(gpt, hf, prompt)
+    # and back into our format: same function, tie flag kept
+    back = load_gpt2_hf(out)
+    assert back.cfg["tie_embeddings"] is tie
+    with torch.no_grad():
+        torch.testing.assert_close(back(prompt), gpt(prompt), atol=1e-5, rtol=1e-5)
+
+
+def test_export_runs_in_transformers_pipeline(tmp_path):
+    out = export_to_hf(random_gpt(tie=True, qkv_bias=False), tmp_path / "export")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Hello, world. GPT-2 says<|endoftext|> hi"
+    assert tokenizer(text).input_ids == get_tokenizer().encode(text, allowed_special="all")
+    generator = transformers.pipeline("text-generation", model=str(out))
+    result = generator("Hello, my name is", max_new_tokens=5, do_sample=False)
+    assert result[0]["generated_text"].startswith("Hello, my name is")
+    assert len(result[0]["generated_text"]) > len("Hello, my name is")
+
+
+def test_export_rejects_a_vocab_the_tokenizer_does_not_match(tmp_path):
+    with pytest.raises(ValueError, match="50257"):
+        export_to_hf(GPTModel(our_cfg(vocab=97)), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_is_atomic_and_replaces_only_model_folders(tmp_path, monkeypatch):
+    gpt = random_gpt(tie=True, qkv_bias=True)
+    out = tmp_path / "export"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(download_weights_hf, "save_file", crash)
+        with pytest.raises(RuntimeError, match="disk full"):
+            export_to_hf(gpt, out)
+    assert list(tmp_path.iterdir()) == []          # no folder, no leftover temp folder
+
+    export_to_hf(random_gpt(tie=False, qkv_bias=True, seed=1), out)
+    export_to_hf(gpt, out)                         # replaces the previous export
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        export_to_hf(gpt, other)
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
+def test_command_line_export_and_load(tmp_path):
+    gpt = random_gpt(tie=False, qkv_bias=False)
+    save_checkpoint(tmp_path / "trained.pth", gpt)
+    out = download_weights_hf.main(["--export", str(tmp_path / "trained.pth"),
+                                    "--out", str(tmp_path / "hf")])
+    saved = download_weights_hf.main(["--load", str(out), "--save", str(tmp_path / "back.pth")])
+    back = load_checkpoint(saved)
+    prompt = torch.tensor([[464, 2068, 7586]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(prompt), gpt(prompt), atol=1e-5, rtol=1e-5)
