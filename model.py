@@ -388,8 +388,11 @@ def atomic_save(obj, path):
 def save_checkpoint(path, model, **extra):
     """Write model weights plus their config (and anything in ``extra``) atomically."""
     model = unwrap_model(model)
-    return atomic_save({"config": dict(model.cfg),
-                        "model_state_dict": model.state_dict(), **extra}, path)
+    # A caller may pass model_state_dict= itself (the full state gathered from FSDP shards).
+    state = extra.pop("model_state_dict", None)
+    if state is None:
+        state = model.state_dict()
+    return atomic_save({"config": dict(model.cfg), "model_state_dict": state, **extra}, path)
 
 
 def read_checkpoint(path, map_location="cpu"):

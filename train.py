@@ -9,7 +9,9 @@ work happens in train_utils.train_model; this file only turns flags into argumen
 """
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,12 +20,15 @@ import torch
 from dataset import create_dataloader, get_tokenizer, load_tokens, prepare_splits
 from model import GPT_CONFIG_124M, GPTModel, validate_config
 from train_utils import (
+    barrier,
     calc_loss_loader,
-    get_device,
+    cleanup_distributed,
     plot_losses,
     print_model_params,
     save_history,
+    setup_distributed,
     train_model,
+    wrap_model,
 )
 
 # The seed's training settings.
@@ -82,6 +87,13 @@ def build_parser():
                    help="save a resumable checkpoint every N optimizer steps")
     g.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    g = p.add_argument_group("several processes (launch with torchrun)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="ddp: a model copy per process; fsdp: weights, gradients and optimizer "
+                        "state sharded across processes (default under torchrun: ddp)")
+    g.add_argument("--backend", choices=["nccl", "gloo"], default=None,
+                   help="process-group backend (default: nccl on CUDA, gloo on CPU)")
+    g = p.add_argument_group("run, continued")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
@@ -103,17 +115,47 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Run the whole job; return the history dict (also written as JSON beside --out)."""
+    """Run the whole job; return the history dict (also written as JSON beside --out).
+
+    Under torchrun (RANK and WORLD_SIZE set) every process runs this; rank 0 alone prints
+    and writes files.
+    """
     args = parse_args(argv)
     cfg = validate_config({k: getattr(args, k) for k in DEFAULT_CONFIG})
-    if args.preset == "small":
-        print(f"Model: a small GPT-2 (emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
-              f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']}) so this "
-              f"run takes minutes on a CPU; --preset 124M trains GPT_CONFIG_124M.")
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    torch.manual_seed(args.seed)
-    device = get_device(args.device)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.parallel and not launched:
+        raise ValueError(f"--parallel {args.parallel} needs one process per device, started "
+                         f"by torchrun: torchrun --standalone --nproc_per_node=2 train.py "
+                         f"--parallel {args.parallel} ...")
+    parallel = args.parallel or "ddp"
+    if launched and parallel == "fsdp" and args.compile:
+        raise ValueError("--compile is not supported with --parallel fsdp here (FSDP2 wants "
+                         "each block compiled before it is sharded); use --parallel ddp "
+                         "with --compile, or drop --compile")
+    device, rank, world_size = setup_distributed(args.device, args.backend)
+    try:
+        with open(os.devnull, "w") as null, \
+                contextlib.redirect_stdout(null) if rank else contextlib.nullcontext():
+            return _run(args, cfg, device, rank, world_size, parallel if launched else None)
+    finally:
+        cleanup_distributed()
 
+
+def _run(args, cfg, device, rank, world_size, parallel):
+    if args.preset == "small":
+        print(f"Model: emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
+              f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']} (train.py's "
+              f"small preset, sized for minutes on a CPU; --preset 124M trains "
+              f"GPT_CONFIG_124M).")
+    settings = {k: getattr(args, k) for k in SETTINGS}
+
+    # Rank 0 splits the text and writes the token caches; the others wait, then only read.
+    if rank == 0:
+        paths = prepare_splits(args.data, auto_split=True,
+                               use_default_corpus=args.data == DEFAULT_DATA)
+        for path in paths[:2]:
+            load_tokens(path)
+    barrier()
     train_path, valid_path, test_path = prepare_splits(
         args.data, auto_split=True, use_default_corpus=args.data == DEFAULT_DATA)
     ctx = cfg["context_length"]
@@ -123,16 +165,31 @@ def main(argv=None):
                                      drop_last=True)
     val_loader = create_dataloader(val_tokens, args.batch_size, ctx, ctx, shuffle=False,
                                    drop_last=False)
-    steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.num_epochs
+    n_windows = len(train_loader.dataset)
+    if n_windows < world_size * args.batch_size:
+        raise ValueError(f"{world_size} processes x batch_size {args.batch_size} need at least "
+                         f"{world_size * args.batch_size} training windows, but the data gives "
+                         f"{n_windows}; use fewer processes, a smaller batch size or more text")
+    batches = n_windows // world_size // args.batch_size
+    steps = math.ceil(batches / args.grad_accum_steps) * args.num_epochs
     if args.max_steps:
         steps = min(steps, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, steps // 20)
-    print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
-          f"{len(train_loader)} batches of {args.batch_size} x {ctx} per epoch; "
-          f"{steps} optimizer steps on {device}.")
+    global_batch = args.batch_size * args.grad_accum_steps * world_size
+    print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
+          f"{n_windows} windows of {ctx}.")
+    print(f"Global batch: {args.batch_size} (batch_size) x {args.grad_accum_steps} "
+          f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
+          f"{global_batch * ctx:,} tokens per optimizer step; {steps} steps on "
+          f"{device}{f' with {parallel.upper()}' if parallel else ''}.")
 
+    torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     print_model_params(model)
+    # Same init on every rank (seeded above); from here each rank gets its own dropout masks.
+    torch.manual_seed(args.seed * 1_000 + rank)
+    if parallel:
+        model = wrap_model(model, parallel, device)
     history = train_model(
         model, train_loader, val_loader, device=device, num_epochs=args.num_epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
@@ -149,11 +206,13 @@ def main(argv=None):
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,
                                         drop_last=False)
-        history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
-    plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
-                       history["val_loss"], out.with_name(out.stem + "_loss.png"))
-    hist = save_history(history, out.with_name(out.stem + "_history.json"))
-    print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
+        with torch.no_grad():
+            history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
+    if rank == 0:
+        plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
+                           history["val_loss"], out.with_name(out.stem + "_loss.png"))
+        hist = save_history(history, out.with_name(out.stem + "_history.json"))
+        print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
     print(f"test: loss={history['test_loss']:.3f} perplexity={math.exp(history['test_loss']):.1f}")
     print(f"final: step={history['final_step']} train_loss={history['final_train_loss']:.4f} "
           f"val_loss={history['final_val_loss']:.4f}")

@@ -145,7 +145,7 @@ def test_train_py_end_to_end(tmp_path, capsys):
     assert (tmp_path / "w" / "m_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert {p.name for p in tmp_path.iterdir()} >= {"train.txt", "valid.txt", "test.txt"}
     model = load_checkpoint(out)
-    assert model.cfg["emb_dim"] == 32 and "Model: a small GPT-2" in printed
+    assert model.cfg["emb_dim"] == 32 and "(train.py's small preset" in printed
 
 
 @pytest.mark.parametrize("content, error, match", [
