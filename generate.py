@@ -43,13 +43,17 @@ def check_sampling_args(temperature=0.0, top_k=None, top_p=None):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
-def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, vocab_size) -> next token ids (B, 1).
+def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab_size) -> the probabilities the next token is drawn from.
 
-    The filters run in the order Hugging Face uses: temperature, then top-k, then top-p.
+    The filters run in the order Hugging Face uses: temperature, then top-k, then top-p;
+    tokens a filter removes get probability exactly 0. ``temperature=0`` (greedy) puts all
+    the probability on the argmax. The inference notebooks plot what this returns.
     """
+    check_sampling_args(temperature, top_k, top_p)
     if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)                           # (B, 1)
+        greedy = logits.argmax(dim=-1, keepdim=True)                         # (B, 1)
+        return torch.zeros_like(logits, dtype=torch.float).scatter(-1, greedy, 1.0)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         # Keep exactly k entries: scatter the top-k values into a -inf canvas. Comparing
@@ -64,7 +68,14 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         drop = (probs.cumsum(dim=-1) - probs) >= top_p                      # (B, vocab)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)                                    # (B, vocab)
+    return torch.softmax(logits, dim=-1)                                     # (B, vocab)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, vocab_size) -> next token ids (B, 1), drawn from ``filtered_probs``."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)                           # (B, 1)
+    probs = filtered_probs(logits, temperature, top_k, top_p)                # (B, vocab)
     return torch.multinomial(probs, num_samples=1, generator=generator)      # (B, 1)
 
 

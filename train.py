@@ -153,8 +153,9 @@ def _run(args, cfg, device, rank, world_size, parallel):
     if rank == 0:
         paths = prepare_splits(args.data, auto_split=True,
                                use_default_corpus=args.data == DEFAULT_DATA)
-        for path in paths[:2]:
-            load_tokens(path)
+        for path in paths:
+            if path.exists():       # test.txt is optional when you bring your own splits
+                load_tokens(path)
     barrier()
     train_path, valid_path, test_path = prepare_splits(
         args.data, auto_split=True, use_default_corpus=args.data == DEFAULT_DATA)
@@ -201,7 +202,7 @@ def _run(args, cfg, device, rank, world_size, parallel):
         progress=not args.no_progress)
 
     out = Path(args.out)
-    test_tokens = load_tokens(test_path)
+    test_tokens = load_tokens(test_path) if test_path.exists() else []
     history["test_loss"] = float("nan")
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,

@@ -103,11 +103,11 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     return total / n
 
 
-def _in_order(loader):
+def _in_order(loader, batch_size=None):
     """The same batches without shuffling, so evaluations compare like with like and
     draw nothing from the random number generator (which would change dropout masks)."""
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
-                      drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+    return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
+                      shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn)
 
 
 @torch.no_grad()
@@ -379,7 +379,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
     ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
     ``make_optimizer(model, learning_rate, weight_decay)``; the learning rate of every
     group is set each step from ``lr_at``. Returns ``{"step", "tokens_seen", "epoch",
-    "train_loss", "val_loss"}`` lists (one entry per evaluation) plus ``final_*`` values.
+    "train_loss", "val_loss"}`` lists (one entry per evaluation), ``"step_loss"`` (one per
+    optimizer step) and ``final_*`` values.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if grad_accum_steps < 1:
@@ -407,7 +408,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
         total_steps = min(total_steps, max_steps)
 
     step, epoch, batch_in_epoch, tokens_seen = 0, 0, 0, 0
-    history = {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": []}
+    history = {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": [],
+               "step_loss": []}      # step_loss: the training loss of every optimizer step
     if resume:
         ckpt = read_checkpoint(checkpoint_path)
         if ckpt.get("config") != core.cfg:
@@ -456,8 +458,13 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                             history=history, rng_state=rng_states, world_size=world_size,
                             batch_size=batch_size, settings=train_settings)
 
+    # Every process evaluates the same windows: those of the first eval_iter global
+    # batches, so the figures do not depend on how many processes share the work.
+    eval_train = _in_order(train_loader, batch_size * world_size)
+    eval_val = _in_order(val_loader, val_loader.batch_size * world_size)
+
     def evaluate():
-        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+        train_loss, val_loss = evaluate_model(model, eval_train, eval_val, device, eval_iter)
         history["step"].append(step)
         history["tokens_seen"].append(tokens_seen)
         history["epoch"].append(epoch + batch_in_epoch / n_batches)
@@ -493,6 +500,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                 dist.all_reduce(t)
                 step_loss = t.item() / world_size
             _check_finite(step_loss, step, checkpoint_path)
+            history["step_loss"].append(step_loss)
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             for group_ in optimizer.param_groups:

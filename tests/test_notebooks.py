@@ -1,0 +1,270 @@
+"""The three notebooks, executed headless with nbclient on tiny models, offline.
+
+Each run copies a notebook, appends overrides to the end of its "parameters" cell (so they
+win over the defaults, as papermill would inject them) and runs it with the python3 kernel in
+a temporary folder. A probe cell appended to the copy reports a few variables as JSON. The
+assertions compare what the notebook printed, displayed and wrote with references computed
+here: our own loss and generation calls, and transformers' GPT2LMHeadModel.generate.
+"""
+
+import ast
+import json
+import math
+import re
+import threading
+
+import nbformat
+import pytest
+import torch
+
+nbclient = pytest.importorskip("nbclient")
+
+from conftest import ROOT, make_hf_model  # noqa: E402
+from dataset import create_dataloader, default_corpus_text, get_tokenizer, load_tokens  # noqa: E402
+from generate import generate_text, text_to_token_ids, token_ids_to_text  # noqa: E402
+from model import load_checkpoint, read_checkpoint  # noqa: E402
+from train_utils import calc_loss_loader  # noqa: E402
+
+NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb")
+PROMPT = "The for statement"
+NEW_TOKENS = 8
+SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}    # the inference defaults
+SEED = 123
+# Variables every inference notebook run reports through the probe cell.
+PROBE = """
+import json, sys
+print(json.dumps({"sampled": sampled[0].tolist(), "greedy": greedy[0].tolist(),
+                  "tensorflow_imported": "tensorflow" in sys.modules}))
+"""
+
+
+def parameters_cell(nb):
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "a notebook needs exactly one cell tagged 'parameters'"
+    return cells[0]
+
+
+def run_notebook(name, cwd, probe=None, **params):
+    """Execute a copy of ``name`` in ``cwd`` with ``params`` injected; {cell id: cell}."""
+    nb = nbformat.read(ROOT / name, as_version=4)
+    cell = parameters_cell(nb)
+    overrides = {"REPO_ROOT": str(ROOT), **params}
+    cell.source += "\n\n# injected by tests/test_notebooks.py\n" + "".join(
+        f"{key} = {value!r}\n" for key, value in overrides.items())
+    if probe:
+        probe_cell = nbformat.v4.new_code_cell(probe)
+        probe_cell.id = "probe"
+        nb.cells.append(probe_cell)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(cwd)}})
+    try:
+        client.execute()
+    finally:
+        nbformat.write(nb, cwd / f"executed-{name}")      # outputs kept for a failing run
+    return {c.id: c for c in nb.cells}
+
+
+def stdout(cell):
+    return "".join(o.text for o in cell.outputs
+                   if o.output_type == "stream" and o.name == "stdout")
+
+
+def result_text(cell):
+    return "".join(o.data.get("text/plain", "") for o in cell.outputs
+                   if o.output_type == "execute_result")
+
+
+def png_count(cell):
+    return sum("image/png" in o.get("data", {}) for o in cell.outputs
+               if o.output_type == "display_data")
+
+
+@pytest.fixture(autouse=True)
+def inline_plots(monkeypatch):
+    # The kernel inherits our environment; a backend set there would hide inline figures.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+
+
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_committed_clean(name):
+    path = ROOT / name
+    assert path.stat().st_size < 100_000
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4 and nb.metadata.kernelspec.name == "python3"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert nb.cells[1] is parameters_cell(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.id
+            assert "input(" not in cell.source and "import tensorflow" not in cell.source
+            assert not re.search(r"^\s*(class|for .* in .*loader)", cell.source, re.M), cell.id
+    # the parameters are plain `NAME = literal` lines, so anything can override them
+    params = ast.parse(parameters_cell(nb).source).body
+    assert params and all(isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name)
+                          for s in params)
+    for statement in params:
+        ast.literal_eval(statement.value)
+    names = {s.targets[0].id for s in params}
+    assert {"REPO_ROOT", "DEVICE", "SEED"} <= names
+
+
+# ---------------------------------------------------------------------------------------
+# train.ipynb
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """train.ipynb run on 6 kB of text with a 2-layer, 32-wide model: (folder, cells)."""
+    cwd = tmp_path_factory.mktemp("train")
+    data = cwd / "corpus" / "my_text.txt"
+    data.parent.mkdir()
+    data.write_text(default_corpus_text()[:6_000])
+    cells = run_notebook(
+        "train.ipynb", cwd, DATA_PATH=str(data), CONTEXT_LENGTH=32, EMB_DIM=32, N_HEADS=2,
+        N_LAYERS=2, DROP_RATE=0.0, NUM_EPOCHS=1, BATCH_SIZE=4, EVAL_FREQ=5, EVAL_ITER=2,
+        MAX_STEPS=20, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS)
+    return cwd, cells
+
+
+def test_train_notebook(trained):
+    cwd, cells = trained
+    corpus = cwd / "corpus"
+    assert all((corpus / name).is_file() for name in ("train.txt", "valid.txt", "test.txt"))
+
+    ckpt_path = cwd / "model_weights" / "trained_gpt2.pth"
+    ckpt = read_checkpoint(ckpt_path)
+    assert ckpt["settings"]["num_epochs"] == 1 and ckpt["settings"]["batch_size"] == 4
+    assert 0 < ckpt["step"] <= 20
+    gpt = load_checkpoint(ckpt_path)
+    assert {k: gpt.cfg[k] for k in ("context_length", "emb_dim", "n_layers", "vocab_size")} \
+        == {"context_length": 32, "emb_dim": 32, "n_layers": 2, "vocab_size": 50257}
+    assert "'emb_dim': 32" in result_text(cells["config"])
+
+    history = json.loads((cwd / "model_weights" / "trained_gpt2_history.json").read_text())
+    assert history["final_step"] == ckpt["step"]
+    assert history["train_loss"][-1] < history["train_loss"][0]       # it learned something
+    train_out = stdout(cells["train"])
+    assert "Train loss" in train_out and "Val loss" in train_out
+    assert PROMPT in train_out                      # train_model's sample after the epoch
+
+    plot = cwd / "model_weights" / "trained_gpt2_loss.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_count(cells["plot"]) == 1
+
+    # the printed test loss is the checkpoint's loss on test.txt
+    match = re.search(r"Test loss ([\d.]+), perplexity ([\d.]+)", stdout(cells["test"]))
+    assert match, stdout(cells["test"])
+    test_loader = create_dataloader(load_tokens(corpus / "test.txt"), 4, 32, 32, shuffle=False,
+                                    drop_last=False)
+    with torch.no_grad():
+        test_loss = calc_loss_loader(test_loader, gpt, "cpu")
+    assert float(match[1]) == pytest.approx(test_loss, abs=1e-3)
+    assert float(match[2]) == pytest.approx(math.exp(test_loss), rel=1e-3)
+
+    assert stdout(cells["generate"]).startswith(PROMPT)
+    assert len(stdout(cells["generate"])) > len(PROMPT) + 1
+
+
+# ---------------------------------------------------------------------------------------
+# inference.ipynb and inference_hf.ipynb
+
+def check_generation(cells, gpt, reference_greedy=None):
+    """The streamed sample and the greedy text are what generate.py gives for ``gpt``."""
+    tokenizer = get_tokenizer()
+    probe = json.loads(stdout(cells["probe"]))
+    idx = text_to_token_ids(PROMPT, tokenizer)
+
+    torch.manual_seed(SEED)
+    sampled = generate_text(gpt, idx, NEW_TOKENS, eos_id=tokenizer.eot_token, **SAMPLING)
+    assert probe["sampled"] == sampled[0].tolist()
+    streamed = stdout(cells["sample"])
+    assert streamed.startswith(PROMPT) and streamed.endswith("\n")
+    expected = token_ids_to_text(sampled, tokenizer)
+    if "\ufffd" not in expected:          # a split UTF-8 character decodes differently
+        assert streamed == expected + "\n"
+
+    greedy = generate_text(gpt, idx, NEW_TOKENS, eos_id=tokenizer.eot_token)
+    assert probe["greedy"] == greedy[0].tolist()
+    if reference_greedy is not None:
+        assert probe["greedy"] == reference_greedy
+    assert stdout(cells["greedy"]) == token_ids_to_text(greedy, tokenizer) + "\n"
+    return probe
+
+
+def hf_greedy(hf):
+    """transformers' own greedy continuation of PROMPT: the reference for our tokens."""
+    idx = text_to_token_ids(PROMPT, get_tokenizer())
+    with torch.no_grad():
+        out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                          max_new_tokens=NEW_TOKENS, pad_token_id=hf.config.eos_token_id)
+    return out[0].tolist()
+
+
+def test_inference_custom_checkpoint(trained, tmp_path):
+    weights = trained[0] / "model_weights" / "trained_gpt2.pth"
+    cells = run_notebook("inference.ipynb", tmp_path, probe=PROBE, MODEL_SELECTION="custom",
+                         WEIGHTS_PATH=str(weights), PROMPT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS,
+                         PLOT_TOKENS=10)
+    probe = check_generation(cells, load_checkpoint(weights))
+    assert not probe["tensorflow_imported"]
+    assert "'emb_dim': 32" in result_text(cells["load"])
+
+    assert png_count(cells["dist"]) == 1
+    counts = dict(re.findall(r"^\s*(.+?): +([\d,]+) tokens can be drawn", stdout(cells["dist"]),
+                             re.M))
+    assert counts["top-k = 5"] == "5"
+    assert counts["no filter"] == "50,257"
+    assert 1 <= int(counts["top-p = 0.5"].replace(",", "")) < 50_257
+
+
+@pytest.fixture(scope="module")
+def openai_server(tmp_path_factory):
+    """A tiny random GPT-2 in OpenAI's TF layout on a local http.server: (hf model, url).
+
+    Built by test_weights_tf's helpers with the real 50257-token vocabulary, so GPT-2's
+    tokenizer works on it; only hparams.json is rewritten to say so.
+    """
+    tw = pytest.importorskip("test_weights_tf")       # skips when TensorFlow is missing
+    hf = tw.random_hf_model(seed=2, vocab=50257)
+    files = tw.write_openai_checkpoint(hf, tmp_path_factory.mktemp("openai"))
+    files["hparams.json"] = json.dumps({**tw.HPARAMS, "n_vocab": 50257}).encode()
+    server = tw.FileServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield hf, tw.publish(server, (hf, files), "notebook")
+    server.shutdown()
+    server.server_close()
+
+
+def test_inference_openai_tf_weights(openai_server, tmp_path):
+    hf, base_url = openai_server
+    cells = run_notebook("inference.ipynb", tmp_path, probe=PROBE,
+                         MODEL_SELECTION="gpt2-small (124M)", BASE_URL=base_url,
+                         WEIGHTS_DIR="weights", PROMPT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS)
+    pth = tmp_path / "weights" / "gpt2-124M.pth"
+    assert (tmp_path / "weights" / "124M" / "model.ckpt.index").is_file()
+    gpt = load_checkpoint(pth)
+    assert gpt.cfg["n_layers"] == hf.config.n_layer and gpt.cfg["tie_embeddings"]
+    probe = check_generation(cells, gpt, reference_greedy=hf_greedy(hf))
+    assert probe["tensorflow_imported"]
+    assert png_count(cells["dist"]) == 1
+
+
+def test_inference_hf_load_and_export(tmp_path):
+    hf = make_hf_model(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4, seed=3)
+    hf.save_pretrained(tmp_path / "hf_source")
+    cells = run_notebook("inference_hf.ipynb", tmp_path, probe=PROBE,
+                         MODEL_SELECTION="gpt2-small (124M)", HF_SOURCE=str(tmp_path / "hf_source"),
+                         EXPORT_DIR="exported", PROMPT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS)
+    from download_weights_hf import load_gpt2_hf
+
+    check_generation(cells, load_gpt2_hf(tmp_path / "hf_source"), reference_greedy=hf_greedy(hf))
+    assert "'emb_dim': 32" in result_text(cells["load"])
+
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    out = stdout(cells["export"])
+    diff = float(re.search(r"logit difference\|, transformers vs\. ours: (\S+)", out)[1])
+    assert diff < 1e-4
+    assert "same tokens as our greedy decoding: True" in out
