@@ -76,29 +76,28 @@ def build_parser():
     g.add_argument("--out", default="model_weights/trained_gpt2.pth",
                    help="checkpoint path; the loss history (.json) and plot (.png) go beside it")
     g.add_argument("--stride", type=int, default=None,
-                   help="tokens between training windows (default: context_length, no overlap)")
+                   help="tokens between training windows; None = context_length (no overlap)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     g.add_argument("--grad-accum-steps", type=int, default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size x N)")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup steps (default: 5%% of all steps)")
+                   help="linear warmup steps; None = 5%% of all steps")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--checkpoint-every", type=int, default=100,
                    help="save a resumable checkpoint every N optimizer steps")
     g.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g = p.add_argument_group("several processes (launch with torchrun)")
-    g.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
-                   help="ddp: a model copy per process; fsdp: weights, gradients and optimizer "
-                        "state sharded across processes (default under torchrun: ddp)")
-    g.add_argument("--backend", choices=["nccl", "gloo"], default=None,
-                   help="process-group backend (default: nccl on CUDA, gloo on CPU)")
-    g = p.add_argument_group("run, continued")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu; None = the best available")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several processes (launch with torchrun)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="ddp: a model copy per process; fsdp: weights, gradients and optimizer "
+                        "state sharded across processes; None = ddp under torchrun")
+    g.add_argument("--backend", choices=["nccl", "gloo"], default=None,
+                   help="process-group backend; None = nccl on CUDA, gloo on CPU")
     return p
 
 
