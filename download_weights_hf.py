@@ -8,9 +8,10 @@
     python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
 
 Both directions loop over ``model.gpt2_param_names``, the one table of GPT-2 names; HF
-stores the four linear layers per block as "Conv1D" with (in, out) weights, which we
-transpose. ``load_gpt2_hf`` reads the safetensors file directly instead of building a
-transformers model first, so loading costs about one copy of the weights in memory.
+stores the four linear layers per block as "Conv1D" with (in, out) weights, the layout of
+our ``model.Linear`` too, so tensors copy across unchanged. ``load_gpt2_hf`` reads the
+safetensors file directly instead of building a transformers model first, so loading
+costs about one copy of the weights in memory.
 """
 
 import argparse
@@ -249,8 +250,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None):
     converted = iter_gpt2_weights(gpt, lambda row: read(prefix + row[1]), str(folder), head=head)
     rows = len(gpt2_param_names(cfg["n_layers"]))
     for name, tensor in tqdm(converted, total=rows, desc="loading weights", unit="tensor"):
-        # The transposed Conv1D weights are already fresh copies; the rest still view the
-        # file. Copy those once, so that the model owns its memory: weights that view a
+        # safetensors hands out views of the mapped file. Copy each once, so that the
+        # model owns its memory: weights that view a
         # file crash (SIGBUS) or change when that file is overwritten in place, e.g. by
         # save_pretrained into the same folder. Copying each tensor exactly once, with no
         # temporaries, also keeps malloc from fragmenting (a clone-then-transpose measured
@@ -295,10 +296,9 @@ def _export_tensors(model):
     cfg = model.cfg
     ours = model.state_dict()
     tensors = {}
-    for name, hf, _, is_conv1d in gpt2_param_names(cfg["n_layers"]):
+    for name, hf, _, _ in gpt2_param_names(cfg["n_layers"]):
         if name in ours:
             tensor = ours[name].detach()
-            tensor = tensor.t() if is_conv1d else tensor   # nn.Linear (out, in) -> (in, out)
         else:
             # qkv_bias=False: GPT-2's format always has a c_attn bias; zeros compute the same.
             tensor = torch.zeros(3 * cfg["emb_dim"], dtype=ours["tok_emb.weight"].dtype)
