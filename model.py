@@ -258,6 +258,10 @@ class GPTModel(nn.Module):
         With a ``cache`` the tokens are taken to follow the ``cache.pos`` tokens already
         in it; their keys and values are appended and ``cache.pos`` advances by T.
         """
+        return self.out_head(self.hidden_states(idx, cache))                    # (B, T, vocab)
+
+    def hidden_states(self, idx, cache=None):
+        """Everything but the output head: token ids (B, T) -> final-normed vectors (B, T, C)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.cfg["context_length"]
@@ -272,7 +276,7 @@ class GPTModel(nn.Module):
             x = block(x, cache, i)                                              # (B, T, C)
         if cache is not None:
             cache.pos += T
-        return self.out_head(self.final_norm(x))                                # (B, T, vocab_size)
+        return self.final_norm(x)                                               # (B, T, C)
 
 
 # ---------------------------------------------------------------------------------------
