@@ -171,7 +171,7 @@ def test_bad_config_flag_is_a_clear_error(tmp_path):
 
 def _train_cmd(tmp_path, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "input.txt"),
-            "--out", str(tmp_path / "run.pth"), "--max-steps", "200", "--eval-freq", "50",
+            "--out", str(tmp_path / "run.pth"), "--max-steps", "80", "--eval-freq", "20",
             "--checkpoint-every", "5", "--drop-rate", "0.1", *TINY_FLAGS, *extra]
 
 
@@ -196,7 +196,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     out, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = read_checkpoint(tmp_path / "run.pth")["step"]
-    assert 5 <= killed_at < 200 and "final:" not in out
+    assert 5 <= killed_at < 80 and "final:" not in out
 
     resumed = subprocess.run(_train_cmd(tmp_path, "--resume"), capture_output=True, text=True,
                              env=env, timeout=300)
