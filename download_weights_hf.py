@@ -366,7 +366,8 @@ def export_to_hf(model, out_dir):
             "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
             # GPT-2 has no padding token; padding finished rows with EOS is the convention
             # (and stops transformers warning that it picked that for you).
-            "pad_token_id": GPT2_EOS_ID, "max_length": cfg["context_length"]})
+            # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
+            "pad_token_id": GPT2_EOS_ID})
         shutil.copyfile(encoder_json, tmp / "vocab.json")     # the same file, HF's name
         shutil.copyfile(vocab_bpe, tmp / "merges.txt")
         _write_json(tmp / "tokenizer_config.json", {

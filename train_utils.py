@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm  # the plain text bar: needs no widgets in notebooks
 
 from generate import generate_and_print
 from model import read_checkpoint, save_checkpoint, unwrap_model
@@ -478,7 +479,6 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
 
     bar = None
     if progress and main_process:
-        from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
 
     def _write(msg):
