@@ -201,7 +201,7 @@ def _resolve_folder(name_or_path, cache_dir):
                       f"(choices: {list(HF_HUB_IDS)})") from e
 
 
-def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None):
+def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True):
     """A GPTModel holding Hugging Face GPT-2 weights, in eval mode on ``device``.
 
     ``name_or_path``: a key of MODEL_CONFIGS (mapped through HF_HUB_IDS), a Hub id such as
@@ -213,6 +213,13 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None):
     the loaded tensors become its parameters (``assign=True``), so the weights exist once
     in memory rather than twice (random init + loaded copy), and the slow random init of
     a large model is skipped.
+
+    ``mmap=True`` (the default, as transformers does) keeps the parameters as views of
+    the memory-mapped file: loading takes a fraction of a second, pages are read when
+    first used, and the mapping is private (copy-on-write), so training never touches
+    the file. The file must not be rewritten in place while the model is alive (our
+    downloads and export write a new file and rename it; ``save_pretrained`` into the
+    same folder does rewrite). ``mmap=False`` copies every tensor into memory once.
     """
     folder = _resolve_folder(name_or_path, cache_dir)
     config_path = folder / "config.json"
@@ -250,13 +257,10 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None):
     converted = iter_gpt2_weights(gpt, lambda row: read(prefix + row[1]), str(folder), head=head)
     rows = len(gpt2_param_names(cfg["n_layers"]))
     for name, tensor in tqdm(converted, total=rows, desc="loading weights", unit="tensor"):
-        # safetensors hands out views of the mapped file. Copy each once, so that the
-        # model owns its memory: weights that view a
-        # file crash (SIGBUS) or change when that file is overwritten in place, e.g. by
-        # save_pretrained into the same folder. Copying each tensor exactly once, with no
-        # temporaries, also keeps malloc from fragmenting (a clone-then-transpose measured
-        # ~30% above one copy at 774M).
-        if tensor.untyped_storage().data_ptr() in mapped:
+        # safetensors hands out views of the mapped file. With mmap=False copy each
+        # exactly once, with no temporaries: that keeps malloc from fragmenting (a
+        # clone-then-transpose measured ~30% above one copy at 774M).
+        if not mmap and tensor.untyped_storage().data_ptr() in mapped:
             tensor = tensor.clone()
         state[name] = tensor
     if cfg["tie_embeddings"]:

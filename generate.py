@@ -112,7 +112,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
     try:
         B = idx.shape[0]
         seq = idx[:, -context_size:]        # a prompt longer than the context keeps its end
-        cache = core.new_cache(B, max_len=context_size) if use_cache else None
+        # Room for the prompt and the new tokens, at most the context: allocating all 1024
+        # positions of GPT-2 for a short answer cost 0.16 s at batch 8.
+        cache_len = min(context_size, seq.shape[1] + max_new_tokens)
+        cache = core.new_cache(B, max_len=cache_len) if use_cache else None
         logits = last_logits(seq, cache)                                         # (B, vocab)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
@@ -124,7 +127,7 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 return
             seq = torch.cat([seq, next_id], dim=1)[:, -context_size:]
-            if cache is not None and cache.pos < context_size:
+            if cache is not None and cache.pos < cache.max_len:
                 # Only the new token goes through the model: the keys and values of
                 # everything before it are already in the cache.
                 logits = last_logits(next_id, cache)

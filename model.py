@@ -97,8 +97,9 @@ class KVCache:
 
     def __init__(self, n_layers, batch_size, n_heads, max_len, head_dim, device, dtype):
         shape = (n_layers, batch_size, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # empty, not zeros: a slot is always written before attention reads it
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
@@ -226,6 +227,10 @@ class GPTModel(nn.Module):
             # at 124M). OpenAI's GPT-2 does this. Training from scratch we leave it off by
             # default, as the seed did: separate matrices are easier to inspect.
             self.tie_weights()
+        if self.tok_emb.weight.is_meta:
+            # Built on the "meta" device (shapes only) by a loader that fills in real
+            # weights next: there is nothing to initialise.
+            return
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream,
         # since 2 * n_layers of them add up there: the sum's variance would grow otherwise.

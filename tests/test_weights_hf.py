@@ -99,6 +99,22 @@ def test_load_gpt2_hf_from_folder_matches_transformers(hf_folder):
     assert_same_model(gpt, hf)
 
 
+def test_mmap_and_copied_loads_agree_and_training_never_touches_the_file(hf_folder):
+    hf, folder = hf_folder
+    files = sorted(folder.glob("*.safetensors"))
+    before = [f.read_bytes() for f in files]
+    mapped, copied = load_gpt2_hf(folder, mmap=True), load_gpt2_hf(folder, mmap=False)
+    for (name, a), b in zip(mapped.state_dict().items(), copied.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # The mapping is private (copy-on-write): an optimizer step changes the model only.
+    loss = mapped(torch.tensor([[1, 2, 3]])).logsumexp(-1).mean()
+    loss.backward()
+    torch.optim.SGD(mapped.parameters(), lr=0.1).step()
+    assert not torch.equal(mapped.tok_emb.weight, copied.tok_emb.weight)
+    assert [f.read_bytes() for f in files] == before
+    assert_same_model(load_gpt2_hf(folder), hf)
+
+
 @pytest.mark.parametrize("source", ["GPT2LMHeadModel", "GPT2Model", "state dict with prefix",
                                     "state dict without prefix"])
 def test_load_weights_into_gpt_accepts_models_and_state_dicts(hf_folder, source):
