@@ -23,6 +23,8 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from model import atomic_write  # the one atomic file writer (temp file + fsync + rename)
+
 # sha256 of OpenAI's GPT-2 BPE files: the same hashes tiktoken checks when it downloads them.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -99,26 +101,10 @@ def read_text(path):
 
 
 def _atomic_write(path, data):
-    """Write ``data`` (str as UTF-8, or bytes) to a temp file beside ``path``, then rename.
-
-    ``os.replace`` within one folder is atomic, so a crash or Ctrl-C leaves either the old
-    file or the complete new one, never a half-written file that a later run would trust.
-    """
-    path = Path(path)
+    """Write ``data`` (str as UTF-8, or bytes) to ``path`` atomically (model.atomic_write)."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _count_lines(text):

@@ -396,17 +396,19 @@ def unwrap_model(model):
             return model
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temp file in ``path``'s folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never half of one.
+    ``os.replace`` within one folder is atomic: a crash or Ctrl-C at any moment leaves
+    either the old file or the complete new one, never half of one that a later run
+    would trust. Every file this project writes goes through here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -415,6 +417,11 @@ def atomic_save(obj, path):
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_save(obj, path):
+    """torch.save ``obj`` to ``path`` atomically (see atomic_write)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model, **extra):

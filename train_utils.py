@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # the plain text bar: needs no widgets in notebooks
 
 from generate import generate_and_print
-from model import read_checkpoint, save_checkpoint, unwrap_model
+from model import atomic_write, read_checkpoint, save_checkpoint, unwrap_model
 
 
 def get_device(preferred=None):
@@ -542,9 +542,4 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
 
 def save_history(history, path):
     """Write the loss history as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
