@@ -143,7 +143,7 @@ def bench_data(size_mb=100.0, rounds=3, chunk_kb=1024, folder=None, log=print):
 def summarize(rows, quick):
     by = {r["contender"]: r for r in rows}
     t1, ok1 = common.target("ours/tiktoken throughput", by["ours"]["vs_tiktoken"],
-                            SPEED_TARGET, fmt="{:.0%}")
+                            SPEED_TARGET, fmt="{:.1%}")
     peak = by["ours"]["peak_rss"]
     ok2 = peak < MEMORY_TARGET
     t2 = f"ours peak RSS {common.fmt_bytes(peak)} (< 1 GiB {common.verdict(ok2)})"

@@ -75,7 +75,7 @@ def child_load(kind, path):
     # first use). Reading every weight once makes both pay for having them in memory.
     t1 = time.perf_counter()
     with torch.no_grad():
-        total = sum(float(p.sum(dtype=torch.float64)) for p in model.parameters())
+        total = sum(float(p.sum()) for p in model.parameters())
     touch = time.perf_counter() - t1
     params = {p.dtype for p in model.parameters()}
     n = sum(p.numel() for p in model.parameters())
