@@ -105,6 +105,17 @@ def setup_malloc(enabled):
             "glibc malloc tuning: requested but had no effect (not glibc)")
 
 
+def add_run_flags(parser, quick_help):
+    """The flags generate_speed.py and train_speed.py share (rounds, threads, seed, malloc)."""
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-tune-malloc", action="store_true",
+                        help="do not call train_utils.tune_malloc()")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
 def set_threads(n):
     import torch
     if n:

@@ -133,16 +133,11 @@ def main(argv=None):
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --quick)")
-    p.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: also run ours in bfloat16 (.to and autocast), vs HF fp32")
     p.add_argument("--hf-bf16", action="store_true",
                    help="also time HF converted to bfloat16 (for information)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-tune-malloc", action="store_true",
-                   help="do not call train_utils.tune_malloc()")
-    p.add_argument("--quick", action="store_true", help="tiny shape, 16 tokens, 2 rounds")
+    common.add_run_flags(p, "tiny shape, 16 tokens, 2 rounds")
     args = p.parse_args(argv)
     shape = args.shape or ("tiny" if args.quick else "124M")
     new_tokens = args.new_tokens or (16 if args.quick else 128)

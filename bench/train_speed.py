@@ -162,15 +162,10 @@ def summarize(rows, quick):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=None, help="comma list of S, M, tiny (default S,M)")
-    p.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="steps per contender (default 2)")
     p.add_argument("--hf-bf16", action="store_true",
                    help="also time HF with bf16 autocast (for information)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-tune-malloc", action="store_true",
-                   help="do not call train_utils.tune_malloc()")
-    p.add_argument("--quick", action="store_true", help="tiny config, 2 rounds, 1 warmup step")
+    common.add_run_flags(p, "tiny config, 2 rounds, 1 warmup step")
     args = p.parse_args(argv)
     configs = (args.configs or ("tiny" if args.quick else "S,M")).split(",")
     rounds = args.rounds or (2 if args.quick else 5)
