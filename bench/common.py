@@ -4,6 +4,7 @@ Every script does ``sys.path.insert(0, <bench folder>)`` and ``import common`` i
 this module puts the repository root on sys.path, so ``import model`` etc. work afterwards.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -94,7 +95,7 @@ def target(label, value, goal, higher_is_better=True, fmt="{:.2f}x"):
 def setup_malloc(enabled):
     """Call train_utils.tune_malloc() if asked and available; return a line saying so."""
     if not enabled:
-        return "glibc malloc tuning: off (--no-tune-malloc)"
+        return "glibc malloc tuning: off (--tune-malloc turns it on)"
     import train_utils
     fn = getattr(train_utils, "tune_malloc", None)
     if fn is None:
@@ -105,14 +106,19 @@ def setup_malloc(enabled):
             "glibc malloc tuning: requested but had no effect (not glibc)")
 
 
-def add_run_flags(parser, quick_help):
-    """The flags generate_speed.py and train_speed.py share (rounds, threads, seed, malloc)."""
+def add_run_flags(parser, quick_help, tune_malloc):
+    """The flags generate_speed.py and train_speed.py share (rounds, threads, seed, malloc).
+
+    ``tune_malloc`` is the default for train_utils.tune_malloc(): on where the measured
+    code path applies it for users (train_model does), off where it does not (generation).
+    """
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-tune-malloc", action="store_true",
-                        help="do not call train_utils.tune_malloc()")
+    parser.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction,
+                        default=tune_malloc,
+                        help=f"call train_utils.tune_malloc() (default: {tune_malloc})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
 
 

@@ -137,7 +137,7 @@ def main(argv=None):
                    help="bf16: also run ours in bfloat16 (.to and autocast), vs HF fp32")
     p.add_argument("--hf-bf16", action="store_true",
                    help="also time HF converted to bfloat16 (for information)")
-    common.add_run_flags(p, "tiny shape, 16 tokens, 2 rounds")
+    common.add_run_flags(p, "tiny shape, 16 tokens, 2 rounds", tune_malloc=False)
     args = p.parse_args(argv)
     shape = args.shape or ("tiny" if args.quick else "124M")
     new_tokens = args.new_tokens or (16 if args.quick else 128)
@@ -145,7 +145,7 @@ def main(argv=None):
     batches = tuple(int(b) for b in (args.batch_sizes or "1,8").split(","))
 
     common.set_threads(args.threads)
-    malloc = common.setup_malloc(not args.no_tune_malloc)
+    malloc = common.setup_malloc(args.tune_malloc)
     common.quiet_transformers()
     print(f"generate_speed: GPT-2 {shape} shape, greedy, prompt {args.prompt_len} + "
           f"{new_tokens} new tokens, KV cache, {rounds} interleaved rounds, median")

@@ -7,8 +7,9 @@ No targets: this is the evidence for the analysis in the README / issue. Section
   headtrain the head's forward, grad-input and grad-weight matmuls at training sizes, for
             both weight layouts and vocab 50257 vs 50304.
   gemv      every block matrix of the 124M model in 12 copies (too big for the L3 cache,
-            as in a real decode step), x @ W[in,out] vs F.linear(x, W[out,in]), fp32 and
-            bf16, 1 and 8 rows, in GB/s, beside the machine's streaming rate (sum, copy).
+            as in a real decode step), x @ W[in,out] vs F.linear(x, W[out,in]) vs the
+            oneDNN-packed copy generation uses on x86, fp32 and bf16, 1 and 8 rows, in
+            GB/s, beside the machine's streaming rate (sum, copy).
   head      the output-head matmul at decode (B = 1, 8) and prefill (16 rows): F.linear with
             the (vocab, emb) weight (our nn.Linear layout) vs x @ W where W is (emb, vocab)
             contiguous (HF's wte is (vocab, emb) too, so both are F.linear there), each with
@@ -131,11 +132,21 @@ def _sweep_linear(xs, mats):
         F.linear(x, w)
 
 
+def _sweep_packed(xs, mats):
+    import model
+    for x, w in zip(xs, mats):
+        model.packed_linear(x, w)
+
+
 def bench_gemv(rounds=3, reps=5, layers=12):
     """Every block matrix of GPT-2 124M, ``layers`` copies each (so they do not stay in the
-    32 MB L3 cache, as in a real decode step), x @ W[in, out] vs F.linear(x, W[out, in]);
-    GB/s = bytes of all copies / time of one sweep. Plus the machine's streaming rate."""
+    32 MB L3 cache, as in a real decode step), x @ W[in, out] vs F.linear(x, W[out, in]) vs
+    the oneDNN-packed weights generation uses on x86 (model.packed_weight, tuned for m
+    rows); GB/s = bytes of all copies / time of one sweep. Plus the machine's streaming
+    rate."""
     import torch
+
+    import model
     g = torch.Generator().manual_seed(0)
     rows = []
     big = torch.randn(128 * 2**20, generator=g)               # 512 MiB
@@ -158,6 +169,9 @@ def bench_gemv(rounds=3, reps=5, layers=12):
                 xs = [torch.randn(m, k, generator=g).to(dtype) for _ in range(copies)]
                 variants = {"x @ W[in,out]": partial(_sweep_in_out, xs, mats_in_out),
                             "F.linear(x, W[out,in])": partial(_sweep_linear, xs, mats_out_in)}
+                if model.cpu_packing_available():
+                    packed = [model.packed_weight(w, m) for w in mats_out_in]
+                    variants["packed (oneDNN)"] = partial(_sweep_packed, xs, packed)
                 times = {v: [] for v in variants}
                 with torch.inference_mode():
                     for _ in range(rounds):
@@ -168,7 +182,7 @@ def bench_gemv(rounds=3, reps=5, layers=12):
                     t = common.median(ts)
                     rows.append([str(dtype).removeprefix("torch."), m, f"{name} x{copies}", v,
                                  f"{t / copies * 1e3:.3f}", f"{nbytes / t / 1e9:.1f}"])
-                del mats_in_out, mats_out_in
+                del mats_in_out, mats_out_in, variants
     return rows
 
 

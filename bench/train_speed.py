@@ -165,14 +165,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="steps per contender (default 2)")
     p.add_argument("--hf-bf16", action="store_true",
                    help="also time HF with bf16 autocast (for information)")
-    common.add_run_flags(p, "tiny config, 2 rounds, 1 warmup step")
+    common.add_run_flags(p, "tiny config, 2 rounds, 1 warmup step", tune_malloc=True)
     args = p.parse_args(argv)
     configs = (args.configs or ("tiny" if args.quick else "S,M")).split(",")
     rounds = args.rounds or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
 
     common.set_threads(args.threads)
-    malloc = common.setup_malloc(not args.no_tune_malloc)
+    malloc = common.setup_malloc(args.tune_malloc)
     common.quiet_transformers()
     print(f"train_speed: one optimizer step = forward + cross-entropy + backward + "
           f"clip_grad_norm_ + AdamW; {warmup} warmup steps, {rounds} interleaved rounds, "
