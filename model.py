@@ -274,6 +274,38 @@ class TransformerBlock(nn.Module):
         return x
 
 
+class _AlignedLogits(torch.autograd.Function):
+    """logits = h @ weight.T, written into rows whose length is a multiple of 64.
+
+    GPT-2's vocabulary has 50257 tokens, so each row of logits is 50257 floats long and
+    every row after the first starts at an address the CPU's vector units handle badly.
+    The matrix multiply that writes them ran at 121 GFLOP/s here against ~190 for the
+    same product written into rows of 50304 (bench/kernels.py --only headtrain), and
+    the head is most of a small model's work. So the product goes into a (N, 50304)
+    buffer and we return the view of its first 50257 columns: the 47 extra entries per
+    row are never computed, read, sampled or counted in the loss (nanoGPT pads the
+    vocabulary itself to 50304 instead, which changes the weights' shapes; we keep
+    GPT-2's). Autograd cannot follow ``torch.mm(..., out=)``, hence this small Function
+    with its backward written out: the two matrix products of a linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight):                      # h (N, C), weight (vocab, C)
+        vocab = weight.shape[0]
+        rows = torch.empty(h.shape[0], -(-vocab // 64) * 64, dtype=h.dtype, device=h.device)
+        logits = rows[:, :vocab]                      # (N, vocab), row stride padded
+        torch.mm(h, weight.t(), out=logits)
+        ctx.save_for_backward(h, weight)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):                          # grad (N, vocab)
+        h, weight = ctx.saved_tensors
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None             # (N, C)
+        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None        # (vocab, C)
+        return grad_h, grad_weight
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -368,7 +400,25 @@ class GPTModel(nn.Module):
         With a ``cache`` the tokens are taken to follow the ``cache.pos`` tokens already
         in it; their keys and values are appended and ``cache.pos`` advances by T.
         """
-        return self.out_head(self.hidden_states(idx, cache))                    # (B, T, vocab)
+        return self.logits(self.hidden_states(idx, cache))                      # (B, T, vocab)
+
+    def logits(self, h):
+        """The output head: final vectors (..., C) -> logits (..., vocab_size).
+
+        On CPU the logits are written into rows padded to a multiple of 64 entries and
+        handed out as a view of the first vocab_size columns (see _AlignedLogits): the
+        values are exactly out_head's, only the memory between rows differs.
+        """
+        weight = self.out_head.weight                                          # (vocab, C)
+        if (h.device.type != "cpu" or weight.shape[0] % 64 == 0
+                or torch.compiler.is_compiling()):
+            return self.out_head(h)
+        if torch.is_autocast_enabled("cpu"):
+            # what autocast would do for out_head: multiply in its low-precision dtype
+            dtype = torch.get_autocast_dtype("cpu")
+            h, weight = h.to(dtype), weight.to(dtype)
+        out = _AlignedLogits.apply(h.reshape(-1, h.shape[-1]), weight)           # (N, vocab)
+        return out.view(*h.shape[:-1], weight.shape[0])
 
     def hidden_states(self, idx, cache=None):
         """Everything but the output head: token ids (B, T) -> final-normed vectors (B, T, C)."""

@@ -3,6 +3,7 @@ import io
 import pytest
 import torch
 
+import model as model_lib
 from dataset import get_tokenizer
 from generate import (
     TextStreamer,
@@ -177,3 +178,84 @@ def test_generate_and_print_and_cli(tmp_path, tiny_cfg, capsys):
     ids = text_to_token_ids("Hello there", get_tokenizer())
     expected = token_ids_to_text(generate_text(model, ids, 6, 32, eos_id=50256), get_tokenizer())
     assert out == expected
+
+
+# ---- oneDNN-packed weights (the CPU decoding path on x86) --------------------------------
+
+needs_packing = pytest.mark.skipif(not model_lib.cpu_packing_available(),
+                                   reason="oneDNN packing is used on x86 CPUs only")
+
+
+def _small_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = GPTModel({"vocab_size": 211, "context_length": 40, "emb_dim": 48, "n_heads": 4,
+                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
+    return model.to(dtype).eval()
+
+
+def _packed_logits(model, idx):
+    with torch.no_grad(), model.packed_for_cpu(idx.shape[0]) as head:
+        assert all(m.packed is not None for m in model.modules()
+                   if isinstance(m, model_lib.Linear)), "packing was not applied"
+        return head(model.hidden_states(idx))
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_weights_compute_the_plain_forward(dtype, tol, batch):
+    model = _small_model(dtype=dtype)
+    idx = torch.randint(0, 211, (batch, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(idx)
+    packed = _packed_logits(model, idx)
+    assert packed.dtype == dtype
+    torch.testing.assert_close(packed.float(), plain.float(), atol=tol, rtol=tol)
+    # outside the block every layer is back to its own weights
+    assert all(m.packed is None for m in model.modules() if isinstance(m, model_lib.Linear))
+
+
+@needs_packing
+def test_packed_copies_follow_weight_changes_and_leave_with_training():
+    model = _small_model()
+    idx = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(2))
+    _packed_logits(model, idx)                              # fills the cache
+    first = model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[1]
+    _packed_logits(model, idx)
+    assert model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[1] is first   # reused
+    # an in-place edit, a load_state_dict and an optimizer step must all be seen
+    with torch.no_grad():
+        model.trf_blocks[0].ff.fc.weight.mul_(3.0)
+    with torch.no_grad():
+        expected = model(idx)
+    torch.testing.assert_close(_packed_logits(model, idx), expected, atol=1e-5, rtol=1e-5)
+    other = _small_model(seed=5)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        expected = other(idx)
+    torch.testing.assert_close(_packed_logits(model, idx), expected, atol=1e-5, rtol=1e-5)
+    # greedy generation right after a training step uses the new weights
+    model.train()
+    assert not any(p in model_lib._PACKED for p in model.parameters())   # dropped
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(idx).logsumexp(-1).mean().backward()
+    opt.step()
+    model.eval()
+    out = generate_text(model, idx, 5, 40)
+    ref = idx
+    with torch.no_grad():
+        for _ in range(5):
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == ref.tolist()
+
+
+def test_packing_stays_out_of_training_and_autocast():
+    model = _small_model()
+    idx = torch.tensor([[1, 2, 3]])
+    with model.packed_for_cpu(1):               # gradients on: training code, no packing
+        assert all(m.packed is None for m in model.modules()
+                   if isinstance(m, model_lib.Linear))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with model.packed_for_cpu(1) as head:
+            assert head is model.out_head
+            assert model(idx).dtype == torch.bfloat16

@@ -180,3 +180,32 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeyp
     with pytest.raises(AttributeError, match="Can't pickle"):
         atomic_save(lambda: 0, tmp_path / "x.pth")    # unpicklable: nothing written
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.parametrize("vocab, row", [(211, 256), (192, 192)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast):
+    # On CPU the logits live in rows padded to a multiple of 64 (model._AlignedLogits):
+    # values, loss and every gradient must be those of the plain nn.Linear head.
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": vocab, "context_length": 16, "emb_dim": 32, "n_heads": 4,
+                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
+    idx = torch.randint(0, vocab, (3, 10))
+    targets = torch.randint(0, vocab, (3, 10))
+
+    def loss_and_grads(head):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = head(model.hidden_states(idx))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                 targets.flatten())
+        loss.backward()
+        return logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, loss, grads = loss_and_grads(model.logits)
+    ref_logits, ref_loss, ref_grads = loss_and_grads(model.out_head)
+    assert logits.shape == (3, 10, vocab) and logits.dtype == ref_logits.dtype
+    assert logits.stride(1) == row            # the row length in memory
+    assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
