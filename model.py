@@ -307,6 +307,11 @@ class _AlignedLogits(torch.autograd.Function):
 
 
 class GPTModel(nn.Module):
+    # Set to False on a model (model.cpu_packing = False) to keep generation on CPU from
+    # making oneDNN-packed weight copies (see packed_for_cpu); they cost one more copy of
+    # the weights in memory.
+    cpu_packing = True
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = validate_config(cfg)
@@ -354,14 +359,16 @@ class GPTModel(nn.Module):
 
         ``batch_size``: the rows each step will have (the packing is tuned for it).
         Yields the function to use for the output head, ``head(h) -> logits``. Where
-        packing is not available (not x86, no oneDNN, weights not on the CPU, autocast
-        on) nothing changes and the head is the plain ``out_head``.
+        packing is not available or not wanted (not x86, no oneDNN, weights not on the
+        CPU, autocast or gradients on, ``cpu_packing`` False, weights over a quarter of
+        the RAM) nothing changes and the head is the plain ``out_head``.
         """
         w = self.tok_emb.weight
-        usable = (cpu_packing_available() and w.device.type == "cpu"
+        usable = (self.cpu_packing and cpu_packing_available() and w.device.type == "cpu"
                   and w.dtype in (torch.float32, torch.bfloat16)
                   and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
-                  and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled())
+                  and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
+                  and self._packed_copy_fits())
         if not usable:
             yield self.out_head
             return
@@ -374,6 +381,17 @@ class GPTModel(nn.Module):
         finally:
             for m in linears:
                 m.packed = None
+
+    def _packed_copy_fits(self):
+        # The packed copy doubles the weights' memory while it is kept: make it only when
+        # the weights take at most a quarter of the machine's RAM (gpt2-xl's 6.2 GB fp32
+        # would not be copied on a 16 GB laptop). Where RAM cannot be read, assume it fits.
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):      # no sysconf (Windows)
+            return True
+        return weight_bytes <= ram // 4
 
     def tie_weights(self):
         """Make the output head use the token-embedding Parameter (one tensor, not two)."""

@@ -249,9 +249,15 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     assert out.tolist() == ref.tolist()
 
 
-def test_packing_stays_out_of_training_and_autocast():
+def test_packing_stays_out_of_training_and_autocast_and_can_be_turned_off():
     model = _small_model()
     idx = torch.tensor([[1, 2, 3]])
+    model.cpu_packing = False
+    with torch.no_grad(), model.packed_for_cpu(1) as head:
+        assert head is model.out_head
+        assert all(m.packed is None for m in model.modules()
+                   if isinstance(m, model_lib.Linear))
+    model.cpu_packing = True
     with model.packed_for_cpu(1):               # gradients on: training code, no packing
         assert all(m.packed is None for m in model.modules()
                    if isinstance(m, model_lib.Linear))
