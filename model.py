@@ -147,12 +147,12 @@ class Linear(nn.Module):
 # store a matrix in its own blocked layout, tiled the way its kernels read it; multiplying
 # with such a "packed" copy read the 124M model's weights at 30-38 GB/s here, about what
 # a plain sum over memory reaches, against 17-26 for ``x @ W`` and ~15 for F.linear
-# (bench/kernels.py --only gemv). Packing costs one copy of the
-# weights, so it is worth it only when they are reused for many tokens: the copies are
-# cached per weight until the weight changes (an optimizer step, load_state_dict, .to())
-# and dropped when the model goes back to training mode. Training never uses them.
-# Keyed by the weight tensor itself (by identity: tensors compare element-wise with ==,
-# so a plain WeakKeyDictionary cannot hold them); an entry goes when its weight does.
+# (bench/kernels.py --only gemv). Packing costs a copy of the weights (0.4 s at 124M), so
+# it pays only when they are reused for many tokens: the copies are cached per weight
+# until the weight changes (an optimizer step, load_state_dict, .to()) and dropped when
+# the model goes back to training mode. Training never uses them.
+# The cache is keyed by the weight tensor itself, by identity (tensors compare element-wise
+# with ==, so a plain WeakKeyDictionary cannot hold them); an entry goes when its weight does.
 _PACKED = WeakIdKeyDictionary()     # weight Parameter -> (its version key, packed copy)
 
 
