@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -336,40 +338,47 @@ def _iter_text_chunks(f, chunk_bytes, path, on_bytes):
 
 
 def _encode_file(path, tokenizer, chunk_bytes, sink):
-    """Tokenize ``path`` chunk by chunk; hand each uint16 array of ids to ``sink``.
+    """Tokenize ``path`` chunk by chunk; hand each uint16 array of ids to ``sink``, in order.
 
     Returns ``(n_tokens, sha256 hex of the bytes)``. Memory stays at a few chunks whatever the
     file's size. ``<|endoftext|>`` in the file becomes token 50256, as in GPTDataset(str).
     """
     n_threads = max(1, min(8, os.cpu_count() or 1))
-    group = []          # chunks waiting to be encoded together, one per thread
     hasher = hashlib.sha256()
     n_tokens = 0
 
-    def flush():
+    def encode(text):
+        # tiktoken's encoder runs without Python's lock, so chunks encode in parallel on
+        # the pool's threads; encode_to_numpy hands back an array straight from its Rust
+        # code (building a list of Python ints and converting it cost ~30% of the time).
+        if hasattr(tokenizer, "encode_to_numpy"):
+            ids = tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})
+        else:
+            ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+        return np.asarray(ids).astype(np.uint16)                      # (n_chunk_tokens,)
+
+    def take(arr):
         nonlocal n_tokens
-        if not group:
-            return
-        for ids in tokenizer.encode_batch(group, num_threads=n_threads,
-                                          allowed_special={"<|endoftext|>"}):
-            arr = np.asarray(ids, dtype=np.uint16)                     # (n_chunk_tokens,)
-            n_tokens += len(arr)
-            sink(arr)
-        group.clear()
+        n_tokens += len(arr)
+        sink(arr)
 
     size = path.stat().st_size
-    with (open(path, "rb") as f,
+    with (ThreadPoolExecutor(n_threads) as pool, open(path, "rb") as f,
           tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"tokenizing {path.name}") as bar):
         def on_bytes(data):
             hasher.update(data)
             bar.update(len(data))
 
+        # Reading and hashing the next chunks overlaps with encoding the previous ones;
+        # at most 2 per thread wait in flight, and results are taken in file order.
+        pending = deque()
         for chunk in _iter_text_chunks(f, chunk_bytes, path, on_bytes):
-            group.append(chunk)
-            if len(group) >= n_threads:
-                flush()
-        flush()
+            pending.append(pool.submit(encode, chunk))
+            if len(pending) >= 2 * n_threads:
+                take(pending.popleft().result())
+        while pending:
+            take(pending.popleft().result())
     return n_tokens, hasher.hexdigest()
 
 

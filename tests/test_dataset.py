@@ -55,10 +55,10 @@ class CountingTokenizer:
         self.inner, self.calls = inner, 0
         self.name, self.n_vocab = inner.name, inner.n_vocab
 
-    def encode_batch(self, texts, num_threads=8, allowed_special=()):
+    def encode(self, text, allowed_special=()):
+        # no encode_to_numpy: load_tokens takes its path for any tokenizer with encode()
         self.calls += 1
-        return self.inner.encode_batch(texts, num_threads=num_threads,
-                                       allowed_special=allowed_special)
+        return self.inner.encode(text, allowed_special=allowed_special)
 
 
 def with_eot(tok, text):
@@ -223,7 +223,8 @@ def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     spy = CountingTokenizer(tok)
 
     first = load_tokens(p, spy)
-    assert spy.calls == 1
+    n_first = spy.calls                                  # one call per chunk of the file
+    assert n_first >= 1
     assert isinstance(first, np.memmap) and first.dtype == np.uint16
     assert first.tolist() == with_eot(tok, p.read_text())
     assert u16.stat().st_size == 2 * len(first)
@@ -235,7 +236,7 @@ def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     stamp = u16.stat().st_mtime_ns
 
     again = load_tokens(p, spy)                          # unchanged: read from the cache
-    assert spy.calls == 1
+    assert spy.calls == n_first
     assert hashed == []                                  # size + mtime sufficed, no hashing
     assert u16.stat().st_mtime_ns == stamp
     assert np.array_equal(again, first)
@@ -243,20 +244,21 @@ def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     st = p.stat()                                        # touched, same text: still reused
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     assert np.array_equal(load_tokens(p, spy), first)
-    assert spy.calls == 1 and len(hashed) == 1
+    assert spy.calls == n_first and len(hashed) == 1
     assert json.loads(meta_path.read_text())["source_mtime_ns"] == p.stat().st_mtime_ns
 
     # same size, different text, newer mtime: the hash notices
     p.write_text(p.read_text().replace("fox", "cat"))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 9_000_000_000))
     changed = load_tokens(p, spy)
-    assert spy.calls == 2
+    assert spy.calls > n_first
+    n_changed = spy.calls
     assert changed.tolist() == with_eot(tok, p.read_text())
     assert not np.array_equal(changed, first)
 
     p.write_text("Something else entirely.\n")           # different size: rebuilt
     assert load_tokens(p, spy).tolist() == with_eot(tok, "Something else entirely.\n")
-    assert spy.calls == 3
+    assert spy.calls > n_changed
     assert not list(tmp_path.glob(".*.tmp"))
 
 
