@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -468,26 +467,26 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
         print(f"{path}: {n_tokens:,} tokens from the cache {u16_path.name}")
         return np.memmap(u16_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
 
+    encoded = {}
+
+    def write_ids(f):
+        # Drop the old description first: a crash while the new ids are written then
+        # leaves ids with no .json, which the next call rebuilds, never a .json that
+        # describes other ids.
+        encoded["started"] = True
+        meta_path.unlink(missing_ok=True)
+        encoded["n_tokens"], encoded["sha256"] = _encode_file(
+            path, tokenizer, chunk_bytes, lambda arr: arr.tofile(f))
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{u16_path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(u16_path, write_ids)
     except OSError as e:
+        if encoded:         # the folder took the temp file: a real failure (disk full...)
+            raise
         print(f"cannot write a token cache beside {path} ({e.strerror}); "
               f"keeping the tokens in memory")
         return in_memory()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            n_tokens, sha256 = _encode_file(path, tokenizer, chunk_bytes,
-                                            lambda arr: arr.tofile(f))
-            f.flush()
-            os.fsync(f.fileno())
-        # Drop the old description first: a crash between the two renames then leaves ids
-        # with no .json, which the next call rebuilds, never a .json describing other ids.
-        meta_path.unlink(missing_ok=True)
-        os.replace(tmp, u16_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    n_tokens, sha256 = encoded["n_tokens"], encoded["sha256"]
     meta = {"format": _TOKEN_CACHE_FORMAT, **_tokenizer_id(tokenizer), "dtype": "uint16",
             "n_tokens": n_tokens, "source_size": stat.st_size,
             "source_mtime_ns": stat.st_mtime_ns, "source_sha256": sha256}

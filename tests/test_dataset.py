@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +273,7 @@ def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, caps
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(dataset.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)     # what model.atomic_write calls
     got = load_tokens(p, tok, cache=True)
     assert got.tolist() == with_eot(tok, p.read_text())
     assert "keeping the tokens in memory" in capsys.readouterr().out
@@ -472,3 +473,26 @@ def test_token_cache_interrupted_write_leaves_no_stale_description(tmp_path, tok
     assert u16.exists() and not meta_path.exists()
     assert not list(tmp_path.glob(".*.tmp"))
     assert load_tokens(p, tok).tolist() == with_eot(tok, p.read_text())
+
+
+def test_token_cache_write_failure_is_raised_not_hidden(tmp_path, tok, monkeypatch):
+    # A folder that takes the temp file but fails mid-write (disk full) is an error to
+    # report, unlike a read-only folder; nothing half-written may stay behind.
+    p = tmp_path / "t.txt"
+    p.write_text("some text\n" * 50)
+    load_tokens(p, tok)                                   # a good cache first
+    u16, meta_path = dataset.token_cache_paths(p)
+    before = u16.read_bytes()
+    p.write_text("other text entirely\n" * 50)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset, "_encode_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        load_tokens(p, tok)
+    assert u16.read_bytes() == before                     # the old ids are untouched
+    assert not meta_path.exists()                         # ...and no longer described
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert load_tokens(p, tok).tolist() == with_eot(tok, p.read_text())   # rebuilt

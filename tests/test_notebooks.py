@@ -268,3 +268,22 @@ def test_inference_hf_load_and_export(tmp_path):
     diff = float(re.search(r"logit difference\|, transformers vs\. ours: (\S+)", out)[1])
     assert diff < 1e-4
     assert "same tokens as our greedy decoding: True" in out
+
+
+def test_train_notebook_defaults_are_train_py_defaults():
+    # train.ipynb spells its parameters out for the reader; they must stay train.py's small
+    # preset (DEFAULT_CONFIG / DEFAULT_SETTINGS), so that the notebook and `python train.py`
+    # train the same model the same way.
+    import train
+
+    nb = nbformat.read(str(ROOT / "train.ipynb"), as_version=4)
+    params = next(c for c in nb.cells if c.cell_type == "code")
+    values = {}
+    for node in ast.parse(params.source).body:          # plain NAME = literal lines
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    for key in ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
+                "tie_embeddings"):
+        assert values[key.upper()] == train.DEFAULT_CONFIG[key], key
+    for key, value in train.DEFAULT_SETTINGS.items():
+        assert values[key.upper()] == value, key
