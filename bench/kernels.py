@@ -18,12 +18,12 @@ No targets: this is the evidence for the analysis in the README / issue. Section
   attention one decode step of scaled_dot_product_attention on our KV cache (a view into a
             buffer of context_length positions) vs the same keys contiguous, vs matmul +
             softmax written out.
-  cache     allocating the KV cache: our new_cache (zeros for the whole context) at
-            batch 1 / 8 vs one sized for prompt + new tokens.
+  cache     allocating (zeroing) a KV cache for the whole context at batch 1 / 8 vs one
+            sized for prompt + new tokens (why generate_text sizes it so, with torch.empty).
   overhead  time per generated token on a model so small that the arithmetic is nothing:
             Python and dispatch overhead per step, ours vs HF generate.
-  meta      building GPTModel(124M cfg) on the meta device in a fresh process: normal_ on a
-            meta tensor imports torch._dynamo (seconds and ~75 MB the first time).
+  meta      building GPTModel(124M cfg) on the meta device in a fresh process (normal_ on a
+            meta tensor imports torch._dynamo, ~1 s and ~75 MB; GPTModel avoids it there).
 """
 
 import argparse
@@ -132,10 +132,9 @@ def _sweep_linear(xs, mats):
         F.linear(x, w)
 
 
-def _sweep_packed(xs, mats):
-    import model
+def _sweep_packed(xs, mats, linear):
     for x, w in zip(xs, mats):
-        model.packed_linear(x, w)
+        linear(x, w)
 
 
 def bench_gemv(rounds=3, reps=5, layers=12):
@@ -171,7 +170,8 @@ def bench_gemv(rounds=3, reps=5, layers=12):
                             "F.linear(x, W[out,in])": partial(_sweep_linear, xs, mats_out_in)}
                 if model.cpu_packing_available():
                     packed = [model.packed_weight(w, m) for w in mats_out_in]
-                    variants["packed (oneDNN)"] = partial(_sweep_packed, xs, packed)
+                    variants["packed (oneDNN)"] = partial(_sweep_packed, xs, packed,
+                                                          model.packed_linear)
                 times = {v: [] for v in variants}
                 with torch.inference_mode():
                     for _ in range(rounds):
