@@ -34,6 +34,7 @@ from model import (
     gpt2_param_names,
     iter_gpt2_weights,
     load_checkpoint,
+    resolve_dtype,
     save_checkpoint,
     unwrap_model,
 )
@@ -207,7 +208,7 @@ def _resolve_folder(name_or_path, cache_dir):
                       f"(choices: {list(HF_HUB_IDS)})") from e
 
 
-def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True):
+def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True, dtype=None):
     """A GPTModel holding Hugging Face GPT-2 weights, in eval mode on ``device``.
 
     ``name_or_path``: a key of MODEL_CONFIGS (mapped through HF_HUB_IDS), a Hub id such as
@@ -226,7 +227,11 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
     the file. The file must not be rewritten in place while the model is alive (our
     downloads and export write a new file and rename it; ``save_pretrained`` into the
     same folder does rewrite). ``mmap=False`` copies every tensor into memory once.
+
+    ``dtype`` ("bf16", torch.bfloat16, ...) converts the weights at the end, as
+    ``model.load_checkpoint`` does; None keeps float32.
     """
+    dtype = resolve_dtype(dtype)
     folder = _resolve_folder(name_or_path, cache_dir)
     config_path = folder / "config.json"
     try:
@@ -284,7 +289,7 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
         gpt.tie_weights()
     still_meta = [n for n, t in gpt.state_dict().items() if t.is_meta]
     assert not still_meta, f"internal error: {still_meta} were not loaded"
-    return gpt.to(device or "cpu").eval()
+    return gpt.to(device=device or "cpu", dtype=dtype).eval()
 
 
 # ---------------------------------------------------------------------------------------

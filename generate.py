@@ -207,6 +207,9 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="weights' precision: bf16 halves the memory and runs faster on "
+                             "CPUs with AVX512-BF16 and on recent GPUs (default fp32)")
     args = parser.parse_args(argv)
 
     from dataset import get_tokenizer
@@ -215,7 +218,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     device = get_device(args.device)
-    model = load_checkpoint(args.weights, device=device)
+    model = load_checkpoint(args.weights, device=device, dtype=args.dtype)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer, device)
     print(args.prompt, end="", flush=True)

@@ -556,6 +556,22 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
 
 
 # ---------------------------------------------------------------------------------------
+# Inference in a lower precision: the loaders' ``dtype=`` argument.
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype):
+    """``None``, a floating torch dtype, or a name in DTYPES ("bf16") -> torch dtype or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be None, one of {list(DTYPES)} or the torch dtype of one "
+                     f"(e.g. torch.bfloat16), got {dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------
 # Checkpoints: one .pth file = {"config": cfg, "model_state_dict": ..., **extra}.
 
 def unwrap_model(model):
@@ -627,12 +643,16 @@ def read_checkpoint(path, map_location="cpu"):
             f"delete it and save or download it again") from None
 
 
-def load_checkpoint(path, device=None, cfg=None):
+def load_checkpoint(path, device=None, cfg=None, dtype=None):
     """Build a GPTModel from a .pth written by save_checkpoint.
 
     A bare state-dict file (no config inside) needs ``cfg=``. The model is returned in
-    eval mode on ``device`` (default CPU).
+    eval mode on ``device`` (default CPU). ``dtype`` ("bf16", torch.bfloat16, ...) converts
+    the weights for inference: bf16 takes half the memory and generated 1.4-1.5x faster on a
+    CPU with AVX512-BF16 (README, Performance); its tokens can differ from fp32's. None
+    keeps the dtype the weights were saved in.
     """
+    dtype = resolve_dtype(dtype)
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
         state = ckpt["model_state_dict"]
@@ -655,4 +675,5 @@ def load_checkpoint(path, device=None, cfg=None):
         raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: {e}") from None
     if model.cfg["tie_embeddings"]:
         model.tie_weights()       # assign=True gave the head a Parameter of its own
-    return model.to(device or "cpu").eval()
+    del ckpt, state               # so that a dtype conversion frees the loaded copies
+    return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -178,6 +178,12 @@ def test_generate_and_print_and_cli(tmp_path, tiny_cfg, capsys):
     ids = text_to_token_ids("Hello there", get_tokenizer())
     expected = token_ids_to_text(generate_text(model, ids, 6, 32, eos_id=50256), get_tokenizer())
     assert out == expected
+    # --dtype bf16: the same as generating with the model converted to bfloat16
+    out = main(["--weights", str(path), "--prompt", "Hello there", "--max-new-tokens", "6",
+                "--device", "cpu", "--temperature", "0", "--dtype", "bf16"])
+    bf16 = model.to(torch.bfloat16)
+    assert out == token_ids_to_text(generate_text(bf16, ids, 6, 32, eos_id=50256),
+                                    get_tokenizer())
 
 
 # ---- oneDNN-packed weights (the CPU decoding path on x86) --------------------------------

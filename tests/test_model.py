@@ -128,6 +128,27 @@ def test_checkpoint_round_trip_carries_config(tmp_path, tiny_cfg):
     assert torch.load(path, weights_only=True)["note"] == "hello"
 
 
+@pytest.mark.parametrize("dtype", ["bf16", torch.bfloat16, "fp16"])
+def test_checkpoint_loads_in_a_lower_precision(tmp_path, tiny_cfg, dtype):
+    model = GPTModel({**tiny_cfg, "tie_embeddings": True}).eval()
+    path = save_checkpoint(tmp_path / "m.pth", model)
+    loaded = load_checkpoint(path, dtype=dtype)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, dtype)
+    assert {p.dtype for p in loaded.parameters()} == {want}
+    assert loaded.out_head.weight is loaded.tok_emb.weight and not loaded.training
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.to(want)(idx))
+    assert load_checkpoint(path, dtype="fp32").tok_emb.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["int8", "float32", torch.int64, 16])
+def test_unknown_dtype_is_refused_before_loading(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"dtype must be None, one of \['fp32', 'bf16', "
+                                         r"'fp16'\] or the torch dtype of one"):
+        load_checkpoint(tmp_path / "not-there.pth", dtype=bad)
+
+
 def test_bare_state_dict_needs_cfg(tmp_path, tiny_cfg):
     model = GPTModel(tiny_cfg)
     torch.save(model.state_dict(), tmp_path / "bare.pth")

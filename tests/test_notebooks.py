@@ -34,7 +34,8 @@ SEED = 123
 PROBE = """
 import json, sys
 print(json.dumps({"sampled": sampled[0].tolist(), "greedy": greedy[0].tolist(),
-                  "tensorflow_imported": "tensorflow" in sys.modules}))
+                  "tensorflow_imported": "tensorflow" in sys.modules,
+                  "dtype": str(gpt.tok_emb.weight.dtype)}))
 """
 
 
@@ -204,11 +205,12 @@ def hf_greedy(hf):
 
 def test_inference_custom_checkpoint(trained, tmp_path):
     weights = trained[0] / "model_weights" / "trained_gpt2.pth"
+    # in bf16 here (DTYPE); the other inference runs below keep the default fp32
     cells = run_notebook("inference.ipynb", tmp_path, probe=PROBE, MODEL_SELECTION="custom",
                          WEIGHTS_PATH=str(weights), PROMPT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS,
-                         PLOT_TOKENS=10)
-    probe = check_generation(cells, load_checkpoint(weights))
-    assert not probe["tensorflow_imported"]
+                         PLOT_TOKENS=10, DTYPE="bf16")
+    probe = check_generation(cells, load_checkpoint(weights, dtype=torch.bfloat16))
+    assert not probe["tensorflow_imported"] and probe["dtype"] == "torch.bfloat16"
     assert "'emb_dim': 32" in result_text(cells["load"])
 
     assert png_count(cells["dist"]) == 1
@@ -248,7 +250,7 @@ def test_inference_openai_tf_weights(openai_server, tmp_path):
     gpt = load_checkpoint(pth)
     assert gpt.cfg["n_layers"] == hf.config.n_layer and gpt.cfg["tie_embeddings"]
     probe = check_generation(cells, gpt, reference_greedy=hf_greedy(hf))
-    assert probe["tensorflow_imported"]
+    assert probe["tensorflow_imported"] and probe["dtype"] == "torch.float32"
     assert png_count(cells["dist"]) == 1
 
 
@@ -260,7 +262,9 @@ def test_inference_hf_load_and_export(tmp_path):
                          EXPORT_DIR="exported", PROMPT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS)
     from download_weights_hf import load_gpt2_hf
 
-    check_generation(cells, load_gpt2_hf(tmp_path / "hf_source"), reference_greedy=hf_greedy(hf))
+    probe = check_generation(cells, load_gpt2_hf(tmp_path / "hf_source"),
+                             reference_greedy=hf_greedy(hf))
+    assert probe["dtype"] == "torch.float32"
     assert "'emb_dim': 32" in result_text(cells["load"])
 
     assert (tmp_path / "exported" / "model.safetensors").is_file()

@@ -115,6 +115,22 @@ def test_mmap_and_copied_loads_agree_and_training_never_touches_the_file(hf_fold
     assert_same_model(load_gpt2_hf(folder), hf)
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_in_bf16(hf_folder, mmap):
+    hf, folder = hf_folder
+    gpt = load_gpt2_hf(folder, mmap=mmap, dtype="bf16")
+    assert {p.dtype for p in gpt.parameters()} == {torch.bfloat16}
+    assert gpt.out_head.weight is gpt.tok_emb.weight
+    # exactly the fp32 weights rounded once to bf16
+    reference = load_gpt2_hf(folder).to(torch.bfloat16)
+    for (name, a), b in zip(gpt.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    with torch.no_grad():          # and close to transformers' fp32 logits
+        torch.testing.assert_close(gpt(PROMPT).float(), hf(PROMPT).logits, atol=0.02, rtol=0.02)
+    with pytest.raises(ValueError, match=r"dtype must be None, one of \['fp32', 'bf16', 'fp16'\]"):
+        load_gpt2_hf(folder, dtype=torch.int8)
+
+
 @pytest.mark.parametrize("source", ["GPT2LMHeadModel", "GPT2Model", "state dict with prefix",
                                     "state dict without prefix"])
 def test_load_weights_into_gpt_accepts_models_and_state_dicts(hf_folder, source):
