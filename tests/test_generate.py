@@ -255,19 +255,41 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     assert out.tolist() == ref.tolist()
 
 
-def test_packing_stays_out_of_training_and_autocast_and_can_be_turned_off():
+def test_packing_stays_out_of_training_and_can_be_turned_off():
     model = _small_model()
-    idx = torch.tensor([[1, 2, 3]])
     model.cpu_packing = False
     with torch.no_grad(), model.packed_for_cpu(1) as head:
         assert head is model.out_head
         assert all(m.packed is None for m in model.modules()
                    if isinstance(m, model_lib.Linear))
     model.cpu_packing = True
-    with model.packed_for_cpu(1):               # gradients on: training code, no packing
+    with model.packed_for_cpu(1) as head:       # gradients on: training code, no packing
+        assert head is model.out_head
         assert all(m.packed is None for m in model.modules()
                    if isinstance(m, model_lib.Linear))
+
+
+@needs_packing
+@pytest.mark.parametrize("batch", [1, 3])
+def test_autocast_decoding_packs_bfloat16_copies_once(batch):
+    # Under bf16 autocast the fp32 weights are packed as bf16 copies (autocast would cast
+    # every weight again at every step): the logits are autocast's, the weights stay fp32.
+    model = _small_model()
+    idx = torch.randint(0, 211, (batch, 7), generator=torch.Generator().manual_seed(3))
+    fc = model.trf_blocks[0].ff.fc
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        with model.packed_for_cpu(1) as head:
-            assert head is model.out_head
-            assert model(idx).dtype == torch.bfloat16
+        plain = model(idx)
+        packed = _packed_logits(model, idx)
+        assert model_lib._PACKED.get(fc.weight)[1].dtype == torch.bfloat16
+        out = generate_text(model, idx, 6, 40)
+        ref = idx
+        for _ in range(6):
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert packed.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(packed.float(), plain.float(), atol=2e-2, rtol=2e-2)
+    assert out.tolist() == ref.tolist()
+    assert fc.weight.dtype == torch.float32
+    # out of autocast again, the copies are fp32 ones and give the fp32 logits
+    with torch.no_grad():
+        torch.testing.assert_close(_packed_logits(model, idx), model(idx), atol=1e-5, rtol=1e-5)
+    assert model_lib._PACKED.get(fc.weight)[1].dtype == torch.float32
