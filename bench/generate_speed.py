@@ -62,7 +62,9 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
     models = {"ours fp32": ours, "HF fp32": hf}
     if bf16:
         models["ours bf16 (.to)"] = copy.deepcopy(ours).to(torch.bfloat16)
-        models["ours bf16 (autocast)"] = ours
+        # its own copy: a weight keeps one packed copy (fp32 here, bf16 under autocast),
+        # so sharing ``ours`` would repack at every switch between the two contenders
+        models["ours bf16 (autocast)"] = copy.deepcopy(ours)
     if hf_bf16:
         models["HF bf16 (.to)"] = copy.deepcopy(hf).to(torch.bfloat16)
 
