@@ -346,14 +346,13 @@ def _encode_file(path, tokenizer, chunk_bytes, sink):
     hasher = hashlib.sha256()
     n_tokens = 0
 
+    # tiktoken's encoder runs without Python's lock, so chunks encode in parallel on the
+    # pool's threads; encode_to_numpy hands back an array straight from its Rust code
+    # (building a list of Python ints and converting it cost ~30% of the time).
+    encoder = getattr(tokenizer, "encode_to_numpy", tokenizer.encode)
+
     def encode(text):
-        # tiktoken's encoder runs without Python's lock, so chunks encode in parallel on
-        # the pool's threads; encode_to_numpy hands back an array straight from its Rust
-        # code (building a list of Python ints and converting it cost ~30% of the time).
-        if hasattr(tokenizer, "encode_to_numpy"):
-            ids = tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})
-        else:
-            ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+        ids = encoder(text, allowed_special={"<|endoftext|>"})
         return np.asarray(ids).astype(np.uint16)                      # (n_chunk_tokens,)
 
     def take(arr):

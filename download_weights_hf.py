@@ -257,7 +257,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
             if mmap and path not in handles:
                 handles[path] = open_files.enter_context(safe_open(path, framework="pt"))
             tensor = _read_tensor(path, key, handles.get(path))
-            mapped.add(tensor.untyped_storage().data_ptr())
+            if not mmap:      # what must be copied below
+                mapped.add(tensor.untyped_storage().data_ptr())
             return tensor
 
         head = None

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from model import unwrap_model
+from model import DTYPES, unwrap_model
 
 
 def text_to_token_ids(text, tokenizer, device=None):
@@ -207,7 +207,7 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="weights' precision: bf16 halves the memory and runs faster on "
                              "CPUs with AVX512-BF16 and on recent GPUs (default fp32)")
     args = parser.parse_args(argv)

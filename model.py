@@ -169,6 +169,11 @@ def _version_key(weight):
     return (weight.data_ptr(), weight.dtype, version)
 
 
+def cpu_matmul_dtype(weight):
+    """The dtype a CPU matmul with ``weight`` runs in: autocast's when on, else the weight's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+
+
 def packed_weight(weight, rows=8, in_out=False, dtype=None):
     """The oneDNN-packed copy of ``weight`` (cached until the weight changes).
 
@@ -376,8 +381,7 @@ class GPTModel(nn.Module):
         of the RAM) nothing changes and the head is the plain ``out_head``.
         """
         w = self.tok_emb.weight
-        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                 else w.dtype)
+        dtype = cpu_matmul_dtype(w)
         usable = (self.cpu_packing and cpu_packing_available() and w.device.type == "cpu"
                   and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
                   and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
@@ -444,10 +448,10 @@ class GPTModel(nn.Module):
         if (h.device.type != "cpu" or weight.shape[0] % 64 == 0
                 or torch.compiler.is_compiling()):
             return self.out_head(h)
-        if torch.is_autocast_enabled("cpu"):
-            # what autocast would do for out_head: multiply in its low-precision dtype
-            dtype = torch.get_autocast_dtype("cpu")
-            h, weight = h.to(dtype), weight.to(dtype)
+        # what autocast would do for out_head: multiply in its low-precision dtype (the
+        # casts do nothing outside autocast)
+        dtype = cpu_matmul_dtype(weight)
+        h, weight = h.to(dtype), weight.to(dtype)
         out = _AlignedLogits.apply(h.reshape(-1, h.shape[-1]), weight)           # (N, vocab)
         return out.view(*h.shape[:-1], weight.shape[0])
 
