@@ -87,6 +87,12 @@ def test_greedy_ignores_filters():
     assert sample_next_token(logits, 0.0, top_k=1, top_p=0.5).tolist() == [[1], [0]]
 
 
+def test_greedy_in_bf16_takes_the_first_of_tied_maxima():
+    # 1.0 and 1.001 are the same bfloat16 number: a tie, resolved to the lower index
+    logits = torch.tensor([[0.5, 1.0, 1.001, -2.0], [3.0, 3.0, 1.0, 3.0]]).to(torch.bfloat16)
+    assert sample_next_token(logits, 0.0).tolist() == [[1], [0]]
+
+
 def test_eos_is_handled_per_row(hf_pair):
     _, ours = hf_pair
     prompt = torch.tensor([[10, 20, 30], [40, 50, 60]])
