@@ -11,6 +11,8 @@ Sampling, step by step, for each row of the batch:
 
 import argparse
 import codecs
+import math
+import operator
 import sys
 
 import torch
@@ -34,13 +36,25 @@ def token_ids_to_text(token_ids, tokenizer):
 
 def check_sampling_args(temperature=0.0, top_k=None, top_p=None):
     """Raise ValueError for settings that have no meaning, before any work is done."""
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k <= 0):
+    # "not >= 0" also catches NaN. Dividing logits by a positive temperature below ~1e-30
+    # overflows to inf, and softmax of inf is NaN: 0 is the way to ask for greedy.
+    if (temperature is None or isinstance(temperature, bool) or not temperature >= 0
+            or math.isinf(temperature) or 0 < temperature < 1e-30):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= 1e-30, "
+                         f"got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not _is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _is_int(value):
+    """True for ints and integer scalars such as numpy.int64 (not for floats)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -94,6 +108,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (batch, tokens) tensor, got shape "
                          f"{tuple(idx.shape)}; encode some text with text_to_token_ids")
+    if context_size is not None and (isinstance(context_size, bool) or not _is_int(context_size)
+                                     or context_size < 1):
+        raise ValueError(f"context_size must be a positive int or None (the model's "
+                         f"context_length), got {context_size!r}")
     if max_new_tokens <= 0:
         return
     core = unwrap_model(model)
@@ -103,10 +121,15 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
     try:
         # On an x86 CPU every matmul of the loop reads oneDNN-packed weight copies, 1.4x
         # faster to stream from memory (model.GPTModel.packed_for_cpu explains); elsewhere
-        # ``head`` is the model's own out_head.
-        with core.packed_for_cpu(idx.shape[0]) as head:
-            yield from _decode(core, head, idx, max_new_tokens, context_size, temperature,
-                               top_k, eos_id, top_p, use_cache, generator)
+        # ``packing.head`` is the model's own out_head.
+        with core.packed_for_cpu(idx.shape[0]) as packing:
+            for next_id in _decode(core, packing.head, idx, max_new_tokens, context_size,
+                                   temperature, top_k, eos_id, top_p, use_cache, generator):
+                # The caller's code runs while we wait at the yield, and may train the
+                # model or load other weights: the layers use their own weights meanwhile.
+                packing.active = False
+                yield next_id
+                packing.active = True
     finally:
         model.train(was_training)
 
@@ -180,6 +203,11 @@ class TextStreamer:
         piece = self.decoder.decode(self.tokenizer.decode_bytes([int(next_ids[0, 0])]))
         print(piece, end="", file=self.file, flush=True)
 
+    def finish(self):
+        """Print what is left: bytes of a character the last token did not complete
+        (shown as U+FFFD, as token_ids_to_text shows them)."""
+        print(self.decoder.decode(b"", final=True), end="", file=self.file, flush=True)
+
 
 def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=50,
                        temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False):
@@ -189,13 +217,17 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
     """
     core = unwrap_model(model)
     idx = text_to_token_ids(start_context, tokenizer, device)
+    streamer = TextStreamer(tokenizer) if stream else None
     if stream:
         print(start_context, end="", flush=True)
     out = generate_text(model, idx, max_new_tokens, core.cfg["context_length"], temperature,
-                        top_k, eos_id, top_p,
-                        callback=TextStreamer(tokenizer) if stream else None)
+                        top_k, eos_id, top_p, callback=streamer)
     text = token_ids_to_text(out, tokenizer)
-    print() if stream else print(text.replace("\n", " "))
+    if stream:
+        streamer.finish()
+        print()
+    else:
+        print(text.replace("\n", " "))
     return text
 
 
@@ -206,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=50, help="0 = off (all tokens)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
@@ -214,6 +246,17 @@ def main(argv=None):
                         help="weights' precision: bf16 halves the memory and runs faster on "
                              "CPUs with AVX512-BF16 and on recent GPUs (default fp32)")
     args = parser.parse_args(argv)
+    if args.top_k == 0:
+        args.top_k = None
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        parser.error(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")
+                     .replace("temperature", "--temperature", 1))
+    if not args.prompt:
+        parser.error("--prompt is empty: give some text to continue")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     from dataset import get_tokenizer
     from model import load_checkpoint
@@ -221,13 +264,17 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     device = get_device(args.device)
-    model = load_checkpoint(args.weights, device=device, dtype=args.dtype)
+    try:
+        model = load_checkpoint(args.weights, device=device, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")     # a message that says what to do, no traceback
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer, device)
+    streamer = TextStreamer(tokenizer)
     print(args.prompt, end="", flush=True)
     out = generate_text(model, idx, args.max_new_tokens, None, args.temperature, args.top_k,
-                        eos_id=tokenizer.eot_token, top_p=args.top_p,
-                        callback=TextStreamer(tokenizer))
+                        eos_id=tokenizer.eot_token, top_p=args.top_p, callback=streamer)
+    streamer.finish()
     print()
     return token_ids_to_text(out, tokenizer)
 

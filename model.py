@@ -12,11 +12,14 @@ through ``gpt2_param_names`` below.
 """
 
 import contextlib
+import glob
 import math
 import os
 import pickle
 import platform
-import tempfile
+import secrets
+import socket
+import weakref
 from pathlib import Path
 
 import torch
@@ -126,11 +129,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # A oneDNN-packed copy of ``weight``, set only inside GPTModel.packed_for_cpu()
-        # (fast CPU decoding); None everywhere else, and never saved.
+        # (fast CPU decoding), and the _Packing of that block, whose ``active`` says whether
+        # the copy is in use right now; None everywhere else, and never saved.
         self.packed = None
+        self.packing = None
 
     def forward(self, x):
-        if self.packed is not None:
+        if self.packed is not None and self.packing.active:
             return packed_linear(x, self.packed, self.bias)                 # (..., out)
         if self.bias is None:
             return x @ self.weight                                          # (..., out)
@@ -153,7 +158,7 @@ class Linear(nn.Module):
 # the model goes back to training mode. Training never uses them.
 # The cache is keyed by the weight tensor itself, by identity (tensors compare element-wise
 # with ==, so a plain WeakKeyDictionary cannot hold them); an entry goes when its weight does.
-_PACKED = WeakIdKeyDictionary()     # weight Parameter -> (its version key, packed copy)
+_PACKED = WeakIdKeyDictionary()     # weight Parameter -> (version key, its storage, packed copy)
 
 
 def cpu_packing_available():
@@ -187,15 +192,19 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
     rows = 1 if rows == 1 else 8
     dtype = dtype or weight.dtype
     key = (*_version_key(weight), rows, dtype)
+    # The storage itself is compared too (through a weak reference, which dies with it):
+    # after m.to(torch.bfloat16).to(torch.float32) the allocator may give the new storage
+    # the old one's address, so data_ptr alone would vouch for a copy of other weights.
+    storage = weight.untyped_storage()
     cached = _PACKED.get(weight)
-    if cached is None or cached[0] != key or key[2] is None:
+    if cached is None or cached[0] != key or cached[1]() is not storage or key[2] is None:
         out_in = weight.detach().t() if in_out else weight.detach()
         # from a contiguous (out, in) matrix: packing the transposed view directly gave a
         # layout that streamed ~3% slower
         out_in = out_in.to(dtype).contiguous()
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
+        cached = (key, weakref.ref(storage), torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
         _PACKED[weight] = cached
-    return cached[1]
+    return cached[2]
 
 
 def packed_linear(x, packed, bias=None):
@@ -209,6 +218,21 @@ def packed_linear(x, packed, bias=None):
     if bias is not None and bias.dtype != packed.dtype:
         bias = bias.to(packed.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _Packing:
+    """What a GPTModel.packed_for_cpu block yields.
+
+    ``head(h)`` turns final vectors (..., C) into logits. ``active`` is read by every Linear
+    of the model at every call: True, they multiply with their packed copies; False, with
+    their own weights. generate_tokens is a generator, so the caller's code runs while it
+    waits at a ``yield`` (inside the block): it sets ``active`` to False for that time, so
+    that a training step or load_state_dict in between sees the real weights.
+    """
+
+    def __init__(self, head):
+        self.head = head
+        self.active = True
 
 
 class MultiHeadAttention(nn.Module):
@@ -374,11 +398,18 @@ class GPTModel(nn.Module):
         """Within this block every matmul reads oneDNN-packed weights (inference on CPU).
 
         ``batch_size``: the rows each step will have (the packing is tuned for it).
-        Yields the function to use for the output head, ``head(h) -> logits``. Under
-        bf16 autocast the copies are packed in bfloat16 (cast once, not at every step as
-        autocast would). Where packing is not available or not wanted (not x86, no oneDNN,
-        weights not on the CPU, gradients on, ``cpu_packing`` False, weights over a quarter
-        of the RAM) nothing changes and the head is the plain ``out_head``.
+        Yields a _Packing: ``packing.head(h)`` makes the logits; setting ``packing.active``
+        to False puts every layer back on its own weights until it is set True again
+        (generate_tokens does so while it waits at a ``yield``). Under bf16 autocast the
+        copies are packed in bfloat16 (cast once, not at every step as autocast would).
+        Where packing is not available or not wanted (not x86, no oneDNN, weights not on the
+        CPU, gradients on, ``cpu_packing`` False, weights over a quarter of the RAM) nothing
+        changes and the head is the plain ``out_head``.
+
+        The copies are reused by later blocks until a weight changes (an in-place edit, an
+        optimizer step, load_state_dict, .to()); an edit that autograd does not see (through
+        ``.data`` or a numpy view) is not noticed: call ``model.train()`` after one, which
+        drops the copies.
         """
         w = self.tok_emb.weight
         dtype = cpu_matmul_dtype(w)
@@ -387,17 +418,19 @@ class GPTModel(nn.Module):
                   and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
                   and not torch.is_grad_enabled() and self._packed_copy_fits())
         if not usable:
-            yield self.out_head
+            yield _Packing(self.out_head)
             return
         linears = [m for m in self.modules() if isinstance(m, Linear)]
+        head = packed_weight(self.out_head.weight, batch_size, dtype=dtype)      # (vocab, C)
+        packing = _Packing(lambda h: packed_linear(h, head))
         try:
             for m in linears:
                 m.packed = packed_weight(m.weight, batch_size, in_out=True, dtype=dtype)
-            head = packed_weight(self.out_head.weight, batch_size, dtype=dtype)  # (vocab, C)
-            yield lambda h: packed_linear(h, head)
+                m.packing = packing
+            yield packing
         finally:
             for m in linears:
-                m.packed = None
+                m.packed = m.packing = None
 
     def _packed_copy_fits(self):
         # The packed copy doubles the weights' memory while it is kept: make it only when
@@ -460,11 +493,15 @@ class GPTModel(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.cfg["context_length"]
-        if start + T > min(limit, self.cfg["context_length"]):
+        if start + T > self.cfg["context_length"]:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's context_length "
                 f"{self.cfg['context_length']}; crop the input to its last "
                 f"{self.cfg['context_length']} tokens (generate_text does this for you)")
+        if start + T > limit:
+            raise ValueError(
+                f"the KV cache holds {limit} positions (its max_len), and {start} are filled: "
+                f"{T} more do not fit; make the cache with a larger max_len, or reset() it")
         pos = torch.arange(start, start + T, device=idx.device)                 # (T,)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))               # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
@@ -611,7 +648,8 @@ def atomic_write(path, write):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path)
+    tmp, fd = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -622,7 +660,70 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(path.parent)      # so that the rename itself survives a power cut
     return path
+
+
+def _temp_prefix(path, pid="", host=None):
+    # ".train.txt.tokens.u16.<host>-<pid>.": whose temp file it is, so that a later run
+    # can tell the leftovers of a killed process from a file another one is still writing
+    return f".{path.name}.{host or socket.gethostname()}-{pid}"
+
+
+def _create_temp_file(path):
+    """A new empty file beside ``path``: (its path, an fd open for writing).
+
+    Not tempfile.mkstemp, which makes the file private (mode 0600): with os.open and mode
+    0666 the system applies the umask, so the file ends up with the permissions a plain
+    open() would give it (others can read the token cache on a shared disk, for example).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f"{_temp_prefix(path, os.getpid())}.{secrets.token_hex(4)}.tmp"
+        try:
+            return str(tmp), os.open(tmp, flags, 0o666)
+        except FileExistsError:         # the same 32 random bits twice: draw again
+            continue
+
+
+def _remove_stale_temp_files(path):
+    """Delete temp files of ``path`` left by processes of this machine that are gone.
+
+    A process killed while writing (kill -9, out of memory, power loss) cannot clean up, and
+    its temp file can be as large as a checkpoint. Only files whose process is known to have
+    ended are removed; on Windows, where that cannot be checked the same way, none are.
+    """
+    if os.name == "nt":
+        return
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)        # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:             # a read-only folder, say: leave it
+                pass
+        except OSError:                 # exists, owned by someone else
+            pass
+
+
+def _fsync_folder(folder):
+    if os.name == "nt":                 # folders cannot be opened for fsync there
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                            # some file systems do not support it; not fatal
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path):
@@ -643,6 +744,11 @@ def save_checkpoint(path, model, **extra):
 def read_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True and errors that say what went wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{str(path)!r} is a folder, not a .pth checkpoint; for a Hugging Face model "
+            f"folder use download_weights_hf.load_gpt2_hf(folder), or convert it with "
+            f"`python download_weights_hf.py --load FOLDER --save model.pth`")
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} not found; train one with `python train.py` or "
@@ -691,6 +797,13 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
     except RuntimeError as e:
         raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: {e}") from None
     if model.cfg["tie_embeddings"]:
+        # Tying keeps the embedding and drops the head: refuse when they differ (a config
+        # that ties, given for weights trained untied), or the head would be lost silently.
+        if not torch.equal(model.out_head.weight, model.tok_emb.weight):
+            raise ValueError(
+                f"{str(path)!r} has an output head different from its token embedding, but "
+                f"the config ties them (tie_embeddings=True); load it with "
+                f"tie_embeddings=False")
         model.tie_weights()       # assign=True gave the head a Parameter of its own
     del ckpt, state               # so that a dtype conversion frees the loaded copies
     return model.to(device=device or "cpu", dtype=dtype).eval()

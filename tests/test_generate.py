@@ -129,7 +129,7 @@ def test_long_prompt_is_left_cropped(hf_pair):
     ({"top_k": 0}, "top_k must be a positive int"),
     ({"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
     ({"top_p": 1.5}, "top_p must be in \\(0, 1\\]"),
-    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"temperature": -0.1}, "temperature must be 0 .greedy. or a finite number"),
 ])
 def test_bad_sampling_arguments(hf_pair, kwargs, match):
     _, ours = hf_pair
@@ -206,10 +206,10 @@ def _small_model(seed=0, dtype=torch.float32):
 
 
 def _packed_logits(model, idx):
-    with torch.no_grad(), model.packed_for_cpu(idx.shape[0]) as head:
+    with torch.no_grad(), model.packed_for_cpu(idx.shape[0]) as packing:
         assert all(m.packed is not None for m in model.modules()
                    if isinstance(m, model_lib.Linear)), "packing was not applied"
-        return head(model.hidden_states(idx))
+        return packing.head(model.hidden_states(idx))
 
 
 @needs_packing
@@ -232,9 +232,9 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     model = _small_model()
     idx = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(2))
     _packed_logits(model, idx)                              # fills the cache
-    first = model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[1]
+    first = model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2]
     _packed_logits(model, idx)
-    assert model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[1] is first   # reused
+    assert model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2] is first   # reused
     # an in-place edit, a load_state_dict and an optimizer step must all be seen
     with torch.no_grad():
         model.trf_blocks[0].ff.fc.weight.mul_(3.0)
@@ -264,13 +264,13 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
 def test_packing_stays_out_of_training_and_can_be_turned_off():
     model = _small_model()
     model.cpu_packing = False
-    with torch.no_grad(), model.packed_for_cpu(1) as head:
-        assert head is model.out_head
+    with torch.no_grad(), model.packed_for_cpu(1) as packing:
+        assert packing.head is model.out_head
         assert all(m.packed is None for m in model.modules()
                    if isinstance(m, model_lib.Linear))
     model.cpu_packing = True
-    with model.packed_for_cpu(1) as head:       # gradients on: training code, no packing
-        assert head is model.out_head
+    with model.packed_for_cpu(1) as packing:    # gradients on: training code, no packing
+        assert packing.head is model.out_head
         assert all(m.packed is None for m in model.modules()
                    if isinstance(m, model_lib.Linear))
 
@@ -286,7 +286,7 @@ def test_autocast_decoding_packs_bfloat16_copies_once(batch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(idx)
         packed = _packed_logits(model, idx)
-        assert model_lib._PACKED.get(fc.weight)[1].dtype == torch.bfloat16
+        assert model_lib._PACKED.get(fc.weight)[2].dtype == torch.bfloat16
         out = generate_text(model, idx, 6, 40)
         ref = idx
         for _ in range(6):
@@ -298,4 +298,90 @@ def test_autocast_decoding_packs_bfloat16_copies_once(batch):
     # out of autocast again, the copies are fp32 ones and give the fp32 logits
     with torch.no_grad():
         torch.testing.assert_close(_packed_logits(model, idx), model(idx), atol=1e-5, rtol=1e-5)
-    assert model_lib._PACKED.get(fc.weight)[1].dtype == torch.float32
+    assert model_lib._PACKED.get(fc.weight)[2].dtype == torch.float32
+
+
+@needs_packing
+def test_packed_copies_are_not_reused_for_a_new_storage_at_the_old_address():
+    # .to(bf16).to(fp32) gives every weight a new storage, which the allocator often puts
+    # at the old address; the cached copy must not be taken for the new weights' one.
+    idx = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(2))
+    for seed in range(8):               # the address is reused for some seeds, not all
+        model = _small_model(seed=seed)
+        _packed_logits(model, idx)
+        model.to(torch.bfloat16).to(torch.float32)
+        with torch.no_grad():
+            expected = model(idx)
+        torch.testing.assert_close(_packed_logits(model, idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_packing
+def test_a_paused_generator_leaves_the_model_its_own_weights():
+    # Code that runs while generate_tokens waits at a yield (here: a training step and a
+    # load_state_dict) must see the real weights, not the packed copies.
+    model = _small_model()
+    idx = torch.randint(0, 211, (1, 5), generator=torch.Generator().manual_seed(4))
+    stream = generate_tokens(model, idx, 20)
+    next(stream)                                        # suspended inside the packed block
+    model.train()
+    model(idx).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    other = _small_model(seed=9)
+    model.load_state_dict(other.state_dict())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), other(idx), atol=1e-6, rtol=1e-6)
+    assert len(list(stream)) == 19                      # and the stream still finishes
+    assert all(m.packed is None for m in model.modules() if isinstance(m, model_lib.Linear))
+
+
+def test_sampling_arguments_are_checked():
+    import numpy as np
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample_next_token(logits, 1.0, top_k=np.int64(1)).tolist() == [[1]]
+    for bad in (float("nan"), float("inf"), 1e-45, -0.5):
+        with pytest.raises(ValueError, match="temperature must be 0 .greedy. or a finite"):
+            sample_next_token(logits, bad)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            sample_next_token(logits, 1.0, top_k=bad)
+    model = _small_model()
+    with pytest.raises(ValueError, match="context_size must be a positive int"):
+        generate_text(model, torch.tensor([[1, 2]]), 3, context_size=-5)
+
+
+def test_streamer_prints_an_unfinished_character_at_the_end():
+    tok = get_tokenizer()
+    ids = tok.encode("a\U0001d518")             # 'a' + a 4-byte character, split over tokens
+    cut = ids[:-1]                              # the last token would finish the character
+    out = io.StringIO()
+    streamer = TextStreamer(tok, file=out)
+    for i in cut:
+        streamer(torch.tensor([[i]]))
+    streamer.finish()
+    assert out.getvalue() == token_ids_to_text(torch.tensor(cut), tok)
+    assert out.getvalue().endswith("\ufffd")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "-3"], "--top-k must be a positive int"),
+    (["--temperature", "nan"], "--temperature must be 0"),
+    (["--top-p", "1.5"], "--top-p must be in"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_generate_cli_refuses_bad_arguments_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--weights", "does-not-matter.pth", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_cli_says_what_is_wrong_with_the_weights(tmp_path, capsys):
+    for weights, message in ((tmp_path, "is a folder, not a .pth checkpoint"),
+                             (tmp_path / "nope.pth", "not found; train one")):
+        with pytest.raises(SystemExit) as e:
+            main(["--weights", str(weights)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -230,3 +230,49 @@ def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast
     assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_tying_config_does_not_drop_a_different_head(tmp_path, tiny_cfg):
+    untied = GPTModel({**tiny_cfg, "tie_embeddings": False})
+    torch.save(untied.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="output head different from its token embedding"):
+        load_checkpoint(tmp_path / "bare.pth", cfg={**tiny_cfg, "tie_embeddings": True})
+    loaded = load_checkpoint(tmp_path / "bare.pth", cfg={**tiny_cfg, "tie_embeddings": False})
+    torch.testing.assert_close(loaded.out_head.weight, untied.out_head.weight)
+    tied = GPTModel({**tiny_cfg, "tie_embeddings": True})
+    save_checkpoint(tmp_path / "tied.pth", tied)
+    assert load_checkpoint(tmp_path / "tied.pth").out_head.weight is not None
+
+
+def test_a_full_cache_names_its_max_len(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    cache = model.new_cache(1, max_len=10)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match=r"KV cache holds 10 positions .its max_len., and "
+                                             r"8 are filled: 3 more do not fit"):
+            model(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+def test_written_files_get_the_umask_mode_and_leftovers_of_dead_processes_go(tmp_path):
+    import subprocess
+    import sys
+
+    from model import _temp_prefix, atomic_write
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644          # not mkstemp's private 0600
+    # a temp file of a process that has ended (as after kill -9) is removed by the next
+    # write; one of a live process (this one's parent, say) stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{_temp_prefix(path, dead)}.abcd1234.tmp"
+    live = tmp_path / f"{_temp_prefix(path, os.getppid())}.abcd1234.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    atomic_write(path, lambda f: f.write(b"y"))
+    assert path.read_bytes() == b"y"
+    assert not stale.exists() and live.exists()
