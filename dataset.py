@@ -82,13 +82,8 @@ def _missing_file_error(path):
         f"(any plain text: a book from Project Gutenberg, your notes, source code)")
 
 
-def read_text(path):
-    """The text of a UTF-8 file, exactly as stored, with errors that say how to fix the file.
-
-    Newlines are kept as they are (``\\r\\n`` stays ``\\r\\n``): we decode the bytes
-    ourselves instead of using text mode, so that splitting a file and joining the parts
-    gives back the same bytes. A UTF-8 byte-order mark, if present, stays part of the text.
-    """
+def _read_utf8(path):
+    """``(bytes, text)`` of a UTF-8 file; see read_text."""
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path)
@@ -96,9 +91,27 @@ def read_text(path):
     if not data:
         raise ValueError(f"{path} is empty: put some text in it")
     try:
-        return data.decode("utf-8")
+        return data, data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _utf8_error(path, 0, e) from None
+
+
+def read_text(path):
+    """The text of a UTF-8 file, exactly as stored, with errors that say how to fix the file.
+
+    Newlines are kept as they are (``\\r\\n`` stays ``\\r\\n``): we decode the bytes
+    ourselves instead of using text mode, so that splitting a file and joining the parts
+    gives back the same bytes. A UTF-8 byte-order mark, if present, stays part of the text.
+    """
+    return _read_utf8(path)[1]
+
+
+def _read_json(path):
+    """The JSON in ``path``, or None when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _atomic_write(path, data):
@@ -127,10 +140,38 @@ def _line_end_at_or_after(text, pos):
 SPLIT_NAMES = ("train.txt", "valid.txt", "test.txt")
 
 
+SPLIT_STAMP_NAME = ".split_source.json"    # which text the split files were cut from
+
+
 def split_paths(file_path):
     """``train.txt``, ``valid.txt``, ``test.txt`` beside ``file_path``: where the split goes."""
     folder = Path(file_path).parent
     return tuple(folder / name for name in SPLIT_NAMES)
+
+
+def split_stamp_path(file_path):
+    """``.split_source.json`` beside ``file_path``: the input that the split files there came
+    from (its name, size, mtime, ctime and sha256), written by split_train_val_test."""
+    return Path(file_path).parent / SPLIT_STAMP_NAME
+
+
+def _check_not_own_split(file_path):
+    """Refuse an input that is one of its own split files: splitting would overwrite it."""
+    file_path = Path(file_path)
+    target = file_path.resolve()
+    # resolve() on both sides: a symlink (or "..") must not hide that they are the same file
+    if any(p.resolve() == target for p in split_paths(file_path)):
+        # a name the suggested `mv` cannot clobber
+        other, n = file_path.parent / "input.txt", 2
+        while other.exists():
+            other, n = file_path.parent / f"input{n}.txt", n + 1
+        raise ValueError(
+            f"{file_path} is one of its own split files: splitting writes "
+            f"{' / '.join(SPLIT_NAMES)} beside it and would overwrite it. Give the text "
+            f"another name (e.g. `mv {file_path} {other}`) and pass that (--data {other}). "
+            f"If these files already are your split, pass a path beside them that does not "
+            f"exist instead (e.g. --data {other}): split files with no input are used as they "
+            f"are; or turn splitting off (auto_split=False, AUTO_SPLIT in the notebook)")
 
 
 def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=False):
@@ -143,7 +184,9 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
     leak training text into the validation set and make its loss look better than it is.
 
     Returns the three paths. Raises FileExistsError rather than silently replacing splits you
-    may have edited by hand; pass ``overwrite=True`` to replace them.
+    may have edited by hand; pass ``overwrite=True`` to replace them. Also writes
+    ``.split_source.json`` beside them (split_stamp_path), which prepare_splits reads to
+    tell whether the input changed since.
     """
     for name, value in (("train_ratio", train_ratio), ("val_ratio", val_ratio)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -154,6 +197,8 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
             f"{train_ratio} + {val_ratio} = {train_ratio + val_ratio:g}; e.g. use 0.85 and 0.10")
 
     file_path = Path(file_path)
+    # Before the FileExistsError below: its advice (overwrite=True) would destroy the input.
+    _check_not_own_split(file_path)
     paths = split_paths(file_path)
     if not overwrite:
         for p in paths:
@@ -161,7 +206,13 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
                 raise FileExistsError(
                     f"{p} already exists; pass overwrite=True to replace it (or delete it)")
 
-    text = read_text(file_path)
+    # stat before reading: if the file changes while we read, the stamp then describes the
+    # older version, which the next prepare_splits sees as changed (a needless re-split,
+    # never a stale one).
+    if not file_path.is_file():
+        raise _missing_file_error(file_path)
+    st = file_path.stat()
+    data, text = _read_utf8(file_path)
     n = len(text)
     # max(..., 1) and cut1 + 1: each part must get at least one character before rounding up
     # to a line end; if a part still ends up empty the text has too few lines.
@@ -170,15 +221,28 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
     parts = (text[:cut1], text[cut1:cut2], text[cut2:])
     for name, part in zip(SPLIT_NAMES, parts):
         if not part:
+            hint = "Add more text (more lines)."
+            if "\r" in text and "\n" not in text:
+                # Classic Mac OS files end lines with "\r" alone: we only cut at "\n", so
+                # the whole file is one line however long it is.
+                hint = (f"Its line endings are CR only (\\r, old Mac style), so it reads as "
+                        f"one line: convert them to \\n, e.g. `tr '\\r' '\\n' < "
+                        f"{file_path.name} > fixed.txt && mv fixed.txt {file_path.name}`.")
             raise ValueError(
                 f"{file_path} is too short to split: it has {_count_lines(text)} line(s) and "
                 f"{n} characters, and cutting only at line ends with ratios {train_ratio:g}/"
-                f"{val_ratio:g}/{1 - train_ratio - val_ratio:g} leaves {name} empty. "
-                f"Add more text (more lines).")
+                f"{val_ratio:g}/{1 - train_ratio - val_ratio:g} leaves {name} empty. {hint}")
 
+    # Drop the old stamp first and write the new one last: a crash in between leaves split
+    # files with no stamp (judged by their mtimes), never a stamp vouching for other splits.
+    stamp_path = split_stamp_path(file_path)
+    stamp_path.unlink(missing_ok=True)
     for p, part in zip(paths, parts):
         _atomic_write(p, part)
         print(f"{p}: {len(part):,} characters, {_count_lines(part):,} lines")
+    stamp = {"input": file_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "ctime_ns": st.st_ctime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+    _atomic_write(stamp_path, json.dumps(stamp, indent=1))
     return paths
 
 
@@ -213,45 +277,91 @@ def ensure_input_file(path="data/input.txt"):
     return path
 
 
+def _why_splits_are_stale(input_path, split_files):
+    """None when the existing ``split_files`` still belong to ``input_path``, else why not.
+
+    The stamp split_train_val_test leaves beside them decides when it names this input:
+    same size and same mtime and ctime means unchanged (quick, like the token cache);
+    otherwise the sha256 decides. mtimes alone cannot: ``mv``, ``cp -p`` and ``rsync -t``
+    keep a file's old mtime, so a replaced input can look older than its stale splits.
+    ctime cannot be set back (``os.utime`` sets it to now), which catches a same-size
+    rewrite whose mtime was restored.
+    """
+    st = input_path.stat()
+    stamp_path = split_stamp_path(input_path)
+    stamp = _read_json(stamp_path)
+    if isinstance(stamp, dict) and "input" in stamp:
+        if stamp["input"] != input_path.name:
+            return f"the split files were made from {stamp['input']}, not {input_path.name}"
+        if stamp.get("size") == st.st_size:
+            if (stamp.get("mtime_ns"), stamp.get("ctime_ns")) == (st.st_mtime_ns,
+                                                                  st.st_ctime_ns):
+                return None
+            if _file_sha256(input_path) == stamp.get("sha256"):
+                # Same text, new timestamps (touch, copy, checkout): record them so the
+                # next call is quick again.
+                try:
+                    _atomic_write(stamp_path, json.dumps(
+                        {**stamp, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns},
+                        indent=1))
+                except OSError:
+                    pass        # read-only folder: the splits are still right
+                return None
+        return f"{input_path} changed since it was split"
+    # No stamp: split files you made yourself, or by a version that wrote none. Strictly
+    # newer: split files written right after the input may share its timestamp on file
+    # systems with coarse clocks, and that must not count as "changed".
+    if st.st_mtime_ns > min(p.stat().st_mtime_ns for p in split_files):
+        return f"{input_path} is newer than its split files"
+    return None
+
+
 def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_corpus=True):
     """Return ``(train_path, valid_path, test_path)``, creating what is missing.
 
-    1. No input file, ``use_default_corpus`` and ``auto_split``: write the default corpus.
-    2. Split files missing, or the input is newer than one of them (you replaced the text):
-       split again when ``auto_split``; otherwise ask for the split files.
-    Split files you made yourself are used as they are when they are newer than the input
-    (or there is no input); ``test.txt`` may be absent then, training only needs the other two.
+    1. No input file and no split files, ``use_default_corpus`` and ``auto_split``: write
+       the default corpus.
+    2. Split files missing, or the input changed since it was split: split again when
+       ``auto_split``; otherwise ask for the split files (or, when only stale, say so and
+       use them). "Changed" is decided by ``.split_source.json``, which
+       split_train_val_test writes beside the splits: the input's name, size, mtime, ctime
+       and sha256. Splits made from another file count as changed; so does this file with a
+       new size or a new sha256, even when ``mv`` or ``cp -p`` gave it an older mtime.
+    Split files without that stamp (you made them yourself) are used as they are when they
+    are newer than the input (or there is no input); ``test.txt`` may be absent then,
+    training only needs the other two.
     """
     input_path = Path(input_path)
+    if auto_split:
+        _check_not_own_split(input_path)
     paths = split_paths(input_path)
     train_path, valid_path, _ = paths
-    # Only auto_split reads the input, so only then is the default corpus worth writing.
-    if not input_path.exists() and use_default_corpus and auto_split:
+    have_splits = train_path.exists() and valid_path.exists()
+    # Only auto_split reads the input, so only then is the default corpus worth writing;
+    # and not over split files of your own: the new corpus would be newer, and replace them.
+    if not input_path.exists() and use_default_corpus and auto_split and not have_splits:
         ensure_input_file(input_path)
 
-    have_splits = train_path.exists() and valid_path.exists()
-    existing = [p for p in paths if p.exists()]
-    # Strictly newer: split files written right after the input may share its timestamp on
-    # file systems with coarse clocks, and that must not count as "changed".
-    stale = (have_splits and input_path.exists()
-             and input_path.stat().st_mtime_ns > min(p.stat().st_mtime_ns for p in existing))
+    why_stale = None
+    if have_splits and input_path.exists():
+        why_stale = _why_splits_are_stale(input_path, [p for p in paths if p.exists()])
     if not auto_split:
         if not have_splits:
             raise FileNotFoundError(
                 f"{train_path} and {valid_path} are needed and AUTO_SPLIT is off: set "
                 f"AUTO_SPLIT=True (auto_split=True) to split {input_path} automatically, or "
                 f"create train.txt and valid.txt in {train_path.parent} yourself")
-        if stale:
-            print(f"note: {input_path} is newer than its split files; using them as they are "
-                  f"because AUTO_SPLIT is off")
+        if why_stale:
+            print(f"note: {why_stale}; using the split files as they are because AUTO_SPLIT "
+                  f"is off")
         return paths
     if not have_splits:
         if not input_path.exists():
             raise _missing_file_error(input_path)
         # Half a split set is not worth keeping: write all three afresh.
         split_train_val_test(input_path, overwrite=True)
-    elif stale:
-        print(f"{input_path} changed since it was split: re-splitting")
+    elif why_stale:
+        print(f"{why_stale}: re-splitting")
         split_train_val_test(input_path, overwrite=True)
     return paths
 
@@ -388,13 +498,6 @@ def _file_sha256(path):
     return h.hexdigest()
 
 
-def _read_cache_meta(meta_path):
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None         # missing or half-written: treat as no cache
-
-
 def _tokenizer_id(tokenizer):
     return {"tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
             "n_vocab": getattr(tokenizer, "n_vocab", None)}
@@ -403,9 +506,12 @@ def _tokenizer_id(tokenizer):
 def _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
     """Whether the cached ids still belong to ``path``'s current text.
 
-    Size and mtime decide quickly, as ``make`` does. When only the mtime differs (``touch``,
-    a fresh ``git checkout``, a copy) we hash the text: unchanged text keeps its cache, and
-    the new mtime is recorded so the next call is quick again.
+    Size, mtime and ctime decide quickly, much as ``make`` does. When only the timestamps
+    differ (``touch``, a fresh ``git checkout``, a copy) we hash the text: unchanged text
+    keeps its cache, and the new timestamps are recorded so the next call is quick again.
+    The ctime matters because the mtime can be set back (``os.utime``, ``cp -p``,
+    ``rsync -t``) after a same-size rewrite; the ctime cannot, any change sets it to now.
+    Caches from before ctime was recorded have none, so they are hashed once, not rebuilt.
     """
     if not isinstance(meta, dict) or meta.get("format") != _TOKEN_CACHE_FORMAT:
         return False
@@ -416,12 +522,14 @@ def _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
         return False
     if u16_path.stat().st_size != 2 * n_tokens or meta.get("source_size") != stat.st_size:
         return False
-    if meta.get("source_mtime_ns") == stat.st_mtime_ns:
+    if (meta.get("source_mtime_ns"), meta.get("source_ctime_ns")) == (stat.st_mtime_ns,
+                                                                       stat.st_ctime_ns):
         return True
     if _file_sha256(path) != meta.get("source_sha256"):
         return False
     try:
-        _atomic_write(meta_path, json.dumps({**meta, "source_mtime_ns": stat.st_mtime_ns}))
+        _atomic_write(meta_path, json.dumps({**meta, "source_mtime_ns": stat.st_mtime_ns,
+                                             "source_ctime_ns": stat.st_ctime_ns}, indent=1))
     except OSError:
         pass                # read-only folder: the cache is still right, just slower to check
     return True
@@ -432,7 +540,8 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
 
     Tokenizing a few hundred MB can take minutes, so with ``cache=True`` the ids are written
     beside the text as ``<file>.tokens.u16`` (2 bytes per token: GPT-2's 50257 ids fit in
-    16 bits) plus ``<file>.tokens.json`` (the text's size, mtime, sha256, token count), and
+    16 bits) plus ``<file>.tokens.json`` (the text's size, mtime, ctime, sha256, token
+    count), and
     the next call opens them as an ``np.memmap`` instead: nothing is read into RAM until a
     window asks for it. The cache is rebuilt when the text changes. If the folder is
     read-only, the ids are kept in memory instead. ``<|endoftext|>`` in the file (the usual
@@ -460,7 +569,7 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
         return in_memory()
 
     u16_path, meta_path = token_cache_paths(path)
-    meta = _read_cache_meta(meta_path)
+    meta = _read_json(meta_path)          # None (no cache) if missing or unreadable
     if _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
         n_tokens = meta["n_tokens"]
         print(f"{path}: {n_tokens:,} tokens from the cache {u16_path.name}")
@@ -488,7 +597,8 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
     n_tokens, sha256 = encoded["n_tokens"], encoded["sha256"]
     meta = {"format": _TOKEN_CACHE_FORMAT, **_tokenizer_id(tokenizer), "dtype": "uint16",
             "n_tokens": n_tokens, "source_size": stat.st_size,
-            "source_mtime_ns": stat.st_mtime_ns, "source_sha256": sha256}
+            "source_mtime_ns": stat.st_mtime_ns, "source_ctime_ns": stat.st_ctime_ns,
+            "source_sha256": sha256}
     _atomic_write(meta_path, json.dumps(meta, indent=1))
     if n_tokens == 0:       # np.memmap cannot map an empty file
         return np.zeros(0, dtype=np.uint16)
@@ -540,19 +650,22 @@ class GPTDataset(Dataset):
     asked for. Keeping an int64 input and target tensor per window instead costs
     ``16 * max_length / stride`` bytes per token: 32 at ``stride = max_length / 2``, so about
     8 GB instead of 0.5 GB for a 1 GB text (~250M tokens).
+
+    ``name`` (say, the file's path) only goes into error messages, so that "valid.txt has
+    126 tokens" tells you which of several texts is too short.
     """
 
-    def __init__(self, txt, tokenizer, max_length, stride):
-        for name, value in (("max_length", max_length), ("stride", stride)):
+    def __init__(self, txt, tokenizer, max_length, stride, *, name=None):
+        for arg, value in (("max_length", max_length), ("stride", stride)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self.tokens = _as_token_array(txt, tokenizer)                  # (n_tokens,) uint16
         self.max_length, self.stride = int(max_length), int(stride)
         n = len(self.tokens)
         if n < self.max_length + 1:
             raise ValueError(
-                f"text has {n} tokens; need at least max_length+1={self.max_length + 1}. "
-                f"Add text or lower context_length (max_length).")
+                f"{name or 'text'} has {n} tokens; need at least max_length+1="
+                f"{self.max_length + 1}. Add text or lower context_length (max_length).")
         # start + max_length < n: the target (shifted by one) must still fit in the tokens
         starts = np.arange(0, n - self.max_length, self.stride, dtype=np.int64)
         last = n - 1 - self.max_length              # the window whose target ends at the end
@@ -571,21 +684,24 @@ class GPTDataset(Dataset):
 
 
 def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
-                      drop_last=True, num_workers=0, tokenizer=None, generator=None):
+                      drop_last=True, num_workers=0, tokenizer=None, generator=None, *,
+                      name=None):
     """A DataLoader of ``(input_ids, target_ids)`` batches, each ``(batch_size, max_length)``.
 
     ``txt`` is the text (tokenized with ``tokenizer``, default GPT-2's) or its token ids (from
     ``load_tokens``, a tensor or a list). ``drop_last=True`` skips a smaller final batch so
     every step sees the same batch shape. Pass a seeded ``torch.Generator`` as ``generator``
-    to make the shuffle order repeatable.
+    to make the shuffle order repeatable. ``name`` (what the text is, e.g. its path) is used
+    only in error messages.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dataset = GPTDataset(txt, tokenizer, max_length, stride)
+    dataset = GPTDataset(txt, tokenizer, max_length, stride, name=name)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
-            f"the text gives {len(dataset)} windows (max_length={max_length}, stride={stride}), "
-            f"fewer windows than batch_size={batch_size}, so drop_last=True leaves no batches. "
-            f"Lower batch_size, add text, lower stride, or pass drop_last=False.")
+            f"{name or 'the text'} gives {len(dataset)} windows (max_length={max_length}, "
+            f"stride={stride}), fewer windows than batch_size={batch_size}, so "
+            f"drop_last=True leaves no batches. Lower batch_size, add text, lower stride, or "
+            f"pass drop_last=False.")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, generator=generator)

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ from dataset import (  # noqa: E402
     load_tokens,
     prepare_splits,
     read_text,
+    split_paths,
+    split_stamp_path,
     split_train_val_test,
 )
 
@@ -64,6 +66,19 @@ class CountingTokenizer:
 
 def with_eot(tok, text):
     return tok.encode(text, allowed_special={"<|endoftext|>"})
+
+
+def set_mtime_keep_new_ctime(path, mtime_ns, old_ctime_ns):
+    """Set ``path``'s mtime back (as ``cp -p``, ``rsync -t`` or ``touch -d`` do) and make sure
+    its ctime differs from ``old_ctime_ns``: utime sets the ctime to now, but on a coarse
+    clock "now" can still be the old tick, so wait for the next one."""
+    deadline = time.monotonic() + 3
+    while True:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        if path.stat().st_ctime_ns != old_ctime_ns:
+            return
+        assert time.monotonic() < deadline, "the file system's ctime does not move"
+        time.sleep(0.005)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -233,6 +248,7 @@ def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     assert meta["n_tokens"] == len(first)
     assert meta["source_size"] == p.stat().st_size
     assert meta["source_mtime_ns"] == p.stat().st_mtime_ns
+    assert meta["source_ctime_ns"] == p.stat().st_ctime_ns
     assert len(meta["source_sha256"]) == 64
     stamp = u16.stat().st_mtime_ns
 
@@ -270,14 +286,51 @@ def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, caps
     assert not isinstance(got, np.memmap)
     assert not list(tmp_path.glob("*.tokens.*"))
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def read_only(path, write):
+        # what model.atomic_write raises when the folder refuses its temp file: before it
+        # calls write(), so nothing was tokenized yet
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)     # what model.atomic_write calls
+    monkeypatch.setattr(dataset, "atomic_write", read_only)
     got = load_tokens(p, tok, cache=True)
     assert got.tolist() == with_eot(tok, p.read_text())
     assert "keeping the tokens in memory" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tokens.*"))
+
+
+def test_token_cache_same_size_rewrite_with_restored_mtime(tmp_path, tok):
+    # cp -p / rsync -t / os.utime put the old mtime back on new text of the same size; the
+    # ctime, which nothing can set back, must send it to the hash.
+    p = tmp_path / "train.txt"
+    p.write_text("fox\n" * 10)
+    load_tokens(p, tok)
+    st = p.stat()
+    p.write_text("cat\n" * 10)
+    set_mtime_keep_new_ctime(p, st.st_mtime_ns, st.st_ctime_ns)
+    assert (p.stat().st_size, p.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert load_tokens(p, tok).tolist() == with_eot(tok, "cat\n" * 10)
+
+
+def test_token_cache_without_ctime_is_hashed_once_not_rebuilt(tmp_path, tok, monkeypatch):
+    # A cache written before ctime was recorded: trusted after one matching hash, and the
+    # ctime is recorded then, so later calls are quick again.
+    p = tmp_path / "train.txt"
+    p.write_text("An older cache.\n" * 30)
+    first = load_tokens(p, tok)
+    _, meta_path = dataset.token_cache_paths(p)
+    meta = json.loads(meta_path.read_text())
+    del meta["source_ctime_ns"]
+    meta_path.write_text(json.dumps(meta))
+    hashed = []
+    real_sha256 = dataset._file_sha256
+    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+                        real_sha256(path))
+    spy = CountingTokenizer(tok)
+    assert np.array_equal(load_tokens(p, spy), first)
+    assert spy.calls == 0 and len(hashed) == 1           # not rebuilt, hashed once
+    assert json.loads(meta_path.read_text())["source_ctime_ns"] == p.stat().st_ctime_ns
+    assert np.array_equal(load_tokens(p, spy), first)
+    assert spy.calls == 0 and len(hashed) == 1           # quick again
 
 
 # --- reading and splitting ---------------------------------------------------------------------
@@ -365,6 +418,71 @@ def test_split_input_errors(tmp_path):
     assert not (tmp_path / "train.txt").exists()
 
 
+def test_split_writes_stamp_last_and_drops_the_old_one_first(tmp_path, monkeypatch):
+    src = write_bytes(tmp_path / "input.txt", make_lines().encode())
+    split_train_val_test(src)
+    stamp_path = split_stamp_path(src)
+    assert stamp_path == tmp_path / ".split_source.json"
+    stamp = json.loads(stamp_path.read_text())
+    st = src.stat()
+    assert stamp == {"input": "input.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                     "ctime_ns": st.st_ctime_ns, "sha256": dataset._file_sha256(src)}
+
+    # A crash after train.txt is rewritten: no stamp may vouch for the mixed split files.
+    src.write_text(make_lines(seed=2))
+    real_write = dataset._atomic_write
+
+    def crash_on_valid(path, data):
+        if Path(path).name == "valid.txt":
+            raise KeyboardInterrupt
+        return real_write(path, data)
+
+    monkeypatch.setattr(dataset, "_atomic_write", crash_on_valid)
+    with pytest.raises(KeyboardInterrupt):
+        split_train_val_test(src, overwrite=True)
+    assert not stamp_path.exists()
+
+
+@pytest.mark.parametrize("name", ["train.txt", "valid.txt", "test.txt"])
+def test_input_that_is_its_own_split_file_is_refused(tmp_path, name):
+    # --data data/valid.txt: splitting would overwrite the input (it shrank on every run)
+    text = make_lines()
+    src = write_bytes(tmp_path / name, text.encode())
+    for split in (lambda: split_train_val_test(src),
+                  lambda: split_train_val_test(src, overwrite=True),
+                  lambda: prepare_splits(src, use_default_corpus=False)):
+        with pytest.raises(ValueError, match=rf"{name} is one of its own split files.*"
+                                             r"Give the text another name.*input\.txt"):
+            split()
+    assert src.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_input_linked_to_a_split_file_is_refused(tmp_path):
+    text = make_lines()
+    write_bytes(tmp_path / "train.txt", text.encode())
+    link = tmp_path / "input.txt"
+    try:
+        link.symlink_to("train.txt")
+    except OSError:
+        pytest.skip("no symlinks here")
+    with pytest.raises(ValueError, match="one of its own split files"):
+        prepare_splits(link)
+    assert (tmp_path / "train.txt").read_text() == text
+
+
+def test_split_cr_only_line_endings_say_how_to_convert(tmp_path):
+    src = write_bytes(tmp_path / "mac.txt", b"".join(b"line %d of my book\r" % i
+                                                     for i in range(500)))
+    with pytest.raises(ValueError, match=r"too short to split: it has 1 line.*line endings are "
+                                         r"CR only.*tr '\\r' '\\n' < mac\.txt > fixed\.txt && "
+                                         r"mv fixed\.txt mac\.txt`"):
+        split_train_val_test(src)
+    # a short file with ordinary line ends gets the ordinary advice
+    with pytest.raises(ValueError, match=r"Add more text \(more lines\)\.$"):
+        split_train_val_test(write_bytes(tmp_path / "crlf.txt", b"one\r\ntwo\r\n"))
+
+
 # --- default corpus and prepare_splits ---------------------------------------------------------
 
 def test_default_corpus_text():
@@ -422,6 +540,120 @@ def test_prepare_splits_without_auto_split_or_corpus(tmp_path):
     assert not inp.exists()
 
 
+def split_text(train):
+    return "".join(p.read_text(encoding="utf-8") for p in split_paths(train) if p.exists())
+
+
+def lines_of(word, n=300):
+    return "".join(f"{word} line {i}\n" for i in range(n))
+
+
+def test_prepare_splits_input_replaced_by_an_older_file(tmp_path, capsys):
+    # The main flow: the first run splits the default corpus (here: book A), then you
+    # `mv ~/Downloads/book.txt data/input.txt`; mv keeps the book's older mtime.
+    book = tmp_path / "book.txt"
+    book.write_text(lines_of("book B"))
+    inp = tmp_path / "data" / "input.txt"
+    inp.parent.mkdir()
+    inp.write_text(lines_of("book A"))
+    train, _, _ = prepare_splits(inp)
+    old = train.stat().st_mtime_ns - 10**10
+    os.utime(book, ns=(old, old))                         # downloaded before the first run
+    os.replace(book, inp)
+    capsys.readouterr()
+    prepare_splits(inp)
+    assert "changed since it was split: re-splitting" in capsys.readouterr().out
+    assert split_text(train) == lines_of("book B")
+
+
+def test_prepare_splits_same_size_rewrite_with_restored_mtime(tmp_path):
+    inp = tmp_path / "input.txt"
+    inp.write_text(lines_of("fox"))
+    train, _, _ = prepare_splits(inp)
+    st = inp.stat()
+    inp.write_text(lines_of("cat"))                       # same size, other text
+    set_mtime_keep_new_ctime(inp, st.st_mtime_ns, st.st_ctime_ns)
+    prepare_splits(inp)
+    assert split_text(train) == lines_of("cat")
+
+
+def test_prepare_splits_touched_input_is_hashed_not_resplit(tmp_path, monkeypatch, capsys):
+    inp = tmp_path / "input.txt"
+    inp.write_text(lines_of("same"))
+    train, _, _ = prepare_splits(inp)
+    written = train.stat().st_mtime_ns
+    later = written + 10**10
+    os.utime(inp, ns=(later, later))                      # newer mtime, same text
+    hashed = []
+    real_sha256 = dataset._file_sha256
+    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+                        real_sha256(path))
+    capsys.readouterr()
+    prepare_splits(inp)
+    assert "re-splitting" not in capsys.readouterr().out
+    assert train.stat().st_mtime_ns == written and len(hashed) == 1
+    stamp = json.loads(split_stamp_path(inp).read_text())
+    assert (stamp["mtime_ns"], stamp["ctime_ns"]) == (later, inp.stat().st_ctime_ns)
+    prepare_splits(inp)                                   # the new timestamps are recorded
+    assert len(hashed) == 1
+
+
+def test_prepare_splits_made_from_another_input(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    b.write_text(lines_of("bbb"))
+    a.write_text(lines_of("aaa"))
+    train, _, _ = prepare_splits(a)
+    old = train.stat().st_mtime_ns - 10**10
+    os.utime(b, ns=(old, old))                            # b.txt is older than the splits
+    capsys.readouterr()
+    prepare_splits(b)
+    assert "made from a.txt, not b.txt: re-splitting" in capsys.readouterr().out
+    assert split_text(train) == lines_of("bbb")
+
+
+def test_prepare_splits_without_stamp_goes_by_mtimes(tmp_path):
+    # Split files with no stamp (yours, or from an older version) are used while they are
+    # newer than the input, and replaced once the input is newer.
+    inp = tmp_path / "input.txt"
+    inp.write_text(lines_of("input"))
+    old = time.time_ns() - 10**11
+    os.utime(inp, ns=(old, old))
+    (tmp_path / "train.txt").write_text("my train\n")
+    (tmp_path / "valid.txt").write_text("my valid\n")
+    train, valid, test = prepare_splits(inp)
+    assert train.read_text() == "my train\n" and not test.exists()
+    newer = train.stat().st_mtime_ns + 10**10
+    os.utime(inp, ns=(newer, newer))
+    prepare_splits(inp)
+    assert split_text(train) == lines_of("input")
+
+
+def test_prepare_splits_auto_split_off_notes_a_replaced_input(tmp_path, capsys):
+    inp = tmp_path / "input.txt"
+    inp.write_text(lines_of("first"))
+    train, _, _ = prepare_splits(inp)
+    before = split_text(train)
+    inp.write_text(lines_of("second"))
+    old = train.stat().st_mtime_ns - 10**10
+    os.utime(inp, ns=(old, old))
+    capsys.readouterr()
+    assert prepare_splits(inp, auto_split=False) == split_paths(inp)
+    assert "note: " in capsys.readouterr().out
+    assert split_text(train) == before                   # used as they are
+
+
+def test_prepare_splits_keeps_own_splits_when_input_is_missing(tmp_path):
+    # The default corpus must not be written beside split files of your own: being newer,
+    # it would replace them.
+    inp = tmp_path / "data" / "input.txt"
+    inp.parent.mkdir()
+    (inp.parent / "train.txt").write_text("my train\n")
+    (inp.parent / "valid.txt").write_text("my valid\n")
+    train, valid, _ = prepare_splits(inp)
+    assert (train.read_text(), valid.read_text()) == ("my train\n", "my valid\n")
+    assert not inp.exists()
+
+
 # --- DataLoader --------------------------------------------------------------------------------
 
 def test_create_dataloader_batches(tok):
@@ -453,6 +685,19 @@ def test_create_dataloader_too_few_windows():
     loader = create_dataloader(np.arange(12), batch_size=4, max_length=8, stride=8,
                                drop_last=False)
     assert [x.shape[0] for x, _ in loader] == [2]
+
+
+def test_errors_name_the_text():
+    # Which of train.txt / valid.txt is too short: the caller passes name=
+    with pytest.raises(ValueError, match=r"^data/valid\.txt has 4 tokens; need at least "
+                                         r"max_length\+1=5\."):
+        GPTDataset([1, 2, 3, 4], None, max_length=4, stride=1, name="data/valid.txt")
+    with pytest.raises(ValueError, match=r"^data/valid\.txt has 5 tokens"):
+        create_dataloader(np.arange(5), max_length=8, name="data/valid.txt")
+    with pytest.raises(ValueError, match=r"^data/valid\.txt gives 2 windows .*fewer windows "
+                                         r"than batch_size=4"):
+        create_dataloader(np.arange(12), batch_size=4, max_length=8, stride=8,
+                          name=Path("data/valid.txt"))
 
 
 def test_token_cache_interrupted_write_leaves_no_stale_description(tmp_path, tok, monkeypatch):
