@@ -14,6 +14,7 @@ imported there, so importing this module (for ``download_file``) stays cheap.
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -49,6 +50,10 @@ class _TransientError(Exception):
     """Internal: this attempt failed in a way that another attempt may fix."""
 
 
+class _StartAgain(Exception):
+    """Internal: the .part file was unusable and has been removed; download from zero."""
+
+
 # ---------------------------------------------------------------------------------------
 # Downloading
 
@@ -67,9 +72,9 @@ def _content_range(header):
 def _download_attempt(url, part, desc, timeout, chunk_size):
     """One HTTP request that appends to (or restarts) ``part``.
 
-    Returns True when ``part`` now holds the whole file, False when the attempt should be
-    repeated at once (the partial file was unusable and has been removed). Raises
-    _TransientError for failures worth retrying after a pause.
+    Returns when ``part`` holds the whole file. Raises _StartAgain when the partial file
+    was unusable and has been removed, _TransientError for failures worth retrying after
+    a pause, and DownloadError or FileNotFoundError for ones that retrying cannot fix.
     """
     offset = part.stat().st_size if part.exists() else 0
     # identity: a gzip-encoded answer would be decoded by requests and no longer match
@@ -87,21 +92,31 @@ def _download_attempt(url, part, desc, timeout, chunk_size):
             # previous run died between the last byte and the rename).
             _, total = _content_range(response.headers.get("Content-Range"))
             if offset and total == offset:
-                return True
+                return
             if not offset:
                 raise DownloadError(f"{url} answered 416 to a plain GET; the server is broken")
-            part.unlink()        # longer than the remote file: not ours, start again
-            return False
+            part.unlink()
+            raise _StartAgain("the partial file was longer than the remote file")
         if status >= 500 or status in (408, 429):
             raise _TransientError(f"server answered HTTP {status} {response.reason}")
         if status not in (200, 206):
             raise DownloadError(f"{url} answered HTTP {status} {response.reason}; "
                                 f"check the URL and that you may download it")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # requests would decode the body, so its length no longer matches Content-Length
+            # and a byte range of it means nothing: the file cannot be checked or resumed.
+            raise DownloadError(
+                f"{url} was sent with Content-Encoding: {encoding} although we asked for the "
+                f"plain bytes (Accept-Encoding: identity), so its length cannot be checked. "
+                f"Use a server or mirror (--base-url) that sends the file as it is")
         if status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
-                part.unlink()    # a range we did not ask for: resuming would corrupt the file
-                return False
+                # a range we did not ask for: appending it would corrupt the file
+                part.unlink(missing_ok=True)
+                raise _StartAgain(f"the server sent bytes from {start} when asked for "
+                                  f"bytes from {offset}")
             mode = "ab"
         else:
             # 200: the whole file. Either we asked for all of it, or the server ignores
@@ -122,8 +137,7 @@ def _download_attempt(url, part, desc, timeout, chunk_size):
         raise _TransientError(f"connection closed after {size} of {total} bytes")
     if total is not None and size > total:
         part.unlink()
-        return False
-    return True
+        raise _StartAgain(f"the server sent {size} bytes after announcing {total}")
 
 
 def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
@@ -142,6 +156,11 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
     is already whole. Connection errors, timeouts, 5xx answers and a connection cut
     mid-body are retried: an attempt that got new bytes resumes at once, one that got
     nothing waits ``backoff * 2**k`` seconds first and counts towards ``retries``.
+    An unusable .part (longer than the remote file, answered with a range we did not ask
+    for, or more bytes than announced) is deleted and the file started again; every such
+    start-again also waits and counts towards ``retries``, and is never forgiven by later
+    progress, so a server that keeps doing it cannot loop us forever. A body sent with a
+    Content-Encoding (gzip, ...) is refused at once: its length cannot be checked.
     ``timeout`` is (connect, read) in seconds, so a silent server cannot hang us.
     When a connection is cut, the chunk being read is lost (urllib3 drops a short read),
     so ``chunk_size`` is kept small: a resume repeats at most 64 KiB.
@@ -158,11 +177,21 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
-    failures = 0
+    failures = 0         # failed attempts in a row; progress resets it
+    restarts = 0         # times the .part was thrown away; never reset
     while True:
         size_before = part.stat().st_size if part.exists() else 0
         try:
-            complete = _download_attempt(url, part, destination.name, timeout, chunk_size)
+            _download_attempt(url, part, destination.name, timeout, chunk_size)
+        except _StartAgain as e:
+            restarts += 1
+            if restarts > retries:
+                raise DownloadError(
+                    f"downloading {url} had to start again from zero {restarts} times "
+                    f"(last: {e}); the server does not send the file consistently. Try "
+                    f"again later or use another mirror (--base-url)") from None
+            time.sleep(backoff * 2 ** (restarts - 1))
+            continue
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError, _TransientError) as e:
             if part.exists() and part.stat().st_size > size_before:
@@ -175,9 +204,30 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                     f"file {part} is kept, so running again resumes where it stopped") from e
             time.sleep(backoff * 2 ** (failures - 1))
             continue
-        if complete:
-            os.replace(part, destination)
-            return destination
+        os.replace(part, destination)
+        return destination
+
+
+# ---------------------------------------------------------------------------------------
+# Checking that the config and the weights agree on the number of blocks
+
+HF_BLOCK = re.compile(r"(?:transformer\.)?h\.(\d+)\.")    # HF: "[transformer.]h.{n}."
+TF_BLOCK = re.compile(r"(?:model/)?h(\d+)/")                # OpenAI: "[model/]h{n}/"
+
+
+def check_block_count(names, n_layers, pattern, source, config, fix):
+    """Raise ValueError when the weight ``names`` hold blocks numbered ``n_layers`` or more.
+
+    The converters fetch only the blocks the config asks for, so a config with fewer
+    blocks than the weights (a stale or hand-edited n_layer) would otherwise load a
+    shorter, different model without a word. Fewer blocks than the config is already an
+    error (the missing weight is named). ``config`` names what says n_layer, ``fix`` says
+    what to do.
+    """
+    blocks = [int(m.group(1)) for name in names if (m := pattern.match(name))]
+    if blocks and max(blocks) >= n_layers:
+        raise ValueError(f"{source} holds {max(blocks) + 1} transformer blocks but {config} "
+                         f"says n_layer={n_layers}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,6 +273,9 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
         # IndexError for a short read), so we catch broadly and re-raise one clear error.
         raise ValueError(f"could not open the TensorFlow checkpoint {str(ckpt_path)!r} "
                          f"({type(e).__name__}: {e}). {retry_hint}") from e
+    check_block_count(shapes, settings["n_layer"], TF_BLOCK, repr(str(ckpt_path)), "hparams.json",
+                      "the files do not belong together: delete the folder "
+                      f"{str(ckpt_path.parent)!r} and run again to download them afresh.")
     missing = [f"model/{tf_name}" for _, _, tf_name, _ in rows if f"model/{tf_name}" not in shapes]
     if missing:
         raise ValueError(f"{str(ckpt_path)!r} lacks {len(missing)} GPT-2 variables "
@@ -248,8 +301,14 @@ def load_weights_into_gpt(gpt, params):
     """Copy arrays from ``load_gpt2_params_from_tf_ckpt`` into ``gpt`` in place.
 
     ``params`` is keyed by OpenAI names with or without the ``model/`` scope. Shapes are
-    checked first, with an error naming the parameter. Returns ``gpt``.
+    checked first, with an error naming the parameter, and ``params`` may not hold more
+    blocks than ``gpt`` has. Returns ``gpt``.
     """
+    n_layers = gpt.cfg["n_layers"]
+    check_block_count(params, n_layers, TF_BLOCK, "the TensorFlow checkpoint",
+                      "the model's config", f"build the model with the checkpoint's n_layer "
+                      f"(hparams.json), not n_layers={n_layers}")
+
     def fetch(row):
         name = row[2]
         if name in params:
@@ -314,8 +373,8 @@ def download_and_save_gpt2(model_size, target_dir="model_weights", model_class=G
     included) at ``{target_dir}/gpt2-{size}.pth``; ``model.load_checkpoint`` on it gives a
     ready model. A second call reuses both and downloads nothing; a .pth that does not
     load is converted again. ``delete_tf_files`` removes the four TF checkpoint files
-    after a successful conversion (1558M's are 6 GB); hparams.json and the tokenizer
-    files stay.
+    once the .pth is there and loads (1558M's are 6 GB), also when an earlier call
+    converted it; hparams.json and the tokenizer files stay.
     """
     size = resolve_model_size(model_size)
     target_dir = Path(target_dir)
@@ -325,6 +384,8 @@ def download_and_save_gpt2(model_size, target_dir="model_weights", model_class=G
         error = _load_error(pth)
         if error is None:
             print(f"{pth} is already converted; nothing to download")
+            if delete_tf_files:
+                _delete_tf_files(model_dir)
             return pth
         print(f"{pth} does not load ({error}); converting it again")
 
@@ -351,9 +412,13 @@ def download_and_save_gpt2(model_size, target_dir="model_weights", model_class=G
     del params                      # the arrays are a second full copy of the weights
     save_checkpoint(pth, model)
     if delete_tf_files:
-        for name in TF_CHECKPOINT_FILES:
-            (model_dir / name).unlink(missing_ok=True)
+        _delete_tf_files(model_dir)
     return pth
+
+
+def _delete_tf_files(model_dir):
+    for name in TF_CHECKPOINT_FILES:
+        (model_dir / name).unlink(missing_ok=True)
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@
 
     python download_weights_hf.py --load "gpt2-small (124M)" --save model_weights/gpt2.pth
     python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
+    python download_weights_hf.py --export bare_state_dict.pth --config cfg.json --out my-gpt2-hf
 
 Both directions loop over ``model.gpt2_param_names``, the one table of GPT-2 names; HF
 stores the four linear layers per block as "Conv1D" with (in, out) weights, the layout of
@@ -19,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,11 +29,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dataset import gpt2_bpe_files
+from download_weights import HF_BLOCK, check_block_count, resolve_model_size
 from model import (
+    MODEL_CONFIGS,
     GPTModel,
     gpt2_param_names,
     iter_gpt2_weights,
     load_checkpoint,
+    read_checkpoint,
     resolve_dtype,
     save_checkpoint,
     unwrap_model,
@@ -79,9 +82,14 @@ def load_weights_into_gpt(gpt, gpt_hf):
     Works for ``GPT2Model``, ``GPT2LMHeadModel`` and their state dicts, with or without
     the ``transformer.`` prefix. Shapes are checked first (the error names the parameter).
     An untied ``lm_head.weight`` different from ``wte`` needs ``gpt`` built with
-    tie_embeddings=False. Returns ``gpt``.
+    tie_embeddings=False. The weights may not hold more blocks than ``gpt`` has.
+    Returns ``gpt``.
     """
     state = _hf_state_dict(gpt_hf)
+    n_layers = gpt.cfg["n_layers"]
+    check_block_count(state, n_layers, HF_BLOCK, "the Hugging Face weights",
+                      "the model's config", f"build the model with the weights' n_layer, "
+                      f"not n_layers={n_layers}")
 
     def fetch(row):
         return state[row[1]]                # KeyError names the missing HF key
@@ -136,27 +144,48 @@ def config_from_hf(hf_config, source="config.json"):
         raise ValueError(f"{source} has no {e.args[0]!r}; is it a GPT-2 config.json?") from None
 
 
+def _damaged(path, error, name=None):
+    """The one error for a safetensors file that cannot be opened or read."""
+    what = f"could not read {name!r} from {path}" if name else f"could not open {path}"
+    return ValueError(f"{what} ({error}); the file is truncated or damaged: delete it and "
+                      f"download or save the model again")
+
+
+def _open(path):
+    """``safe_open(path)``, with a clear error for a missing, truncated or foreign file."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, e) from None
+
+
 def _weight_files(folder):
-    """{tensor name: safetensors file} for a single or sharded save_pretrained folder."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is damaged ({e!r}); delete {str(folder)!r} and "
-                             f"download or save the model again") from None
-        return {name: folder / file for name, file in weight_map.items()}
+    """{tensor name: safetensors file} for a single or sharded save_pretrained folder.
+
+    A single model.safetensors wins over an index, as in transformers' from_pretrained.
+    """
     single = folder / "model.safetensors"
-    if not single.is_file():
+    if single.is_file():
+        with _open(single) as f:
+            return dict.fromkeys(f.keys(), single)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
         raise FileNotFoundError(
             f"{str(folder)!r} has no model.safetensors (or model.safetensors.index.json); "
-            f"save the model with transformers' save_pretrained (safetensors is its default)")
+            f"save the model with transformers' save_pretrained (safetensors is its default), "
+            f"or, if an export into it was interrupted, run the export again")
     try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{single} is truncated or not a safetensors file ({e}); delete "
-                         f"{str(folder)!r} and download or save the model again") from None
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is damaged ({e!r}); delete {str(folder)!r} and "
+                         f"download or save the model again") from None
+    files = {name: folder / file for name, file in weight_map.items()}
+    missing = sorted({path.name for path in files.values() if not path.is_file()})
+    if missing:
+        raise FileNotFoundError(
+            f"{str(folder)!r} lacks {len(missing)} of the weight files its {index.name} names: "
+            f"{missing}; the download or copy is incomplete: download or save the model again")
+    return files
 
 
 def _read_tensor(path, name, handle=None):
@@ -169,30 +198,49 @@ def _read_tensor(path, name, handle=None):
     alive, and a short-lived map per tensor keeps the peak near one copy of the weights
     while copying (one handle for the whole copy measured ~2x at 774M).
     """
+    if handle is None:
+        with _open(path) as handle:
+            return _read_tensor(path, name, handle)
     try:
-        if handle is not None:
-            return handle.get_tensor(name)
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+        return handle.get_tensor(name)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"could not read {name!r} from {path} ({e}); the file is truncated "
-                         f"or damaged: delete it and download or save the model again") from None
+        raise _damaged(path, e, name) from None
+
+
+def _size_key(name):
+    """OpenAI's size names as download_weights.py takes them, "gpt2-small (124M)" or
+    "124M" -> the MODEL_CONFIGS key "gpt2-small (124M)"; ValueError for any other name."""
+    size = resolve_model_size(name)
+    return next(key for key in MODEL_CONFIGS if key.endswith(f"({size})"))
+
+
+def _hub_id(name):
+    """One of OpenAI's size names -> its Hub id; any other name is taken as a Hub id."""
+    try:
+        return HF_HUB_IDS[_size_key(name)]
+    except ValueError:
+        return name
 
 
 def _resolve_folder(name_or_path, cache_dir):
-    """A local folder as is; a MODEL_CONFIGS key or Hub id -> a downloaded snapshot folder."""
+    """A local folder as is; one of OpenAI's size names or a Hub id -> a downloaded snapshot."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     name = str(name_or_path)
-    repo_id = HF_HUB_IDS.get(name, name)
-    # A Hub id is "owner/name" (or a bare legacy name like "gpt2"); anything that can only
+    sizes = [key[key.index("(") + 1:-1] for key in HF_HUB_IDS]
+    choices = (f"a folder written by save_pretrained, a Hub id like 'openai-community/gpt2', "
+               f"or one of {list(HF_HUB_IDS)} (or just the size: {sizes})")
+    if path.exists():
+        raise NotADirectoryError(f"{name!r} is a file, not a folder; pass {choices}. "
+                                 f"(A .pth checkpoint loads with model.load_checkpoint.)")
+    no_folder = f"there is no folder {str(path.absolute())!r}"
+    # A Hub id is "owner/name" (or a bare legacy name like "gpt2"); a name that can only
     # be a path is reported as a missing folder instead of being looked up online.
-    if name not in HF_HUB_IDS and (isinstance(name_or_path, os.PathLike) or path.is_absolute()
-                                   or name.startswith(".") or name.count("/") > 1):
-        raise FileNotFoundError(f"{name!r} is not a folder; pass a save_pretrained folder, a "
-                                f"Hub id like 'openai-community/gpt2' or one of "
-                                f"{list(HF_HUB_IDS)}")
+    if (isinstance(name_or_path, os.PathLike) or path.is_absolute() or name.startswith(".")
+            or name.count("/") > 1 or "\\" in name):
+        raise FileNotFoundError(f"{no_folder}; pass {choices}")
+    repo_id = _hub_id(name)
     try:
         import huggingface_hub
     except ImportError:
@@ -202,18 +250,24 @@ def _resolve_folder(name_or_path, cache_dir):
         return Path(huggingface_hub.snapshot_download(
             repo_id, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
     except OSError as e:      # every huggingface_hub error (offline, 404, 401) is an OSError
+        # "model_weights/hf_export" could be a folder that is not there or a Hub id: say both
+        also = f", and {no_folder}" if "/" in name else ""
         raise OSError(f"could not download {repo_id!r} from the Hugging Face Hub "
-                      f"({type(e).__name__}: {e}). Check the name and your internet "
-                      f"connection, or pass a local folder written by save_pretrained "
-                      f"(choices: {list(HF_HUB_IDS)})") from e
+                      f"({type(e).__name__}: {e}){also}. Check the name and your internet "
+                      f"connection; pass {choices}") from e
+    except ValueError as e:   # huggingface_hub's HFValidationError: not a valid Hub id
+        raise ValueError(f"{name!r} is not a folder, a valid Hub id or one of OpenAI's "
+                         f"size names ({e}); pass {choices}") from None
 
 
 def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True, dtype=None):
     """A GPTModel holding Hugging Face GPT-2 weights, in eval mode on ``device``.
 
-    ``name_or_path``: a key of MODEL_CONFIGS (mapped through HF_HUB_IDS), a Hub id such as
+    ``name_or_path``: a key of MODEL_CONFIGS (mapped through HF_HUB_IDS) or its size alone
+    (``"124M"``, as download_weights.py takes it), a Hub id such as
     ``"openai-community/gpt2"``, or a local folder written by ``save_pretrained``. Nothing
-    is downloaded for a local folder.
+    is downloaded for a local folder. The weights must hold exactly config.json's n_layer
+    blocks (a ValueError names both numbers otherwise).
 
     The config comes from config.json, the weights straight from the safetensors file(s),
     one tensor at a time. The model is built on the "meta" device (shapes, no memory) and
@@ -245,6 +299,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
     cfg = config_from_hf(hf_config, source=str(config_path))
 
     files = _weight_files(folder)
+    check_block_count(files, cfg["n_layers"], HF_BLOCK, repr(str(folder)), str(config_path),
+                      "correct n_layer there, or save or download the model again")
     prefix = "transformer." if any(k.startswith("transformer.") for k in files) else ""
     mapped = set()        # storages that are views of the files, not memory of our own
     with contextlib.ExitStack() as open_files:
@@ -255,7 +311,7 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
                 raise KeyError(key)
             path = files[key]
             if mmap and path not in handles:
-                handles[path] = open_files.enter_context(safe_open(path, framework="pt"))
+                handles[path] = open_files.enter_context(_open(path))
             tensor = _read_tensor(path, key, handles.get(path))
             if not mmap:      # what must be copied below
                 mapped.add(tensor.untyped_storage().data_ptr())
@@ -332,8 +388,34 @@ def _export_tensors(model):
     return tensors
 
 
+def _replace_file(path, write):
+    """``write(tmp)`` to a hidden temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    The rename is atomic, so ``path`` is always either the old file or the whole new one.
+    model.atomic_write does the same for a file object; here ``write`` gets a path, as
+    safetensors' save_file needs (writing it to a file object would first build the
+    whole file in memory).
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    _replace_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# What an export writes, in this order: the weights come last (see export_to_hf).
+EXPORT_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.txt",
+                "tokenizer_config.json", "model.safetensors")
+# Weights an earlier export or save_pretrained (single or sharded) left in the folder.
+_OLD_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 
 
 def export_to_hf(model, out_dir):
@@ -343,7 +425,8 @@ def export_to_hf(model, out_dir):
     tokenizer files (vocab.json, merges.txt, tokenizer_config.json), so
     ``GPT2LMHeadModel.from_pretrained(out_dir)`` and
     ``pipeline("text-generation", model=out_dir)`` need no other argument, and give the
-    same logits as ``model``.
+    same logits as ``model`` for a float32 model (a bf16 or fp16 model is written in its
+    own dtype, and transformers' arithmetic in it differs slightly from ours).
 
     A tied head is stored once (tie_word_embeddings=true); an untied one as its own
     lm_head.weight. qkv_bias=False becomes zero c_attn biases. The one thing the format
@@ -351,9 +434,15 @@ def export_to_hf(model, out_dir):
     beside the weights would then produce or expect ids the model does not have, so that
     is a ValueError.
 
-    Files are written into a hidden temporary folder next to ``out_dir`` that is renamed
-    into place only when complete, so a crash never leaves a half-written ``out_dir``.
-    An existing ``out_dir`` is replaced only if it looks like a model folder.
+    ``out_dir`` may already exist, e.g. a ``git clone`` of your Hub model repository: the
+    export replaces only the files named in EXPORT_FILES and removes only earlier
+    safetensors weights (model.safetensors, or the shards model-*-of-*.safetensors and
+    their model.safetensors.index.json); everything else (.git, README.md, ...) stays. A
+    folder that holds some of those file names but no model is refused rather than
+    overwritten. The old weights are removed first, each file is written to a temporary
+    name and renamed into place, and model.safetensors comes last: a crash at any moment
+    leaves a folder without weights, which neither our loader nor transformers accepts,
+    until the export is run again; never old weights beside a new config.
     """
     model = unwrap_model(model)
     if not isinstance(model, GPTModel):
@@ -368,53 +457,94 @@ def export_to_hf(model, out_dir):
         raise ValueError("the model's config says tie_embeddings=True but out_head and tok_emb "
                          "are different Parameters; re-tie them (model.out_head.weight = "
                          "model.tok_emb.weight) or set tie_embeddings=False")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (
-            not any(out_dir.iterdir()) or (out_dir / "config.json").is_file())):
-        raise FileExistsError(f"{str(out_dir)!r} exists and is not a model folder; choose "
-                              f"another --out or remove it")
+    out_dir = Path(out_dir).resolve()          # "." has no name; its absolute path does
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{str(out_dir)!r} is a file; choose another --out")
+        clashes = sorted({path.name for pattern in EXPORT_FILES + _OLD_WEIGHTS
+                          for path in out_dir.glob(pattern)})
+        holds_model = any((out_dir / name).is_file() for name in
+                          ("config.json", "model.safetensors", "model.safetensors.index.json"))
+        if clashes and not holds_model:
+            raise FileExistsError(
+                f"{str(out_dir)!r} is not a model folder but has {clashes}, which the export "
+                f"would overwrite or remove; choose another --out or move them away")
     encoder_json, vocab_bpe = gpt2_bpe_files()
     tensors = _export_tensors(model)
     dtype = tensors["transformer.wte.weight"].dtype
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)          # mkdtemp makes it private (0700); a model folder is not
-        # metadata format=pt: transformers refuses safetensors files without it
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        _write_json(tmp / "config.json", _hf_config(cfg, cfg["tie_embeddings"], dtype))
-        _write_json(tmp / "generation_config.json", {
-            "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
-            # GPT-2 has no padding token; padding finished rows with EOS is the convention
-            # (and stops transformers warning that it picked that for you).
-            # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
-            "pad_token_id": GPT2_EOS_ID})
-        shutil.copyfile(encoder_json, tmp / "vocab.json")     # the same file, HF's name
-        shutil.copyfile(vocab_bpe, tmp / "merges.txt")
-        _write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>", "add_prefix_space": False})
-        for file in tmp.iterdir():                           # durable before it is visible
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        if out_dir.exists():
-            # A folder cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old",
-                                        dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in [f".{name}.*.tmp" for name in EXPORT_FILES] + list(_OLD_WEIGHTS):
+        for old in out_dir.glob(pattern):      # incl. temporary files of a killed export
+            old.unlink()
+    _write_json(out_dir / "config.json", _hf_config(cfg, cfg["tie_embeddings"], dtype))
+    _write_json(out_dir / "generation_config.json", {
+        "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
+        # GPT-2 has no padding token; padding finished rows with EOS is the convention
+        # (and stops transformers warning that it picked that for you).
+        # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
+        "pad_token_id": GPT2_EOS_ID})
+    # the same files under HF's names
+    _replace_file(out_dir / "vocab.json", lambda tmp: shutil.copyfile(encoder_json, tmp))
+    _replace_file(out_dir / "merges.txt", lambda tmp: shutil.copyfile(vocab_bpe, tmp))
+    _write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "add_prefix_space": False})
+    # metadata format=pt: transformers refuses safetensors files without it
+    _replace_file(out_dir / "model.safetensors",
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out_dir
 
 
 # ---------------------------------------------------------------------------------------
+
+def _config_arg(value):
+    """--config: one of OpenAI's size names, or a JSON file holding a GPTModel config."""
+    try:
+        return dict(MODEL_CONFIGS[_size_key(value)])
+    except ValueError:
+        pass
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither one of {list(MODEL_CONFIGS)} (or its size alone) nor a "
+            f"JSON file")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise argparse.ArgumentTypeError(f"{value!r} holds no JSON object (a config dict)")
+    return cfg
+
+
+def _export_checkpoint(parser, path, cfg, out):
+    """--export: our .pth -> an HF folder, with command-line advice for a bare state dict."""
+    try:
+        model = load_checkpoint(path, cfg=cfg)
+    except ValueError:
+        # load_checkpoint's advice for a state dict without config ("pass cfg=...") is for
+        # Python; say what to do on the command line instead.
+        if cfg is None and _is_bare_state_dict(path):
+            parser.error(
+                f"{path} holds only weights, no config, so the model's shape is unknown; add "
+                f"--config NAME with one of {list(MODEL_CONFIGS)} (or its size, e.g. 124M) "
+                f"for OpenAI's shapes, or --config FILE.json with the config the model was "
+                f"trained with (the dict GPTModel was built from, e.g. GPT_CONFIG_124M "
+                f"with your changes)")
+        raise
+    return export_to_hf(model, out)
+
+
+def _is_bare_state_dict(path):
+    """True for a .pth that holds a state dict alone, not save_checkpoint's dict."""
+    try:
+        ckpt = read_checkpoint(path)
+    except (ValueError, OSError):
+        return False           # unreadable: load_checkpoint's own error says so
+    return isinstance(ckpt, Mapping) and "model_state_dict" not in ckpt
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert GPT-2 weights between Hugging Face "
@@ -422,8 +552,14 @@ def main(argv=None):
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--export", metavar="PTH", help="our checkpoint to write as an HF folder")
     what.add_argument("--load", metavar="NAME_OR_PATH",
-                      help=f"HF folder, Hub id or one of {list(HF_HUB_IDS)}")
-    parser.add_argument("--out", metavar="DIR", help="folder to write (with --export)")
+                      help=f"HF folder, Hub id or one of {list(HF_HUB_IDS)} (or the size "
+                           f"alone, e.g. 124M)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder to write (with --export); an existing one keeps the "
+                             "files the export does not write, e.g. .git and README.md")
+    parser.add_argument("--config", metavar="NAME_OR_JSON", type=_config_arg,
+                        help="with --export of a .pth that holds only a state dict: one of "
+                             f"{list(MODEL_CONFIGS)}, or a JSON file with the model's config")
     parser.add_argument("--save", metavar="PTH", help="checkpoint to write (with --load)")
     parser.add_argument("--cache-dir", default="model_weights",
                         help="where Hub downloads are kept (with --load)")
@@ -431,12 +567,14 @@ def main(argv=None):
     if args.export:
         if not args.out:
             parser.error("--export needs --out DIR")
-        path = export_to_hf(load_checkpoint(args.export), args.out)
+        path = _export_checkpoint(parser, args.export, args.config, args.out)
         print(f"wrote {path}; load it with transformers.GPT2LMHeadModel.from_pretrained"
               f"({str(path)!r})")
     else:
         if not args.save:
             parser.error("--load needs --save PTH")
+        if args.config is not None:
+            parser.error("--config goes with --export; --load reads the config from config.json")
         path = save_checkpoint(args.save, load_gpt2_hf(args.load, cache_dir=args.cache_dir))
         print(f"saved {path}; load it with model.load_checkpoint({str(path)!r})")
     return path

@@ -169,6 +169,33 @@ def test_sharded_checkpoint(tmp_path, hf_folder):
     assert_same_model(load_gpt2_hf(tmp_path), hf)
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_missing_or_truncated_shard_is_named(tmp_path, hf_folder, mmap):
+    hf, _ = hf_folder
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    shards[-1].write_bytes(shards[-1].read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"could not open .*{shards[-1].name}.*truncated"):
+        load_gpt2_hf(tmp_path, mmap=mmap)
+    shards[1].unlink()                   # checked before anything is read
+    with pytest.raises(FileNotFoundError, match=rf"lacks 1 of the weight files .*index"
+                                                rf"\.json names: \['{shards[1].name}'\]"):
+        load_gpt2_hf(tmp_path, mmap=mmap)
+
+
+def test_more_blocks_than_n_layer_is_an_error(tmp_path, hf_folder):
+    hf, _ = hf_folder                    # 3 blocks
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 2}))
+    with pytest.raises(ValueError, match=r"holds 3 transformer blocks but .*config\.json says "
+                                         r"n_layer=2"):
+        load_gpt2_hf(tmp_path)
+    with pytest.raises(ValueError, match=r"holds 3 transformer blocks.*n_layer=2"):
+        load_weights_into_gpt(GPTModel({**our_cfg(), "n_layers": 2}), hf)
+
+
 def test_wrong_shape_names_the_parameter(hf_folder):
     hf, _ = hf_folder
     state = dict(hf.state_dict())
@@ -218,7 +245,9 @@ def test_hub_names_go_through_snapshot_download(hf_folder, monkeypatch, tmp_path
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert_same_model(load_gpt2_hf("gpt2-small (124M)", cache_dir=tmp_path), hf)
     load_gpt2_hf("openai-community/gpt2-medium", cache_dir=tmp_path)
-    assert [repo for repo, _ in calls] == ["openai-community/gpt2", "openai-community/gpt2-medium"]
+    load_gpt2_hf("1558M", cache_dir=tmp_path)      # download_weights.py's short names too
+    assert [repo for repo, _ in calls] == ["openai-community/gpt2", "openai-community/gpt2-medium",
+                                           "openai-community/gpt2-xl"]
     kwargs = calls[0][1]
     assert kwargs["cache_dir"] == tmp_path
     assert {"config.json", "*.safetensors"} <= set(kwargs["allow_patterns"])
@@ -235,8 +264,32 @@ def test_offline_hub_gives_clear_error(monkeypatch):
     with pytest.raises(OSError, match="internet connection"):
         load_gpt2_hf("gpt2-small (124M)")
     for missing in ("./no/such/folder", Path("no-such-folder")):
-        with pytest.raises(FileNotFoundError, match="not a folder"):
+        with pytest.raises(FileNotFoundError, match="there is no folder"):
             load_gpt2_hf(missing)
+
+
+def test_bad_names_say_what_is_wrong(monkeypatch, tmp_path):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    def offline(repo_id, **kwargs):     # checks the id as the real one does, then no network
+        validate_repo_id(repo_id)
+        raise LocalEntryNotFoundError("cannot reach the Hub and nothing is cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    # not a valid Hub id: the names that would work, not huggingface_hub's regex
+    with pytest.raises(ValueError, match=r"'gpt2-medium \(345M\)' is not a folder.*"
+                                         r"'gpt2-medium \(355M\)'.*'124M'"):
+        load_gpt2_hf("gpt2-medium (345M)")
+    # a relative folder that is not there could also be a Hub id: say both
+    with pytest.raises(OSError, match=r"could not download 'model_weights/hf_export'.*there "
+                                      r"is no folder '.*model_weights/hf_export'"):
+        load_gpt2_hf("model_weights/hf_export")
+    (tmp_path / "trained.pth").write_bytes(b"not a folder")
+    with pytest.raises(NotADirectoryError, match="load_checkpoint"):
+        load_gpt2_hf("trained.pth")
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,30 +338,107 @@ def test_export_rejects_a_vocab_the_tokenizer_does_not_match(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_export_is_atomic_and_replaces_only_model_folders(tmp_path, monkeypatch):
+EXPORTED = sorted(["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                   "tokenizer_config.json", "vocab.json"])
+
+
+@pytest.mark.parametrize("crash_in", ["save_file", "copyfile"])
+def test_interrupted_export_is_never_trusted(tmp_path, monkeypatch, crash_in):
     gpt = random_gpt(tie=True, qkv_bias=True)
-    out = tmp_path / "export"
+    out = export_to_hf(random_gpt(tie=False, qkv_bias=True, seed=1), tmp_path / "export")
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    with monkeypatch.context() as m:
-        m.setattr(download_weights_hf, "save_file", crash)
+    with monkeypatch.context() as m:       # dies while writing the weights / the tokenizer
+        if crash_in == "save_file":
+            m.setattr(download_weights_hf, "save_file", crash)
+        else:
+            m.setattr(download_weights_hf.shutil, "copyfile", crash)
         with pytest.raises(RuntimeError, match="disk full"):
             export_to_hf(gpt, out)
-    assert list(tmp_path.iterdir()) == []          # no folder, no leftover temp folder
+    # no temporary files left, and no weights (the old ones would not fit the new config,
+    # which may already be written): neither loader takes the folder
+    assert not list(out.glob(".*"))
+    assert not list(out.glob("*.safetensors"))
+    with pytest.raises(FileNotFoundError, match="interrupted, run the export again"):
+        load_gpt2_hf(out)
+    with pytest.raises(OSError, match="model.safetensors"):
+        GPT2LMHeadModel.from_pretrained(out)
 
-    export_to_hf(random_gpt(tie=False, qkv_bias=True, seed=1), out)
-    export_to_hf(gpt, out)                         # replaces the previous export
+    assert export_to_hf(gpt, out) == out           # running it again completes it
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
+    assert_same_model(gpt, GPT2LMHeadModel.from_pretrained(out).eval(), PROMPT)
 
-    other = tmp_path / "notes"
+
+def test_export_into_a_clone_of_a_hub_repo_keeps_what_it_did_not_write(tmp_path):
+    # `git clone` of one's Hub model repo: .git, a model card, and an older sharded model
+    repo = tmp_path / "my-gpt2"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "README.md").write_text("model card")
+    random_hf_model(vocab=50257).save_pretrained(repo, max_shard_size="2MB")
+    assert (repo / "model.safetensors.index.json").is_file()
+    (repo / ".model.safetensors.1234abcd.tmp").write_bytes(b"left by a killed export")
+
+    gpt = random_gpt(tie=True, qkv_bias=True)
+    assert export_to_hf(gpt, repo) == repo
+    assert (repo / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (repo / "README.md").read_text() == "model card"
+    # the old shards and their index are gone (they would contradict the new weights), and
+    # so is the temporary file
+    assert sorted(p.name for p in repo.iterdir()) == sorted([".git", "README.md", *EXPORTED])
+    assert_same_model(gpt, GPT2LMHeadModel.from_pretrained(repo).eval(), PROMPT)
+
+
+def test_export_into_other_folders(tmp_path, monkeypatch):
+    gpt = random_gpt(tie=True, qkv_bias=True)
+    # "." (its name is "") works and leaves nothing else behind
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert export_to_hf(gpt, ".") == here
+    assert sorted(p.name for p in here.iterdir()) == EXPORTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+    # a folder of other files gets the export beside them
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    export_to_hf(gpt, notes)
+    assert sorted(p.name for p in notes.iterdir()) == sorted(["todo.txt", *EXPORTED])
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+    # but files of the export's names that are not a model are not overwritten
+    other = tmp_path / "other"
     other.mkdir()
-    (other / "todo.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a model folder"):
+    (other / "vocab.json").write_text("{}")
+    (other / "model-00001-of-00002.safetensors").write_text("")
+    with pytest.raises(FileExistsError, match=r"not a model folder but has "
+                                              r"\['model-00001-of-00002\.safetensors', "
+                                              r"'vocab\.json'\]"):
         export_to_hf(gpt, other)
-    assert (other / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in other.iterdir()) == ["model-00001-of-00002.safetensors",
+                                                       "vocab.json"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_to_hf(gpt, other / "vocab.json")
+
+
+def test_command_line_export_of_a_bare_state_dict(tmp_path, capsys):
+    gpt = random_gpt(tie=True, qkv_bias=True)
+    torch.save(gpt.state_dict(), tmp_path / "bare.pth")
+    argv = ["--export", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "hf")]
+    with pytest.raises(SystemExit):
+        download_weights_hf.main(argv)
+    err = capsys.readouterr().err
+    assert "holds only weights, no config" in err and "--config" in err and "cfg=" not in err
+    (tmp_path / "cfg.json").write_text(json.dumps(gpt.cfg))
+    out = download_weights_hf.main([*argv, "--config", str(tmp_path / "cfg.json")])
+    prompt = torch.tensor([[464, 2068, 7586]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt2_hf(out)(prompt), gpt(prompt), atol=1e-5, rtol=1e-5)
 
 
 def test_command_line_export_and_load(tmp_path):

@@ -5,6 +5,7 @@ of shape [1, in, out], the seven files) and served by http.server with Range sup
 so download, resume, retry and conversion all run offline.
 """
 
+import gzip
 import json
 import os
 import socket
@@ -88,14 +89,21 @@ def openai_files(tmp_path_factory):
 class FileServer(ThreadingHTTPServer):
     """Serves ``files`` ({url path: bytes}) and records every request.
 
-    Paths in ``cut_once`` send their Content-Length but close after half the body (once);
-    ``fail_once`` answer 503 once; ``ignore_range`` answer 200 to Range requests.
+    Paths in ``cut_once`` send their Content-Length but close after half the body (once),
+    ``cut_always`` every time; ``fail_once`` answer 503 once; ``ignore_range`` answer 200
+    to Range requests; ``wrong_range`` answer them with a range from byte 0; ``gzip`` send
+    the body gzip-compressed with ``Content-Encoding: gzip`` whatever the client asked.
+    A path asked for more than MAX_GETS times answers 404, so a client that loops
+    forever fails its test instead of hanging it.
     """
+
+    MAX_GETS = 30
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files, self.requests = {}, []
         self.cut_once, self.fail_once, self.ignore_range = set(), set(), set()
+        self.cut_always, self.wrong_range, self.gzip = set(), set(), set()
 
     @property
     def url(self):
@@ -124,8 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
         server, rng = self.server, self.headers.get("Range")
         server.requests.append(("GET", self.path, rng))
         body = server.files.get(self.path)
-        if body is None:
+        if body is None or len(server.gets(self.path)) > server.MAX_GETS:
             self.send_error(404)
+            return
+        if self.path in server.gzip:
+            payload = gzip.compress(body)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
             return
         if self.path in server.fail_once:
             server.fail_once.discard(self.path)
@@ -140,6 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if self.path in server.wrong_range:
+                start = 0                      # a buggy server or cache: the wrong bytes
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
@@ -147,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
         payload = body[start:]
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        if self.path in server.cut_once:
+        if self.path in server.cut_once or self.path in server.cut_always:
             server.cut_once.discard(self.path)
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
@@ -255,7 +273,7 @@ def test_complete_part_file_is_finished_by_a_416(tmp_path, server, openai_files)
     assert (tmp_path / DATA).read_bytes() == files[DATA]
     # a .part longer than the file is not ours: start again
     (tmp_path / "x.part").write_bytes(files[DATA] + b"junk")
-    download_file(f"{base_url}/124M/{DATA}", tmp_path / "x")
+    download_file(f"{base_url}/124M/{DATA}", tmp_path / "x", backoff=0.01)
     assert (tmp_path / "x").read_bytes() == files[DATA]
 
 
@@ -274,6 +292,34 @@ def test_unreachable_server_gives_up_with_clear_error(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(download_weights.DownloadError, match="failed 3 times"):
         download_file(f"http://127.0.0.1:{port}/x", tmp_path / "x", retries=2, backoff=0.01)
+
+
+def test_gzip_encoded_answer_is_refused_at_once(tmp_path, server, openai_files):
+    # We ask for identity; a server that compresses anyway gives a body whose decoded
+    # length cannot match Content-Length. This used to restart forever without a pause.
+    # (encoder.json shrinks to a third, so the decoded body overran Content-Length.)
+    base_url = publish(server, openai_files, "gzip")
+    server.gzip.add("/gzip/124M/encoder.json")
+    with pytest.raises(download_weights.DownloadError,
+                       match=r"encoder\.json was sent with Content-Encoding: gzip.*identity"):
+        download_file(f"{base_url}/124M/encoder.json", tmp_path / "encoder.json",
+                      retries=2, backoff=0.01)
+    assert len(server.gets("encoder.json")) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_starting_again_counts_against_retries(tmp_path, server, openai_files):
+    # Every plain GET is cut mid-body (progress, so not a failure) and every resume gets
+    # the wrong range (the .part is thrown away): without counting the start-agains
+    # this alternated forever.
+    base_url = publish(server, openai_files, "broken")
+    server.cut_always.add(f"/broken/124M/{DATA}")
+    server.wrong_range.add(f"/broken/124M/{DATA}")
+    with pytest.raises(download_weights.DownloadError,
+                       match=r"start again from zero 3 times.*sent bytes from 0 when asked"):
+        download_file(f"{base_url}/124M/{DATA}", tmp_path / DATA, retries=2, backoff=0.01)
+    assert len(server.gets(DATA)) == 6              # 3 x (plain GET cut, wrong resume)
+    assert not (tmp_path / DATA).exists()
 
 
 def test_404_names_url_and_suspects(tmp_path, server):
@@ -314,6 +360,33 @@ def test_delete_tf_files_and_command_line(tmp_path, server, openai_files):
     left = sorted(p.name for p in (tmp_path / "124M").iterdir())
     assert left == sorted(set(GPT2_FILES) - set(TF_CHECKPOINT_FILES))
     assert_same_model(load_checkpoint(pth), hf)
+
+
+def test_delete_tf_files_also_when_already_converted(tmp_path, server, openai_files):
+    hf, _ = openai_files
+    base_url = publish(server, openai_files, "good")
+    pth = download_and_save_gpt2("124M", target_dir=tmp_path, base_url=base_url)
+    server.requests.clear()
+    download_weights.main(["--model", "124M", "--out-dir", str(tmp_path), "--base-url",
+                           base_url, "--delete-tf-files"])
+    assert server.requests == []
+    left = sorted(p.name for p in (tmp_path / "124M").iterdir())
+    assert left == sorted(set(GPT2_FILES) - set(TF_CHECKPOINT_FILES))
+    assert_same_model(load_checkpoint(pth), hf)
+
+
+def test_more_blocks_than_n_layer_is_an_error(tmp_path, server, openai_files):
+    # hparams.json says 2 blocks, the checkpoint holds 3: loading only 2 would be a
+    # different model, silently
+    base_url = publish(server, openai_files, "stale",
+                       **{"hparams.json": json.dumps({**HPARAMS, "n_layer": 2}).encode()})
+    with pytest.raises(ValueError, match=r"holds 3 transformer blocks but hparams\.json "
+                                         r"says n_layer=2"):
+        download_and_save_gpt2("124M", target_dir=tmp_path, base_url=base_url)
+    assert not (tmp_path / "gpt2-124M.pth").exists()
+    params = load_gpt2_params_from_tf_ckpt(tmp_path / "124M", HPARAMS)
+    with pytest.raises(ValueError, match=r"holds 3 transformer blocks.*n_layer=2"):
+        load_weights_into_gpt(GPTModel({**our_cfg(), "n_layers": 2}), params)
 
 
 def test_params_dict_and_shape_errors(tmp_path, server, openai_files):
