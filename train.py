@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -81,10 +80,13 @@ def build_parser():
     g.add_argument("--grad-accum-steps", type=int, default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size x N)")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup steps; None = 5%% of all steps")
-    g.add_argument("--grad-clip", type=float, default=1.0)
+                   help="linear warmup steps; None = 5%% of all steps (on --resume: the "
+                        "saved run's)")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm to this; 0 = no clipping")
     g.add_argument("--checkpoint-every", type=int, default=100,
-                   help="save a resumable checkpoint every N optimizer steps")
+                   help="save a resumable checkpoint every N optimizer steps; 0 = only at "
+                        "the end")
     g.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     g.add_argument("--device", default=None, help="cuda, mps or cpu; None = the best available")
     g.add_argument("--seed", type=int, default=123)
@@ -101,15 +103,29 @@ def build_parser():
     return p
 
 
+# Flags that count things: the smallest value each may take. None (not given) is
+# always allowed for those whose default is None.
+MINIMUMS = {"num_epochs": 1, "max_steps": 1, "stride": 1, "grad_accum_steps": 1,
+            "batch_size": 1, "eval_freq": 1, "eval_iter": 1, "warmup_steps": 0,
+            "checkpoint_every": 0, "grad_clip": 0}
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.preset == "124M":
-        # Apply GPT_CONFIG_124M to every model flag left at its default.
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        for key, value in GPT_CONFIG_124M.items():
-            if "--" + key.replace("_", "-") not in given:
-                setattr(args, key, value)
+        # The preset becomes the defaults and the command line is read again, so every
+        # model flag given, in any spelling argparse accepts (--context 64, --no-qkv-bias,
+        # --emb-dim=768), still wins over it.
+        parser.set_defaults(**GPT_CONFIG_124M)
+        args = parser.parse_args(argv)
+    for key, low in MINIMUMS.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            flag = "--" + key.replace("_", "-")
+            why = {"grad_clip": " (0 = no clipping; a negative norm would flip the gradients)",
+                   "checkpoint_every": " (0 = save only at the end)"}.get(key, "")
+            parser.error(f"{flag} must be >= {low}, got {value}{why}")
     return args
 
 
@@ -159,12 +175,12 @@ def _run(args, cfg, device, rank, world_size, parallel):
     train_path, valid_path, test_path = prepare_splits(
         args.data, auto_split=True, use_default_corpus=args.data == DEFAULT_DATA)
     ctx = cfg["context_length"]
-    stride = args.stride or ctx
+    stride = args.stride if args.stride is not None else ctx
     train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
     train_loader = create_dataloader(train_tokens, args.batch_size, ctx, stride, shuffle=True,
-                                     drop_last=True)
+                                     drop_last=True, name=train_path)
     val_loader = create_dataloader(val_tokens, args.batch_size, ctx, ctx, shuffle=False,
-                                   drop_last=False)
+                                   drop_last=False, name=valid_path)
     n_windows = len(train_loader.dataset)
     if n_windows < world_size * args.batch_size:
         raise ValueError(f"{world_size} processes x batch_size {args.batch_size} need at least "
@@ -172,9 +188,8 @@ def _run(args, cfg, device, rank, world_size, parallel):
                          f"{n_windows}; use fewer processes, a smaller batch size or more text")
     batches = n_windows // world_size // args.batch_size
     steps = math.ceil(batches / args.grad_accum_steps) * args.num_epochs
-    if args.max_steps:
+    if args.max_steps is not None:
         steps = min(steps, args.max_steps)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, steps // 20)
     global_batch = args.batch_size * args.grad_accum_steps * world_size
     print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
           f"{n_windows} windows of {ctx}.")
@@ -195,7 +210,7 @@ def _run(args, cfg, device, rank, world_size, parallel):
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
         tokenizer=get_tokenizer(), learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps,
-        warmup_steps=warmup, max_steps=args.max_steps, grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps, max_steps=args.max_steps, grad_clip=args.grad_clip,
         dtype=args.dtype, compile=args.compile, seed=args.seed, checkpoint_path=args.out,
         checkpoint_every=args.checkpoint_every, resume=args.resume, settings=settings,
         progress=not args.no_progress)
@@ -205,7 +220,7 @@ def _run(args, cfg, device, rank, world_size, parallel):
     history["test_loss"] = float("nan")
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,
-                                        drop_last=False)
+                                        drop_last=False, name=test_path)
         with torch.no_grad():
             history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
     if rank == 0:

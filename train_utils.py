@@ -92,23 +92,33 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
-    """Average loss over the first ``num_batches`` batches (all of them when None)."""
+    """Mean loss per target token over the first ``num_batches`` batches (all when None).
+
+    Every token counts the same: a short last batch (drop_last=False) weighs by its
+    tokens, not as much as a full batch, which averaging the batch means would do.
+    """
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
         return float("nan")
-    total = 0.0
+    total, n_tokens = 0.0, 0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= n:
             break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
-    return total / n
+        loss = calc_loss_batch(input_batch, target_batch, model, device)
+        total += loss.item() * target_batch.numel()      # the batch's summed loss
+        n_tokens += target_batch.numel()
+    return total / n_tokens
 
 
 def _in_order(loader, batch_size=None):
-    """The same batches without shuffling, so evaluations compare like with like and
-    draw nothing from the random number generator (which would change dropout masks)."""
+    """The same batches without shuffling, so evaluations compare like with like.
+
+    The loader gets a generator of its own because every DataLoader iterator draws a
+    seed from one: from torch's global generator otherwise, which would make how often
+    you evaluate change the dropout masks of training."""
     return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
-                      shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+                      shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
+                      generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -372,6 +382,38 @@ def _check_finite(loss, step, checkpoint_path):
             f"Lower learning_rate, raise warmup_steps or keep gradient clipping on.")
 
 
+# Training settings a resumed run must keep: with them the batch order (seed) and the
+# learning rate of every step (the rest) are those of the run it continues. The global batch
+# (batch_size x grad_accum_steps x processes) is checked too. Free to change on resume:
+# num_epochs and max_steps (to extend a run; the cosine then ends at the new last step),
+# how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
+# number of processes, with a batch_size that keeps the global batch.
+RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay")
+
+
+def _differences(saved, now, keys):
+    return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys
+            if saved.get(k) != now.get(k)]
+
+
+def _check_resume_settings(ckpt, path, now, batch_size, world_size):
+    """Raise ValueError naming every setting that differs from the saved run's."""
+    saved = ckpt.get("settings") or {}
+    diffs = _differences(saved, now, [k for k in RESUME_MUST_MATCH if k in saved])
+    if "grad_accum_steps" in saved and "batch_size" in ckpt:
+        was = (ckpt["batch_size"], saved["grad_accum_steps"], ckpt.get("world_size", 1))
+        is_ = (batch_size, now["grad_accum_steps"], world_size)
+        if math.prod(was) != math.prod(is_):
+            diffs.append("global batch (batch_size x grad_accum_steps x processes): saved "
+                         "{} x {} x {} = {}, now {} x {} x {} = {}".format(
+                             *was, math.prod(was), *is_, math.prod(is_)))
+    if diffs:
+        raise ValueError(
+            f"cannot resume {path}: these settings differ from the saved run's, and they "
+            f"decide the batch order and the learning-rate schedule: {'; '.join(diffs)}. "
+            f"Resume with the saved values, or train into a new --out without --resume.")
+
+
 def train_model(model, train_loader, val_loader, optimizer=None, device=None, num_epochs=1,
                 eval_freq=50, eval_iter=5, start_context="Every effort moves you",
                 tokenizer=None, *, learning_rate=4e-4, weight_decay=0.1, grad_accum_steps=1,
@@ -384,15 +426,28 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
     ``epoch_batches`` (seeded per epoch) so that ``resume=True`` continues from
     ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
     ``make_optimizer(model, learning_rate, weight_decay)``; the learning rate of every
-    group is set each step from ``lr_at``. Returns ``{"step", "tokens_seen", "epoch",
-    "train_loss", "val_loss"}`` lists (one entry per evaluation), ``"step_loss"`` (one per
-    optimizer step) and ``final_*`` values.
+    group is set each step from ``lr_at``; ``warmup_steps=None`` means 5% of all steps
+    (on resume: the saved run's). ``grad_clip`` 0 or None turns clipping off;
+    ``checkpoint_every`` 0 or None saves only at the end. Returns ``{"step",
+    "tokens_seen", "epoch", "train_loss", "val_loss"}`` lists (one entry per evaluation),
+    ``"step_loss"`` (one per optimizer step) and ``final_*`` values.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     if eval_freq < 1 or eval_iter < 1:
         raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
+    if num_epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise ValueError(f"num_epochs and max_steps (when given) must be >= 1, got "
+                         f"{num_epochs}, {max_steps}: fewer trains nothing, and would still "
+                         f"overwrite checkpoint_path with the untrained weights")
+    if grad_clip is not None and grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 or None = no clipping), got {grad_clip}: "
+                         f"clipping to a negative norm flips the gradients")
+    if (warmup_steps is not None and warmup_steps < 0) or (checkpoint_every is not None
+                                                           and checkpoint_every < 0):
+        raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got {warmup_steps}, "
+                         f"{checkpoint_every}")
     rank, world_size = _rank_and_world()
     main_process = rank == 0
     fsdp = _is_fsdp(model)
@@ -418,13 +473,23 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                "step_loss": []}      # step_loss: the training loss of every optimizer step
     if resume:
         ckpt = read_checkpoint(checkpoint_path)
-        if ckpt.get("config") != core.cfg:
-            raise ValueError(f"checkpoint {checkpoint_path} was trained with config "
-                             f"{ckpt.get('config')}, not {core.cfg}; resume with the same "
-                             f"model settings or start a new --out")
+        saved_cfg = ckpt.get("config") or {}
+        if saved_cfg != core.cfg:
+            diffs = _differences(saved_cfg, core.cfg, sorted(set(saved_cfg) | set(core.cfg)))
+            raise ValueError(f"checkpoint {checkpoint_path} was trained with another model "
+                             f"config: {'; '.join(diffs)}. Resume with the saved values, or "
+                             f"train into a new --out without --resume.")
         if "optimizer_state_dict" not in ckpt:
             raise ValueError(f"{checkpoint_path} holds weights only, not a training state; "
                              f"it cannot be resumed")
+        if warmup_steps is None:
+            warmup_steps = (ckpt.get("settings") or {}).get("warmup_steps")
+        _check_resume_settings(
+            ckpt, checkpoint_path, {"seed": seed, "learning_rate": learning_rate,
+                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                    "weight_decay": weight_decay,
+                                    "grad_accum_steps": grad_accum_steps},
+            batch_size, world_size)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(core, ckpt["model_state_dict"], options=full)
         set_optimizer_state_dict(core, optimizer, ckpt["optimizer_state_dict"], options=full)
@@ -437,17 +502,21 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
             # Another number of processes sees the data in other slices anyway; fresh
             # random streams (for dropout) are as good as the saved ones then.
             torch.manual_seed(seed * 1_000 + step * 10 + rank)
-        if world_size != ckpt.get("world_size", 1) or ckpt.get("batch_size") != batch_size:
-            # The saved position counts batches of the old shape: restart this epoch's
-            # data from its beginning rather than skip a wrong amount.
-            batch_in_epoch = 0
+        # The saved position counts micro-batches of the old shape (batch_size x processes
+        # windows each); count it in windows, then in this run's micro-batches. With the
+        # global batch unchanged (checked above) that is the same place in the epoch.
+        saved_shape = ckpt.get("batch_size", batch_size) * ckpt.get("world_size", 1)
+        batch_in_epoch = batch_in_epoch * saved_shape // (batch_size * world_size)
         if main_process:
             print(f"Resumed from {checkpoint_path} at step {step} (epoch {epoch + 1}, "
                   f"batch {batch_in_epoch}).")
 
+    if warmup_steps is None:
+        warmup_steps = max(1, total_steps // 20)
     train_settings = dict(settings or {}, learning_rate=learning_rate, grad_accum_steps=
                           grad_accum_steps, warmup_steps=warmup_steps, seed=seed,
-                          total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+                          total_steps=total_steps, min_lr_ratio=min_lr_ratio,
+                          weight_decay=weight_decay)
 
     def save(path):
         if not path:

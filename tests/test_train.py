@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,14 +9,17 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_utils
 from dataset import create_dataloader, default_corpus_text, get_tokenizer
 from model import GPTModel, load_checkpoint, read_checkpoint
-from train import main
+from train import main, parse_args
 from train_utils import (
     accumulate_gradients,
+    calc_loss_loader,
     epoch_batches,
+    evaluate_model,
     get_device,
     lr_at,
     make_optimizer,
@@ -207,3 +211,161 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     hist = json.loads((tmp_path / "run_history.json").read_text())
     assert hist["val_loss"] == ref_hist["val_loss"] and hist["step"] == ref_hist["step"]
     assert math.isfinite(hist["final_val_loss"])
+
+
+def _loader(tokens, batch_size=4, shuffle=True, drop_last=True):
+    return create_dataloader(tokens, batch_size=batch_size, max_length=32, stride=32,
+                             shuffle=shuffle, drop_last=drop_last)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-epochs", "0"], "--num-epochs must be >= 1, got 0"),
+    (["--num-epochs", "-3"], "--num-epochs must be >= 1, got -3"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--stride", "0"], "--stride must be >= 1, got 0"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be >= 1, got 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 0, got -5"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0, got -1.0 \\(0 = no clipping"),
+])
+def test_out_of_range_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*TINY_FLAGS, *flags])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_zero_means_zero_not_unset_and_limits_are_allowed():
+    args = parse_args(["--max-steps", "1", "--stride", "1", "--warmup-steps", "0",
+                       "--checkpoint-every", "0", "--grad-clip", "0"])
+    assert (args.max_steps, args.stride, args.warmup_steps, args.checkpoint_every,
+            args.grad_clip) == (1, 1, 0, 0, 0.0)
+
+
+def test_preset_124M_keeps_flags_given_in_any_spelling():
+    args = parse_args(["--preset", "124M", "--context", "64", "--drop-rate=0.0"])
+    assert args.context_length == 64 and args.drop_rate == 0.0     # given: kept
+    assert args.emb_dim == 768 and args.n_layers == 12              # not given: the preset's
+    assert parse_args(["--context", "64"]).context_length == 64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_epochs": 0}, "num_epochs and max_steps \\(when given\\) must be >= 1, got 0, 2"),
+    ({"num_epochs": -3}, "must be >= 1, got -3, 2"),
+    ({"max_steps": 0}, "must be >= 1, got 1, 0"),
+    ({"grad_clip": -1.0}, "grad_clip must be >= 0 \\(0 or None = no clipping\\), got -1.0"),
+    ({"warmup_steps": -1}, "warmup_steps and checkpoint_every must be >= 0, got -1, 1"),
+    ({"checkpoint_every": -1}, "warmup_steps and checkpoint_every must be >= 0, got 0, -1"),
+])
+def test_train_model_rejects_out_of_range_arguments(tmp_path, corpus_tokens, kwargs, message):
+    ckpt = tmp_path / "run.pth"
+    ckpt.write_bytes(b"a trained model")
+    train = _loader(corpus_tokens[:2000])
+    kwargs = {"max_steps": 2, "checkpoint_every": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        train_model(tiny_model(), train, train, device="cpu", checkpoint_path=ckpt,
+                    progress=False, **kwargs)
+    assert ckpt.read_bytes() == b"a trained model"      # nothing trained, nothing overwritten
+
+
+def test_evaluation_draws_no_global_randomness(corpus_tokens):
+    train, val = _loader(corpus_tokens[:2000]), _loader(corpus_tokens[2000:3000], shuffle=False,
+                                                        drop_last=False)
+    model = tiny_model(drop=0.1)
+    before = torch.get_rng_state()
+    evaluate_model(model, train, val, torch.device("cpu"), eval_iter=2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_eval_freq_does_not_change_training_with_dropout(corpus_tokens):
+    train, val = _loader(corpus_tokens[:2000]), _loader(corpus_tokens[2000:3000], shuffle=False,
+                                                        drop_last=False)
+    runs = [train_model(tiny_model(drop=0.1), train, val, device="cpu", max_steps=4,
+                        eval_freq=freq, eval_iter=1, progress=False)["step_loss"]
+            for freq in (1, 100)]
+    assert runs[0] == runs[1]
+
+
+def test_loader_loss_is_the_mean_over_all_target_tokens(corpus_tokens):
+    loader = _loader(corpus_tokens[:5 * 32 + 1], shuffle=False, drop_last=False)  # 4 + 1
+    assert [len(x) for x, _ in loader] == [4, 1]
+    model = tiny_model().eval()
+    inputs = torch.stack([x for x, _ in loader.dataset])
+    targets = torch.stack([y for _, y in loader.dataset])
+    with torch.no_grad():
+        logits = model(inputs)
+        per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        got = calc_loss_loader(loader, model, "cpu")
+        first = calc_loss_loader(loader, model, "cpu", num_batches=1)
+    assert got == pytest.approx(per_token.mean().item(), rel=1e-6)
+    assert first == pytest.approx(per_token[:4 * 32].mean().item(), rel=1e-6)
+    # ... which is not the mean of the two batch means (the 1-window batch would count 4x).
+    batch_means = (per_token[:4 * 32].mean() + per_token[4 * 32:].mean()) / 2
+    assert abs(got - batch_means.item()) > 1e-4
+
+
+def _train_tiny(tokens, ckpt, batch_size=4, resume=False, **kwargs):
+    kwargs = {"max_steps": 2, "warmup_steps": 1, **kwargs}
+    return train_model(tiny_model(), _loader(tokens, batch_size), _loader(tokens, 4), device="cpu",
+                       eval_freq=100, eval_iter=1, checkpoint_path=ckpt, resume=resume,
+                       progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"seed": 7}, "seed: saved 123, now 7"),
+    ({"learning_rate": 1e-3, "warmup_steps": 2},
+     "learning_rate: saved 0.0004, now 0.001; warmup_steps: saved 1, now 2"),
+    ({"weight_decay": 0.0, "min_lr_ratio": 0.5},
+     "min_lr_ratio: saved 0.1, now 0.5; weight_decay: saved 0.1, now 0.0"),
+    ({"grad_accum_steps": 2}, "global batch \\(batch_size x grad_accum_steps x processes\\): "
+                              "saved 4 x 1 x 1 = 4, now 4 x 2 x 1 = 8"),
+    ({"batch_size": 8}, "saved 4 x 1 x 1 = 4, now 8 x 1 x 1 = 8"),
+])
+def test_resume_rejects_changed_training_settings(tmp_path, corpus_tokens, changed, message):
+    ckpt = tmp_path / "run.pth"
+    _train_tiny(corpus_tokens[:2000], ckpt)
+    saved = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=f"cannot resume {ckpt}: .*{message}.*"
+                                         f"Resume with the saved values, or train into a new "
+                                         f"--out without --resume"):
+        _train_tiny(corpus_tokens[:2000], ckpt, resume=True, max_steps=4, **changed)
+    assert ckpt.read_bytes() == saved
+
+
+def test_resume_config_mismatch_names_the_keys(tmp_path, corpus_tokens):
+    ckpt = tmp_path / "run.pth"
+    _train_tiny(corpus_tokens[:2000], ckpt)
+    model = GPTModel({**tiny_model().cfg, "n_layers": 3})
+    with pytest.raises(ValueError) as exc:
+        train_model(model, _loader(corpus_tokens[:2000]), _loader(corpus_tokens[:2000]),
+                    device="cpu", checkpoint_path=ckpt, resume=True, progress=False)
+    assert "another model config: n_layers: saved 2, now 3. Resume with" in str(exc.value)
+    assert "vocab_size" not in str(exc.value)
+
+
+def test_resume_with_another_split_of_the_global_batch_continues_in_place(tmp_path,
+                                                                          corpus_tokens):
+    """Saved at batch 4 x 2 micro-batches, resumed as 8 x 1: the same windows per step,
+    the same place in the epoch (not the epoch's first batches again)."""
+    tokens = corpus_tokens[:4000]
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    _train_tiny(tokens, first, grad_accum_steps=2, max_steps=3)
+    second.write_bytes(first.read_bytes())
+    same = _train_tiny(tokens, first, grad_accum_steps=2, resume=True, max_steps=6)
+    other = _train_tiny(tokens, second, batch_size=8, resume=True, max_steps=6)
+    torch.testing.assert_close(torch.tensor(other["step_loss"]), torch.tensor(same["step_loss"]),
+                               atol=1e-5, rtol=0)
+    assert other["tokens_seen"] == same["tokens_seen"]
+
+
+def test_train_py_resume_extends_a_run_and_rejects_a_new_seed(tmp_path, capsys):
+    data = tmp_path / "input.txt"
+    data.write_text(default_corpus_text()[:30_000])
+    run = ["--data", str(data), "--out", str(tmp_path / "m.pth"), "--eval-freq", "100",
+           "--checkpoint-every", "0", *TINY_FLAGS]
+    main([*run, "--max-steps", "20"])            # default warmup: 5% of 20 steps = 1
+    # More steps would make the default warmup 2; on resume it stays the saved run's.
+    assert main([*run, "--max-steps", "40", "--resume"])["final_step"] == 40
+    assert read_checkpoint(tmp_path / "m.pth")["settings"]["warmup_steps"] == 1
+    with pytest.raises(ValueError, match="seed: saved 123, now 9"):
+        main([*run, "--max-steps", "60", "--resume", "--seed", "9"])
