@@ -345,6 +345,14 @@ def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_cor
     why_stale = None
     if have_splits and input_path.exists():
         why_stale = _why_splits_are_stale(input_path, [p for p in paths if p.exists()])
+    elif have_splits:
+        # No input, but splits: fine when they are yours; say so when they came from a file
+        # of another name (a mistyped path would otherwise train on that other text quietly)
+        stamp = _read_json(split_stamp_path(input_path))
+        made_from = stamp.get("input") if isinstance(stamp, dict) else None
+        if made_from not in (None, input_path.name):
+            print(f"note: there is no {input_path}; using the split files beside it, which "
+                  f"were made from {made_from}")
     if not auto_split:
         if not have_splits:
             raise FileNotFoundError(

@@ -741,3 +741,16 @@ def test_token_cache_write_failure_is_raised_not_hidden(tmp_path, tok, monkeypat
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.undo()
     assert load_tokens(p, tok).tolist() == with_eot(tok, p.read_text())   # rebuilt
+
+
+def test_prepare_splits_says_when_a_missing_input_leaves_splits_of_another(tmp_path, capsys):
+    a = tmp_path / "a.txt"
+    a.write_text(lines_of("aaa"))
+    prepare_splits(a)
+    capsys.readouterr()
+    train, _, _ = prepare_splits(tmp_path / "typo.txt", use_default_corpus=False)
+    assert ("note: there is no " + str(tmp_path / "typo.txt") + "; using the split files "
+            "beside it, which were made from a.txt") in capsys.readouterr().out
+    assert split_text(train) == lines_of("aaa")
+    prepare_splits(a)
+    assert "note" not in capsys.readouterr().out
