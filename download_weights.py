@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -199,9 +200,11 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                 continue
             failures += 1
             if failures > retries:
-                raise DownloadError(
-                    f"downloading {url} failed {failures} times in a row ({e}); the partial "
-                    f"file {part} is kept, so running again resumes where it stopped") from e
+                what_now = (f"the partial file {part} is kept, so running again resumes "
+                            f"where it stopped" if part.exists() else
+                            "check the network connection, or point --base-url at a mirror")
+                raise DownloadError(f"downloading {url} failed {failures} times in a row "
+                                    f"({e}); {what_now}") from e
             time.sleep(backoff * 2 ** (failures - 1))
             continue
         os.replace(part, destination)
@@ -437,4 +440,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DownloadError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")     # the message says what to do; no traceback

@@ -20,6 +20,8 @@ import contextlib
 import json
 import os
 import shutil
+import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -329,7 +331,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
         state = {}
         converted = iter_gpt2_weights(gpt, lambda row: read(prefix + row[1]), str(folder),
                                       head=head)
-        rows = len(gpt2_param_names(cfg["n_layers"]))
+        # the table's rows, plus the head when it is a tensor of its own
+        rows = len(gpt2_param_names(cfg["n_layers"])) + (not cfg["tie_embeddings"])
         for name, tensor in tqdm(converted, total=rows, desc="loading weights", unit="tensor"):
             # safetensors hands out views of the mapped file. With mmap=False copy each
             # exactly once, with no temporaries: that keeps malloc from fragmenting (a
@@ -388,17 +391,19 @@ def _export_tensors(model):
     return tensors
 
 
-def _replace_file(path, write):
+def _replace_file(path, write, mode_from=None):
     """``write(tmp)`` to a hidden temporary file beside ``path``, fsync it, rename it over ``path``.
 
     The rename is atomic, so ``path`` is always either the old file or the whole new one.
     model.atomic_write does the same for a file object; here ``write`` gets a path, as
     safetensors' save_file needs (writing it to a file object would first build the
-    whole file in memory).
+    whole file in memory). ``mode_from``: a file whose permissions the new one gets.
     """
     tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     try:
         write(tmp)
+        if mode_from is not None:
+            os.chmod(tmp, stat.S_IMODE(os.stat(mode_from).st_mode))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -491,9 +496,11 @@ def export_to_hf(model, out_dir):
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "add_prefix_space": False})
-    # metadata format=pt: transformers refuses safetensors files without it
+    # metadata format=pt: transformers refuses safetensors files without it. save_file makes
+    # its file private (0600): it gets the permissions of the config written above instead.
     _replace_file(out_dir / "model.safetensors",
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                  mode_from=out_dir / "config.json")
     return out_dir
 
 
@@ -581,4 +588,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")     # the message says what to do; no traceback

@@ -227,7 +227,7 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
         streamer.finish()
         print()
     else:
-        print(text.replace("\n", " "))
+        print(text.replace("\n", "\\n"))      # one line; newlines shown as \n
     return text
 
 

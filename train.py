@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from train_utils import (
     wrap_model,
 )
 
-# The seed's training settings.
+# The training settings of the original example code, kept under this name for code that
+# imports them; DEFAULT_SETTINGS below are what `python train.py` uses.
 SETTINGS = {
     "learning_rate": 5e-4,
     "num_epochs": 10,
@@ -50,6 +52,25 @@ DEFAULT_SETTINGS = {**SETTINGS, "learning_rate": 1e-3, "num_epochs": 2, "batch_s
                     "eval_freq": 50, "eval_iter": 10, "start_context": "The for statement"}
 DEFAULT_DATA = "data/input.txt"
 
+# --help text for the flags made from DEFAULT_CONFIG and DEFAULT_SETTINGS
+FLAG_HELP = {
+    "vocab_size": "token ids (GPT-2's BPE has 50257)",
+    "context_length": "tokens a window holds (the longest text the model sees at once)",
+    "emb_dim": "width of every token vector",
+    "n_heads": "attention heads per block (emb_dim must divide by it)",
+    "n_layers": "transformer blocks",
+    "drop_rate": "dropout probability while training",
+    "qkv_bias": "bias in the query/key/value projection (OpenAI's GPT-2 has one)",
+    "tie_embeddings": "the output head reuses the token embedding (GPT-2 does)",
+    "learning_rate": "peak learning rate (linear warmup, then cosine decay)",
+    "num_epochs": "passes over the training windows",
+    "batch_size": "windows per micro-batch (per process)",
+    "weight_decay": "AdamW weight decay (not applied to biases, norms, embeddings)",
+    "eval_freq": "evaluate every N optimizer steps",
+    "eval_iter": "batches per evaluation (train and validation)",
+    "start_context": "prompt of the sample printed after each epoch",
+}
+
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -60,15 +81,17 @@ def build_parser():
     for key, value in DEFAULT_CONFIG.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
+                           help=FLAG_HELP.get(key, key))
         else:
-            g.add_argument(flag, type=type(value), default=value)
+            g.add_argument(flag, type=type(value), default=value, help=FLAG_HELP.get(key, key))
     g.add_argument("--preset", choices=["small", "124M"], default="small",
                    help="'small' = the quick default above; '124M' = GPT_CONFIG_124M "
                         "(flags you give still win)")
     g = p.add_argument_group("training (the keys of SETTINGS)")
     for key, value in DEFAULT_SETTINGS.items():
-        g.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+        g.add_argument("--" + key.replace("_", "-"), type=type(value), default=value,
+                       help=FLAG_HELP.get(key, key))
     g = p.add_argument_group("run")
     g.add_argument("--data", default=DEFAULT_DATA,
                    help="text file; train.txt/valid.txt/test.txt are made beside it if missing")
@@ -165,7 +188,8 @@ def _run(args, cfg, device, rank, world_size, parallel):
     settings = {k: getattr(args, k) for k in SETTINGS}
 
     # Rank 0 splits the text and writes the token caches; the others wait, then only read.
-    if rank == 0:
+    # (One process alone does all of it below.)
+    if rank == 0 and world_size > 1:
         paths = prepare_splits(args.data, auto_split=True,
                                use_default_corpus=args.data == DEFAULT_DATA)
         for path in paths:
@@ -235,4 +259,8 @@ def _run(args, cfg, device, rank, world_size, parallel):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        # a flag, the data or a checkpoint that does not fit: the message says what to do
+        sys.exit(f"error: {e}")

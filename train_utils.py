@@ -507,7 +507,10 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
         # global batch unchanged (checked above) that is the same place in the epoch.
         saved_shape = ckpt.get("batch_size", batch_size) * ckpt.get("world_size", 1)
         batch_in_epoch = batch_in_epoch * saved_shape // (batch_size * world_size)
-        if main_process:
+        if main_process and (step >= total_steps or epoch >= num_epochs):
+            print(f"{checkpoint_path} is a finished run (step {step} of {total_steps}): "
+                  f"nothing left to train; raise --num-epochs or --max-steps to go on.")
+        elif main_process:
             print(f"Resumed from {checkpoint_path} at step {step} (epoch {epoch + 1}, "
                   f"batch {batch_in_epoch}).")
 

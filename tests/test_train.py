@@ -369,3 +369,21 @@ def test_train_py_resume_extends_a_run_and_rejects_a_new_seed(tmp_path, capsys):
     assert read_checkpoint(tmp_path / "m.pth")["settings"]["warmup_steps"] == 1
     with pytest.raises(ValueError, match="seed: saved 123, now 9"):
         main([*run, "--max-steps", "60", "--resume", "--seed", "9"])
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, corpus_tokens, capsys):
+    ckpt = tmp_path / "run.pth"
+    first = _train_tiny(corpus_tokens, ckpt)
+    capsys.readouterr()
+    again = _train_tiny(corpus_tokens, ckpt, resume=True)
+    assert (f"{ckpt} is a finished run (step 2 of 2): nothing left to train"
+            in capsys.readouterr().out)
+    assert again["final_step"] == first["final_step"] == 2
+
+
+def test_train_py_command_line_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data",
+                           str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m.pth")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: no text file at") and "Traceback" not in proc.stderr

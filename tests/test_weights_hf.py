@@ -5,6 +5,7 @@ read back through our loaders; our models are exported and read back by transfor
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,16 @@ def test_export_round_trip(tmp_path, tie, qkv_bias):
     assert back.cfg["tie_embeddings"] is tie
     with torch.no_grad():
         torch.testing.assert_close(back(prompt), gpt(prompt), atol=1e-5, rtol=1e-5)
+
+
+def test_exported_files_get_the_same_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_to_hf(random_gpt(True, True), tmp_path / "export")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes      # safetensors alone would make 0600
 
 
 def test_export_runs_in_transformers_pipeline(tmp_path):
