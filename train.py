@@ -249,7 +249,8 @@ def _run(args, cfg, device, rank, world_size, parallel):
             history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
     if rank == 0:
         plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
-                           history["val_loss"], out.with_name(out.stem + "_loss.png"))
+                           history["val_loss"], out.with_name(out.stem + "_loss.png"),
+                           step_losses=history["step_loss"], tokens_per_step=global_batch * ctx)
         hist = save_history(history, out.with_name(out.stem + "_history.json"))
         print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
     print(f"test: loss={history['test_loss']:.3f} perplexity={math.exp(history['test_loss']):.1f}")

@@ -132,21 +132,37 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png"):
-    """Save a PNG of training and validation loss against tokens seen (epochs on top)."""
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png",
+                step_losses=None, tokens_per_step=None):
+    """Save a PNG of training and validation loss against tokens seen (epochs on top).
+
+    The losses of the evaluations make the two main curves. ``step_losses`` (the history's
+    "step_loss": one per optimizer step, on that step's batch) adds a faint line that shows
+    what happens between evaluations, the first steps' fall from ~10.8 included; it needs
+    ``tokens_per_step`` (global batch x context length) to place the steps.
+    """
+    if step_losses is not None and not tokens_per_step:
+        raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
+                         "processes x context_length) to place each step on the tokens axis")
     import matplotlib
     matplotlib.use("Agg")   # no window: works headless, in CI and in notebooks alike
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(tokens_seen, train_losses, label="Training loss")
-    ax.plot(tokens_seen, val_losses, linestyle="-.", label="Validation loss")
+    if step_losses is not None:
+        step_tokens = [tokens_per_step * (i + 1) for i in range(len(step_losses))]
+        ax.plot(step_tokens, step_losses, color="tab:blue", alpha=0.3, linewidth=0.8,
+                label="Training loss, each step's batch")
+    ax.plot(tokens_seen, train_losses, color="tab:blue", label="Training loss")
+    ax.plot(tokens_seen, val_losses, color="tab:orange", linestyle="-.", label="Validation loss")
     ax.set_xlabel("Tokens seen")
     ax.set_ylabel("Loss")
     ax.legend(loc="upper right")
-    if len(epochs_seen) > 1 and epochs_seen[-1] > epochs_seen[0]:
-        top = ax.twiny()                  # a second x axis, in epochs, over the same points
-        top.plot(epochs_seen, train_losses, alpha=0)
+    if len(epochs_seen) > 1 and epochs_seen[-1] > epochs_seen[0] and tokens_seen[-1] > 0:
+        # a second x axis on top, in epochs: each epoch is the same number of tokens
+        per_token = epochs_seen[-1] / tokens_seen[-1]
+        top = ax.secondary_xaxis("top", functions=(lambda t: t * per_token,
+                                                   lambda e: e / per_token))
         top.set_xlabel("Epochs")
     fig.tight_layout()
     path = Path(path)

@@ -387,3 +387,14 @@ def test_train_py_command_line_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: no text file at") and "Traceback" not in proc.stderr
+
+
+def test_loss_plot_can_show_every_step(tmp_path):
+    from train_utils import plot_losses
+    args = ([0.5, 1.0], [1024, 2048], [6.0, 5.0], [6.2, 5.4])
+    with pytest.raises(ValueError, match="step_losses needs tokens_per_step"):
+        plot_losses(*args, tmp_path / "a.png", step_losses=[10.8, 9.0, 7.0, 5.0])
+    plain = plot_losses(*args, tmp_path / "plain.png").read_bytes()
+    steps = plot_losses(*args, tmp_path / "steps.png", step_losses=[10.8, 9.0, 7.0, 5.0],
+                        tokens_per_step=512).read_bytes()
+    assert plain[:4] == steps[:4] == b"\x89PNG" and plain != steps
