@@ -122,8 +122,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
         # On an x86 CPU every matmul of the loop reads oneDNN-packed weight copies, 1.4x
         # faster to stream from memory (model.GPTModel.packed_for_cpu explains); elsewhere
         # ``packing.head`` is the model's own out_head.
-        with core.packed_for_cpu(idx.shape[0]) as packing:
-            for next_id in _decode(core, packing.head, idx, max_new_tokens, context_size,
+        # Greedy decoding only needs each row's largest logit: packing.argmax finds it
+        # reading half of the output head's bytes (model.screened_argmax).
+        with core.packed_for_cpu(idx.shape[0], greedy=temperature == 0.0) as packing:
+            for next_id in _decode(core, packing, idx, max_new_tokens, context_size,
                                    temperature, top_k, eos_id, top_p, use_cache, generator):
                 # The caller's code runs while we wait at the yield, and may train the
                 # model or load other weights: the layers use their own weights meanwhile.
@@ -134,13 +136,16 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
         model.train(was_training)
 
 
-def _decode(core, head, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p,
-            use_cache, generator):
-    """The sampling loop of generate_tokens (same arguments; ``head`` makes the logits)."""
+def _decode(core, packing, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
+            top_p, use_cache, generator):
+    """The sampling loop of generate_tokens (same arguments; ``packing``: its head)."""
 
-    def last_logits(tokens, cache):
+    def next_tokens(tokens, cache):
         h = core.hidden_states(tokens, cache)[:, -1]                          # (B, C)
-        return head(h)                                                        # (B, vocab)
+        if temperature == 0.0:
+            return packing.argmax(h)                                          # (B, 1)
+        return sample_next_token(packing.head(h), temperature, top_k, top_p,  # (B, 1)
+                                 generator)
 
     B = idx.shape[0]
     seq = idx[:, -context_size:]        # a prompt longer than the context keeps its end
@@ -148,10 +153,9 @@ def _decode(core, head, idx, max_new_tokens, context_size, temperature, top_k, e
     # positions of GPT-2 for a short answer cost 0.16 s at batch 8.
     cache_len = min(context_size, seq.shape[1] + max_new_tokens)
     cache = core.new_cache(B, max_len=cache_len) if use_cache else None
-    logits = last_logits(seq, cache)                                             # (B, vocab)
+    next_id = next_tokens(seq, cache)                                            # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
-        next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_id = torch.where(done[:, None], eos_id, next_id)
             done |= next_id[:, 0] == eos_id
@@ -162,13 +166,13 @@ def _decode(core, head, idx, max_new_tokens, context_size, temperature, top_k, e
         if cache is not None and cache.pos < cache.max_len:
             # Only the new token goes through the model: the keys and values of
             # everything before it are already in the cache.
-            logits = last_logits(next_id, cache)
+            next_id = next_tokens(next_id, cache)
         else:
             # The window is full, so it slides by one: every position shifts and the
             # cached keys (computed at the old positions) no longer apply. Recompute.
             if cache is not None:
                 cache.reset()
-            logits = last_logits(seq, cache)
+            next_id = next_tokens(seq, cache)
 
 
 def generate_text(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None,

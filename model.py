@@ -223,16 +223,47 @@ def packed_linear(x, packed, bias=None):
 class _Packing:
     """What a GPTModel.packed_for_cpu block yields.
 
-    ``head(h)`` turns final vectors (..., C) into logits. ``active`` is read by every Linear
-    of the model at every call: True, they multiply with their packed copies; False, with
-    their own weights. generate_tokens is a generator, so the caller's code runs while it
-    waits at a ``yield`` (inside the block): it sets ``active`` to False for that time, so
-    that a training step or load_state_dict in between sees the real weights.
+    ``head(h)`` turns final vectors (..., C) into logits; ``argmax(h)`` gives the index of
+    each row's largest logit, (B, 1), which is all greedy decoding needs. ``active`` is read
+    by every Linear of the model at every call: True, they multiply with their packed
+    copies; False, with their own weights. generate_tokens is a generator, so the caller's
+    code runs while it waits at a ``yield`` (inside the block): it sets ``active`` to False
+    for that time, so that a training step or load_state_dict in between sees the real
+    weights.
     """
 
-    def __init__(self, head):
+    def __init__(self, head, argmax=None):
         self.head = head
+        self.argmax = argmax or (lambda h: head(h).float().argmax(dim=-1, keepdim=True))
         self.active = True
+
+
+def screened_argmax(h, weight, screen, row_norms):
+    """argmax(h @ weight.T) of each row of h (B, C), as fp32 gives it, reading half the bytes.
+
+    Greedy decoding needs only the largest logit, and the output head is the largest
+    matrix (154 MB of the 124M model's 500 MB in fp32). So:
+    1. multiply by ``screen``, a bfloat16 copy of ``weight`` (packed_weight): half the bytes;
+    2. bound how far each of those logits can be from the fp32 one. bfloat16 keeps 8
+       significant bits, so rounding moves every weight and every entry of h by at most
+       2^-9 of itself, and logit i by at most about 2^-8 * sum_j |h_j| |w_ij| (the fp32
+       sums add far less), which Cauchy-Schwarz bounds by 2^-8 * ||h|| * ||w_i||
+       (``row_norms``: the ||w_i||). We take 2^-7, twice that;
+    3. token i can still be the largest only if its logit plus its bound reaches the best
+       of (logit - bound); recompute just those candidates in fp32 (a handful of rows on
+       GPT-2-sized random weights) and take their argmax.
+    Ties go to the lowest index, as with torch.argmax over all logits.
+    """
+    approx = packed_linear(h, screen).float()                               # (B, vocab)
+    bound = 2.0 ** -7 * h.norm(dim=-1, keepdim=True) * row_norms            # (B, vocab)
+    floor = (approx - bound).amax(dim=-1, keepdim=True)                     # (B, 1)
+    candidates = (approx + bound >= floor).any(dim=0).nonzero().squeeze(1)  # (K,) ascending
+    if len(candidates) > 4096:        # the screen did not narrow it down: all of it in fp32
+        return (h @ weight.T).argmax(dim=-1, keepdim=True)
+    # Each (row, candidate) dot product summed the same way, so equal weight rows give equal
+    # logits and a tie goes to the lower index (a matmul may round columns differently).
+    exact = (h[:, None, :] * weight[candidates]).sum(dim=-1)                # (B, K) fp32
+    return candidates[exact.argmax(dim=-1, keepdim=True)]                   # (B, 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -394,14 +425,18 @@ class GPTModel(nn.Module):
         return super().train(mode)
 
     @contextlib.contextmanager
-    def packed_for_cpu(self, batch_size=8):
+    def packed_for_cpu(self, batch_size=8, greedy=False):
         """Within this block every matmul reads oneDNN-packed weights (inference on CPU).
 
         ``batch_size``: the rows each step will have (the packing is tuned for it).
-        Yields a _Packing: ``packing.head(h)`` makes the logits; setting ``packing.active``
-        to False puts every layer back on its own weights until it is set True again
-        (generate_tokens does so while it waits at a ``yield``). Under bf16 autocast the
-        copies are packed in bfloat16 (cast once, not at every step as autocast would).
+        Yields a _Packing: ``packing.head(h)`` makes the logits, ``packing.argmax(h)`` the
+        greedy tokens; setting ``packing.active`` to False puts every layer back on its own
+        weights until it is set True again (generate_tokens does so while it waits at a
+        ``yield``). Under bf16 autocast the copies are packed in bfloat16 (cast once, not at
+        every step as autocast would). ``greedy=True`` (only the argmax will be asked for)
+        packs an fp32 head as a bfloat16 copy for screened_argmax: greedy tokens exactly as
+        fp32 picks them, with half the head's bytes read (``head`` then multiplies with the
+        plain weight).
         Where packing is not available or not wanted (not x86, no oneDNN, weights not on the
         CPU, gradients on, ``cpu_packing`` False, weights over a quarter of the RAM) nothing
         changes and the head is the plain ``out_head``.
@@ -421,8 +456,15 @@ class GPTModel(nn.Module):
             yield _Packing(self.out_head)
             return
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        head = packed_weight(self.out_head.weight, batch_size, dtype=dtype)      # (vocab, C)
-        packing = _Packing(lambda h: packed_linear(h, head))
+        weight = self.out_head.weight                                            # (vocab, C)
+        if greedy and dtype == torch.float32:
+            screen = packed_weight(weight, batch_size, dtype=torch.bfloat16)
+            norms = weight.detach().norm(dim=1)                                  # (vocab,)
+            packing = _Packing(self.out_head,
+                               lambda h: screened_argmax(h, weight, screen, norms))
+        else:
+            head = packed_weight(weight, batch_size, dtype=dtype)
+            packing = _Packing(lambda h: packed_linear(h, head))
         try:
             for m in linears:
                 m.packed = packed_weight(m.weight, batch_size, in_out=True, dtype=dtype)

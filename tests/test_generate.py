@@ -385,3 +385,41 @@ def test_generate_cli_says_what_is_wrong_with_the_weights(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+@needs_packing
+@pytest.mark.parametrize("batch", [1, 3])
+def test_screened_argmax_is_the_fp32_argmax(batch):
+    # The bfloat16 screen plus the fp32 recheck must pick exactly what argmax over all
+    # fp32 logits picks, near-ties included: rows 7 and 8 differ in the last bits only, and
+    # rows 20 and 30 are equal (the tie goes to the lower index).
+    torch.manual_seed(0)
+    weight = torch.randn(211, 48) * 0.02
+    weight[8] = weight[7] * (1 + 2 ** -20)
+    weight[30] = weight[20]
+    screen = model_lib.packed_weight(weight, batch, dtype=torch.bfloat16)
+    norms = weight.norm(dim=1)
+    for trial in range(200):
+        h = torch.randn(batch, 48)
+        if trial % 3 == 0:
+            h[0] = weight[7] * 50          # row 0 then favours token 7 over its near-twin 8
+        if trial % 3 == 1:
+            h[0] = weight[20] * 50         # a real tie between 20 and 30
+        got = model_lib.screened_argmax(h, weight, screen, norms)
+        assert got.tolist() == (h @ weight.T).argmax(dim=-1, keepdim=True).tolist()
+
+
+@needs_packing
+def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
+    model = _small_model()
+    idx = torch.randint(0, 211, (2, 5), generator=torch.Generator().manual_seed(6))
+    head = model.out_head.weight
+    out = generate_text(model, idx, 6, 40)
+    assert model_lib._PACKED.get(head)[2].dtype == torch.bfloat16
+    ref = idx
+    with torch.no_grad():
+        for _ in range(6):
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == ref.tolist()
+    generate_text(model, idx, 3, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert model_lib._PACKED.get(head)[2].dtype == torch.float32
