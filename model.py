@@ -252,7 +252,9 @@ def screened_argmax(h, weight, screen, row_norms):
     3. token i can still be the largest only if its logit plus its bound reaches the best
        of (logit - bound); recompute just those candidates in fp32 (a handful of rows on
        GPT-2-sized random weights) and take their argmax.
-    Ties go to the lowest index, as with torch.argmax over all logits.
+    Ties go to the lowest index, as with torch.argmax over all logits. "As fp32 gives it"
+    holds up to the last-bit rounding in which any two fp32 kernels differ (their order of
+    summation), as between ours and Hugging Face's.
     """
     approx = packed_linear(h, screen).float()                               # (B, vocab)
     bound = 2.0 ** -7 * h.norm(dim=-1, keepdim=True) * row_norms            # (B, vocab)
