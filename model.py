@@ -256,8 +256,11 @@ def screened_argmax(h, weight, screen, row_norms):
     holds up to the last-bit rounding in which any two fp32 kernels differ (their order of
     summation), as between ours and Hugging Face's.
     """
+    h_norm = h.norm(dim=-1, keepdim=True)                                   # (B, 1)
+    if not torch.isfinite(h_norm).all():    # NaN or inf (a diverged model): no bound holds
+        return (h @ weight.T).argmax(dim=-1, keepdim=True)
     approx = packed_linear(h, screen).float()                               # (B, vocab)
-    bound = 2.0 ** -7 * h.norm(dim=-1, keepdim=True) * row_norms            # (B, vocab)
+    bound = 2.0 ** -7 * h_norm * row_norms                                  # (B, vocab)
     floor = (approx - bound).amax(dim=-1, keepdim=True)                     # (B, 1)
     candidates = (approx + bound >= floor).any(dim=0).nonzero().squeeze(1)  # (K,) ascending
     if len(candidates) > 4096:        # the screen did not narrow it down: all of it in fp32

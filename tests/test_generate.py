@@ -407,6 +407,9 @@ def test_screened_argmax_is_the_fp32_argmax(batch):
             h[0] = weight[20] * 50         # a real tie between 20 and 30
         got = model_lib.screened_argmax(h, weight, screen, norms)
         assert got.tolist() == (h @ weight.T).argmax(dim=-1, keepdim=True).tolist()
+    h[-1, 3] = float("nan")                # a diverged model: no bound holds, no crash
+    got = model_lib.screened_argmax(h, weight, screen, norms)
+    assert got.tolist() == (h @ weight.T).argmax(dim=-1, keepdim=True).tolist()
 
 
 @needs_packing
