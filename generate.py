@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from model import DTYPES, unwrap_model
+from model import DTYPES, greedy_tokens, unwrap_model
 
 
 def text_to_token_ids(text, tokenizer, device=None):
@@ -66,7 +66,7 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0.0:
-        greedy = logits.argmax(dim=-1, keepdim=True)                         # (B, 1)
+        greedy = greedy_tokens(logits)                                       # (B, 1)
         return torch.zeros_like(logits, dtype=torch.float).scatter(-1, greedy, 1.0)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -88,10 +88,7 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab_size) -> next token ids (B, 1), drawn from ``filtered_probs``."""
     if temperature == 0.0:
-        # .float(): argmax over bfloat16 has no vectorized CPU kernel and took 180 us for
-        # one row of 50257 logits (3% of a bf16 decoding step); converting first (exact,
-        # so the same token, ties included) and taking the fp32 argmax took 60 us.
-        return logits.float().argmax(dim=-1, keepdim=True)                   # (B, 1)
+        return greedy_tokens(logits)                                         # (B, 1)
     probs = filtered_probs(logits, temperature, top_k, top_p)                # (B, vocab)
     return torch.multinomial(probs, num_samples=1, generator=generator)      # (B, 1)
 
