@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from download_weights import HF_BLOCK, check_block_count, resolve_model_size
 from model import (
     MODEL_CONFIGS,
     GPTModel,
+    atomic_write,
     gpt2_param_names,
     iter_gpt2_weights,
     load_checkpoint,
@@ -391,29 +391,8 @@ def _export_tensors(model):
     return tensors
 
 
-def _replace_file(path, write, mode_from=None):
-    """``write(tmp)`` to a hidden temporary file beside ``path``, fsync it, rename it over ``path``.
-
-    The rename is atomic, so ``path`` is always either the old file or the whole new one.
-    model.atomic_write does the same for a file object; here ``write`` gets a path, as
-    safetensors' save_file needs (writing it to a file object would first build the
-    whole file in memory). ``mode_from``: a file whose permissions the new one gets.
-    """
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    try:
-        write(tmp)
-        if mode_from is not None:
-            os.chmod(tmp, stat.S_IMODE(os.stat(mode_from).st_mode))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path, obj):
-    _replace_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 # What an export writes, in this order: the weights come last (see export_to_hf).
@@ -490,17 +469,17 @@ def export_to_hf(model, out_dir):
         # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
         "pad_token_id": GPT2_EOS_ID})
     # the same files under HF's names
-    _replace_file(out_dir / "vocab.json", lambda tmp: shutil.copyfile(encoder_json, tmp))
-    _replace_file(out_dir / "merges.txt", lambda tmp: shutil.copyfile(vocab_bpe, tmp))
+    atomic_write(out_dir / "vocab.json", lambda tmp: shutil.copyfile(encoder_json, tmp),
+                 by_path=True)
+    atomic_write(out_dir / "merges.txt", lambda tmp: shutil.copyfile(vocab_bpe, tmp),
+                 by_path=True)
     _write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "add_prefix_space": False})
-    # metadata format=pt: transformers refuses safetensors files without it. save_file makes
-    # its file private (0600): it gets the permissions of the config written above instead.
-    _replace_file(out_dir / "model.safetensors",
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-                  mode_from=out_dir / "config.json")
+    # metadata format=pt: transformers refuses safetensors files without it
+    atomic_write(out_dir / "model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_path=True)
     return out_dir
 
 

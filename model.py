@@ -696,22 +696,33 @@ def unwrap_model(model):
             return model
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, by_path=False):
     """Call ``write(f)`` on a temp file in ``path``'s folder, fsync, then rename over ``path``.
 
     ``os.replace`` within one folder is atomic: a crash or Ctrl-C at any moment leaves
     either the old file or the complete new one, never half of one that a later run
-    would trust. Every file this project writes goes through here.
+    would trust. Every file this project writes goes through here. ``by_path=True`` hands
+    ``write`` the temp file's path instead of an open file, for writers that open the file
+    themselves (safetensors' save_file; a file object would make it build the whole file
+    in memory first); the file keeps the permissions it was created with.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path)
     tmp, fd = _create_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if by_path:
+            mode = os.fstat(fd).st_mode & 0o777
+            os.close(fd)
+            write(Path(tmp))
+            os.chmod(tmp, mode)         # save_file, for one, makes its file private (0600)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
