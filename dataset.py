@@ -277,15 +277,40 @@ def ensure_input_file(path="data/input.txt"):
     return path
 
 
+def _same_text(path, stat, record, record_path, prefix=""):
+    """Whether ``record`` (the dict in the JSON file ``record_path``) describes the bytes
+    ``path`` holds now; ``stat`` is path's os.stat.
+
+    ``record`` has the text's ``{prefix}size``, ``{prefix}mtime_ns``, ``{prefix}ctime_ns``
+    and ``{prefix}sha256``. Size, mtime and ctime decide quickly, much as ``make`` does. When
+    only the timestamps differ (``touch``, a fresh ``git checkout``, a copy) the text is
+    hashed: unchanged text keeps its record, and the new timestamps are written into it so
+    the next call is quick again. The ctime matters because the mtime can be set back
+    (``os.utime``, ``cp -p``, ``rsync -t``) after a same-size rewrite; the ctime cannot,
+    any change sets it to now. A record with no ctime is hashed once.
+    """
+    size, mtime, ctime, sha256 = (prefix + k for k in ("size", "mtime_ns", "ctime_ns",
+                                                        "sha256"))
+    if record.get(size) != stat.st_size:
+        return False
+    if (record.get(mtime), record.get(ctime)) == (stat.st_mtime_ns, stat.st_ctime_ns):
+        return True
+    if _file_sha256(path) != record.get(sha256):
+        return False
+    try:
+        _atomic_write(record_path, json.dumps(
+            {**record, mtime: stat.st_mtime_ns, ctime: stat.st_ctime_ns}, indent=1))
+    except OSError:
+        pass                # read-only folder: still right, just slower to check next time
+    return True
+
+
 def _why_splits_are_stale(input_path, split_files):
     """None when the existing ``split_files`` still belong to ``input_path``, else why not.
 
-    The stamp split_train_val_test leaves beside them decides when it names this input:
-    same size and same mtime and ctime means unchanged (quick, like the token cache);
-    otherwise the sha256 decides. mtimes alone cannot: ``mv``, ``cp -p`` and ``rsync -t``
-    keep a file's old mtime, so a replaced input can look older than its stale splits.
-    ctime cannot be set back (``os.utime`` sets it to now), which catches a same-size
-    rewrite whose mtime was restored.
+    The stamp split_train_val_test leaves beside them decides when it names this input
+    (_same_text). mtimes alone cannot: ``mv``, ``cp -p`` and ``rsync -t`` keep a file's
+    old mtime, so a replaced input can look older than its stale splits.
     """
     st = input_path.stat()
     stamp_path = split_stamp_path(input_path)
@@ -293,20 +318,8 @@ def _why_splits_are_stale(input_path, split_files):
     if isinstance(stamp, dict) and "input" in stamp:
         if stamp["input"] != input_path.name:
             return f"the split files were made from {stamp['input']}, not {input_path.name}"
-        if stamp.get("size") == st.st_size:
-            if (stamp.get("mtime_ns"), stamp.get("ctime_ns")) == (st.st_mtime_ns,
-                                                                  st.st_ctime_ns):
-                return None
-            if _file_sha256(input_path) == stamp.get("sha256"):
-                # Same text, new timestamps (touch, copy, checkout): record them so the
-                # next call is quick again.
-                try:
-                    _atomic_write(stamp_path, json.dumps(
-                        {**stamp, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns},
-                        indent=1))
-                except OSError:
-                    pass        # read-only folder: the splits are still right
-                return None
+        if _same_text(input_path, st, stamp, stamp_path):
+            return None
         return f"{input_path} changed since it was split"
     # No stamp: split files you made yourself, or by a version that wrote none. Strictly
     # newer: split files written right after the input may share its timestamp on file
@@ -512,13 +525,8 @@ def _tokenizer_id(tokenizer):
 
 
 def _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
-    """Whether the cached ids still belong to ``path``'s current text.
+    """Whether the cached ids still belong to ``path``'s current text (_same_text).
 
-    Size, mtime and ctime decide quickly, much as ``make`` does. When only the timestamps
-    differ (``touch``, a fresh ``git checkout``, a copy) we hash the text: unchanged text
-    keeps its cache, and the new timestamps are recorded so the next call is quick again.
-    The ctime matters because the mtime can be set back (``os.utime``, ``cp -p``,
-    ``rsync -t``) after a same-size rewrite; the ctime cannot, any change sets it to now.
     Caches from before ctime was recorded have none, so they are hashed once, not rebuilt.
     """
     if not isinstance(meta, dict) or meta.get("format") != _TOKEN_CACHE_FORMAT:
@@ -528,19 +536,9 @@ def _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
     n_tokens = meta.get("n_tokens")
     if not isinstance(n_tokens, int) or not u16_path.is_file():
         return False
-    if u16_path.stat().st_size != 2 * n_tokens or meta.get("source_size") != stat.st_size:
+    if u16_path.stat().st_size != 2 * n_tokens:
         return False
-    if (meta.get("source_mtime_ns"), meta.get("source_ctime_ns")) == (stat.st_mtime_ns,
-                                                                       stat.st_ctime_ns):
-        return True
-    if _file_sha256(path) != meta.get("source_sha256"):
-        return False
-    try:
-        _atomic_write(meta_path, json.dumps({**meta, "source_mtime_ns": stat.st_mtime_ns,
-                                             "source_ctime_ns": stat.st_ctime_ns}, indent=1))
-    except OSError:
-        pass                # read-only folder: the cache is still right, just slower to check
-    return True
+    return _same_text(path, stat, meta, meta_path, prefix="source_")
 
 
 def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
