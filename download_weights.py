@@ -330,14 +330,14 @@ def load_weights_into_gpt(gpt, params):
 # ---------------------------------------------------------------------------------------
 # The whole pipeline
 
-def _sizes():
-    # "124M" -> "gpt2-small (124M)", read off MODEL_CONFIGS so there is one list of sizes
+def model_sizes():
+    """{"124M": "gpt2-small (124M)", ...}, read off MODEL_CONFIGS: one list of sizes."""
     return {key[key.index("(") + 1:key.index(")")]: key for key in MODEL_CONFIGS if "(" in key}
 
 
 def resolve_model_size(model_size):
     """"124M" or "gpt2-small (124M)" -> "124M", the folder name OpenAI uses."""
-    sizes = _sizes()
+    sizes = model_sizes()
     if model_size in sizes:
         return model_size
     for short, key in sizes.items():
@@ -400,7 +400,8 @@ def download_and_save_gpt2(model_size, target_dir="model_weights", model_class=G
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"{url} does not exist (HTTP 404): either the model size {size!r} is wrong "
-                f"(OpenAI published {list(_sizes())}) or base_url {base_url!r} is wrong") from e
+                f"(OpenAI published {list(model_sizes())}) or base_url {base_url!r} is "
+                f"wrong") from e
 
     hparams_path = model_dir / "hparams.json"
     try:
@@ -427,7 +428,7 @@ def _delete_tf_files(model_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2-small (124M)",
-                        help=f"one of {list(MODEL_CONFIGS)} or {list(_sizes())}")
+                        help=f"one of {list(MODEL_CONFIGS)} or {list(model_sizes())}")
     parser.add_argument("--out-dir", default="model_weights", help="where files are saved")
     parser.add_argument("--base-url", default=BASE_URL, help="where OpenAI's files live")
     parser.add_argument("--delete-tf-files", action="store_true",

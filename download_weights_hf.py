@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dataset import gpt2_bpe_files
-from download_weights import HF_BLOCK, check_block_count, resolve_model_size
+from download_weights import HF_BLOCK, check_block_count, model_sizes, resolve_model_size
 from model import (
     MODEL_CONFIGS,
     GPTModel,
@@ -212,8 +212,7 @@ def _read_tensor(path, name, handle=None):
 def _size_key(name):
     """OpenAI's size names as download_weights.py takes them, "gpt2-small (124M)" or
     "124M" -> the MODEL_CONFIGS key "gpt2-small (124M)"; ValueError for any other name."""
-    size = resolve_model_size(name)
-    return next(key for key in MODEL_CONFIGS if key.endswith(f"({size})"))
+    return model_sizes()[resolve_model_size(name)]
 
 
 def _hub_id(name):
@@ -230,7 +229,7 @@ def _resolve_folder(name_or_path, cache_dir):
     if path.is_dir():
         return path
     name = str(name_or_path)
-    sizes = [key[key.index("(") + 1:-1] for key in HF_HUB_IDS]
+    sizes = list(model_sizes())
     choices = (f"a folder written by save_pretrained, a Hub id like 'openai-community/gpt2', "
                f"or one of {list(HF_HUB_IDS)} (or just the size: {sizes})")
     if path.exists():
