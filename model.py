@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 # The default for training from scratch (the seed's values). A 256-token context keeps
@@ -134,14 +135,74 @@ class Linear(nn.Module):
         self.packed = None
         self.packing = None
 
+    # fp32 products on x86 CPUs go through oneDNN (see _OneDNNLinear): set to False on the
+    # class (Linear.onednn_fp32 = False, the output head included) or on one layer to use
+    # PyTorch's default kernels instead.
+    onednn_fp32 = True
+
     def forward(self, x):
         if self.packed is not None and self.packing.active:
             return packed_linear(x, self.packed, self.bias)                 # (..., out)
+        if self.onednn_fp32 and onednn_fp32_applies(x, self.weight):
+            y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])                       # (..., out)
         if self.bias is None:
             return x @ self.weight                                          # (..., out)
         # addmm fuses the bias add into the matrix multiply (one pass over the output)
         y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
         return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
+
+
+# ---------------------------------------------------------------------------------------
+# Faster fp32 matrix products on x86 CPUs: oneDNN instead of MKL.
+#
+# PyTorch's CPU builds hand fp32 matmuls (torch.mm, addmm, F.linear) to Intel's MKL and
+# bfloat16 ones to oneDNN, another kernel library inside PyTorch. On the AMD EPYC (Zen 5)
+# these figures come from, MKL ran fp32 products at 184-214 GFLOP/s, the speed of 256-bit
+# AVX2 code here, while oneDNN ran every fp32 product a training step of GPT-2 makes at
+# 320-480 GFLOP/s, about 2.2x (bench/kernels.py --only sgemm). The two differ only in
+# rounding (~1e-6 relative: the order in which each dot product is summed). oneDNN's linear
+# op has no gradient formula in autograd, so _OneDNNLinear writes out the backward: the
+# two matrix products of any linear layer, and the bias's sum.
+
+def onednn_fp32_applies(x, weight):
+    """True when x @ weight should run through _OneDNNLinear: fp32 on an x86 CPU, no autocast."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+            and type(weight) in (torch.Tensor, nn.Parameter)       # not a sharded DTensor
+            and not torch.compiler.is_compiling() and cpu_packing_available())
+
+
+def onednn_mm(a, b, bias=None):
+    """a (M, K) @ b (K, N) + bias, in one oneDNN call (the op wants b as an (N, K) matrix)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ w + bias through oneDNN: x (N, in), w (in, out), bias (out,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        ctx.save_for_backward(x, w)
+        return onednn_mm(x, w, bias)                                      # (N, out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):                                              # grad (N, out)
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_mm(grad, w.t())                               # (N, in)
+        if ctx.needs_input_grad[1]:
+            # made in w's own memory order so that it adds onto .grad without a copy: the
+            # output head's (vocab, C) weight arrives here as its transpose (C, vocab)
+            if w.is_contiguous():
+                grad_w = onednn_mm(x.t(), grad)                           # (in, out)
+            else:
+                grad_w = onednn_mm(grad.t(), x).t()                       # (in, out) view
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0)                                   # (out,)
+        return grad_x, grad_w, grad_bias
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,11 +591,17 @@ class GPTModel(nn.Module):
     def logits(self, h):
         """The output head: final vectors (..., C) -> logits (..., vocab_size).
 
-        On CPU the logits are written into rows padded to a multiple of 64 entries and
-        handed out as a view of the first vocab_size columns (see _AlignedLogits): the
-        values are exactly out_head's, only the memory between rows differs.
+        fp32 on an x86 CPU: through oneDNN (_OneDNNLinear). Otherwise on CPU (bf16
+        autocast, other CPUs) the logits are written into rows padded to a multiple of 64
+        entries and handed out as a view of the first vocab_size columns (see
+        _AlignedLogits): the values are exactly out_head's, only the memory between rows
+        differs.
         """
         weight = self.out_head.weight                                          # (vocab, C)
+        if Linear.onednn_fp32 and onednn_fp32_applies(h, weight):
+            # oneDNN wrote the unpadded rows as fast as padded ones (at its ~2x speed)
+            out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
+            return out.view(*h.shape[:-1], weight.shape[0])                    # (..., vocab)
         if (h.device.type != "cpu" or weight.shape[0] % 64 == 0
                 or torch.compiler.is_compiling()):
             return self.out_head(h)

@@ -4,11 +4,16 @@ import os
 import pytest
 import torch
 
+import model as model_module
+from conftest import cfg_from_hf, make_hf_model
 from model import (
     GPT_CONFIG_124M,
     MODEL_CONFIGS,
     GPTModel,
+    Linear,
     atomic_save,
+    cpu_packing_available,
+    gpt2_param_names,
     load_checkpoint,
     save_checkpoint,
 )
@@ -205,9 +210,11 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeyp
 
 @pytest.mark.parametrize("vocab, row", [(211, 256), (192, 192)])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast):
+def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast, monkeypatch):
     # On CPU the logits live in rows padded to a multiple of 64 (model._AlignedLogits):
-    # values, loss and every gradient must be those of the plain nn.Linear head.
+    # values, loss and every gradient must be those of the plain nn.Linear head. (fp32 on
+    # x86 takes oneDNN instead, tested below: switched off here so that this path is run.)
+    monkeypatch.setattr(Linear, "onednn_fp32", False)
     torch.manual_seed(0)
     model = GPTModel({"vocab_size": vocab, "context_length": 16, "emb_dim": 32, "n_heads": 4,
                       "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
@@ -230,6 +237,77 @@ def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast
     assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _count_onednn_calls(monkeypatch):
+    calls = []
+    real = model_module.onednn_mm
+    monkeypatch.setattr(model_module, "onednn_mm",
+                        lambda *args: calls.append(args[0].shape) or real(*args))
+    return calls
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_loss_and_gradients_match_hugging_face(monkeypatch, onednn):
+    # One training step's arithmetic, tied head included: loss and every gradient as
+    # GPT2LMHeadModel's. fp32 on x86 runs our matrix products through oneDNN with a
+    # backward written out (model._OneDNNLinear); onednn=False takes PyTorch's own.
+    from download_weights_hf import load_weights_into_gpt
+
+    monkeypatch.setattr(Linear, "onednn_fp32", onednn)
+    calls = _count_onednn_calls(monkeypatch)
+    hf = make_hf_model()
+    ours = GPTModel(cfg_from_hf(hf))
+    load_weights_into_gpt(ours, hf)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 211, (3, 20), generator=g)
+    targets = torch.randint(0, 211, (3, 20), generator=g)
+    loss = torch.nn.functional.cross_entropy(ours(idx).flatten(0, 1), targets.flatten())
+    ref = hf(input_ids=idx).logits
+    ref_loss = torch.nn.functional.cross_entropy(ref.flatten(0, 1), targets.flatten())
+    loss.backward()
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    hf_params = dict(hf.transformer.named_parameters())
+    ours_params = dict(ours.named_parameters())
+    for name, hf_name, _, _ in gpt2_param_names(3):
+        torch.testing.assert_close(ours_params[name].grad, hf_params[hf_name].grad,
+                                   atol=1e-6, rtol=1e-4, msg=name)
+    # forward: 4 products per block + the head; backward: 2 each (input and weight)
+    n_products = 3 * (4 * 3 + 1)
+    assert len(calls) == (n_products if onednn and cpu_packing_available() else 0)
+
+
+@pytest.mark.skipif(not cpu_packing_available(), reason="oneDNN fp32 path: x86 CPUs only")
+def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
+    # _OneDNNLinear on its own: with and without bias, contiguous (in, out) weights and the
+    # head's transposed view, inputs that need no gradient; and autocast keeps it off.
+    calls = _count_onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    for bias_on, transposed, x_grad in [(True, False, True), (False, True, True),
+                                        (True, False, False)]:
+        x = torch.randn(37, 24, generator=g).requires_grad_(x_grad)
+        base = torch.randn(40, 24, generator=g) if transposed else torch.randn(24, 40, generator=g)
+        base.requires_grad_(True)
+        bias = torch.randn(40, generator=g).requires_grad_(True) if bias_on else None
+        w = base.t() if transposed else base                             # (24, 40)
+        y = model_module._OneDNNLinear.apply(x, w, bias)
+        ref = x @ w + (bias if bias_on else 0)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        upstream = torch.randn(37, 40, generator=g)
+        grads = torch.autograd.grad(y, [t for t in (x, base, bias) if t is not None
+                                        and t.requires_grad], upstream)
+        ref_grads = torch.autograd.grad(ref, [t for t in (x, base, bias) if t is not None
+                                              and t.requires_grad], upstream)
+        for a, b in zip(grads, ref_grads):
+            assert a.shape == b.shape and a.is_contiguous() == b.is_contiguous()
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 3 + 2 + 2 + 1            # forwards, then one backward per grad asked
+    calls.clear()
+    layer = Linear(24, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(5, 24)).dtype == torch.bfloat16
+    assert calls == []
 
 
 def test_a_tying_config_does_not_drop_a_different_head(tmp_path, tiny_cfg):
