@@ -4,6 +4,11 @@
     python bench/kernels.py --quick    # fewer repetitions
 
 No targets: this is the evidence for the analysis in the README / issue. Sections:
+  sgemm     every fp32 matrix product of a training step of configs S and M (forward,
+            grad-input, grad-weight of each linear layer and the head) and a 2048^3 square,
+            through torch.mm (PyTorch's default kernel, MKL on x86 builds) and through
+            model.onednn_mm (oneDNN, what training uses on x86), in GFLOP/s. Runs with
+            train_utils.tune_malloc() on, as training does.
   headtrain the head's forward, grad-input and grad-weight matmuls at training sizes, for
             both weight layouts and vocab 50257 vs 50304.
   gemv      every block matrix of the 124M model in 12 copies (too big for the L3 cache,
@@ -118,6 +123,41 @@ def bench_head_train(rounds=3, reps=3, vocab=50257, padded=50304):
                 t = common.median(ts)
                 rows.append([str(dtype).removeprefix("torch."), f"{n_rows}x{emb}", V, k,
                              f"{t * 1e3:.0f}", f"{2 * n_rows * emb * V / t / 1e9:.0f}"])
+    return rows
+
+
+def bench_sgemm(rounds=3, reps=3):
+    """fp32 products of training, torch.mm vs model.onednn_mm; rows of the table."""
+    import torch
+
+    import model
+    if not model.cpu_packing_available():
+        return [["-", "-", "oneDNN is not available here (not x86, or no oneDNN)", "", "", ""]]
+    g = torch.Generator().manual_seed(0)
+    # (rows, in, out) of every linear layer and the head: S (2048 x 384), M (1024 x 768)
+    shapes = [("S", 2048, i, o) for i, o in ((384, 1152), (384, 384), (384, 1536),
+                                             (1536, 384), (384, 50257))]
+    shapes += [("M", 1024, i, o) for i, o in ((768, 2304), (768, 768), (768, 3072),
+                                              (3072, 768), (768, 50257))]
+    rows = []
+    for cfg, n, i, o in [("square", 2048, 2048, 2048)] + shapes:
+        x = torch.randn(n, i, generator=g)
+        W = torch.randn(i, o, generator=g)
+        gy = torch.randn(n, o, generator=g)
+        for what, a, b in (("fwd x @ W", x, W), ("dx = gy @ W.T", gy, W.t()),
+                           ("dW = x.T @ gy", x.t(), gy)):
+            variants = {"torch.mm": partial(torch_mm, a, b),
+                        "onednn_mm": partial(model.onednn_mm, a, b)}
+            times = {k: [] for k in variants}
+            for _ in range(rounds):
+                for k, fn in variants.items():
+                    times[k].append(best_of(fn, reps))
+            rate = {k: 2 * n * i * o / common.median(ts) / 1e9 for k, ts in times.items()}
+            rows.append([cfg, f"{n}x{i} @ {i}x{o}", what, f"{rate['torch.mm']:.0f}",
+                         f"{rate['onednn_mm']:.0f}",
+                         f"{rate['onednn_mm'] / rate['torch.mm']:.2f}x"])
+            if cfg == "square":
+                break
     return rows
 
 
@@ -277,13 +317,21 @@ def bench_meta():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="gemv,head,headtrain,attention,cache,overhead,meta")
+    p.add_argument("--only",
+                   default="sgemm,gemv,head,headtrain,attention,cache,overhead,meta")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     q = args.quick
     print("kernels: single operations, 124M shapes, median of interleaved samples")
     print(common.machine_line())
+    if "sgemm" in only:
+        print()
+        print(common.setup_malloc(True))
+        print(common.table(["config", "product", "training matmul (fp32)", "torch.mm GFLOP/s",
+                            "onednn_mm GFLOP/s", "ratio"],
+                           bench_sgemm(rounds=2 if q else 3, reps=2 if q else 3),
+                           ["<", "<", "<", ">", ">", ">"]))
     if "head" in only:
         print()
         print(common.table(["dtype", "rows", "output head", "ms", "GB/s of weight"],
