@@ -281,7 +281,8 @@ def test_loss_and_gradients_match_hugging_face(monkeypatch, onednn):
 @pytest.mark.skipif(not cpu_packing_available(), reason="oneDNN fp32 path: x86 CPUs only")
 def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
     # _OneDNNLinear on its own: with and without bias, contiguous (in, out) weights and the
-    # head's transposed view, inputs that need no gradient; and autocast keeps it off.
+    # head's transposed view, inputs that need no gradient, a broadcast upstream gradient;
+    # and autocast keeps it off.
     calls = _count_onednn_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     for bias_on, transposed, x_grad in [(True, False, True), (False, True, True),
@@ -294,7 +295,9 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
         y = model_module._OneDNNLinear.apply(x, w, bias)
         ref = x @ w + (bias if bias_on else 0)
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-        upstream = torch.randn(37, 40, generator=g)
+        # a broadcast gradient (stride 0, as y.sum().backward() gives) for the plain cases
+        upstream = (torch.randn(37, 40, generator=g) if transposed
+                    else torch.randn(37, 1, generator=g).expand(37, 40))
         grads = torch.autograd.grad(y, [t for t in (x, base, bias) if t is not None
                                         and t.requires_grad], upstream)
         ref_grads = torch.autograd.grad(ref, [t for t in (x, base, bias) if t is not None
