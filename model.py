@@ -160,10 +160,13 @@ class Linear(nn.Module):
 # bfloat16 ones to oneDNN, another kernel library inside PyTorch. On the AMD EPYC (Zen 5)
 # these figures come from, MKL ran fp32 products at 184-214 GFLOP/s, the speed of 256-bit
 # AVX2 code here, while oneDNN ran every fp32 product a training step of GPT-2 makes at
-# 320-480 GFLOP/s, about 2.2x (bench/kernels.py --only sgemm). The two differ only in
+# 315-488 GFLOP/s, about 2.2x (bench/kernels.py --only sgemm). The two differ only in
 # rounding (~1e-6 relative: the order in which each dot product is summed). oneDNN's linear
 # op has no gradient formula in autograd, so _OneDNNLinear writes out the backward: the
-# two matrix products of any linear layer, and the bias's sum.
+# two matrix products of any linear layer, and the bias's sum. For toy sizes (under ~2M
+# multiply-adds a product) oneDNN's fixed cost of ~15 us a call made it slower than MKL by
+# up to 11 us; that is kept rather than a switch that depends on the shapes.
+
 
 def onednn_fp32_applies(x, weight):
     """True when x @ weight should run through _OneDNNLinear: fp32 on an x86 CPU, no autocast."""
