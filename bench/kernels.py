@@ -54,6 +54,16 @@ def best_of(fn, reps, inner=1):
     return common.median(samples)
 
 
+def interleaved_medians(variants, rounds, reps):
+    """{name: median seconds of one call} for {name: fn}, the variants interleaved, several
+    rounds (so that the machine's drift falls on all of them alike)."""
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(best_of(fn, reps))
+    return {k: common.median(ts) for k, ts in times.items()}
+
+
 def bench_head(reps=20, emb=768, vocab=50257, padded=50304):
     import torch
     import torch.nn.functional as F
@@ -72,13 +82,7 @@ def bench_head(reps=20, emb=768, vocab=50257, padded=50304):
                 "F.linear(x, Wpad[Vp,C])": partial(F.linear, x, Wp),
                 "x @ Wtpad[C,Vp]": partial(torch.matmul, x, Wtp),
             }
-            # interleave the variants, several rounds
-            times = {k: [] for k in variants}
-            for _ in range(3):
-                for k, fn in variants.items():
-                    times[k].append(best_of(fn, reps))
-            for k in variants:
-                t = common.median(times[k])
+            for k, t in interleaved_medians(variants, 3, reps).items():
                 nbytes = (padded if "pad" in k else vocab) * emb * W.element_size()
                 rows.append([str(dtype).removeprefix("torch."), rows_in, k,
                              f"{t * 1e3:.3f}", f"{nbytes / t / 1e9:.1f}"])
@@ -115,12 +119,7 @@ def bench_head_train(rounds=3, reps=3, vocab=50257, padded=50304):
                 gy = torch.randn(n_rows, V, generator=g).to(dtype)
                 for k, fn in _head_train_variants(x, gy, W, W.t().contiguous()).items():
                     variants[(V, k)] = fn
-            times = {k: [] for k in variants}
-            for _ in range(rounds):
-                for k, fn in variants.items():
-                    times[k].append(best_of(fn, reps))
-            for (V, k), ts in times.items():
-                t = common.median(ts)
+            for (V, k), t in interleaved_medians(variants, rounds, reps).items():
                 rows.append([str(dtype).removeprefix("torch."), f"{n_rows}x{emb}", V, k,
                              f"{t * 1e3:.0f}", f"{2 * n_rows * emb * V / t / 1e9:.0f}"])
     return rows
@@ -148,11 +147,8 @@ def bench_sgemm(rounds=3, reps=3):
                            ("dW = x.T @ gy", x.t(), gy)):
             variants = {"torch.mm": partial(torch_mm, a, b),
                         "onednn_mm": partial(model.onednn_mm, a, b)}
-            times = {k: [] for k in variants}
-            for _ in range(rounds):
-                for k, fn in variants.items():
-                    times[k].append(best_of(fn, reps))
-            rate = {k: 2 * n * i * o / common.median(ts) / 1e9 for k, ts in times.items()}
+            rate = {k: 2 * n * i * o / t / 1e9
+                    for k, t in interleaved_medians(variants, rounds, reps).items()}
             rows.append([cfg, f"{n}x{i} @ {i}x{o}", what, f"{rate['torch.mm']:.0f}",
                          f"{rate['onednn_mm']:.0f}",
                          f"{rate['onednn_mm'] / rate['torch.mm']:.2f}x"])
@@ -251,13 +247,10 @@ def bench_attention(reps=50, batch=(1, 8), n_heads=12, head_dim=64, ctx=1024, fi
         variants = {"sdpa on cache view": partial(sdpa, q, k_view, v_view),
                     "sdpa contiguous k/v": partial(sdpa, q, k_c, v_c),
                     "matmul+softmax": partial(_manual_attention, q, k_c, v_c)}
-        times = {k: [] for k in variants}
         with torch.inference_mode():
-            for _ in range(3):
-                for k, fn in variants.items():
-                    times[k].append(best_of(fn, reps))
-        for k in variants:
-            rows.append([B, filled, k, f"{common.median(times[k]) * 1e6:.0f}"])
+            medians = interleaved_medians(variants, 3, reps)
+        for k, t in medians.items():
+            rows.append([B, filled, k, f"{t * 1e6:.0f}"])
     return rows
 
 
