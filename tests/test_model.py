@@ -298,10 +298,9 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
         # a broadcast gradient (stride 0, as y.sum().backward() gives) for the plain cases
         upstream = (torch.randn(37, 40, generator=g) if transposed
                     else torch.randn(37, 1, generator=g).expand(37, 40))
-        grads = torch.autograd.grad(y, [t for t in (x, base, bias) if t is not None
-                                        and t.requires_grad], upstream)
-        ref_grads = torch.autograd.grad(ref, [t for t in (x, base, bias) if t is not None
-                                              and t.requires_grad], upstream)
+        wanted = [t for t in (x, base, bias) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, wanted, upstream)
+        ref_grads = torch.autograd.grad(ref, wanted, upstream)
         for a, b in zip(grads, ref_grads):
             assert a.shape == b.shape and a.is_contiguous() == b.is_contiguous()
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
