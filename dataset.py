@@ -1,8 +1,12 @@
 """Text -> token ids -> training windows.
 
-    data/input.txt --split_train_val_test--> train.txt / valid.txt / test.txt
-    text --get_tokenizer().encode--> token ids (cached beside big files as uint16)
-    token ids --GPTDataset--> (input, target) windows, target = input shifted by one
+    text --get_tokenizer().encode--> token ids                 GPT-2's byte-level BPE
+    token ids --GPTDataset--> (input, target) windows          target = input shifted by one
+    windows --create_dataloader--> batches (B, T)
+
+Those three come first. After them, the file plumbing train.py and train.ipynb use around
+them: ``prepare_splits`` (data/input.txt -> train.txt / valid.txt / test.txt, the default
+corpus when there is none) and ``load_tokens`` (token ids cached beside big files as uint16).
 """
 
 import codecs
@@ -24,7 +28,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import atomic_write  # the one atomic file writer (temp file + fsync + rename)
+from fileio import atomic_write  # the one atomic file writer (temp file + fsync + rename)
 
 # sha256 of OpenAI's GPT-2 BPE files: the same hashes tiktoken checks when it downloads them.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -59,6 +63,108 @@ def get_tokenizer():
         vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows over the ids, and the DataLoader
+# ---------------------------------------------------------------------------------------------
+
+def _as_token_array(txt, tokenizer):
+    """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
+    if isinstance(txt, str):
+        if tokenizer is None:
+            tokenizer = get_tokenizer()
+        ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        txt = ids
+    elif isinstance(txt, (bytes, os.PathLike)):
+        raise TypeError(f"pass the text itself (str) or its token ids, not {type(txt).__name__}; "
+                        f"for a file use load_tokens(path) or read_text(path)")
+    if isinstance(txt, torch.Tensor):
+        txt = txt.detach().cpu().numpy()
+    if isinstance(txt, np.ndarray) and txt.dtype == np.uint16:
+        tokens = txt                # keep a memmap a memmap: no copy, no RAM
+    else:
+        arr = np.asarray(txt)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 16):
+            raise ValueError(f"token ids must lie in [0, 65535] (GPT-2 uses 0..50256), got "
+                             f"{arr.min()}..{arr.max()}")
+        tokens = arr.astype(np.uint16)
+    if tokens.ndim != 1:
+        raise ValueError(f"token ids must be 1-D (one long sequence), got shape {tokens.shape}")
+    return tokens
+
+
+class GPTDataset(Dataset):
+    """Next-token training pairs cut from one long sequence of token ids.
+
+    Window ``i`` is ``tokens[s : s + max_length + 1]`` with ``s = starts[i]``: the input is
+    its first ``max_length`` ids, the target the last ``max_length`` (the input shifted by
+    one), so every position learns to predict the token after it. Windows start every
+    ``stride`` tokens; ``stride < max_length`` makes them overlap (more windows from the same
+    text, each token seen in several contexts). If the last full window stops short of the
+    end, one more window ending exactly at the last token is added so the tail is trained on.
+
+    Only the ids are stored (2 bytes each, or a memmap of them); windows are sliced out when
+    asked for. Keeping an int64 input and target tensor per window instead costs
+    ``16 * max_length / stride`` bytes per token: 32 at ``stride = max_length / 2``, so about
+    8 GB instead of 0.5 GB for a 1 GB text (~250M tokens).
+
+    ``name`` (say, the file's path) only goes into error messages, so that "valid.txt has
+    126 tokens" tells you which of several texts is too short.
+    """
+
+    def __init__(self, txt, tokenizer, max_length, stride, *, name=None):
+        for arg, value in (("max_length", max_length), ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        self.tokens = _as_token_array(txt, tokenizer)                  # (n_tokens,) uint16
+        self.max_length, self.stride = int(max_length), int(stride)
+        n = len(self.tokens)
+        if n < self.max_length + 1:
+            raise ValueError(
+                f"{name or 'text'} has {n} tokens; need at least max_length+1="
+                f"{self.max_length + 1}. Add text or lower context_length (max_length).")
+        # start + max_length < n: the target (shifted by one) must still fit in the tokens
+        starts = np.arange(0, n - self.max_length, self.stride, dtype=np.int64)
+        last = n - 1 - self.max_length              # the window whose target ends at the end
+        if starts[-1] != last:
+            starts = np.append(starts, last)
+        self.starts = starts                                           # (n_windows,)
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = int(self.starts[i])
+        chunk = torch.from_numpy(
+            self.tokens[s:s + self.max_length + 1].astype(np.int64))   # (max_length + 1,)
+        return chunk[:-1], chunk[1:]                # input, target: (max_length,) each
+
+
+def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                      drop_last=True, num_workers=0, tokenizer=None, generator=None, *,
+                      name=None):
+    """A DataLoader of ``(input_ids, target_ids)`` batches, each ``(batch_size, max_length)``.
+
+    ``txt`` is the text (tokenized with ``tokenizer``, default GPT-2's) or its token ids (from
+    ``load_tokens``, a tensor or a list). ``drop_last=True`` skips a smaller final batch so
+    every step sees the same batch shape. Pass a seeded ``torch.Generator`` as ``generator``
+    to make the shuffle order repeatable. ``name`` (what the text is, e.g. its path) is used
+    only in error messages.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dataset = GPTDataset(txt, tokenizer, max_length, stride, name=name)
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(
+            f"{name or 'the text'} gives {len(dataset)} windows (max_length={max_length}, "
+            f"stride={stride}), fewer windows than batch_size={batch_size}, so "
+            f"drop_last=True leaves no batches. Lower batch_size, add text, lower stride, or "
+            f"pass drop_last=False.")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +221,7 @@ def _read_json(path):
 
 
 def _atomic_write(path, data):
-    """Write ``data`` (str as UTF-8, or bytes) to ``path`` atomically (model.atomic_write)."""
+    """Write ``data`` (str as UTF-8, or bytes) to ``path`` atomically (fileio.atomic_write)."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
@@ -609,105 +715,3 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
     if n_tokens == 0:       # np.memmap cannot map an empty file
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(u16_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
-
-
-# ---------------------------------------------------------------------------------------------
-# Sliding windows over the ids, and the DataLoader
-# ---------------------------------------------------------------------------------------------
-
-def _as_token_array(txt, tokenizer):
-    """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
-    if isinstance(txt, str):
-        if tokenizer is None:
-            tokenizer = get_tokenizer()
-        ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
-        txt = ids
-    elif isinstance(txt, (bytes, os.PathLike)):
-        raise TypeError(f"pass the text itself (str) or its token ids, not {type(txt).__name__}; "
-                        f"for a file use load_tokens(path) or read_text(path)")
-    if isinstance(txt, torch.Tensor):
-        txt = txt.detach().cpu().numpy()
-    if isinstance(txt, np.ndarray) and txt.dtype == np.uint16:
-        tokens = txt                # keep a memmap a memmap: no copy, no RAM
-    else:
-        arr = np.asarray(txt)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 16):
-            raise ValueError(f"token ids must lie in [0, 65535] (GPT-2 uses 0..50256), got "
-                             f"{arr.min()}..{arr.max()}")
-        tokens = arr.astype(np.uint16)
-    if tokens.ndim != 1:
-        raise ValueError(f"token ids must be 1-D (one long sequence), got shape {tokens.shape}")
-    return tokens
-
-
-class GPTDataset(Dataset):
-    """Next-token training pairs cut from one long sequence of token ids.
-
-    Window ``i`` is ``tokens[s : s + max_length + 1]`` with ``s = starts[i]``: the input is
-    its first ``max_length`` ids, the target the last ``max_length`` (the input shifted by
-    one), so every position learns to predict the token after it. Windows start every
-    ``stride`` tokens; ``stride < max_length`` makes them overlap (more windows from the same
-    text, each token seen in several contexts). If the last full window stops short of the
-    end, one more window ending exactly at the last token is added so the tail is trained on.
-
-    Only the ids are stored (2 bytes each, or a memmap of them); windows are sliced out when
-    asked for. Keeping an int64 input and target tensor per window instead costs
-    ``16 * max_length / stride`` bytes per token: 32 at ``stride = max_length / 2``, so about
-    8 GB instead of 0.5 GB for a 1 GB text (~250M tokens).
-
-    ``name`` (say, the file's path) only goes into error messages, so that "valid.txt has
-    126 tokens" tells you which of several texts is too short.
-    """
-
-    def __init__(self, txt, tokenizer, max_length, stride, *, name=None):
-        for arg, value in (("max_length", max_length), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        self.tokens = _as_token_array(txt, tokenizer)                  # (n_tokens,) uint16
-        self.max_length, self.stride = int(max_length), int(stride)
-        n = len(self.tokens)
-        if n < self.max_length + 1:
-            raise ValueError(
-                f"{name or 'text'} has {n} tokens; need at least max_length+1="
-                f"{self.max_length + 1}. Add text or lower context_length (max_length).")
-        # start + max_length < n: the target (shifted by one) must still fit in the tokens
-        starts = np.arange(0, n - self.max_length, self.stride, dtype=np.int64)
-        last = n - 1 - self.max_length              # the window whose target ends at the end
-        if starts[-1] != last:
-            starts = np.append(starts, last)
-        self.starts = starts                                           # (n_windows,)
-
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        s = int(self.starts[i])
-        chunk = torch.from_numpy(
-            self.tokens[s:s + self.max_length + 1].astype(np.int64))   # (max_length + 1,)
-        return chunk[:-1], chunk[1:]                # input, target: (max_length,) each
-
-
-def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
-                      drop_last=True, num_workers=0, tokenizer=None, generator=None, *,
-                      name=None):
-    """A DataLoader of ``(input_ids, target_ids)`` batches, each ``(batch_size, max_length)``.
-
-    ``txt`` is the text (tokenized with ``tokenizer``, default GPT-2's) or its token ids (from
-    ``load_tokens``, a tensor or a list). ``drop_last=True`` skips a smaller final batch so
-    every step sees the same batch shape. Pass a seeded ``torch.Generator`` as ``generator``
-    to make the shuffle order repeatable. ``name`` (what the text is, e.g. its path) is used
-    only in error messages.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dataset = GPTDataset(txt, tokenizer, max_length, stride, name=name)
-    if drop_last and len(dataset) < batch_size:
-        raise ValueError(
-            f"{name or 'the text'} gives {len(dataset)} windows (max_length={max_length}, "
-            f"stride={stride}), fewer windows than batch_size={batch_size}, so "
-            f"drop_last=True leaves no batches. Lower batch_size, add text, lower stride, or "
-            f"pass drop_last=False.")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=generator)

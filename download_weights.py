@@ -23,14 +23,8 @@ import requests
 import torch
 from tqdm import tqdm
 
-from model import (
-    MODEL_CONFIGS,
-    GPTModel,
-    gpt2_param_names,
-    iter_gpt2_weights,
-    load_checkpoint,
-    save_checkpoint,
-)
+from gpt2_params import gpt2_param_names, iter_gpt2_weights
+from model import MODEL_CONFIGS, GPTModel, load_checkpoint, save_checkpoint
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 
@@ -257,7 +251,7 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
     variables to expect).
 
     The dict is keyed by OpenAI's variable names without the ``model/`` scope, exactly the
-    ``openai_tf`` column of ``model.gpt2_param_names`` (``"wte"``, ``"h0/attn/c_attn/w"``,
+    ``openai_tf`` column of ``gpt2_params.gpt2_param_names`` (``"wte"``, ``"h0/attn/c_attn/w"``,
     ...), so the loader is a loop over that table. OpenAI's Conv1D weights are stored as
     (1, in, out); the leading 1 is squeezed away here, leaving (in, out).
     """
@@ -301,7 +295,8 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
 # Copying named weights into a GPTModel
 
 def load_weights_into_gpt(gpt, params):
-    """Copy arrays from ``load_gpt2_params_from_tf_ckpt`` into ``gpt`` in place.
+    """Copy OpenAI's TensorFlow weights (arrays from ``load_gpt2_params_from_tf_ckpt``) into
+    ``gpt`` in place. (download_weights_hf.load_weights_into_gpt takes Hugging Face's.)
 
     ``params`` is keyed by OpenAI names with or without the ``model/`` scope. Shapes are
     checked first, with an error naming the parameter, and ``params`` may not hold more

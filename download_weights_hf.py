@@ -8,11 +8,11 @@
     python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
     python download_weights_hf.py --export bare_state_dict.pth --config cfg.json --out my-gpt2-hf
 
-Both directions loop over ``model.gpt2_param_names``, the one table of GPT-2 names; HF
+Both directions loop over ``gpt2_params.gpt2_param_names``, the one table of GPT-2 names; HF
 stores the four linear layers per block as "Conv1D" with (in, out) weights, the layout of
-our ``model.Linear`` too, so tensors copy across unchanged. ``load_gpt2_hf`` reads the
-safetensors file directly instead of building a transformers model first, so loading
-costs about one copy of the weights in memory.
+our ``model.Linear`` too (its docstring says why), so tensors copy across unchanged.
+``load_gpt2_hf`` reads the safetensors file directly instead of building a transformers
+model first, so loading costs about one copy of the weights in memory.
 """
 
 import argparse
@@ -31,14 +31,12 @@ from tqdm import tqdm
 
 from dataset import gpt2_bpe_files
 from download_weights import HF_BLOCK, check_block_count, model_sizes, resolve_model_size
+from fileio import atomic_write, read_checkpoint
+from gpt2_params import gpt2_param_names, iter_gpt2_weights
 from model import (
     MODEL_CONFIGS,
     GPTModel,
-    atomic_write,
-    gpt2_param_names,
-    iter_gpt2_weights,
     load_checkpoint,
-    read_checkpoint,
     resolve_dtype,
     save_checkpoint,
     unwrap_model,
@@ -79,7 +77,8 @@ def _hf_state_dict(gpt_hf):
 
 
 def load_weights_into_gpt(gpt, gpt_hf):
-    """Copy the weights of a transformers GPT-2 (model or state dict) into ``gpt``.
+    """Copy the weights of a Hugging Face transformers GPT-2 (model or state dict) into ``gpt``.
+    (download_weights.load_weights_into_gpt takes OpenAI's TensorFlow arrays.)
 
     Works for ``GPT2Model``, ``GPT2LMHeadModel`` and their state dicts, with or without
     the ``transformer.`` prefix. Shapes are checked first (the error names the parameter).

@@ -17,7 +17,9 @@ import sys
 
 import torch
 
-from model import DTYPES, greedy_tokens, unwrap_model
+import cpu_kernels
+from cpu_kernels import greedy_tokens
+from model import DTYPES, unwrap_model
 
 
 def text_to_token_ids(text, tokenizer, device=None):
@@ -111,37 +113,36 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
                          f"context_length), got {context_size!r}")
     if max_new_tokens <= 0:
         return
-    core = unwrap_model(model)
-    context_size = min(context_size or core.cfg["context_length"], core.cfg["context_length"])
+    gpt = unwrap_model(model)
+    context_size = min(context_size or gpt.cfg["context_length"], gpt.cfg["context_length"])
     was_training = model.training
     model.eval()
     try:
-        # On an x86 CPU every matmul of the loop reads oneDNN-packed weight copies, 1.4x
-        # faster to stream from memory (model.GPTModel.packed_for_cpu explains); elsewhere
-        # ``packing.head`` is the model's own out_head.
-        # Greedy decoding only needs each row's largest logit: packing.argmax finds it
-        # reading half of the output head's bytes (model.screened_argmax).
-        with core.packed_for_cpu(idx.shape[0], greedy=temperature == 0.0) as packing:
-            for next_id in _decode(core, packing, idx, max_new_tokens, context_size,
-                                   temperature, top_k, eos_id, top_p, use_cache, generator):
+        # fast path on x86 CPUs: every matmul of the loop reads oneDNN-packed weight copies,
+        # 1.4x faster to stream, and greedy decoding reads half of the output head
+        # (cpu_kernels.packed_for_cpu); elsewhere ``head.logits`` is gpt.logits.
+        with cpu_kernels.packed_for_cpu(gpt, idx.shape[0], greedy=temperature == 0.0) as head:
+            for next_id in _sampling_loop(gpt, head, idx, max_new_tokens, context_size,
+                                          temperature, top_k, eos_id, top_p, use_cache,
+                                          generator):
                 # The caller's code runs while we wait at the yield, and may train the
                 # model or load other weights: the layers use their own weights meanwhile.
-                packing.active = False
+                head.active = False
                 yield next_id
-                packing.active = True
+                head.active = True
     finally:
         model.train(was_training)
 
 
-def _decode(core, packing, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
-            top_p, use_cache, generator):
-    """The sampling loop of generate_tokens (same arguments; ``packing``: its head)."""
+def _sampling_loop(gpt, head, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
+                   top_p, use_cache, generator):
+    """The loop of generate_tokens (same arguments; ``head``: what packed_for_cpu yields)."""
 
     def next_tokens(tokens, cache):
-        h = core.hidden_states(tokens, cache)[:, -1]                          # (B, C)
+        h = gpt.hidden_states(tokens, cache)[:, -1]                           # (B, C)
         if temperature == 0.0:
-            return packing.argmax(h)                                          # (B, 1)
-        return sample_next_token(packing.head(h), temperature, top_k, top_p,  # (B, 1)
+            return head.greedy(h)             # = greedy_tokens(gpt.logits(h))  (B, 1)
+        return sample_next_token(head.logits(h), temperature, top_k, top_p,   # (B, 1)
                                  generator)
 
     B = idx.shape[0]
@@ -149,7 +150,7 @@ def _decode(core, packing, idx, max_new_tokens, context_size, temperature, top_k
     # Room for the prompt and the new tokens, at most the context: allocating all 1024
     # positions of GPT-2 for a short answer cost 0.16 s at batch 8.
     cache_len = min(context_size, seq.shape[1] + max_new_tokens)
-    cache = core.new_cache(B, max_len=cache_len) if use_cache else None
+    cache = gpt.new_cache(B, max_len=cache_len) if use_cache else None
     next_id = next_tokens(seq, cache)                                            # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
@@ -216,12 +217,12 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
 
     Used after each training epoch to watch the model learn.
     """
-    core = unwrap_model(model)
+    gpt = unwrap_model(model)
     idx = text_to_token_ids(start_context, tokenizer, device)
     streamer = TextStreamer(tokenizer) if stream else None
     if stream:
         print(start_context, end="", flush=True)
-    out = generate_text(model, idx, max_new_tokens, core.cfg["context_length"], temperature,
+    out = generate_text(model, idx, max_new_tokens, gpt.cfg["context_length"], temperature,
                         top_k, eos_id, top_p, callback=streamer)
     text = token_ids_to_text(out, tokenizer)
     if stream:
@@ -260,8 +261,8 @@ def main(argv=None):
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     from dataset import get_tokenizer
+    from devices import get_device
     from model import load_checkpoint
-    from train_utils import get_device
 
     torch.manual_seed(args.seed)
     device = get_device(args.device)

@@ -18,17 +18,15 @@ from pathlib import Path
 import torch
 
 from dataset import create_dataloader, get_tokenizer, load_tokens, prepare_splits
+from devices import barrier, cleanup_distributed, setup_distributed, wrap_model
 from model import GPT_CONFIG_124M, GPTModel, validate_config
 from train_utils import (
-    barrier,
     calc_loss_loader,
-    cleanup_distributed,
+    plan_steps,
     plot_losses,
     print_model_params,
     save_history,
-    setup_distributed,
     train_model,
-    wrap_model,
 )
 
 # The training settings of the original example code, kept under this name for code that
@@ -210,10 +208,8 @@ def _run(args, cfg, device, rank, world_size, parallel):
         raise ValueError(f"{world_size} processes x batch_size {args.batch_size} need at least "
                          f"{world_size * args.batch_size} training windows, but the data gives "
                          f"{n_windows}; use fewer processes, a smaller batch size or more text")
-    batches = n_windows // world_size // args.batch_size
-    steps = math.ceil(batches / args.grad_accum_steps) * args.num_epochs
-    if args.max_steps is not None:
-        steps = min(steps, args.max_steps)
+    steps = plan_steps(n_windows, args.batch_size, args.grad_accum_steps, args.num_epochs,
+                       args.max_steps, world_size=world_size).total_steps
     global_batch = args.batch_size * args.grad_accum_steps * world_size
     print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
           f"{n_windows} windows of {ctx}.")

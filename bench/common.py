@@ -93,15 +93,15 @@ def target(label, value, goal, higher_is_better=True, fmt="{:.2f}x"):
 
 
 def setup_malloc(enabled):
-    """Call train_utils.tune_malloc() if asked and available; return a line saying so."""
+    """Call cpu_kernels.tune_malloc() if asked and available; return a line saying so."""
     if not enabled:
         return "glibc malloc tuning: off (--tune-malloc turns it on)"
-    import train_utils
-    fn = getattr(train_utils, "tune_malloc", None)
+    import cpu_kernels
+    fn = getattr(cpu_kernels, "tune_malloc", None)
     if fn is None:
-        return "glibc malloc tuning: unavailable (train_utils has no tune_malloc)"
+        return "glibc malloc tuning: unavailable (cpu_kernels has no tune_malloc)"
     took = fn()
-    return ("glibc malloc tuning: on (train_utils.tune_malloc: M_MMAP_MAX=0, large "
+    return ("glibc malloc tuning: on (cpu_kernels.tune_malloc: M_MMAP_MAX=0, large "
             "M_TRIM_THRESHOLD; affects both contenders, they share the process)" if took else
             "glibc malloc tuning: requested but had no effect (not glibc)")
 
@@ -109,7 +109,7 @@ def setup_malloc(enabled):
 def add_run_flags(parser, quick_help, tune_malloc):
     """The flags generate_speed.py and train_speed.py share (rounds, threads, seed, malloc).
 
-    ``tune_malloc`` is the default for train_utils.tune_malloc(): on where the measured
+    ``tune_malloc`` is the default for cpu_kernels.tune_malloc(): on where the measured
     code path applies it for users (train_model does), off where it does not (generation).
     """
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (2 with --quick)")
@@ -118,7 +118,7 @@ def add_run_flags(parser, quick_help, tune_malloc):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction,
                         default=tune_malloc,
-                        help=f"call train_utils.tune_malloc() (default: {tune_malloc})")
+                        help=f"call cpu_kernels.tune_malloc() (default: {tune_malloc})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
 
 

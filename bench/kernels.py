@@ -7,8 +7,8 @@ No targets: this is the evidence for the analysis in the README / issue. Section
   sgemm     every fp32 matrix product of a training step of configs S and M (forward,
             grad-input, grad-weight of each linear layer and the head) and a 2048^3 square,
             through torch.mm (PyTorch's default kernel, MKL on x86 builds) and through
-            model.onednn_mm (oneDNN, what training uses on x86), in GFLOP/s. Runs with
-            train_utils.tune_malloc() on, as training does.
+            cpu_kernels.onednn_mm (oneDNN, what training uses on x86), in GFLOP/s. Runs with
+            cpu_kernels.tune_malloc() on, as training does.
   headtrain the head's forward, grad-input and grad-weight matmuls at training sizes, for
             both weight layouts and vocab 50257 vs 50304.
   gemv      every block matrix of the 124M model in 12 copies (too big for the L3 cache,
@@ -126,11 +126,11 @@ def bench_head_train(rounds=3, reps=3, vocab=50257, padded=50304):
 
 
 def bench_sgemm(rounds=3, reps=3):
-    """fp32 products of training, torch.mm vs model.onednn_mm; rows of the table."""
+    """fp32 products of training, torch.mm vs cpu_kernels.onednn_mm; rows of the table."""
     import torch
 
-    import model
-    if not model.cpu_packing_available():
+    import cpu_kernels
+    if not cpu_kernels.available():
         return [["-", "-", "oneDNN is not available here (not x86, or no oneDNN)", "", "", ""]]
     g = torch.Generator().manual_seed(0)
     # (rows, in, out) of every linear layer and the head: S (2048 x 384), M (1024 x 768)
@@ -146,7 +146,7 @@ def bench_sgemm(rounds=3, reps=3):
         for what, a, b in (("fwd x @ W", x, W), ("dx = gy @ W.T", gy, W.t()),
                            ("dW = x.T @ gy", x.t(), gy)):
             variants = {"torch.mm": partial(torch_mm, a, b),
-                        "onednn_mm": partial(model.onednn_mm, a, b)}
+                        "onednn_mm": partial(cpu_kernels.onednn_mm, a, b)}
             rate = {k: 2 * n * i * o / t / 1e9
                     for k, t in interleaved_medians(variants, rounds, reps).items()}
             rows.append([cfg, f"{n}x{i} @ {i}x{o}", what, f"{rate['torch.mm']:.0f}",
@@ -176,12 +176,12 @@ def _sweep_packed(xs, mats, linear):
 def bench_gemv(rounds=3, reps=5, layers=12):
     """Every block matrix of GPT-2 124M, ``layers`` copies each (so they do not stay in the
     32 MB L3 cache, as in a real decode step), x @ W[in, out] vs F.linear(x, W[out, in]) vs
-    the oneDNN-packed weights generation uses on x86 (model.packed_weight, tuned for m
+    the oneDNN-packed weights generation uses on x86 (cpu_kernels.packed_weight, tuned for m
     rows); GB/s = bytes of all copies / time of one sweep. Plus the machine's streaming
     rate."""
     import torch
 
-    import model
+    import cpu_kernels
     g = torch.Generator().manual_seed(0)
     rows = []
     big = torch.randn(128 * 2**20, generator=g)               # 512 MiB
@@ -204,10 +204,10 @@ def bench_gemv(rounds=3, reps=5, layers=12):
                 xs = [torch.randn(m, k, generator=g).to(dtype) for _ in range(copies)]
                 variants = {"x @ W[in,out]": partial(_sweep_in_out, xs, mats_in_out),
                             "F.linear(x, W[out,in])": partial(_sweep_linear, xs, mats_out_in)}
-                if model.cpu_packing_available():
-                    packed = [model.packed_weight(w, m) for w in mats_out_in]
+                if cpu_kernels.available():
+                    packed = [cpu_kernels.packed_weight(w, m) for w in mats_out_in]
                     variants["packed (oneDNN)"] = partial(_sweep_packed, xs, packed,
-                                                          model.packed_linear)
+                                                          cpu_kernels.packed_linear)
                 times = {v: [] for v in variants}
                 with torch.inference_mode():
                     for _ in range(rounds):

@@ -43,19 +43,19 @@ def matmul_peak(dtype_name, n=2048, reps=3):
     """Best FLOP/s of an n x n x n matmul in ``dtype_name`` ('fp32' or 'bf16').
 
     Both of PyTorch's CPU kernels are tried, torch.mm (MKL for fp32 on x86 builds, oneDNN
-    for bf16) and oneDNN directly (model.onednn_mm, what our fp32 training uses on x86):
+    for bf16) and oneDNN directly (cpu_kernels.onednn_mm, what our fp32 training uses on x86):
     the peak is the faster one's, so MFU never credits a kernel choice as efficiency.
     """
     import torch
 
-    import model
+    import cpu_kernels
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
     kernels = [torch.mm]
-    if model.cpu_packing_available():
-        kernels.append(model.onednn_mm)
+    if cpu_kernels.available():
+        kernels.append(cpu_kernels.onednn_mm)
     best = float("inf")
     for mm in kernels:
         mm(a, b)

@@ -287,7 +287,7 @@ def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, caps
     assert not list(tmp_path.glob("*.tokens.*"))
 
     def read_only(path, write):
-        # what model.atomic_write raises when the folder refuses its temp file: before it
+        # what fileio.atomic_write raises when the folder refuses its temp file: before it
         # calls write(), so nothing was tokenized yet
         raise PermissionError(13, "Permission denied", str(path))
 

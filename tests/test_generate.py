@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-import model as model_lib
+import cpu_kernels
 from dataset import get_tokenizer
 from generate import (
     TextStreamer,
@@ -15,7 +15,7 @@ from generate import (
     text_to_token_ids,
     token_ids_to_text,
 )
-from model import GPTModel, save_checkpoint
+from model import GPTModel, Linear, save_checkpoint
 
 
 def test_text_round_trip_and_special_token():
@@ -194,7 +194,7 @@ def test_generate_and_print_and_cli(tmp_path, tiny_cfg, capsys):
 
 # ---- oneDNN-packed weights (the CPU decoding path on x86) --------------------------------
 
-needs_packing = pytest.mark.skipif(not model_lib.cpu_packing_available(),
+needs_packing = pytest.mark.skipif(not cpu_kernels.available(),
                                    reason="oneDNN packing is used on x86 CPUs only")
 
 
@@ -206,10 +206,10 @@ def _small_model(seed=0, dtype=torch.float32):
 
 
 def _packed_logits(model, idx):
-    with torch.no_grad(), model.packed_for_cpu(idx.shape[0]) as packing:
-        assert all(m.packed is not None for m in model.modules()
-                   if isinstance(m, model_lib.Linear)), "packing was not applied"
-        return packing.head(model.hidden_states(idx))
+    with torch.no_grad(), cpu_kernels.packed_for_cpu(model, idx.shape[0]) as session:
+        assert all(cpu_kernels.is_packed(m) for m in model.modules()
+                   if isinstance(m, Linear)), "packing was not applied"
+        return session.logits(model.hidden_states(idx))
 
 
 @needs_packing
@@ -218,13 +218,13 @@ def _packed_logits(model, idx):
 def test_packed_weights_compute_the_plain_forward(dtype, tol, batch):
     model = _small_model(dtype=dtype)
     idx = torch.randint(0, 211, (batch, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernels.disabled():       # the plain PyTorch forward
         plain = model(idx)
     packed = _packed_logits(model, idx)
     assert packed.dtype == dtype
     torch.testing.assert_close(packed.float(), plain.float(), atol=tol, rtol=tol)
     # outside the block every layer is back to its own weights
-    assert all(m.packed is None for m in model.modules() if isinstance(m, model_lib.Linear))
+    assert not any(cpu_kernels.is_packed(m) for m in model.modules() if isinstance(m, Linear))
 
 
 @needs_packing
@@ -232,9 +232,9 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     model = _small_model()
     idx = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(2))
     _packed_logits(model, idx)                              # fills the cache
-    first = model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2]
+    first = cpu_kernels._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2]
     _packed_logits(model, idx)
-    assert model_lib._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2] is first   # reused
+    assert cpu_kernels._PACKED.get(model.trf_blocks[0].ff.fc.weight)[2] is first   # reused
     # an in-place edit, a load_state_dict and an optimizer step must all be seen
     with torch.no_grad():
         model.trf_blocks[0].ff.fc.weight.mul_(3.0)
@@ -248,7 +248,7 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     torch.testing.assert_close(_packed_logits(model, idx), expected, atol=1e-5, rtol=1e-5)
     # greedy generation right after a training step uses the new weights
     model.train()
-    assert not any(p in model_lib._PACKED for p in model.parameters())   # dropped
+    assert not any(p in cpu_kernels._PACKED for p in model.parameters())   # dropped
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(idx).logsumexp(-1).mean().backward()
     opt.step()
@@ -261,18 +261,19 @@ def test_packed_copies_follow_weight_changes_and_leave_with_training():
     assert out.tolist() == ref.tolist()
 
 
-def test_packing_stays_out_of_training_and_can_be_turned_off():
+def test_packing_stays_out_of_training_and_can_be_turned_off(monkeypatch):
     model = _small_model()
-    model.cpu_packing = False
-    with torch.no_grad(), model.packed_for_cpu(1) as packing:
-        assert packing.head is model.out_head
-        assert all(m.packed is None for m in model.modules()
-                   if isinstance(m, model_lib.Linear))
-    model.cpu_packing = True
-    with model.packed_for_cpu(1) as packing:    # gradients on: training code, no packing
-        assert packing.head is model.out_head
-        assert all(m.packed is None for m in model.modules()
-                   if isinstance(m, model_lib.Linear))
+    for switch in ("PACKING", "ENABLED"):       # the packing switch, and the one for all
+        monkeypatch.setattr(cpu_kernels, switch, False)
+        with torch.no_grad(), cpu_kernels.packed_for_cpu(model, 1) as session:
+            assert session.logits == model.logits
+            assert not any(cpu_kernels.is_packed(m) for m in model.modules()
+                           if isinstance(m, Linear))
+        monkeypatch.undo()
+    with cpu_kernels.packed_for_cpu(model, 1) as session:   # gradients on: no packing
+        assert session.logits == model.logits
+        assert not any(cpu_kernels.is_packed(m) for m in model.modules()
+                       if isinstance(m, Linear))
 
 
 @needs_packing
@@ -286,7 +287,7 @@ def test_autocast_decoding_packs_bfloat16_copies_once(batch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(idx)
         packed = _packed_logits(model, idx)
-        assert model_lib._PACKED.get(fc.weight)[2].dtype == torch.bfloat16
+        assert cpu_kernels._PACKED.get(fc.weight)[2].dtype == torch.bfloat16
         out = generate_text(model, idx, 6, 40)
         ref = idx
         for _ in range(6):
@@ -298,7 +299,7 @@ def test_autocast_decoding_packs_bfloat16_copies_once(batch):
     # out of autocast again, the copies are fp32 ones and give the fp32 logits
     with torch.no_grad():
         torch.testing.assert_close(_packed_logits(model, idx), model(idx), atol=1e-5, rtol=1e-5)
-    assert model_lib._PACKED.get(fc.weight)[2].dtype == torch.float32
+    assert cpu_kernels._PACKED.get(fc.weight)[2].dtype == torch.float32
 
 
 @needs_packing
@@ -332,7 +333,7 @@ def test_a_paused_generator_leaves_the_model_its_own_weights():
     with torch.no_grad():
         torch.testing.assert_close(model(idx), other(idx), atol=1e-6, rtol=1e-6)
     assert len(list(stream)) == 19                      # and the stream still finishes
-    assert all(m.packed is None for m in model.modules() if isinstance(m, model_lib.Linear))
+    assert not any(cpu_kernels.is_packed(m) for m in model.modules() if isinstance(m, Linear))
 
 
 def test_sampling_arguments_are_checked():
@@ -397,7 +398,7 @@ def test_screened_argmax_is_the_fp32_argmax(batch):
     weight = torch.randn(211, 48) * 0.02
     weight[8] = weight[7] * (1 + 2 ** -20)
     weight[30] = weight[20]
-    screen = model_lib.packed_weight(weight, batch, dtype=torch.bfloat16)
+    screen = cpu_kernels.packed_weight(weight, batch, dtype=torch.bfloat16)
     norms = weight.norm(dim=1)
     for trial in range(200):
         h = torch.randn(batch, 48)
@@ -405,10 +406,10 @@ def test_screened_argmax_is_the_fp32_argmax(batch):
             h[0] = weight[7] * 50          # row 0 then favours token 7 over its near-twin 8
         if trial % 3 == 1:
             h[0] = weight[20] * 50         # a real tie between 20 and 30
-        got = model_lib.screened_argmax(h, weight, screen, norms)
+        got = cpu_kernels.screened_argmax(h, weight, screen, norms)
         assert got.tolist() == (h @ weight.T).argmax(dim=-1, keepdim=True).tolist()
     h[-1, 3] = float("nan")                # a diverged model: no bound holds, no crash
-    got = model_lib.screened_argmax(h, weight, screen, norms)
+    got = cpu_kernels.screened_argmax(h, weight, screen, norms)
     assert got.tolist() == (h @ weight.T).argmax(dim=-1, keepdim=True).tolist()
 
 
@@ -418,11 +419,11 @@ def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
     idx = torch.randint(0, 211, (2, 5), generator=torch.Generator().manual_seed(6))
     head = model.out_head.weight
     out = generate_text(model, idx, 6, 40)
-    assert model_lib._PACKED.get(head)[2].dtype == torch.bfloat16
+    assert cpu_kernels._PACKED.get(head)[2].dtype == torch.bfloat16
     ref = idx
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernels.disabled():       # the plain PyTorch forward
         for _ in range(6):
             ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out.tolist() == ref.tolist()
     generate_text(model, idx, 3, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert model_lib._PACKED.get(head)[2].dtype == torch.float32
+    assert cpu_kernels._PACKED.get(head)[2].dtype == torch.float32

@@ -4,16 +4,15 @@ import os
 import pytest
 import torch
 
-import model as model_module
+import cpu_kernels
 from conftest import cfg_from_hf, make_hf_model
+from fileio import atomic_save
+from gpt2_params import gpt2_param_names
 from model import (
     GPT_CONFIG_124M,
     MODEL_CONFIGS,
     GPTModel,
     Linear,
-    atomic_save,
-    cpu_packing_available,
-    gpt2_param_names,
     load_checkpoint,
     save_checkpoint,
 )
@@ -211,10 +210,10 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeyp
 @pytest.mark.parametrize("vocab, row", [(211, 256), (192, 192)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast, monkeypatch):
-    # On CPU the logits live in rows padded to a multiple of 64 (model._AlignedLogits):
+    # On CPU the logits live in rows padded to a multiple of 64 (cpu_kernels._AlignedLogits):
     # values, loss and every gradient must be those of the plain nn.Linear head. (fp32 on
     # x86 takes oneDNN instead, tested below: switched off here so that this path is run.)
-    monkeypatch.setattr(Linear, "onednn_fp32", False)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", False)
     torch.manual_seed(0)
     model = GPTModel({"vocab_size": vocab, "context_length": 16, "emb_dim": 32, "n_heads": 4,
                       "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
@@ -241,8 +240,8 @@ def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast
 
 def _count_onednn_calls(monkeypatch):
     calls = []
-    real = model_module.onednn_mm
-    monkeypatch.setattr(model_module, "onednn_mm",
+    real = cpu_kernels.onednn_mm
+    monkeypatch.setattr(cpu_kernels, "onednn_mm",
                         lambda *args: calls.append(args[0].shape) or real(*args))
     return calls
 
@@ -251,10 +250,11 @@ def _count_onednn_calls(monkeypatch):
 def test_loss_and_gradients_match_hugging_face(monkeypatch, onednn):
     # One training step's arithmetic, tied head included: loss and every gradient as
     # GPT2LMHeadModel's. fp32 on x86 runs our matrix products through oneDNN with a
-    # backward written out (model._OneDNNLinear); onednn=False takes PyTorch's own.
+    # backward written out (cpu_kernels._OneDNNLinear); onednn=False switches every fast
+    # path off (cpu_kernels.ENABLED): the plain PyTorch code of model.py.
     from download_weights_hf import load_weights_into_gpt
 
-    monkeypatch.setattr(Linear, "onednn_fp32", onednn)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", onednn)
     calls = _count_onednn_calls(monkeypatch)
     hf = make_hf_model()
     ours = GPTModel(cfg_from_hf(hf))
@@ -275,10 +275,10 @@ def test_loss_and_gradients_match_hugging_face(monkeypatch, onednn):
                                    atol=1e-6, rtol=1e-4, msg=name)
     # forward: 4 products per block + the head; backward: 2 each (input and weight)
     n_products = 3 * (4 * 3 + 1)
-    assert len(calls) == (n_products if onednn and cpu_packing_available() else 0)
+    assert len(calls) == (n_products if onednn and cpu_kernels.available() else 0)
 
 
-@pytest.mark.skipif(not cpu_packing_available(), reason="oneDNN fp32 path: x86 CPUs only")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="oneDNN fp32 path: x86 CPUs only")
 def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
     # _OneDNNLinear on its own: with and without bias, contiguous (in, out) weights and the
     # head's transposed view, inputs that need no gradient, a broadcast upstream gradient;
@@ -292,7 +292,7 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
         base.requires_grad_(True)
         bias = torch.randn(40, generator=g).requires_grad_(True) if bias_on else None
         w = base.t() if transposed else base                             # (24, 40)
-        y = model_module._OneDNNLinear.apply(x, w, bias)
+        y = cpu_kernels._OneDNNLinear.apply(x, w, bias)
         ref = x @ w + (bias if bias_on else 0)
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
         # a broadcast gradient (stride 0, as y.sum().backward() gives) for the plain cases
@@ -338,7 +338,7 @@ def test_written_files_get_the_umask_mode_and_leftovers_of_dead_processes_go(tmp
     import subprocess
     import sys
 
-    from model import _temp_prefix, atomic_write
+    from fileio import _temp_prefix, atomic_write
     old = os.umask(0o022)
     try:
         path = atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))

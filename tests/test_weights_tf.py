@@ -43,7 +43,8 @@ from download_weights import (  # noqa: E402
     load_weights_into_gpt,
 )
 from download_weights_hf import load_gpt2_hf  # noqa: E402
-from model import GPTModel, gpt2_param_names, load_checkpoint  # noqa: E402
+from gpt2_params import gpt2_param_names  # noqa: E402
+from model import GPTModel, load_checkpoint  # noqa: E402
 
 DATA = "model.ckpt.data-00000-of-00001"
 HPARAMS = {"n_vocab": VOCAB, "n_ctx": CTX, "n_embd": EMB, "n_head": HEADS, "n_layer": LAYERS}

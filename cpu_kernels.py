@@ -1,0 +1,415 @@
+"""The CPU fast paths behind model.py: the same arithmetic, computed faster on x86 CPUs.
+
+model.py computes GPT-2 in plain PyTorch and asks this module at three places whether a
+faster kernel applies; each seam returns None where none does, and the plain code runs:
+
+    Linear.forward      -> linear(x, layer)        oneDNN fp32 product (training, evaluation),
+                                                   or a packed weight copy (decoding)
+    GPTModel.logits     -> head_logits(h, weight)  the output head: oneDNN, or rows aligned to 64
+    GPTModel.train      -> forget_packed(params)   packed copies are dropped for training
+
+generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)``: the packed copies,
+and a greedy head that reads half the bytes (``screened_argmax``). train_utils calls
+``tune_malloc``. None of them changes what is computed, only how fast (up to the last-bit
+rounding in which any two matmul kernels differ); the tests compare each with the plain path.
+
+One switch turns all of them off: ``cpu_kernels.ENABLED = False`` (or the environment
+variable ``GPT2_CPU_KERNELS=0`` before Python starts). ``ONEDNN_FP32`` and ``PACKING`` turn
+off one path each, for measuring it against the plain code.
+"""
+
+import contextlib
+import ctypes
+import os
+import platform
+import sys
+import weakref
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
+
+ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
+ONEDNN_FP32 = True      # fp32 products through oneDNN (training and evaluation)
+PACKING = True          # packed weight copies for decoding (one more copy of the weights)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block every fast path is off: the plain PyTorch code of model.py runs."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def available():
+    """True where these kernels exist and pay off: PyTorch with oneDNN, on x86."""
+    return (torch.backends.mkldnn.is_available()
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+# ---------------------------------------------------------------------------------------
+# The seams model.py calls
+
+def linear(x, layer):
+    """x @ layer.weight + layer.bias through a faster kernel, or None (then: the plain code).
+
+    Inside packed_for_cpu: the layer's packed copy. Elsewhere, fp32 on an x86 CPU: oneDNN.
+    """
+    entry = _IN_USE.get(id(layer))
+    if entry is not None and entry[1].active:
+        return packed_linear(x, entry[0], layer.bias)                       # (..., out)
+    if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, layer.weight):
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
+    return None
+
+
+def head_logits(h, weight):
+    """h (..., C) @ weight (vocab, C).T on the CPU through a faster kernel, or None.
+
+    fp32 on x86: oneDNN (which writes the logits' odd-length rows as fast as padded ones).
+    Otherwise on CPU (bf16 autocast, other CPUs): _AlignedLogits, rows padded to 64 entries.
+    """
+    if not ENABLED or h.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if ONEDNN_FP32 and onednn_fp32_applies(h, weight):
+        out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
+        return out.view(*h.shape[:-1], weight.shape[0])                     # (..., vocab)
+    if weight.shape[0] % 64 == 0:
+        return None
+    # what autocast would do for the head: multiply in its low-precision dtype (the casts
+    # do nothing outside autocast)
+    dtype = cpu_matmul_dtype(weight)
+    h, weight = h.to(dtype), weight.to(dtype)
+    out = _AlignedLogits.apply(h.reshape(-1, h.shape[-1]), weight)           # (N, vocab)
+    return out.view(*h.shape[:-1], weight.shape[0])
+
+
+def forget_packed(params):
+    """Drop the packed copies of ``params``: they only take memory while training."""
+    for p in params:
+        _PACKED.pop(p, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Faster fp32 matrix products on x86 CPUs: oneDNN instead of MKL.
+#
+# PyTorch's CPU builds hand fp32 matmuls (torch.mm, addmm, F.linear) to Intel's MKL and
+# bfloat16 ones to oneDNN, another kernel library inside PyTorch. On the AMD EPYC (Zen 5)
+# these figures come from, MKL ran fp32 products at 184-214 GFLOP/s, the speed of 256-bit
+# AVX2 code here, while oneDNN ran every fp32 product a training step of GPT-2 makes at
+# 315-488 GFLOP/s, about 2.2x (bench/kernels.py --only sgemm). The two differ only in
+# rounding (~1e-6 relative: the order in which each dot product is summed). oneDNN's linear
+# op has no gradient formula in autograd, so _OneDNNLinear writes out the backward: the
+# two matrix products of any linear layer, and the bias's sum. For toy sizes (under ~2M
+# multiply-adds a product) oneDNN's fixed cost of ~15 us a call made it slower than MKL by
+# up to 11 us; that is kept rather than a switch that depends on the shapes.
+
+def onednn_fp32_applies(x, weight):
+    """True when x @ weight should run through _OneDNNLinear: fp32 on an x86 CPU, no autocast."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+            and type(weight) in (torch.Tensor, nn.Parameter)       # not a sharded DTensor
+            and not torch.compiler.is_compiling() and available())
+
+
+def onednn_mm(a, b, bias=None):
+    """a (M, K) @ b (K, N) + bias, in one oneDNN call (the op wants b as an (N, K) matrix)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ w + bias through oneDNN: x (N, in), w (in, out), bias (out,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        ctx.save_for_backward(x, w)
+        return onednn_mm(x, w, bias)                                      # (N, out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):                                              # grad (N, out)
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_mm(grad, w.t())                               # (N, in)
+        if ctx.needs_input_grad[1]:
+            # made in w's own memory order so that it adds onto .grad without a copy: the
+            # output head's (vocab, C) weight arrives here as its transpose (C, vocab)
+            if w.is_contiguous():
+                grad_w = onednn_mm(x.t(), grad)                           # (in, out)
+            else:
+                grad_w = onednn_mm(grad.t(), x).t()                       # (in, out) view
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0)                                   # (out,)
+        return grad_x, grad_w, grad_bias
+
+
+# ---------------------------------------------------------------------------------------
+# The output head in rows aligned to 64 entries (CPU, where oneDNN fp32 does not apply).
+
+class _AlignedLogits(torch.autograd.Function):
+    """logits = h @ weight.T, written into rows whose length is a multiple of 64.
+
+    GPT-2's vocabulary has 50257 tokens, so each row of logits is 50257 floats long and
+    every row after the first starts at an address the CPU's vector units handle badly.
+    The matrix multiply that writes them ran at 121 GFLOP/s here against ~190 for the
+    same product written into rows of 50304 (bench/kernels.py --only headtrain), and
+    the head is most of a small model's work. So the product goes into a (N, 50304)
+    buffer and we return the view of its first 50257 columns: the 47 extra entries per
+    row are never computed, read, sampled or counted in the loss (nanoGPT pads the
+    vocabulary itself to 50304 instead, which changes the weights' shapes; we keep
+    GPT-2's). Autograd cannot follow ``torch.mm(..., out=)``, hence this small Function
+    with its backward written out: the two matrix products of a linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight):                      # h (N, C), weight (vocab, C)
+        vocab = weight.shape[0]
+        rows = torch.empty(h.shape[0], -(-vocab // 64) * 64, dtype=h.dtype, device=h.device)
+        logits = rows[:, :vocab]                      # (N, vocab), row stride padded
+        torch.mm(h, weight.t(), out=logits)
+        ctx.save_for_backward(h, weight)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):                          # grad (N, vocab)
+        h, weight = ctx.saved_tensors
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None             # (N, C)
+        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None        # (vocab, C)
+        return grad_h, grad_weight
+
+
+# ---------------------------------------------------------------------------------------
+# Faster decoding on x86 CPUs: oneDNN-packed weights.
+#
+# Generating one token multiplies a few rows by every weight matrix, so its speed is how
+# fast the weights stream from memory. oneDNN can store a matrix in its own blocked layout,
+# tiled the way its kernels read it; multiplying with such a "packed" copy read the 124M
+# model's weights at 30-38 GB/s here, about what a plain sum over memory reaches, against
+# 17-26 for ``x @ W`` and ~15 for F.linear (bench/kernels.py --only gemv). Packing costs a
+# copy of the weights (0.4 s at 124M), so it pays only when they are reused for many tokens:
+# the copies are cached per weight until the weight changes (an optimizer step,
+# load_state_dict, .to()) and dropped when the model goes back to training mode. Training
+# never uses them. The cache is keyed by the weight tensor itself, by identity (tensors
+# compare element-wise with ==, so a plain WeakKeyDictionary cannot hold them); an entry
+# goes when its weight does.
+_PACKED = WeakIdKeyDictionary()     # weight Parameter -> (version key, its storage, packed copy)
+_IN_USE = {}                        # id(layer) -> (its packed copy, the PackedSession using it)
+
+
+def _version_key(weight):
+    # Every in-place change bumps a tensor's _version; data_ptr changes when .to() or
+    # load_state_dict(assign=True) swaps the storage. (Inference tensors keep no version.)
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), weight.dtype, version)
+
+
+def cpu_matmul_dtype(weight):
+    """The dtype a CPU matmul with ``weight`` runs in: autocast's when on, else the weight's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+
+
+def packed_weight(weight, rows=8, in_out=False, dtype=None):
+    """The oneDNN-packed copy of ``weight`` (cached until the weight changes).
+
+    ``weight`` is (out, in) like nn.Linear's, or (in, out) like our Linear's with
+    ``in_out=True``. ``rows`` is how many rows the products will have: oneDNN picks its
+    tiling for it. Packed for 1 row, one-token steps ran ~5% faster than with the 8-row
+    packing, while 8-row steps ran 1.7x slower with the 1-row one; 8 served every batch
+    from 2 to 16. ``dtype`` (default: the weight's) is the precision of the copy: bfloat16
+    for fp32 weights under autocast.
+    """
+    rows = 1 if rows == 1 else 8
+    dtype = dtype or weight.dtype
+    key = (*_version_key(weight), rows, dtype)
+    # The storage itself is compared too (through a weak reference, which dies with it):
+    # after m.to(torch.bfloat16).to(torch.float32) the allocator may give the new storage
+    # the old one's address, so data_ptr alone would vouch for a copy of other weights.
+    storage = weight.untyped_storage()
+    cached = _PACKED.get(weight)
+    if cached is None or cached[0] != key or cached[1]() is not storage or key[2] is None:
+        out_in = weight.detach().t() if in_out else weight.detach()
+        # from a contiguous (out, in) matrix: packing the transposed view directly gave a
+        # layout that streamed ~3% slower
+        out_in = out_in.to(dtype).contiguous()
+        cached = (key, weakref.ref(storage), torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
+        _PACKED[weight] = cached
+    return cached[2]
+
+
+def packed_linear(x, packed, bias=None):
+    """x (..., in) -> x @ W + bias (..., out), with W given as a packed_weight.
+
+    ``x`` and ``bias`` are brought to the packed copy's dtype first, as autocast would do
+    for a linear layer (autocast does not know this oneDNN op, so it converts nothing).
+    """
+    if x.dtype != packed.dtype:
+        x = x.to(packed.dtype)
+    if bias is not None and bias.dtype != packed.dtype:
+        bias = bias.to(packed.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def is_packed(layer):
+    """Whether ``layer`` multiplies with a packed copy right now (inside packed_for_cpu)."""
+    entry = _IN_USE.get(id(layer))
+    return entry is not None and entry[1].active
+
+
+class PackedSession:
+    """What packed_for_cpu yields: the output head for decoding, and the on/off state.
+
+    ``logits(h)`` turns final vectors (..., C) into logits; ``greedy(h)`` gives the index of
+    each row's largest logit, (B, 1), which is all greedy decoding needs. ``active`` is read
+    by every layer at every call: True, they multiply with their packed copies; False, with
+    their own weights. generate_tokens is a generator, so the caller's code runs while it
+    waits at a ``yield`` (inside the block): it sets ``active`` to False for that time, so
+    that a training step or load_state_dict in between sees the real weights.
+    """
+
+    def __init__(self, logits, greedy=None):
+        self.logits = logits
+        self.greedy = greedy or (lambda h: greedy_tokens(logits(h)))
+        self.active = True
+
+
+@contextlib.contextmanager
+def packed_for_cpu(model, batch_size=8, greedy=False):
+    """Within this block the blocks' matmuls read oneDNN-packed weights (inference on CPU).
+
+    ``model`` is a GPTModel; ``batch_size`` the rows each step will have (the packing is
+    tuned for it). Yields a PackedSession. Under bf16 autocast the copies are packed in
+    bfloat16 (cast once, not at every step as autocast would). ``greedy=True`` (only the
+    argmax will be asked for) packs an fp32 head as a bfloat16 copy for screened_argmax:
+    greedy tokens exactly as fp32 picks them, with half the head's bytes read (``logits``
+    then is the model's own head). Where packing is not available or not wanted (switched
+    off, not x86, weights not on the CPU, gradients on, weights over a quarter of the RAM)
+    nothing changes and ``logits`` is ``model.logits``.
+
+    The copies are reused by later blocks until a weight changes (an in-place edit, an
+    optimizer step, load_state_dict, .to()); an edit that autograd does not see (through
+    ``.data`` or a numpy view) is not noticed: call ``model.train()`` after one, which drops
+    the copies.
+    """
+    w = model.tok_emb.weight
+    dtype = cpu_matmul_dtype(w)
+    usable = (ENABLED and PACKING and available() and w.device.type == "cpu"
+              and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
+              and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
+              and not torch.is_grad_enabled() and _packed_copy_fits(model))
+    if not usable:
+        yield PackedSession(model.logits)
+        return
+    # the four (in, out) matrices of every block: each 2-D weight inside the blocks
+    layers = [m for m in model.trf_blocks.modules()
+              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    head = model.out_head.weight                                             # (vocab, C)
+    if greedy and dtype == torch.float32:
+        head_bf16 = packed_weight(head, batch_size, dtype=torch.bfloat16)
+        norms = head.detach().norm(dim=1)                                    # (vocab,)
+        session = PackedSession(model.logits,
+                                lambda h: screened_argmax(h, head, head_bf16, norms))
+    else:
+        packed_head = packed_weight(head, batch_size, dtype=dtype)
+        session = PackedSession(lambda h: packed_linear(h, packed_head))
+    try:
+        for m in layers:
+            _IN_USE[id(m)] = (packed_weight(m.weight, batch_size, in_out=True, dtype=dtype),
+                              session)
+        yield session
+    finally:
+        for m in layers:
+            if _IN_USE.get(id(m), (None, None))[1] is session:
+                del _IN_USE[id(m)]
+
+
+def _packed_copy_fits(model):
+    # The packed copy doubles the weights' memory while it is kept: make it only when the
+    # weights take at most a quarter of the machine's RAM (gpt2-xl's 6.2 GB fp32 would not
+    # be copied on a 16 GB laptop). Where RAM cannot be read, assume it fits.
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):      # no sysconf (Windows)
+        return True
+    return weight_bytes <= ram // 4
+
+
+# ---------------------------------------------------------------------------------------
+# Greedy decoding's argmax
+
+def greedy_tokens(logits):
+    """logits (B, vocab) -> each row's largest, (B, 1); ties go to the lowest index.
+
+    .float(): argmax over bfloat16 has no vectorized CPU kernel and took 180 us for one row
+    of 50257 logits (3% of a bf16 decoding step); converting first (exact, so the same
+    token, ties included) and taking the fp32 argmax took 60 us.
+    """
+    return logits.float().argmax(dim=-1, keepdim=True)
+
+
+def screened_argmax(h, weight, head_bf16, row_norms):
+    """argmax(h @ weight.T) of each row of h (B, C), as fp32 gives it, reading half the bytes.
+
+    Greedy decoding needs only the largest logit, and the output head is the largest
+    matrix (154 MB of the 124M model's 500 MB in fp32). So:
+    1. multiply by ``head_bf16``, a bfloat16 copy of ``weight`` (packed_weight): half the
+       bytes;
+    2. bound how far each of those logits can be from the fp32 one. bfloat16 keeps 8
+       significant bits, so rounding moves every weight and every entry of h by at most
+       2^-9 of itself, and logit i by at most about 2^-8 * sum_j |h_j| |w_ij| (the fp32
+       sums add far less), which Cauchy-Schwarz bounds by 2^-8 * ||h|| * ||w_i||
+       (``row_norms``: the ||w_i||). We take 2^-7, twice that;
+    3. token i can still be the largest only if its logit plus its bound reaches the best
+       of (logit - bound); recompute just those candidates in fp32 (a handful of rows on
+       GPT-2-sized random weights) and take their argmax.
+    Ties go to the lowest index, as with torch.argmax over all logits. "As fp32 gives it"
+    holds up to the last-bit rounding in which any two fp32 kernels differ (their order of
+    summation), as between ours and Hugging Face's.
+    """
+    h_norm = h.norm(dim=-1, keepdim=True)                                   # (B, 1)
+    if torch.isfinite(h_norm).all():        # NaN or inf (a diverged model): no bound holds
+        approx = packed_linear(h, head_bf16).float()                        # (B, vocab)
+        bound = 2.0 ** -7 * h_norm * row_norms                              # (B, vocab)
+        floor = (approx - bound).amax(dim=-1, keepdim=True)                 # (B, 1)
+        candidates = (approx + bound >= floor).any(dim=0).nonzero().squeeze(1)  # (K,) ascending
+        if len(candidates) <= 4096:       # else the screen did not narrow it down
+            # Each (row, candidate) dot product summed the same way, so equal weight rows
+            # give equal logits and a tie goes to the lower index (a matmul may round
+            # columns differently).
+            exact = (h[:, None, :] * weight[candidates]).sum(dim=-1)        # (B, K) fp32
+            return candidates[exact.argmax(dim=-1, keepdim=True)]           # (B, 1)
+    return (h @ weight.T).argmax(dim=-1, keepdim=True)                      # all in fp32
+
+
+# ---------------------------------------------------------------------------------------
+# Memory for training steps
+
+def tune_malloc():
+    """Ask glibc's malloc to keep freed memory for reuse; returns True if it took effect.
+
+    Every training step allocates and frees the same large activation buffers. By default
+    glibc serves big requests with fresh mmap()s and hands freed memory back to the OS, so
+    each step page-faults all of it in again: about a quarter of a small CPU run's time
+    went there (steps got 1.2-1.4x faster with this). Keeping the memory costs nothing
+    new: the process's footprint stays at its peak, which it reaches every step anyway.
+    Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
+    set before Python starts. Does nothing off Linux/glibc (macOS, Windows, musl), or when
+    the fast paths are switched off.
+    """
+    if not ENABLED or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):   # glibc only: musl has no such tunables
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # from glibc's <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -1,0 +1,137 @@
+"""Where the work runs: one device, or one process per device under torchrun.
+
+    get_device()            CUDA, then Apple's MPS, then CPU; or the one asked for
+    setup_distributed()     join torchrun's process group: (device, rank, world_size)
+    wrap_model(m, "ddp")    DistributedDataParallel, or "fsdp": FSDP2 shards
+
+Device and dtype are chosen once, at the entry point (train.py, generate.py, a notebook's
+first cell), and passed down; the other modules read the device from their inputs.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def get_device(preferred=None):
+    """torch.device to run on: CUDA, then Apple's MPS, then CPU; or the one asked for."""
+    if preferred is None or str(preferred) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(preferred)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(preferred)!r}; choose cuda, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(preferred)!r} was asked for, but this PyTorch sees no CUDA "
+                         f"GPU; use --device cpu or install a CUDA build of torch")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(preferred)!r} was asked for, but MPS (Apple GPU) is not "
+                         f"available here; use --device cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel or FSDP2.
+#
+# torchrun starts one process per device and tells each its RANK and WORLD_SIZE. Every
+# process holds the model (DDP: whole; FSDP: a shard of each weight), trains on its own
+# slice of each batch, and the gradients are averaged across processes before the step,
+# so all of them take the same step.
+
+def setup_distributed(device_preference=None, backend=None):
+    """Join the process group if launched by torchrun; return (device, rank, world_size).
+
+    Without torchrun this returns (get_device(device_preference), 0, 1) and changes nothing.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return get_device(device_preference), 0, 1
+    device = get_device(device_preference)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"backend 'nccl' needs CUDA GPUs but the device is {device.type}; "
+                         f"use --backend gloo (the default on CPU)")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                             f"GPUs here; set --nproc_per_node to at most the GPU count")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def wrap_model(model, parallel, device):
+    """Wrap ``model`` for several processes: "ddp" (a full copy per process, gradients
+    all-reduced) or "fsdp" (FSDP2 ``fully_shard``: each block's weights, gradients and
+    optimizer state split across processes, gathered one block at a time when needed,
+    which is what lets 774M/1558M models train on cards too small for a whole copy)."""
+    if parallel == "ddp":
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                       else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.trf_blocks:
+            fully_shard(block)          # one all-gather per block, freed after use
+        fully_shard(model)              # the embeddings, final norm and head
+        return model
+    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+
+
+def barrier():
+    """Wait until every process gets here (no-op without torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(model, last):
+    """Context for one micro-batch's backward: average gradients across processes only
+    on the last micro-batch of a step (the earlier ones just add up locally)."""
+    if isinstance(model, DistributedDataParallel) and not last:
+        return model.no_sync()
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def gather(obj, world_size):
+    """Every rank's ``obj`` as a list on rank 0 (a list of one without torchrun)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def mean_across_processes(value, device, world_size):
+    """The mean of a float over all processes (the value itself without torchrun)."""
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world_size

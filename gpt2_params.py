@@ -1,0 +1,106 @@
+"""The one table of GPT-2 parameter names, and the converter loop both loaders share.
+
+    ours (model.py)                Hugging Face (transformers)   OpenAI (TensorFlow)
+    tok_emb.weight                 wte.weight                    model/wte
+    trf_blocks.0.att.qkv.weight    h.0.attn.c_attn.weight        model/h0/attn/c_attn/w
+
+download_weights.py (OpenAI's TF checkpoints) and download_weights_hf.py (HF, both ways) are
+each a loop over ``gpt2_param_names``; ``iter_gpt2_weights`` does the shape checks and the
+tied-head rules once for both.
+"""
+
+import torch
+
+# Each row: (our name, Hugging Face name, OpenAI TensorFlow name, is_conv1d).
+# OpenAI's code (and HF, which copied it) stores the block's linear layers as "Conv1D",
+# weights laid out (in, out). Our Linear uses the same layout, so every tensor copies
+# across as it is; is_conv1d marks the four whose TF variables carry an extra leading
+# axis of size 1 ((1, in, out)). The OpenAI names drop the "model/" prefix.
+_GLOBAL_PARAMS = [
+    ("tok_emb.weight", "wte.weight", "wte", False),
+    ("pos_emb.weight", "wpe.weight", "wpe", False),
+    ("final_norm.weight", "ln_f.weight", "ln_f/g", False),
+    ("final_norm.bias", "ln_f.bias", "ln_f/b", False),
+]
+_BLOCK_PARAMS = [
+    ("norm1.weight", "ln_1.weight", "ln_1/g", False),
+    ("norm1.bias", "ln_1.bias", "ln_1/b", False),
+    ("att.qkv.weight", "attn.c_attn.weight", "attn/c_attn/w", True),
+    ("att.qkv.bias", "attn.c_attn.bias", "attn/c_attn/b", False),
+    ("att.out_proj.weight", "attn.c_proj.weight", "attn/c_proj/w", True),
+    ("att.out_proj.bias", "attn.c_proj.bias", "attn/c_proj/b", False),
+    ("norm2.weight", "ln_2.weight", "ln_2/g", False),
+    ("norm2.bias", "ln_2.bias", "ln_2/b", False),
+    ("ff.fc.weight", "mlp.c_fc.weight", "mlp/c_fc/w", True),
+    ("ff.fc.bias", "mlp.c_fc.bias", "mlp/c_fc/b", False),
+    ("ff.proj.weight", "mlp.c_proj.weight", "mlp/c_proj/w", True),
+    ("ff.proj.bias", "mlp.c_proj.bias", "mlp/c_proj/b", False),
+]
+
+
+def gpt2_param_names(n_layers):
+    """All (ours, hf, openai_tf, is_conv1d) rows for a model with ``n_layers`` blocks.
+
+    The output head is not listed: GPT-2 ties it to ``wte``. Converters handle
+    ``out_head.weight`` (HF: ``lm_head.weight``) themselves.
+    """
+    rows = list(_GLOBAL_PARAMS)
+    for i in range(n_layers):
+        for ours, hf, tf, conv in _BLOCK_PARAMS:
+            rows.append((f"trf_blocks.{i}.{ours}", f"h.{i}.{hf}", f"h{i}/{tf}", conv))
+    return rows
+
+
+def iter_gpt2_weights(gpt, fetch, source, head=None):
+    """Yield ``(our_name, tensor)`` for every GPT-2 weight, in our layout, shape-checked.
+
+    This is the one converter loop both loaders use. ``fetch(row)`` returns the source's
+    tensor (torch or numpy) for a row ``(ours, hf, openai_tf, is_conv1d)`` of
+    ``gpt2_param_names``, or raises KeyError naming what is missing. ``gpt`` only supplies
+    the expected shapes and dtype (it may live on the meta device). ``head`` is the
+    source's untied output head ((vocab, C), e.g. HF's ``lm_head.weight``) or None when
+    the head is the token embedding, as in GPT-2.
+
+    ``out_head.weight`` is yielded only when ``gpt`` has an untied head; a tied model
+    shares it with ``tok_emb.weight``. Source Q/K/V biases are dropped when ``gpt`` was
+    built with qkv_bias=False, but only if they are all zero (then nothing changes).
+    """
+    expected = gpt.state_dict()
+    n_layers = gpt.cfg["n_layers"]
+    wte = None
+    for row in gpt2_param_names(n_layers):
+        ours = row[0]
+        try:
+            tensor = torch.as_tensor(fetch(row))
+        except KeyError as e:
+            raise ValueError(f"{source} has no weight {e.args[0]!r} (needed for {ours!r}); is it "
+                             f"a GPT-2 model with at least n_layers={n_layers} blocks?") from None
+        if ours not in expected:
+            if not torch.any(tensor):
+                continue                        # zero biases a bias-free layer already has
+            raise ValueError(f"{source} has a non-zero {ours!r} but the model has no such "
+                             f"parameter; build it with qkv_bias=True, as GPT-2 was trained")
+        want = expected[ours]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ValueError(f"shape mismatch for {ours!r} (from {source}): the weights are "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(want.shape)}; "
+                             f"build the model with the config these weights came with")
+        tensor = tensor.to(want.dtype).contiguous()
+        if ours == "tok_emb.weight":
+            wte = tensor
+        yield ours, tensor
+    if head is not None:
+        head = torch.as_tensor(head)
+        if tuple(head.shape) != tuple(wte.shape):
+            raise ValueError(f"shape mismatch for 'out_head.weight' (from {source}): the "
+                             f"weights are {tuple(head.shape)}, the model expects "
+                             f"{tuple(wte.shape)}")
+        head = head.to(wte.dtype).contiguous()
+    if gpt.cfg["tie_embeddings"]:
+        if head is not None and not torch.equal(head.to(wte.device), wte):
+            raise ValueError(f"{source} has an output head different from its token embedding, "
+                             f"but the model ties them; build it with tie_embeddings=False")
+    else:
+        # An untied model starts its head from the embedding when the source has none:
+        # that is exactly the function GPT-2 computes.
+        yield "out_head.weight", wte if head is None else head
