@@ -30,14 +30,19 @@ def make_prompt(batch, prompt_len, vocab, seed):
     return torch.randint(0, vocab, (batch, prompt_len), generator=g)
 
 
-def run_ours(model, idx, new_tokens, autocast=False):
-    """(seconds, token ids (B, T + new)) for one generate_text call."""
+def run_ours(model, idx, new_tokens, autocast=False, plain=False):
+    """(seconds, token ids (B, T + new)) for one generate_text call.
+
+    ``plain``: with every CPU fast path off (cpu_kernels.disabled), the plain PyTorch code.
+    """
     import torch
 
+    import cpu_kernels
     from generate import generate_text
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
            else contextlib.nullcontext())
-    with torch.inference_mode(), ctx:
+    off = cpu_kernels.disabled() if plain else contextlib.nullcontext()
+    with torch.inference_mode(), ctx, off:
         return common.timed(generate_text, model, idx, new_tokens, eos_id=None)
 
 
@@ -59,7 +64,8 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
     """
     import torch
     ours, hf = common.build_pair(shape, seed)
-    models = {"ours fp32": ours, "HF fp32": hf}
+    # "plain": the same model with the CPU fast paths off, to see what they are worth here
+    models = {"ours fp32": ours, "HF fp32": hf, "ours fp32 plain": ours}
     if bf16:
         models["ours bf16 (.to)"] = copy.deepcopy(ours).to(torch.bfloat16)
         # its own copy: a weight keeps one packed copy (fp32 here, bf16 under autocast),
@@ -72,7 +78,8 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
         model = models[name]
         if name.startswith("HF"):
             return lambda: run_hf(model, idx, n)
-        return lambda: run_ours(model, idx, n, autocast="autocast" in name)
+        return lambda: run_ours(model, idx, n, autocast="autocast" in name,
+                                plain="plain" in name)
 
     results = []
     for batch in batches:
@@ -114,6 +121,11 @@ def summarize(results, bf16, quick):
             text, ok = common.target(f"b{batch} ours/HF", rows["ours fp32"]["vs_hf_fp32"], goal)
         else:
             text, ok = f"b{batch} ours/HF {rows['ours fp32']['vs_hf_fp32']:.2f}x", True
+        parts.append(text)
+        oks.append(ok)
+        # the fast paths must not lose to the plain code they replace
+        text, ok = common.target(f"b{batch} fast/plain", rows["ours fp32"]["tok_per_s"]
+                                 / rows["ours fp32 plain"]["tok_per_s"], 1.0)
         parts.append(text)
         oks.append(ok)
         if bf16:

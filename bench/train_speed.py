@@ -81,17 +81,24 @@ def hf_logits_module(hf):
     return HFLogits(hf)
 
 
-def make_step(model, batch, dtype):
-    """A function doing one full optimizer step; returns (seconds, loss)."""
+def make_step(model, batch, dtype, plain=False):
+    """A function doing one full optimizer step; returns (seconds, loss).
+
+    ``plain``: with every CPU fast path off (cpu_kernels.disabled), the plain PyTorch code.
+    """
+    import contextlib
+
     import torch
 
+    import cpu_kernels
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device("cpu")
 
     def step():
         t0 = time.perf_counter()
-        loss, _ = accumulate_gradients(model, [batch], device, dtype)
+        with cpu_kernels.disabled() if plain else contextlib.nullcontext():
+            loss, _ = accumulate_gradients(model, [batch], device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,11 +130,13 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print):
         raise AssertionError(f"config {name}: initial losses differ ({l_ours} vs {l_hf}); "
                              f"the models do not compute the same function")
 
-    # ours fp32 and ours bf16 share one model and optimizer (bf16 autocast keeps fp32 weights)
-    ours_fp32 = make_step(ours, batch, "fp32")
-    ours_step_bf16 = make_step(ours, batch, "bf16")
-    contenders = {"ours fp32": ours_fp32, "HF fp32": make_step(hf_mod, batch, "fp32"),
-                  "ours bf16 autocast": ours_step_bf16}
+    # ours' contenders share one model (bf16 autocast keeps fp32 weights); "plain" runs with
+    # the CPU fast paths off, to see what they are worth on this machine
+    contenders = {"ours fp32": make_step(ours, batch, "fp32"),
+                  "HF fp32": make_step(hf_mod, batch, "fp32"),
+                  "ours bf16 autocast": make_step(ours, batch, "bf16"),
+                  "ours fp32 plain": make_step(ours, batch, "fp32", plain=True),
+                  "ours bf16 plain": make_step(ours, batch, "bf16", plain=True)}
     if hf_bf16:
         contenders["HF bf16 autocast"] = make_step(hf_mod, batch, "bf16")
     peaks = {"fp32": [], "bf16": []}
@@ -164,6 +173,12 @@ def summarize(rows, quick):
         for label, cname, goal in (("fp32 ours/HF", "ours fp32", FP32_TARGET),
                                    ("bf16 ours/HF-fp32", "ours bf16 autocast", BF16_TARGET)):
             text, ok = common.target(f"{cfg} {label}", by[cname]["vs_hf_fp32"], goal)
+            parts.append(text)
+            oks.append(ok)
+        for dt in ("fp32", "bf16"):     # the fast paths must not lose to the plain code
+            fast = by["ours fp32" if dt == "fp32" else "ours bf16 autocast"]["tok_per_s"]
+            text, ok = common.target(f"{cfg} {dt} fast/plain",
+                                     fast / by[f"ours {dt} plain"]["tok_per_s"], 1.0)
             parts.append(text)
             oks.append(ok)
     note = " [--quick: tiny config, targets are for S and M]" if quick else ""
