@@ -14,8 +14,9 @@ and a greedy head that reads half the bytes (``screened_argmax``). train_utils c
 rounding in which any two matmul kernels differ); the tests compare each with the plain path.
 
 One switch turns all of them off: ``cpu_kernels.ENABLED = False`` (or the environment
-variable ``GPT2_CPU_KERNELS=0`` before Python starts). ``ONEDNN_FP32`` and ``PACKING`` turn
-off one path each, for measuring it against the plain code.
+variable ``GPT2_CPU_KERNELS=0`` before Python starts). The flags below it say which path is
+on for this CPU: each only where it was measured to beat the plain code (the "fast/plain"
+lines of bench/train_speed.py and bench/generate_speed.py), and each can be set by hand.
 """
 
 import contextlib
@@ -31,8 +32,32 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
-ONEDNN_FP32 = True      # fp32 products through oneDNN (training and evaluation)
-PACKING = True          # packed weight copies for decoding (one more copy of the weights)
+
+
+def _cpu_vendor():
+    """"GenuineIntel", "AuthenticAMD", ... as the CPU reports it ("" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    text = platform.processor()     # Windows: "Intel64 Family 6 ..., GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
+
+
+# PyTorch's fp32 matmuls are Intel's MKL, which runs its best code on Intel CPUs only: on
+# the AMD EPYC (Zen 5) it ran at 184-214 GFLOP/s, oneDNN at 315-488, and there every path
+# here won. On a 2-core Intel Xeon (AVX-512, AMX) MKL was the faster one (oneDNN 0.43-0.95x
+# of it for every training product), padded logit rows lost 10% of a bf16 step, and
+# one-row fp32 decoding streamed the weights as fast through MKL as packed, with bf16
+# screening slower than the fp32 head: there only the batched and bf16 decoding paths win.
+_INTEL = _cpu_vendor() == "GenuineIntel"
+ONEDNN_FP32 = not _INTEL        # fp32 products through oneDNN (training and evaluation)
+ALIGNED_LOGITS = not _INTEL     # the head's logits in rows padded to 64 (bf16, other CPUs)
+PACKING = True                  # packed weight copies for decoding (one more weight copy)
+PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
 
 
 @contextlib.contextmanager
@@ -80,7 +105,7 @@ def head_logits(h, weight):
     if ONEDNN_FP32 and onednn_fp32_applies(h, weight):
         out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
         return out.view(*h.shape[:-1], weight.shape[0])                     # (..., vocab)
-    if weight.shape[0] % 64 == 0:
+    if not ALIGNED_LOGITS or weight.shape[0] % 64 == 0:
         return None
     # what autocast would do for the head: multiply in its low-precision dtype (the casts
     # do nothing outside autocast)
@@ -289,8 +314,9 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     argmax will be asked for) packs an fp32 head as a bfloat16 copy for screened_argmax:
     greedy tokens exactly as fp32 picks them, with half the head's bytes read (``logits``
     then is the model's own head). Where packing is not available or not wanted (switched
-    off, not x86, weights not on the CPU, gradients on, weights over a quarter of the RAM)
-    nothing changes and ``logits`` is ``model.logits``.
+    off, not x86, one-row fp32 products where PACK_FP32_BATCH_1 is off, weights not on the
+    CPU, gradients on, weights over a quarter of the RAM) nothing changes and ``logits`` is
+    ``model.logits``.
 
     The copies are reused by later blocks until a weight changes (an in-place edit, an
     optimizer step, load_state_dict, .to()); an edit that autograd does not see (through
@@ -300,6 +326,7 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     w = model.tok_emb.weight
     dtype = cpu_matmul_dtype(w)
     usable = (ENABLED and PACKING and available() and w.device.type == "cpu"
+              and (PACK_FP32_BATCH_1 or batch_size > 1 or dtype != torch.float32)
               and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
               and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
               and not torch.is_grad_enabled() and _packed_copy_fits(model))

@@ -71,6 +71,7 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
         # its own copy: a weight keeps one packed copy (fp32 here, bf16 under autocast),
         # so sharing ``ours`` would repack at every switch between the two contenders
         models["ours bf16 (autocast)"] = copy.deepcopy(ours)
+        models["ours bf16 (.to) plain"] = models["ours bf16 (.to)"]
     if hf_bf16:
         models["HF bf16 (.to)"] = copy.deepcopy(hf).to(torch.bfloat16)
 

@@ -270,6 +270,13 @@ def test_packing_stays_out_of_training_and_can_be_turned_off(monkeypatch):
             assert not any(cpu_kernels.is_packed(m) for m in model.modules()
                            if isinstance(m, Linear))
         monkeypatch.undo()
+    monkeypatch.setattr(cpu_kernels, "PACK_FP32_BATCH_1", False)     # as on Intel CPUs
+    with torch.no_grad(), cpu_kernels.packed_for_cpu(model, 1) as session:
+        assert session.logits == model.logits
+    if cpu_kernels.available():
+        with torch.no_grad(), cpu_kernels.packed_for_cpu(model, 2):
+            assert all(cpu_kernels.is_packed(m) for m in model.modules() if isinstance(m, Linear))
+    monkeypatch.undo()
     with cpu_kernels.packed_for_cpu(model, 1) as session:   # gradients on: no packing
         assert session.logits == model.logits
         assert not any(cpu_kernels.is_packed(m) for m in model.modules()
