@@ -125,7 +125,8 @@ class GPTDataset(Dataset):
         if n < self.max_length + 1:
             raise ValueError(
                 f"{name or 'text'} has {n} tokens; need at least max_length+1="
-                f"{self.max_length + 1}. Add text or lower context_length (max_length).")
+                f"{self.max_length + 1}. Add text or lower context_length (max_length; "
+                f"--context-length in train.py).")
         # start + max_length < n: the target (shifted by one) must still fit in the tokens
         starts = np.arange(0, n - self.max_length, self.stride, dtype=np.int64)
         last = n - 1 - self.max_length              # the window whose target ends at the end
@@ -175,6 +176,12 @@ def _utf8_error(path, data_offset, err):
     """A ValueError for non-UTF-8 bytes that says where they are and how to fix the file."""
     offset = data_offset + err.start
     bad = err.object[err.start:err.end]
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):     # the byte-order mark Windows' editors write
+        return ValueError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8: "
+            f"convert it, e.g. `iconv -f UTF-16 -t UTF-8 {Path(path).name} > fixed.txt`")
     return ValueError(
         f"{path} is not UTF-8 text: byte offset {offset} holds {bad!r}. Convert the file to "
         f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {Path(path).name} > fixed.txt` "
@@ -183,6 +190,12 @@ def _utf8_error(path, data_offset, err):
 
 def _missing_file_error(path):
     path = Path(path)
+    if path.is_dir():
+        inside = path / "input.txt"
+        return IsADirectoryError(
+            f"{path} is a folder, not a text file; " + (
+                f"it holds input.txt: pass that (--data {inside})" if inside.is_file() else
+                "pass the path of a UTF-8 .txt file"))
     return FileNotFoundError(
         f"no text file at {path} (absolute: {path.resolve()}). Put a UTF-8 .txt file there "
         f"(any plain text: a book from Project Gutenberg, your notes, source code)")
@@ -328,7 +341,10 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
     for name, part in zip(SPLIT_NAMES, parts):
         if not part:
             hint = "Add more text (more lines)."
-            if "\r" in text and "\n" not in text:
+            if "\r" not in text and "\n" not in text:
+                hint = (f"It has no line breaks at all, so all {n:,} characters are one line "
+                        f"and cannot be cut: put newlines in it (between paragraphs, say).")
+            elif "\r" in text and "\n" not in text:
                 # Classic Mac OS files end lines with "\r" alone: we only cut at "\n", so
                 # the whole file is one line however long it is.
                 hint = (f"Its line endings are CR only (\\r, old Mac style), so it reads as "
@@ -346,8 +362,11 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
     for p, part in zip(paths, parts):
         _atomic_write(p, part)
         print(f"{p}: {len(part):,} characters, {_count_lines(part):,} lines")
+    # the split files as written, so that a later edit of one by hand is noticed (_ours)
+    written = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
     stamp = {"input": file_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "ctime_ns": st.st_ctime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+             "ctime_ns": st.st_ctime_ns, "sha256": hashlib.sha256(data).hexdigest(),
+             "splits": written}
     _atomic_write(stamp_path, json.dumps(stamp, indent=1))
     return paths
 
@@ -435,7 +454,30 @@ def _why_splits_are_stale(input_path, split_files):
     return None
 
 
-def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_corpus=True):
+def _ours(input_path, existing):
+    """Whether this program wrote every file in ``existing`` (split files beside the input)
+    and nobody changed them since: the stamp says what it wrote, size and mtime."""
+    stamp = _read_json(split_stamp_path(input_path))
+    if not isinstance(stamp, dict) or "input" not in stamp:
+        return False
+    written = stamp.get("splits")
+    if written is None:         # a stamp from before the record: ours, unchecked
+        return True
+    return all(written.get(p.name) == [p.stat().st_size, p.stat().st_mtime_ns]
+               for p in existing)
+
+
+def _not_ours_error(input_path, existing, why):
+    names = ", ".join(p.name for p in existing)
+    return FileExistsError(
+        f"{why}, but {names} beside it were not written by this program as they are now (no "
+        f"{SPLIT_STAMP_NAME} records them), so they are not overwritten. To split "
+        f"{input_path} again, delete them or pass --resplit (resplit=True); to train on them "
+        f"as they are, `touch` them (split files newer than the input are used as they are)")
+
+
+def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_corpus=True,
+                   resplit=False):
     """Return ``(train_path, valid_path, test_path)``, creating what is missing.
 
     1. No input file and no split files, ``use_default_corpus`` and ``auto_split``: write
@@ -446,11 +488,15 @@ def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_cor
        split_train_val_test writes beside the splits: the input's name, size, mtime, ctime
        and sha256. Splits made from another file count as changed; so does this file with a
        new size or a new sha256, even when ``mv`` or ``cp -p`` gave it an older mtime.
-    Split files without that stamp (you made them yourself) are used as they are when they
-    are newer than the input (or there is no input); ``test.txt`` may be absent then,
-    training only needs the other two.
+    Split files this program did not write (no stamp, or edited since) are never
+    overwritten: they are used as they are when they are newer than the input (or there is
+    no input; ``test.txt`` may be absent then, training only needs the other two), and
+    otherwise FileExistsError says what to do. ``resplit=True`` splits the input again,
+    whatever is there.
     """
     input_path = Path(input_path)
+    if input_path.is_dir():
+        raise _missing_file_error(input_path)
     if auto_split:
         _check_not_own_split(input_path)
     paths = split_paths(input_path)
@@ -482,13 +528,16 @@ def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_cor
             print(f"note: {why_stale}; using the split files as they are because AUTO_SPLIT "
                   f"is off")
         return paths
-    if not have_splits:
+    existing = [p for p in paths if p.exists()]
+    if not have_splits or why_stale or resplit:
         if not input_path.exists():
             raise _missing_file_error(input_path)
+        if existing and not resplit and not _ours(input_path, existing):
+            raise _not_ours_error(input_path, existing, why_stale or
+                                  f"{input_path} has no complete set of split files")
+        if have_splits:
+            print(f"{why_stale or 'asked to split again'}: re-splitting")
         # Half a split set is not worth keeping: write all three afresh.
-        split_train_val_test(input_path, overwrite=True)
-    elif why_stale:
-        print(f"{why_stale}: re-splitting")
         split_train_val_test(input_path, overwrite=True)
     return paths
 
@@ -696,10 +745,11 @@ def load_tokens(path, tokenizer=None, cache=True, *, chunk_bytes=_CHUNK_BYTES):
         encoded["started"] = True
         meta_path.unlink(missing_ok=True)
         encoded["n_tokens"], encoded["sha256"] = _encode_file(
-            path, tokenizer, chunk_bytes, lambda arr: arr.tofile(f))
+            path, tokenizer, chunk_bytes, f.write)      # each chunk's uint16 ids, as bytes
 
     try:
-        atomic_write(u16_path, write_ids)
+        # ~4 bytes of English per token, 2 bytes per id: about half the text's size
+        atomic_write(u16_path, write_ids, size_hint=lambda: stat.st_size // 2)
     except OSError as e:
         if encoded:         # the folder took the temp file: a real failure (disk full...)
             raise

@@ -185,7 +185,8 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                     f"downloading {url} had to start again from zero {restarts} times "
                     f"(last: {e}); the server does not send the file consistently. Try "
                     f"again later or use another mirror (--base-url)") from None
-            time.sleep(backoff * 2 ** (restarts - 1))
+            _pause(f"{destination.name}: {e}; starting again from zero", restarts, retries,
+                   backoff * 2 ** (restarts - 1))
             continue
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError, _TransientError) as e:
@@ -199,10 +200,16 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                             "check the network connection, or point --base-url at a mirror")
                 raise DownloadError(f"downloading {url} failed {failures} times in a row "
                                     f"({e}); {what_now}") from e
-            time.sleep(backoff * 2 ** (failures - 1))
+            _pause(f"{destination.name}: {e}", failures, retries, backoff * 2 ** (failures - 1))
             continue
         os.replace(part, destination)
         return destination
+
+
+def _pause(what, attempt, retries, seconds):
+    """Say why and when the download tries again (instead of waiting in silence), then wait."""
+    print(f"{what}; retry {attempt} of {retries} in {seconds:g} s", file=sys.stderr, flush=True)
+    time.sleep(seconds)
 
 
 # ---------------------------------------------------------------------------------------

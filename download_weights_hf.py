@@ -483,8 +483,11 @@ def export_to_hf(model, out_dir):
 
 # ---------------------------------------------------------------------------------------
 
-def _config_arg(value):
-    """--config: one of OpenAI's size names, or a JSON file holding a GPTModel config."""
+def config_arg(value):
+    """--config: one of OpenAI's size names, or a JSON file holding a GPTModel config.
+
+    Raises argparse.ArgumentTypeError, which argparse reports as a usage error.
+    """
     try:
         return dict(MODEL_CONFIGS[_size_key(value)])
     except ValueError:
@@ -492,8 +495,8 @@ def _config_arg(value):
     path = Path(value)
     if not path.is_file():
         raise argparse.ArgumentTypeError(
-            f"{value!r} is neither one of {list(MODEL_CONFIGS)} (or its size alone) nor a "
-            f"JSON file")
+            f"{value!r} is neither one of {list(MODEL_CONFIGS)} (or its size alone) "
+            f"nor a JSON file")
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -541,7 +544,7 @@ def main(argv=None):
     parser.add_argument("--out", metavar="DIR",
                         help="folder to write (with --export); an existing one keeps the "
                              "files the export does not write, e.g. .git and README.md")
-    parser.add_argument("--config", metavar="NAME_OR_JSON", type=_config_arg,
+    parser.add_argument("--config", metavar="NAME_OR_JSON", type=config_arg,
                         help="with --export of a .pth that holds only a state dict: one of "
                              f"{list(MODEL_CONFIGS)}, or a JSON file with the model's config")
     parser.add_argument("--save", metavar="PTH", help="checkpoint to write (with --load)")

@@ -7,23 +7,31 @@ one, never half of one that a later run would trust. ``read_checkpoint`` is the 
 in: ``torch.load(weights_only=True)``, with errors that say what to do.
 """
 
+import errno
 import glob
 import os
 import pickle
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
 import torch
 
 
-def atomic_write(path, write, by_path=False):
+class DiskFullError(OSError):
+    """The disk (or the user's quota) filled up while a file was written; nothing changed."""
+
+
+def atomic_write(path, write, by_path=False, size_hint=None):
     """Call ``write(f)`` on a temp file in ``path``'s folder, fsync, then rename over ``path``.
 
     ``os.replace`` within one folder is atomic. ``by_path=True`` hands ``write`` the temp
     file's path instead of an open file, for writers that open the file themselves
     (safetensors' save_file, matplotlib's savefig); the file keeps the permissions it was
-    created with.
+    created with. A full disk raises DiskFullError, one line that names the path and the
+    space needed (``size_hint()``: the file's expected size in bytes, when known); the old
+    file stays as it was and the temp file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +51,12 @@ def atomic_write(path, write, by_path=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _is_disk_full(e):
+            raise _disk_full(path, max(written, size_hint() if size_hint else 0)) from None
         raise
     _fsync_folder(path.parent)      # so that the rename itself survives a power cut
     return path
@@ -53,7 +64,64 @@ def atomic_write(path, write, by_path=False):
 
 def atomic_save(obj, path):
     """torch.save ``obj`` to ``path`` atomically (see atomic_write)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=lambda: _nbytes(obj))
+
+
+def _nbytes(obj):
+    """Bytes of the tensors in a (nested) dict / list / tuple: about its torch.save size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _is_disk_full(e):
+    """ENOSPC / EDQUOT, also as the RuntimeError torch.save and safetensors turn them into,
+    or hidden behind the error torch.save raises next while closing its archive."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, Exception) and any(text in str(e) for text in (
+                "No space left on device", "Disk quota exceeded", "file write failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(path, needed):
+    free = shutil.disk_usage(path.parent).free
+    need = f"about {_size(needed)}" if needed else "more space"
+    return DiskFullError(f"No space left on the disk for {path}: writing it needs {need}, and "
+                         f"{_size(free)} are free there. Nothing was changed (the previous "
+                         f"file, if any, is intact); free some space or write elsewhere")
+
+
+def _size(n_bytes):
+    return f"{n_bytes / 2**20:,.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:,.1f} KB"
+
+
+def check_writable(path):
+    """Raise OSError, before any long work, when a file cannot be written at ``path``."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"cannot write {path}: {blocker} is a file, not a folder; "
+                                 f"choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, fd = _create_temp_file(path)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise OSError(f"cannot write {path}: {e.strerror or e}{where}; choose another path "
+                      f"or fix the folder's permissions") from None
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path, e.g. "
+                                f"{path / 'model.pth'}")
 
 
 def _temp_prefix(path, pid=""):
@@ -130,14 +198,32 @@ def read_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} not found; train one with `python train.py` or "
             f"download one with download_weights.py")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); before PyTorch 1.6, a pickle stream
+    # (protocol 2: "\x80\x02"). Anything else is some other file: say so plainly.
+    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint (it starts with bytes "
+                         f"{magic!r}, not a torch.save archive); pass the .pth file that "
+                         f"train.py, save_checkpoint or download_weights.py wrote")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest weights_only=False: exactly what not to do
+        # with a file one does not trust. Keep only what it found.
+        detail = " ".join(part.strip() for part in str(e).split("\n\n")
+                          if part.strip() and "weights_only" not in part)
         raise ValueError(
             f"{str(path)!r} holds Python objects other than tensors and plain data, so it "
             f"was not loaded (loading it could run arbitrary code). Only load .pth files "
-            f"you trust; re-save them as plain state dicts. Detail: {e}") from None
+            f"you trust; re-save them as plain state dicts. Found: {detail}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(
             f"{str(path)!r} is truncated or is not a PyTorch checkpoint ({e}); "
             f"delete it and save or download it again") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
+        raise ValueError(
+            f"{str(path)!r} is a nanoGPT checkpoint (it has 'model' and 'model_args'), whose "
+            f"layers are laid out differently; this project loads its own .pth files "
+            f"(train.py, save_checkpoint, download_weights.py) and Hugging Face folders")
+    return ckpt

@@ -234,6 +234,8 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
 
 
 def main(argv=None):
+    from download_weights_hf import config_arg
+
     parser = argparse.ArgumentParser(description="Generate text with a trained GPT-2 checkpoint.")
     parser.add_argument("--weights", default="model_weights/trained_gpt2.pth",
                         help=".pth written by train.py, save_checkpoint or download_weights.py")
@@ -244,6 +246,9 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
+    parser.add_argument("--config", metavar="NAME_OR_JSON", default=None, type=config_arg,
+                        help="only for a .pth that holds a bare state dict: one of OpenAI's "
+                             "sizes (124M, ...) or a JSON file with the model's config")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="weights' precision: bf16 halves the memory and runs faster on "
                              "CPUs with AVX512-BF16 and on recent GPUs (default fp32)")
@@ -254,7 +259,9 @@ def main(argv=None):
         check_sampling_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         parser.error(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")
-                     .replace("temperature", "--temperature", 1))
+                     .replace("temperature", "--temperature", 1)
+                     .replace("positive int or None", "positive int, or 0 for all tokens")
+                     .replace(" or None", ""))
     if not args.prompt:
         parser.error("--prompt is empty: give some text to continue")
     if args.max_new_tokens < 1:
@@ -267,7 +274,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = get_device(args.device)
     try:
-        model = load_checkpoint(args.weights, device=device, dtype=args.dtype)
+        model = load_checkpoint(args.weights, device=device, dtype=args.dtype, cfg=args.config)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")     # a message that says what to do, no traceback
     tokenizer = get_tokenizer()

@@ -353,17 +353,7 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
     """
     dtype = resolve_dtype(dtype)
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
-        state = ckpt["model_state_dict"]
-        cfg = cfg or ckpt.get("config")
-    else:
-        state = ckpt
-    if cfg is None:
-        raise ValueError(
-            f"{str(path)!r} is a bare state dict with no config; pass cfg=... "
-            f"(for example MODEL_CONFIGS['gpt2-small (124M)'] or GPT_CONFIG_124M)")
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    state, cfg = _state_and_config(ckpt, path, cfg)
     # Build on the "meta" device (shapes only, no memory, no random init) and let the
     # loaded tensors become the parameters: the weights then exist once, not twice.
     with torch.device("meta"):
@@ -383,3 +373,27 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
         model.tie_weights()       # assign=True gave the head a Parameter of its own
     del ckpt, state               # so that a dtype conversion frees the loaded copies
     return model.to(device=device or "cpu", dtype=dtype).eval()
+
+
+def _state_and_config(ckpt, path, cfg):
+    """(state dict, config) of a loaded .pth; ``cfg`` only for one that carries none."""
+    if not (isinstance(ckpt, dict) and "model_state_dict" in ckpt):
+        if cfg is None:
+            raise ValueError(
+                f"{str(path)!r} is a bare state dict with no config; pass cfg=... in Python "
+                f"or --config NAME_OR_JSON on the command line (a size such as 124M for "
+                f"OpenAI's shapes, or a JSON file with the dict GPTModel was built from)")
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{str(path)!r} does not hold a state dict")
+        return ckpt, cfg
+    saved = ckpt.get("config")
+    if cfg is not None and saved is not None:
+        # cfg= is for files without a config: one that contradicts the saved config would
+        # build another model around these weights (other heads: other logits)
+        want, have = validate_config(cfg), validate_config(saved)
+        diffs = [f"{k}: saved {have[k]!r}, given {want[k]!r}" for k in have if want[k] != have[k]]
+        if diffs:
+            raise ValueError(f"{str(path)!r} carries its own config, and the one given "
+                             f"differs ({'; '.join(diffs)}); leave the config out (it is only "
+                             f"for bare state dicts)")
+    return ckpt["model_state_dict"], saved if saved is not None else cfg

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from dataset import create_dataloader, get_tokenizer, load_tokens, prepare_splits
+from dataset import GPTDataset, create_dataloader, get_tokenizer, load_tokens, prepare_splits
 from devices import barrier, cleanup_distributed, setup_distributed, wrap_model
+from fileio import check_writable
 from model import GPT_CONFIG_124M, GPTModel, validate_config
 from train_utils import (
     calc_loss_loader,
@@ -109,6 +110,9 @@ def build_parser():
                    help="save a resumable checkpoint every N optimizer steps; 0 = only at "
                         "the end")
     g.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    g.add_argument("--resplit", action="store_true",
+                   help="split --data again into train/valid/test.txt, replacing split files "
+                        "beside it that this program did not write")
     g.add_argument("--device", default=None, help="cuda, mps or cpu; None = the best available")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -128,7 +132,7 @@ def build_parser():
 # always allowed for those whose default is None.
 MINIMUMS = {"num_epochs": 1, "max_steps": 1, "stride": 1, "grad_accum_steps": 1,
             "batch_size": 1, "eval_freq": 1, "eval_iter": 1, "warmup_steps": 0,
-            "checkpoint_every": 0, "grad_clip": 0}
+            "checkpoint_every": 0, "grad_clip": 0, "weight_decay": 0}
 
 
 def parse_args(argv=None):
@@ -140,6 +144,12 @@ def parse_args(argv=None):
         # --emb-dim=768), still wins over it.
         parser.set_defaults(**GPT_CONFIG_124M)
         args = parser.parse_args(argv)
+    for key in ("learning_rate", "weight_decay", "grad_clip", "drop_rate"):
+        value = getattr(args, key)
+        if not math.isfinite(value):
+            parser.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     for key, low in MINIMUMS.items():
         value = getattr(args, key)
         if value is not None and value < low:
@@ -183,31 +193,43 @@ def _run(args, cfg, device, rank, world_size, parallel):
               f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']} (train.py's "
               f"small preset, sized for minutes on a CPU; --preset 124M trains "
               f"GPT_CONFIG_124M).")
-    settings = {k: getattr(args, k) for k in SETTINGS}
+    # the data is part of what a resumed run must keep (it decides the batch order)
+    settings = {**{k: getattr(args, k) for k in SETTINGS}, "data": str(Path(args.data).resolve())}
+    if rank == 0:
+        check_writable(args.out)        # before any long work, not after it
 
     # Rank 0 splits the text and writes the token caches; the others wait, then only read.
     # (One process alone does all of it below.)
     if rank == 0 and world_size > 1:
-        paths = prepare_splits(args.data, auto_split=True,
+        paths = prepare_splits(args.data, auto_split=True, resplit=args.resplit,
                                use_default_corpus=args.data == DEFAULT_DATA)
         for path in paths:
             if path.exists():       # test.txt is optional when you bring your own splits
                 load_tokens(path)
     barrier()
     train_path, valid_path, test_path = prepare_splits(
-        args.data, auto_split=True, use_default_corpus=args.data == DEFAULT_DATA)
+        args.data, auto_split=True, resplit=args.resplit and world_size == 1,
+        use_default_corpus=args.data == DEFAULT_DATA)
     ctx = cfg["context_length"]
     stride = args.stride if args.stride is not None else ctx
     train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
+    tokenizer = get_tokenizer()
+    if cfg["vocab_size"] < tokenizer.n_vocab:
+        raise ValueError(f"--vocab-size {cfg['vocab_size']} is smaller than the tokenizer's "
+                         f"{tokenizer.n_vocab} token ids, so some ids would have no embedding; "
+                         f"use --vocab-size {tokenizer.n_vocab} (GPT-2's) or more")
+    n_windows = len(GPTDataset(train_tokens, None, ctx, stride, name=train_path))
+    if n_windows < world_size * args.batch_size:
+        who = (f"{world_size} processes x --batch-size {args.batch_size} need"
+               if world_size > 1 else f"--batch-size {args.batch_size} needs")
+        raise ValueError(f"{who} at least {world_size * args.batch_size} training windows, but "
+                         f"{train_path} gives {n_windows} (--context-length {ctx}, --stride "
+                         f"{stride}); lower --batch-size or --stride, use fewer processes, "
+                         f"or add text")
     train_loader = create_dataloader(train_tokens, args.batch_size, ctx, stride, shuffle=True,
                                      drop_last=True, name=train_path)
     val_loader = create_dataloader(val_tokens, args.batch_size, ctx, ctx, shuffle=False,
                                    drop_last=False, name=valid_path)
-    n_windows = len(train_loader.dataset)
-    if n_windows < world_size * args.batch_size:
-        raise ValueError(f"{world_size} processes x batch_size {args.batch_size} need at least "
-                         f"{world_size * args.batch_size} training windows, but the data gives "
-                         f"{n_windows}; use fewer processes, a smaller batch size or more text")
     steps = plan_steps(n_windows, args.batch_size, args.grad_accum_steps, args.num_epochs,
                        args.max_steps, world_size=world_size).total_steps
     global_batch = args.batch_size * args.grad_accum_steps * world_size
@@ -228,7 +250,7 @@ def _run(args, cfg, device, rank, world_size, parallel):
     history = train_model(
         model, train_loader, val_loader, device=device, num_epochs=args.num_epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
-        tokenizer=get_tokenizer(), learning_rate=args.learning_rate,
+        tokenizer=tokenizer, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps,
         warmup_steps=args.warmup_steps, max_steps=args.max_steps, grad_clip=args.grad_clip,
         dtype=args.dtype, compile=args.compile, seed=args.seed, checkpoint_path=args.out,
@@ -261,3 +283,6 @@ if __name__ == "__main__":
     except (ValueError, OSError, FloatingPointError) as e:
         # a flag, the data or a checkpoint that does not fit: the message says what to do
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:          # Ctrl-C: what is saved, and how to go on
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)

@@ -241,65 +241,68 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
     if plan.batches_per_epoch == 0:
         raise ValueError(f"the training data gives no full batch of {batch_size} windows "
                          f"(it has {len(dataset)}); lower batch_size or add text")
+    # what decides the batch order and the learning rate of every step (checked on resume)
+    run_settings = dict(settings or {}, learning_rate=learning_rate, weight_decay=weight_decay,
+                        grad_accum_steps=grad_accum_steps, warmup_steps=warmup_steps, seed=seed,
+                        min_lr_ratio=min_lr_ratio, stride=getattr(dataset, "stride", None),
+                        windows=len(dataset))
     run = TrainState()
     if resume:      # the saved weights, optimizer, RNG and position (and its warmup)
         run = _resume(checkpoint_path, gpt, optimizer, plan, num_epochs, rank, world_size,
-                      batch_size, seed, dict(seed=seed, learning_rate=learning_rate,
-                                             warmup_steps=warmup_steps, weight_decay=weight_decay,
-                                             min_lr_ratio=min_lr_ratio,
-                                             grad_accum_steps=grad_accum_steps))
-    saved_settings = dict(settings or {}, learning_rate=learning_rate, grad_accum_steps=
-                          grad_accum_steps, warmup_steps=plan.warmup_steps, seed=seed,
-                          total_steps=plan.total_steps, min_lr_ratio=min_lr_ratio,
-                          weight_decay=weight_decay)
+                      batch_size, seed, run_settings)
+    elif rank == 0:
+        _note_replaced(checkpoint_path)
+    run_settings.update(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
     # Every process evaluates the same windows: those of the first eval_iter global
     # batches, so the figures do not depend on how many processes share the work.
     eval_loaders = (_in_order(train_loader, batch_size * world_size),
                     _in_order(val_loader, val_loader.batch_size * world_size))
-    log = _Log(progress and rank == 0, plan.total_steps, run.step)
+    log = _Log(progress and rank == 0, plan.total_steps, run, checkpoint_path)
 
     def evaluate():
         _evaluate(model, eval_loaders, device, eval_iter, run, plan, log)
 
-    def save():
-        _save(checkpoint_path, gpt, optimizer, run, world_size, batch_size, saved_settings)
+    def save():     # never a diverged model: the last good checkpoint stays good
+        _check_model_finite(model, gpt, eval_loaders[0], device, world_size, run, checkpoint_path)
+        _save(checkpoint_path, gpt, optimizer, run, world_size, batch_size, run_settings)
 
     fwd_model = torch.compile(model) if compile else model
     model.train()
     start_time = time.time()
-    while run.step < plan.total_steps and run.epoch < num_epochs:
-        batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last, seed,
-                                run.epoch, rank, world_size)
-        while run.batch_in_epoch < len(batches) and run.step < plan.total_steps:
-            # one optimizer step: the next grad_accum_steps micro-batches of windows
-            step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + grad_accum_steps]
-            micro_batches = [collate([dataset[i] for i in batch]) for batch in step_batches]
-            loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, dtype)
-            loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
-            _check_finite(loss, run.step, checkpoint_path)
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            lr = lr_at(run.step, learning_rate, plan.total_steps, plan.warmup_steps, min_lr_ratio)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step += 1
-            run.batch_in_epoch += len(step_batches)
-            run.tokens_seen += n_tokens * world_size
-            run.history["step_loss"].append(loss)
-            log.step(loss, lr)
-            if run.step % eval_freq == 0:
-                evaluate()
-            if checkpoint_every and run.step % checkpoint_every == 0:
-                save()
-        if run.batch_in_epoch >= len(batches):
-            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-            _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank)
-    log.close()
-    if not run.history["step"] or run.history["step"][-1] != run.step:
-        evaluate()
-    save()
+    with log:       # closes the progress bar; Ctrl-C says what is saved
+        while run.step < plan.total_steps and run.epoch < num_epochs:
+            batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last, seed,
+                                    run.epoch, rank, world_size)
+            while run.batch_in_epoch < len(batches) and run.step < plan.total_steps:
+                # one optimizer step: the next grad_accum_steps micro-batches of windows
+                step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + grad_accum_steps]
+                micro_batches = [collate([dataset[i] for i in batch]) for batch in step_batches]
+                loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, dtype)
+                loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
+                _check_finite(loss, run, checkpoint_path)
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                lr = lr_at(run.step, learning_rate, plan.total_steps, plan.warmup_steps,
+                           min_lr_ratio)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                run.step += 1
+                run.batch_in_epoch += len(step_batches)
+                run.tokens_seen += n_tokens * world_size
+                run.history["step_loss"].append(loss)
+                log.step(loss, lr)
+                if run.step % eval_freq == 0:
+                    evaluate()
+                if checkpoint_every and run.step % checkpoint_every == 0:
+                    save()
+            if run.batch_in_epoch >= len(batches):
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank)
+        if not run.history["step"] or run.history["step"][-1] != run.step:
+            evaluate()
+        save()
     return run.finish(time.time() - start_time)
 
 
@@ -325,6 +328,7 @@ class TrainState:
     batch_in_epoch: int = 0     # micro-batches of the current epoch trained on
     tokens_seen: int = 0        # training tokens of all processes so far
     history: dict = field(default_factory=_new_history)
+    saved_step: int = None      # the step the checkpoint file holds (None: none of this run)
 
     def finish(self, elapsed_s):
         """The history with the final_* values train_model returns."""
@@ -361,11 +365,16 @@ def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank):
 
 
 class _Log:
-    """The progress bar (when on) and the lines printed above it (rank 0 only)."""
+    """The progress bar (when on) and the lines printed above it (rank 0 only).
 
-    def __init__(self, show_bar, total_steps, step):
+    As a context manager around the loop it closes the bar on the way out, and turns
+    Ctrl-C into a KeyboardInterrupt whose message says what is saved and how to go on.
+    """
+
+    def __init__(self, show_bar, total_steps, run, checkpoint_path):
         self.main = rank_and_world()[0] == 0
-        self.bar = (tqdm(total=total_steps, initial=step, desc="training", unit="step")
+        self.run, self.checkpoint_path = run, checkpoint_path
+        self.bar = (tqdm(total=total_steps, initial=run.step, desc="training", unit="step")
                     if show_bar else None)
 
     def write(self, msg):
@@ -377,9 +386,32 @@ class _Log:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
         if self.bar is not None:
             self.bar.close()
+        if exc_type is KeyboardInterrupt:
+            run, path = self.run, self.checkpoint_path
+            raise KeyboardInterrupt(f"interrupted at optimizer step {run.step}; " + (
+                f"{path} holds step {run.saved_step}: continue from there with --resume and "
+                f"the same settings (train_model(..., resume=True))"
+                if run.saved_step is not None else "nothing of this run was saved yet")
+            ) from None
+
+
+def _note_replaced(path):
+    """One line when a fresh run's checkpoints will replace another run's."""
+    if not path or not Path(path).is_file():
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        what = f"a run saved at step {ckpt['step']}" if "step" in ckpt else "a model"
+    except Exception:           # unreadable: it is replaced all the same
+        what = "a file"
+    print(f"note: {path} holds {what}; this run starts afresh and replaces it at its first "
+          f"checkpoint (to continue that run instead, use --resume)")
 
 
 def _check_loop_args(grad_accum_steps, eval_freq, eval_iter, num_epochs, max_steps, grad_clip,
@@ -401,13 +433,42 @@ def _check_loop_args(grad_accum_steps, eval_freq, eval_iter, num_epochs, max_ste
                          f"{checkpoint_every}")
 
 
-def _check_finite(loss, step, checkpoint_path):
+def _check_finite(loss, run, checkpoint_path, when="at"):
+    """Stop a diverged run, keeping the last checkpoint it saved (always a finite one)."""
     if not math.isfinite(loss):
-        kept = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path
-                and Path(checkpoint_path).exists() else "no checkpoint was written yet")
+        kept = (f"the last good checkpoint is {checkpoint_path} (step {run.saved_step})"
+                if run.saved_step is not None else "nothing of this run was saved")
         raise FloatingPointError(
-            f"loss became {loss} at optimizer step {step}; training stopped and {kept}. "
+            f"loss became {loss} {when} optimizer step {run.step}; training stopped and {kept}. "
             f"Lower learning_rate, raise warmup_steps or keep gradient clipping on.")
+
+
+def _check_model_finite(model, gpt, loader, device, world_size, run, path):
+    """Raise FloatingPointError when the weights about to be saved, or the loss they give,
+    are not finite: then nothing is written, and the last checkpoint stays.
+
+    A step's loss is computed before its update, so an update that breaks the weights
+    shows only in the next step's loss: too late for a checkpoint written right after it.
+    The loss of the current weights is the last evaluation's when it was just made, else
+    that of one batch of ``loader`` (every process takes part: FSDP needs them all).
+    """
+    if not path:
+        return
+    h = run.history
+    if h["step"] and h["step"][-1] == run.step:
+        loss = h["train_loss"][-1]
+    else:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = calc_loss_loader(loader, model, device, num_batches=1)
+        model.train(was_training)
+        loss = mean_across_processes(loss, device, world_size)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in gpt.parameters()]
+    weights_ok = float(torch.stack([torch.isfinite(t).all() for t in local]).all())
+    if mean_across_processes(weights_ok, device, world_size) < 1.0:
+        loss = float("nan")
+    _check_finite(loss, run, path, when="with the weights after")
 
 
 def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1):
@@ -447,6 +508,7 @@ def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
                         batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
                         history=run.history, rng_state=rng_states, world_size=world_size,
                         batch_size=batch_size, settings=settings)
+    run.saved_step = run.step
 
 
 # Training settings a resumed run must keep: with them the batch order (seed) and the
@@ -455,7 +517,8 @@ def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
 # num_epochs and max_steps (to extend a run; the cosine then ends at the new last step),
 # how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
 # number of processes, with a batch_size that keeps the global batch.
-RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay")
+RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
+                     "data", "stride", "windows")
 
 
 def _resume(path, gpt, optimizer, plan, num_epochs, rank, world_size, batch_size, seed, now):
@@ -482,7 +545,7 @@ def _resume(path, gpt, optimizer, plan, num_epochs, rank, world_size, batch_size
     set_model_state_dict(gpt, ckpt["model_state_dict"], options=full)
     set_optimizer_state_dict(gpt, optimizer, ckpt["optimizer_state_dict"], options=full)
     run = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens_seen"],
-                     ckpt["history"])
+                     ckpt["history"], saved_step=ckpt["step"])
     if ckpt.get("world_size", 1) == world_size:
         _set_rng_state(ckpt["rng_state"][rank])
     else:
@@ -513,7 +576,7 @@ def _differences(saved, now, keys):
 def _check_resume_settings(ckpt, path, now, batch_size, world_size):
     """Raise ValueError naming every setting that differs from the saved run's."""
     saved = ckpt.get("settings") or {}
-    diffs = _differences(saved, now, [k for k in RESUME_MUST_MATCH if k in saved])
+    diffs = _differences(saved, now, [k for k in RESUME_MUST_MATCH if k in saved and k in now])
     if "grad_accum_steps" in saved and "batch_size" in ckpt:
         was = (ckpt["batch_size"], saved["grad_accum_steps"], ckpt.get("world_size", 1))
         is_ = (batch_size, now["grad_accum_steps"], world_size)

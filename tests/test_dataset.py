@@ -286,7 +286,7 @@ def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, caps
     assert not isinstance(got, np.memmap)
     assert not list(tmp_path.glob("*.tokens.*"))
 
-    def read_only(path, write):
+    def read_only(path, write, **kwargs):
         # what fileio.atomic_write raises when the folder refuses its temp file: before it
         # calls write(), so nothing was tokenized yet
         raise PermissionError(13, "Permission denied", str(path))
@@ -411,7 +411,7 @@ def test_split_input_errors(tmp_path):
         split_train_val_test(write_bytes(tmp_path / "empty.txt", b""))
     with pytest.raises(ValueError, match=r"too short to split: it has 2 line.*Add more text"):
         split_train_val_test(write_bytes(tmp_path / "short.txt", b"one\ntwo\n"))
-    with pytest.raises(ValueError, match=r"too short.*1 line.*Add more text"):
+    with pytest.raises(ValueError, match=r"too short.*1 line.*It has no line breaks at all"):
         split_train_val_test(write_bytes(tmp_path / "oneline.txt", b"x" * 5000))
     with pytest.raises(ValueError, match=r"byte offset 3 .*iconv"):
         split_train_val_test(write_bytes(tmp_path / "cp1252.txt", b"ok\n\x93quoted\x94\n" * 9))
@@ -425,6 +425,7 @@ def test_split_writes_stamp_last_and_drops_the_old_one_first(tmp_path, monkeypat
     assert stamp_path == tmp_path / ".split_source.json"
     stamp = json.loads(stamp_path.read_text())
     st = src.stat()
+    assert stamp.pop("splits").keys() == {"train.txt", "valid.txt", "test.txt"}
     assert stamp == {"input": "input.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                      "ctime_ns": st.st_ctime_ns, "sha256": dataset._file_sha256(src)}
 
@@ -613,7 +614,8 @@ def test_prepare_splits_made_from_another_input(tmp_path, capsys):
 
 def test_prepare_splits_without_stamp_goes_by_mtimes(tmp_path):
     # Split files with no stamp (yours, or from an older version) are used while they are
-    # newer than the input, and replaced once the input is newer.
+    # newer than the input; once the input is newer they are kept, and an error says how
+    # to split again (issue 13: never overwrite a file this program did not write).
     inp = tmp_path / "input.txt"
     inp.write_text(lines_of("input"))
     old = time.time_ns() - 10**11
@@ -624,7 +626,10 @@ def test_prepare_splits_without_stamp_goes_by_mtimes(tmp_path):
     assert train.read_text() == "my train\n" and not test.exists()
     newer = train.stat().st_mtime_ns + 10**10
     os.utime(inp, ns=(newer, newer))
-    prepare_splits(inp)
+    with pytest.raises(FileExistsError, match="not written by this program"):
+        prepare_splits(inp)
+    assert train.read_text() == "my train\n"
+    prepare_splits(inp, resplit=True)
     assert split_text(train) == lines_of("input")
 
 

@@ -179,7 +179,7 @@ def test_parallel_without_torchrun_is_a_clear_error(tmp_path, extra, match):
 @pytest.mark.parametrize("extra, match", [
     (("--backend", "nccl"), "backend 'nccl' needs CUDA GPUs but the device is cpu"),
     (("--parallel", "fsdp", "--compile"), "--compile is not supported with --parallel fsdp"),
-    (("--batch-size", "100"), "2 processes x batch_size 100 need at least 200 training windows"),
+    (("--batch-size", "100"), "2 processes x --batch-size 100 need at least 200 training windows"),
 ])
 def test_bad_launches_are_clear_errors(tmp_path, extra, match):
     (tmp_path / "input.txt").write_text(default_corpus_text()[:20_000])

@@ -170,7 +170,10 @@ def test_missing_truncated_and_wrong_checkpoints(tmp_path, tiny_cfg):
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or is not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "cut.pth")
+    torch.save(GPTModel(tiny_cfg).state_dict(), tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="do not fit config"):
+        load_checkpoint(tmp_path / "bare.pth", cfg={**tiny_cfg, "emb_dim": 64})
+    with pytest.raises(ValueError, match="carries its own config, and the one given differs"):
         load_checkpoint(path, cfg={**tiny_cfg, "emb_dim": 64})
 
 

@@ -287,12 +287,17 @@ def test_server_errors_are_retried(tmp_path, server, openai_files):
     assert (tmp_path / DATA).read_bytes() == files[DATA]
 
 
-def test_unreachable_server_gives_up_with_clear_error(tmp_path):
+def test_unreachable_server_gives_up_with_clear_error(tmp_path, capsys):
     with socket.socket() as s:          # a port that was free a moment ago: nobody listens
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(download_weights.DownloadError, match="failed 3 times"):
         download_file(f"http://127.0.0.1:{port}/x", tmp_path / "x", retries=2, backoff=0.01)
+    # every retry is announced, instead of a silence of backoff * (2^retries - 1) seconds
+    retries = [line for line in capsys.readouterr().err.splitlines() if "; retry " in line]
+    assert [line.rsplit("; ", 1)[1] for line in retries] == ["retry 1 of 2 in 0.01 s",
+                                                             "retry 2 of 2 in 0.02 s"]
+    assert all(line.startswith("x: ") and "Connection refused" in line for line in retries)
 
 
 def test_gzip_encoded_answer_is_refused_at_once(tmp_path, server, openai_files):
