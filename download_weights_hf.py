@@ -33,6 +33,7 @@ from dataset import gpt2_bpe_files
 from download_weights import HF_BLOCK, check_block_count, model_sizes, resolve_model_size
 from fileio import atomic_write, read_checkpoint
 from gpt2_params import gpt2_param_names, iter_gpt2_weights
+from lora import merge
 from model import (
     MODEL_CONFIGS,
     GPTModel,
@@ -426,7 +427,7 @@ def export_to_hf(model, out_dir):
     leaves a folder without weights, which neither our loader nor transformers accepts,
     until the export is run again; never old weights beside a new config.
     """
-    model = unwrap_model(model)
+    model = merge(unwrap_model(model))         # LoRA adapters: merged into their weights
     if not isinstance(model, GPTModel):
         raise TypeError(f"export_to_hf needs a GPTModel, got {type(model).__name__}")
     cfg = model.cfg

@@ -55,10 +55,8 @@ _OPTIONAL_DEFAULTS = {"tie_embeddings": False}
 
 
 def validate_config(cfg):
-    """Return a checked copy of ``cfg`` with optional keys filled in.
-
-    Raises ValueError naming the first key that is missing, unknown or out of range.
-    """
+    """A checked copy of ``cfg`` with optional keys filled in; ValueError names the first key
+    that is missing, unknown or out of range."""
     if not isinstance(cfg, dict):
         raise ValueError(f"cfg must be a dict like GPT_CONFIG_124M, got {type(cfg).__name__}")
     allowed = set(_INT_KEYS) | set(_BOOL_KEYS) | {"drop_rate"}
@@ -148,33 +146,27 @@ class MultiHeadAttention(nn.Module):
         self.qkv = Linear(C, 3 * C, bias=cfg["qkv_bias"])
         self.out_proj = Linear(C, C)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, mask=None):
+        """``mask`` (.., T, S), True where a query may see a key; None: plain causal."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                           # 3 x (B, T, C)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_heads, T, head_dim)
 
-        mask, causal = None, True
-        if cache is not None:
+        if cache is not None:   # the keys and values of the tokens before these ones, too
             start = cache.pos
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k = cache.k[layer, :, :, :start + T]            # (B, n_heads, start+T, head_dim)
             v = cache.v[layer, :, :, :start + T]
-            if start > 0:
-                # New query i sits at position start+i and may see keys 0..start+i.
-                # With a single new token that is every key, so no mask is needed.
-                causal = False
-                if T > 1:
-                    q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                    mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos
 
         # scaled_dot_product_attention computes softmax(q k^T / sqrt(head_dim)) v and picks
         # the fastest kernel it has (flash attention on CUDA). is_causal builds the
-        # triangular mask on the fly, so no (T, T) mask buffer lives in the state dict.
+        # triangular mask on the fly, so no (T, T) mask buffer lives in the state dict; one
+        # new token after a cache (T = 1) may see every key, so it needs no mask at all.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0)           # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
         return self.out_proj(y)
@@ -207,8 +199,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))   # (B, T, C)
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, mask))  # (B, T, C)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))                  # (B, T, C)
         return x
 
@@ -219,22 +211,20 @@ class GPTModel(nn.Module):
         self.cfg = validate_config(cfg)
         cfg = self.cfg
         V, T, C = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
-        # Loaders build on the "meta" device (shapes only, see load_checkpoint), where a
-        # random init is pointless and nn.Embedding's normal_() imports torch._dynamo
-        # (~1 s): there we hand it an empty matrix instead. Elsewhere it draws its init as
-        # it always did, so seeded runs stay the same (_init_weights redraws it below).
+        # On the "meta" device (loaders: shapes only) nn.Embedding's init would import
+        # torch._dynamo (~1 s) for nothing; elsewhere it draws as always (same seeded runs).
         meta = torch.empty(0).is_meta
         self.tok_emb = nn.Embedding(V, C, _weight=torch.empty(V, C) if meta else None)
         self.pos_emb = nn.Embedding(T, C, _weight=torch.empty(T, C) if meta else None)
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(C, eps=1e-5)
-        self.out_head = nn.Linear(C, V, bias=False)                 # weight (vocab, C)
-        if cfg["tie_embeddings"]:
+        tied = cfg["tie_embeddings"]    # then the head has no matrix of its own to allocate
+        self.out_head = nn.Linear(C, V, bias=False, device="meta" if tied else None)  # (V, C)
+        if tied:
             # Weight tying: the head that turns vectors into token scores *is* the
             # embedding that turned tokens into vectors (one Parameter, 38.6M fewer weights
-            # at 124M). OpenAI's GPT-2 does this. Training from scratch we leave it off by
-            # default, as the seed did: separate matrices are easier to inspect.
+            # at 124M), as in OpenAI's GPT-2. Off by default from scratch, as in the seed.
             self.tie_weights()
         if self.tok_emb.weight.is_meta:
             return          # a loader fills in real weights next: nothing to initialise
@@ -250,8 +240,7 @@ class GPTModel(nn.Module):
             cpu_kernels.forget_packed(self.parameters())
         return super().train(mode)
 
-    def tie_weights(self):
-        """Make the output head use the token-embedding Parameter (one tensor, not two)."""
+    def tie_weights(self):      # the output head uses the token-embedding Parameter
         self.out_head.weight = self.tok_emb.weight
 
     @staticmethod
@@ -268,15 +257,17 @@ class GPTModel(nn.Module):
                        max_len or cfg["context_length"], cfg["emb_dim"] // cfg["n_heads"],
                        device or ref.device, dtype or ref.dtype)
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, attention_mask=None):
         """Token ids (B, T) -> logits (B, T, vocab_size).
 
         With a ``cache`` the tokens are taken to follow the ``cache.pos`` tokens already
         in it; their keys and values are appended and ``cache.pos`` advances by T.
+        ``attention_mask`` (B, cache.pos + T), 1 for tokens and 0 for left padding: then no
+        token attends to padding, and positions count from each row's first token.
         """
-        return self.logits(self.hidden_states(idx, cache))                      # (B, T, vocab)
+        return self.logits(self.hidden_states(idx, cache, attention_mask))      # (B, T, vocab)
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, attention_mask=None):
         """Everything but the output head: token ids (B, T) -> final-normed vectors (B, T, C)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -291,9 +282,21 @@ class GPTModel(nn.Module):
                 f"the KV cache holds {limit} positions (its max_len), and {start} are filled: "
                 f"{T} more do not fit; make the cache with a larger max_len, or reset() it")
         pos = torch.arange(start, start + T, device=idx.device)                 # (T,)
+        mask = None             # plain causal attention
+        if attention_mask is not None or (start > 0 and T > 1):
+            # query i (at start + i) sees keys 0..start + i: explicit, because the keys
+            # before ``start`` come from the cache
+            keys = torch.arange(start + T, device=idx.device)                   # (S,)
+            mask = keys <= keys[start:, None]                                   # (T, S)
+        if attention_mask is not None:
+            # left padding: no query sees it (a padding query sees itself, so that no row
+            # of attention is empty), and each row counts positions from its first token
+            real = attention_mask.bool()                                        # (B, S)
+            mask = (mask & (real[:, None, :] | (keys == keys[start:, None])))[:, None]
+            pos = (real.cumsum(-1) - 1).clamp(min=0)[:, start:]                 # (B, T)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))               # (B, T, C)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache, i)                                              # (B, T, C)
+            x = block(x, cache, i, mask)                                        # (B, T, C)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x)                                               # (B, T, C)
@@ -347,9 +350,7 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
 
     A bare state-dict file (no config inside) needs ``cfg=``. The model is returned in
     eval mode on ``device`` (default CPU). ``dtype`` ("bf16", torch.bfloat16, ...) converts
-    the weights for inference: bf16 takes half the memory and generated 1.4-1.5x faster on a
-    CPU with AVX512-BF16 (README, Performance); its tokens can differ from fp32's. None
-    keeps the dtype the weights were saved in.
+    the weights for inference (bf16: half the memory; its tokens can differ from fp32's).
     """
     dtype = resolve_dtype(dtype)
     ckpt = read_checkpoint(path)

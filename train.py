@@ -20,12 +20,15 @@ import torch
 from dataset import GPTDataset, create_dataloader, get_tokenizer, load_tokens, prepare_splits
 from devices import barrier, cleanup_distributed, setup_distributed, wrap_model
 from fileio import check_writable
-from model import GPT_CONFIG_124M, GPTModel, validate_config
+from lora import DEFAULT_TARGETS, TARGETS, add_lora
+from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
+from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
 from train_utils import (
     calc_loss_loader,
     plan_steps,
     plot_losses,
     print_model_params,
+    recompute_activations,
     save_history,
     train_model,
 )
@@ -119,6 +122,23 @@ def build_parser():
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("fine-tuning (start from pretrained weights)")
+    g.add_argument("--init-from", metavar="SOURCE", default=None,
+                   help=f"start from these weights instead of a random init: {SOURCES_HELP}; "
+                        f"the model's shape comes from it (--context-length may crop it)")
+    g.add_argument("--init-from-tf", action="store_true",
+                   help="with a size name: OpenAI's TensorFlow checkpoint (download_weights.py) "
+                        "instead of the Hugging Face Hub's copy")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="0 = fine-tune every weight; R > 0 = train only LoRA adapters of rank R, "
+                        "the pretrained weights frozen")
+    g.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA scale: the adapters add (alpha / rank) * x A B")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma list of the layers LoRA adapts in every block, of {list(TARGETS)}")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute its activations in "
+                        "backward: less memory, about a third more compute")
     g = p.add_argument_group("several processes (launch with torchrun)")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="ddp: a model copy per process; fsdp: weights, gradients and optimizer "
@@ -132,7 +152,7 @@ def build_parser():
 # always allowed for those whose default is None.
 MINIMUMS = {"num_epochs": 1, "max_steps": 1, "stride": 1, "grad_accum_steps": 1,
             "batch_size": 1, "eval_freq": 1, "eval_iter": 1, "warmup_steps": 0,
-            "checkpoint_every": 0, "grad_clip": 0, "weight_decay": 0}
+            "checkpoint_every": 0, "grad_clip": 0, "weight_decay": 0, "lora_rank": 0}
 
 
 def parse_args(argv=None):
@@ -144,12 +164,22 @@ def parse_args(argv=None):
         # --emb-dim=768), still wins over it.
         parser.set_defaults(**GPT_CONFIG_124M)
         args = parser.parse_args(argv)
-    for key in ("learning_rate", "weight_decay", "grad_clip", "drop_rate"):
+    args.given = _given_flags(argv)
+    if args.init_from is None and (args.lora_rank or args.init_from_tf):
+        parser.error("--lora-rank and --init-from-tf go with --init-from SOURCE: LoRA adapts "
+                     "pretrained weights (from a random init, train every weight)")
+    if args.init_from is not None and "preset" in args.given:
+        parser.error("--preset and --init-from both choose the model; give one of them")
+    bad = [t for t in args.lora_targets.split(",") if t not in TARGETS]
+    if bad:
+        parser.error(f"--lora-targets: unknown {bad}; choose from {list(TARGETS)}")
+    for key in ("learning_rate", "weight_decay", "grad_clip", "drop_rate", "lora_alpha"):
         value = getattr(args, key)
         if not math.isfinite(value):
             parser.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
-    if args.learning_rate <= 0:
-        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for key in ("learning_rate", "lora_alpha"):
+        if getattr(args, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
     for key, low in MINIMUMS.items():
         value = getattr(args, key)
         if value is not None and value < low:
@@ -158,6 +188,14 @@ def parse_args(argv=None):
                    "checkpoint_every": " (0 = save only at the end)"}.get(key, "")
             parser.error(f"{flag} must be >= {low}, got {value}{why}")
     return args
+
+
+def _given_flags(argv):
+    """The flags given on the command line (as argparse dests), not left at their defaults."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def main(argv=None):
@@ -188,31 +226,18 @@ def main(argv=None):
 
 
 def _run(args, cfg, device, rank, world_size, parallel):
-    if args.preset == "small":
-        print(f"Model: emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
-              f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']} (train.py's "
-              f"small preset, sized for minutes on a CPU; --preset 124M trains "
-              f"GPT_CONFIG_124M).")
-    # the data is part of what a resumed run must keep (it decides the batch order)
-    settings = {**{k: getattr(args, k) for k in SETTINGS}, "data": str(Path(args.data).resolve())}
+    # what a resumed run must keep besides the flags: the data (it decides the batch
+    # order) and the weights it started from
+    settings = {**{k: getattr(args, k) for k in SETTINGS}, "data": str(Path(args.data).resolve()),
+                "init_from": args.init_from}
     if rank == 0:
         check_writable(args.out)        # before any long work, not after it
-
-    # Rank 0 splits the text and writes the token caches; the others wait, then only read.
-    # (One process alone does all of it below.)
-    if rank == 0 and world_size > 1:
-        paths = prepare_splits(args.data, auto_split=True, resplit=args.resplit,
-                               use_default_corpus=args.data == DEFAULT_DATA)
-        for path in paths:
-            if path.exists():       # test.txt is optional when you bring your own splits
-                load_tokens(path)
-    barrier()
-    train_path, valid_path, test_path = prepare_splits(
-        args.data, auto_split=True, resplit=args.resplit and world_size == 1,
-        use_default_corpus=args.data == DEFAULT_DATA)
+    train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
+    train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
+    model = _build_model(args, cfg, device, rank)
+    cfg = model.cfg
     ctx = cfg["context_length"]
     stride = args.stride if args.stride is not None else ctx
-    train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
     tokenizer = get_tokenizer()
     if cfg["vocab_size"] < tokenizer.n_vocab:
         raise ValueError(f"--vocab-size {cfg['vocab_size']} is smaller than the tokenizer's "
@@ -239,11 +264,10 @@ def _run(args, cfg, device, rank, world_size, parallel):
           f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
           f"{global_batch * ctx:,} tokens per optimizer step; {steps} steps on "
           f"{device}{f' with {parallel.upper()}' if parallel else ''}.")
-
-    torch.manual_seed(args.seed)
-    model = GPTModel(cfg).to(device)
     print_model_params(model)
-    # Same init on every rank (seeded above); from here each rank gets its own dropout masks.
+    if args.activation_checkpointing:
+        recompute_activations(model)
+    # Same init on every rank (seeded); from here each rank gets its own dropout masks.
     torch.manual_seed(args.seed * 1_000 + rank)
     if parallel:
         model = wrap_model(model, parallel, device)
@@ -255,8 +279,67 @@ def _run(args, cfg, device, rank, world_size, parallel):
         warmup_steps=args.warmup_steps, max_steps=args.max_steps, grad_clip=args.grad_clip,
         dtype=args.dtype, compile=args.compile, seed=args.seed, checkpoint_path=args.out,
         checkpoint_every=args.checkpoint_every, resume=args.resume, settings=settings,
-        progress=not args.no_progress)
+        progress=not args.no_progress, eval_at_start=args.init_from is not None)
+    _report(args, history, model, test_path, device, rank, global_batch * ctx)
+    return history
 
+
+def _prepare_splits(args, rank, world_size):
+    """train/valid/test paths. Rank 0 splits the text and writes the token caches; the
+    others wait, then only read. (One process alone does all of it in the second call.)"""
+    if rank == 0 and world_size > 1:
+        paths = prepare_splits(args.data, auto_split=True, resplit=args.resplit,
+                               use_default_corpus=args.data == DEFAULT_DATA)
+        for path in paths:
+            if path.exists():       # test.txt is optional when you bring your own splits
+                load_tokens(path)
+    barrier()
+    return prepare_splits(args.data, auto_split=True, resplit=args.resplit and world_size == 1,
+                          use_default_corpus=args.data == DEFAULT_DATA)
+
+
+# --init-from: the source fixes these; --context-length (cropped) and --drop-rate may change
+SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
+
+
+def _build_model(args, cfg, device, rank):
+    """A random GPTModel(cfg), or with --init-from the source's weights (plus LoRA)."""
+    torch.manual_seed(args.seed)        # the init (LoRA's A too) is the same in every run
+    if args.init_from is None:
+        if args.preset == "small":
+            print(f"Model: emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
+                  f"n_heads={cfg['n_heads']}, context_length={cfg['context_length']} "
+                  f"(train.py's small preset, sized for minutes on a CPU; --preset 124M "
+                  f"trains GPT_CONFIG_124M).")
+        return GPTModel(cfg).to(device)
+    model = load_model(args.init_from, device=device, openai_tf=args.init_from_tf)
+    have = model.cfg
+    wrong = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {have[k]})"
+             for k in SHAPE_KEYS if k in args.given and getattr(args, k) != have[k]]
+    if "context_length" in args.given and args.context_length > have["context_length"]:
+        wrong.append(f"--context-length {args.context_length} (it has "
+                     f"{have['context_length']} positions)")
+    if wrong:
+        raise ValueError(f"--init-from {args.init_from} brings its own shape, and these flags "
+                         f"would change it: {', '.join(wrong)}. Leave them out; only "
+                         f"--context-length (up to the source's) and --drop-rate may differ")
+    if "context_length" in args.given:
+        crop_context(model, args.context_length)
+    if "drop_rate" in args.given:
+        set_dropout(model, args.drop_rate)
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+    print(f"Model: {args.init_from}: emb_dim={have['emb_dim']}, n_layers={have['n_layers']}, "
+          f"n_heads={have['n_heads']}, context_length={have['context_length']}, tied head: "
+          f"{have['tie_embeddings']}" + (f"; LoRA rank {args.lora_rank}, alpha "
+                                         f"{args.lora_alpha:g} on {args.lora_targets}"
+                                         if args.lora_rank else "; all weights train"))
+    return model
+
+
+def _report(args, history, model, test_path, device, rank, tokens_per_step):
+    """Test loss, the loss plot and history files, and the final lines."""
+    ctx = unwrap_model(model).cfg["context_length"]
     out = Path(args.out)
     test_tokens = load_tokens(test_path) if test_path.exists() else []
     history["test_loss"] = float("nan")
@@ -268,13 +351,12 @@ def _run(args, cfg, device, rank, world_size, parallel):
     if rank == 0:
         plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
                            history["val_loss"], out.with_name(out.stem + "_loss.png"),
-                           step_losses=history["step_loss"], tokens_per_step=global_batch * ctx)
+                           step_losses=history["step_loss"], tokens_per_step=tokens_per_step)
         hist = save_history(history, out.with_name(out.stem + "_history.json"))
         print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
     print(f"test: loss={history['test_loss']:.3f} perplexity={math.exp(history['test_loss']):.1f}")
     print(f"final: step={history['final_step']} train_loss={history['final_train_loss']:.4f} "
           f"val_loss={history['final_val_loss']:.4f}")
-    return history
 
 
 if __name__ == "__main__":

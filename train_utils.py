@@ -45,6 +45,7 @@ from devices import (
 )
 from fileio import atomic_write, read_checkpoint
 from generate import generate_and_print
+from lora import lora_config, merged_state
 from model import save_checkpoint, unwrap_model
 
 # ---------------------------------------------------------------------------------------
@@ -205,6 +206,23 @@ def accumulate_gradients(model, micro_batches, device, dtype="fp32"):
     return mean_loss, group_tokens
 
 
+def recompute_activations(model):
+    """Activation checkpointing, in place: each block keeps only its input during the
+    forward pass and computes its activations again in backward, when they are needed.
+
+    Fine-tuning memory is weights + gradients + AdamW's moments + activations; this cuts
+    the last to about one block's worth, for about a third more compute per step
+    (bench/finetune_memory.py). Values, dropout masks and gradients are unchanged (the
+    recomputation replays the same random numbers), and so are the state dict's names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    gpt = unwrap_model(model)
+    for i, block in enumerate(gpt.trf_blocks):
+        gpt.trf_blocks[i] = checkpoint_wrapper(block)
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # The training loop
 
@@ -213,7 +231,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                 tokenizer=None, *, learning_rate=4e-4, weight_decay=0.1, grad_accum_steps=1,
                 warmup_steps=0, min_lr_ratio=0.1, max_steps=None, grad_clip=1.0, dtype="fp32",
                 compile=False, seed=123, checkpoint_path=None, checkpoint_every=None,
-                resume=False, settings=None, sample_tokens=50, progress=True):
+                resume=False, settings=None, sample_tokens=50, progress=True,
+                eval_at_start=False):
     """Train ``model`` on ``train_loader``'s dataset; return the history dict.
 
     The loaders supply datasets and batch sizes; the batch order comes from
@@ -222,7 +241,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
     ``make_optimizer(model, learning_rate, weight_decay)``; the learning rate of every
     group is set each step from ``lr_at``; ``warmup_steps=None`` means 5% of all steps
     (on resume: the saved run's). ``grad_clip`` 0 or None turns clipping off;
-    ``checkpoint_every`` 0 or None saves only at the end. Returns ``{"step",
+    ``checkpoint_every`` 0 or None saves only at the end; ``eval_at_start`` evaluates once
+    before the first step (fine-tuning: where the pretrained model starts). Returns ``{"step",
     "tokens_seen", "epoch", "train_loss", "val_loss"}`` lists (one entry per evaluation),
     ``"step_loss"`` (one per optimizer step) and ``final_*`` values.
     """
@@ -270,6 +290,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
     model.train()
     start_time = time.time()
     with log:       # closes the progress bar; Ctrl-C says what is saved
+        if eval_at_start and run.step == 0:
+            evaluate()
         while run.step < plan.total_steps and run.epoch < num_epochs:
             batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last, seed,
                                     run.epoch, rank, world_size)
@@ -502,8 +524,13 @@ def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
     model_state = get_model_state_dict(gpt, options=full)
     optim_state = get_optimizer_state_dict(gpt, optimizer, options=full)
     rng_states = gather(_rng_state(), world_size)
+    extra = {}
+    adapted = lora_config(gpt)
+    if adapted is not None:     # the merged weights load anywhere, the adapters resume the run
+        model_state, adapters = merged_state(model_state, adapted)
+        extra["lora"] = {**adapted, "adapters": adapters}
     if rank_and_world()[0] == 0:
-        save_checkpoint(path, gpt, model_state_dict=model_state,
+        save_checkpoint(path, gpt, **extra, model_state_dict=model_state,
                         optimizer_state_dict=optim_state, step=run.step, epoch=run.epoch,
                         batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
                         history=run.history, rng_state=rng_states, world_size=world_size,
@@ -518,7 +545,7 @@ def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
 # how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
 # number of processes, with a batch_size that keeps the global batch.
 RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
-                     "data", "stride", "windows")
+                     "data", "stride", "windows", "init_from")
 
 
 def _resume(path, gpt, optimizer, plan, num_epochs, rank, world_size, batch_size, seed, now):
@@ -541,8 +568,19 @@ def _resume(path, gpt, optimizer, plan, num_epochs, rank, world_size, batch_size
     if now["warmup_steps"] is None:
         now["warmup_steps"] = (ckpt.get("settings") or {}).get("warmup_steps")
     _check_resume_settings(ckpt, path, now, batch_size, world_size)
+    saved_lora, lora_now = ckpt.get("lora"), lora_config(gpt)
+    saved = saved_lora and {k: saved_lora[k] for k in ("rank", "alpha", "targets")}
+    if saved != lora_now:
+        raise ValueError(f"cannot resume {path}: it was trained with LoRA {saved}, and this "
+                         f"model has {lora_now}; resume with the same --lora-rank, "
+                         f"--lora-alpha and --lora-targets")
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(gpt, ckpt["model_state_dict"], options=full)
+    state = ckpt["model_state_dict"]
+    if saved_lora is not None:
+        # LoRA: the frozen base is the pretrained model this run was built from again, the
+        # adapters are the saved ones (the checkpoint's merged weights are for other readers)
+        state = {**get_model_state_dict(gpt, options=full), **saved_lora["adapters"]}
+    set_model_state_dict(gpt, state, options=full)
     set_optimizer_state_dict(gpt, optimizer, ckpt["optimizer_state_dict"], options=full)
     run = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens_seen"],
                      ckpt["history"], saved_step=ckpt["step"])
@@ -662,5 +700,9 @@ def print_model_params(model):
     print(f"Total parameters: {total:,}" + (" (output head tied to token embedding)" if tied
                                             else f"; without the output head: "
                                                  f"{total - head.numel():,}"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable < total:       # some are frozen (LoRA: only the adapters train)
+        print(f"Trainable parameters: {trainable:,} ({100 * trainable / total:.2f}%); frozen: "
+              f"{total - trainable:,}")
     print(f"Size in fp32: {total * 4 / 1024**2:.1f} MB")
     return total

@@ -386,7 +386,8 @@ def test_generate_cli_refuses_bad_arguments_before_loading(argv, message, capsys
 
 
 def test_generate_cli_says_what_is_wrong_with_the_weights(tmp_path, capsys):
-    for weights, message in ((tmp_path, "is a folder, not a .pth checkpoint"),
+    # a folder is a Hugging Face model folder now (generate.py takes any model source)
+    for weights, message in ((tmp_path, "has no config.json; is it a save_pretrained folder?"),
                              (tmp_path / "nope.pth", "not found; train one")):
         with pytest.raises(SystemExit) as e:
             main(["--weights", str(weights)])

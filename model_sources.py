@@ -1,0 +1,84 @@
+"""Any model source -> a GPTModel: the one loader train.py, generate.py and evaluate.py share.
+
+    load_model("model_weights/trained_gpt2.pth")    a checkpoint of ours   (model.load_checkpoint)
+    load_model("my-hf-folder")                      save_pretrained output (download_weights_hf)
+    load_model("openai-community/gpt2")             a Hugging Face Hub id  (downloaded once)
+    load_model("124M") / "gpt2-small (124M)"        OpenAI's weights, through the Hub, or with
+                                                    openai_tf=True their TF checkpoint
+                                                    (download_weights)
+
+Before fine-tuning, ``crop_context`` shortens the context (nanoGPT's crop_block_size) and
+``set_dropout`` sets the dropout rate; neither changes what the model computes on a sequence
+that fits.
+"""
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from download_weights import download_and_save_gpt2
+from download_weights_hf import load_gpt2_hf
+from model import load_checkpoint
+
+SOURCES_HELP = ("a .pth of ours, a folder written by save_pretrained, a Hugging Face Hub id "
+                "(openai-community/gpt2) or one of OpenAI's sizes (124M, 355M, 774M, 1558M)")
+
+
+def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weights",
+               openai_tf=False):
+    """A GPTModel in eval mode on ``device`` from ``source`` (see the module docstring).
+
+    ``cfg`` is only for a .pth that holds a bare state dict. ``dtype`` ("bf16", ...) converts
+    the weights. Hub ids and size names download into ``cache_dir`` once; ``openai_tf``
+    takes OpenAI's original TensorFlow checkpoint for a size name instead of the Hub's copy
+    (the same weights; it needs tensorflow).
+    """
+    path = Path(source)
+    if path.is_file():
+        return load_checkpoint(path, device=device, cfg=cfg, dtype=dtype)
+    if cfg is not None:
+        raise ValueError(f"a config (--config) goes only with a .pth holding a bare state "
+                         f"dict; {str(source)!r} brings its own")
+    if path.is_dir():
+        return load_gpt2_hf(path, cache_dir=cache_dir, device=device, dtype=dtype)
+    if path.suffix == ".pth":
+        return load_checkpoint(path)            # not there: its error says what to do
+    if openai_tf:
+        pth = download_and_save_gpt2(str(source), target_dir=cache_dir)
+        return load_checkpoint(pth, device=device, dtype=dtype)
+    return load_gpt2_hf(str(source), cache_dir=cache_dir, device=device, dtype=dtype)
+
+
+def crop_context(model, context_length):
+    """Keep only the first ``context_length`` positions (in place; returns the model).
+
+    A model trained on 1024 positions computes exactly the same for shorter sequences, so
+    cropping the position embedding changes nothing but what fits: attention and the
+    activations of fine-tuning then cost what the shorter context costs.
+    """
+    have = model.cfg["context_length"]
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or not (
+            1 <= context_length <= have):
+        raise ValueError(f"context_length must be an int in 1..{have} (the model's), got "
+                         f"{context_length!r}: position embeddings beyond the trained ones "
+                         f"do not exist")
+    if context_length < have:
+        weight = model.pos_emb.weight
+        model.pos_emb.weight = nn.Parameter(weight.detach()[:context_length].clone(),
+                                            requires_grad=weight.requires_grad)
+        model.pos_emb.num_embeddings = context_length
+        model.cfg["context_length"] = context_length
+    return model
+
+
+def set_dropout(model, rate):
+    """Set every dropout of ``model`` (embeddings, attention, residual branches) to ``rate``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"drop_rate must be a number in [0, 1), got {rate!r}")
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = rate
+        elif hasattr(m, "dropout") and isinstance(m.dropout, float):   # MultiHeadAttention
+            m.dropout = rate
+    model.cfg["drop_rate"] = rate
+    return model
