@@ -408,7 +408,8 @@ class TextStreamer:
 
 
 def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=50,
-                       temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False):
+                       temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False,
+                       generator=None):
     """Print (and return) the model's continuation of ``start_context`` on one line.
 
     Used after each training epoch to watch the model learn.
@@ -419,7 +420,7 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
     if stream:
         print(start_context, end="", flush=True)
     out = generate_text(model, idx, max_new_tokens, gpt.cfg["context_length"], temperature,
-                        top_k, eos_id, top_p, callback=streamer)
+                        top_k, eos_id, top_p, generator=generator, callback=streamer)
     text = token_ids_to_text(out, tokenizer)
     if stream:
         streamer.finish()

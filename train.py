@@ -50,8 +50,8 @@ SETTINGS = {
 # cores. GPT_CONFIG_124M is the same architecture, 768 wide and 12 deep.
 DEFAULT_CONFIG = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 256, "n_heads": 4,
                   "n_layers": 4, "tie_embeddings": False}
-DEFAULT_SETTINGS = {**SETTINGS, "learning_rate": 1e-3, "num_epochs": 2, "batch_size": 16,
-                    "eval_freq": 50, "eval_iter": 10, "start_context": "The for statement"}
+DEFAULT_SETTINGS = {**SETTINGS, "learning_rate": 1e-3, "num_epochs": 3, "batch_size": 16,
+                    "eval_freq": 25, "eval_iter": 5, "start_context": "The for statement"}
 DEFAULT_DATA = "data/input.txt"
 
 # --help text for the flags made from DEFAULT_CONFIG and DEFAULT_SETTINGS

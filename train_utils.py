@@ -18,6 +18,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -321,7 +322,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                     save()
             if run.batch_in_epoch >= len(batches):
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-                _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank)
+                _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank,
+                        seed + run.epoch)
         if not run.history["step"] or run.history["step"][-1] != run.step:
             evaluate()
         save()
@@ -374,16 +376,25 @@ def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log):
               f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
 
-def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank):
-    """After each epoch: print how the model continues ``start_context`` (rank 0)."""
+def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, seed):
+    """After each epoch: print how the model continues ``start_context`` (rank 0).
+
+    Sampled as generate.py samples (temperature 0.8, top-k 50): greedy decoding of a young
+    model repeats its most frequent token, mostly newlines. The draws come from a generator
+    of their own, seeded by the run's seed: the sample is the same in every run, and
+    training's random numbers are untouched (a resumed run stays the same).
+    """
     if tokenizer is None or not start_context:
         return
+    generator = torch.Generator(device).manual_seed(seed)
+    sample = partial(generate_and_print, gpt, tokenizer, device, start_context, sample_tokens,
+                     temperature=0.8, top_k=50, generator=generator)
     if rank == 0:
-        generate_and_print(gpt, tokenizer, device, start_context, sample_tokens)
+        sample()
     elif is_fsdp(model):
         # FSDP needs every rank in each forward pass (they gather the shards).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            generate_and_print(gpt, tokenizer, device, start_context, sample_tokens)
+            sample()
 
 
 class _Log:

@@ -1,0 +1,119 @@
+"""Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
+parameters are, the learning-rate schedule. The notebooks' pictures come from here.
+
+Nothing here changes model.py: the helpers watch the model's own modules with forward
+hooks and recompute what they need from the layers' own weights.
+"""
+
+import math
+
+import torch
+
+
+def attention_weights(model, idx, layers=None):
+    """{layer: weights (B, n_heads, T, T)} of the attention in ``layers`` (default: all).
+
+    Row i of a head's matrix is how query position i spreads its attention over the key
+    positions 0..i: softmax(q k^T / sqrt(head_dim)) with the causal mask, recomputed from
+    the layer's own qkv projection applied to the input the layer received in a forward
+    pass of ``idx`` (B, T). (scaled_dot_product_attention, which the model calls, never
+    materialises these weights: it may fuse the softmax into the product with v.)
+    """
+    was_training = model.training
+    model.eval()
+    layers = range(len(model.trf_blocks)) if layers is None else layers
+    inputs, hooks = {}, []
+    for i in layers:
+        att = model.trf_blocks[i].att
+        hooks.append(att.register_forward_hook(
+            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach())))
+    try:
+        with torch.no_grad():
+            model.hidden_states(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {i: _weights(model.trf_blocks[i].att, x) for i, x in inputs.items()}
+
+
+def queries_keys_values(att, x):
+    """The layer's q, k, v for its input x (B, T, C): three (B, n_heads, T, head_dim)."""
+    B, T, C = x.shape
+    q, k, v = att.qkv(x).split(C, dim=2)                                 # 3 x (B, T, C)
+    return [t.view(B, T, att.n_heads, att.head_dim).transpose(1, 2)      # (B, n_heads, T, hd)
+            for t in (q, k, v)]
+
+
+def _weights(att, x):
+    with torch.no_grad():
+        q, k, _ = queries_keys_values(att, x)
+        T = x.shape[1]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(att.head_dim)       # (B, n_heads, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def forward_shapes(model, idx):
+    """[(stage, shape)] of one forward pass of ``idx``: embeddings, each block, the head."""
+    shapes = [("token ids", tuple(idx.shape))]
+    hooks = [model.tok_emb.register_forward_hook(
+        lambda m, a, out: shapes.append(("token embedding", tuple(out.shape))))]
+    hooks.append(model.pos_emb.register_forward_hook(
+        lambda m, a, out: shapes.append(("position embedding (added)", tuple(out.shape)))))
+    for i, block in enumerate(model.trf_blocks):
+        att, ff = block.att, block.ff
+        hooks.append(att.qkv.register_forward_hook(
+            lambda m, a, out, i=i: shapes.append((f"block {i}: q, k, v together",
+                                                  tuple(out.shape)))))
+        hooks.append(ff.fc.register_forward_hook(
+            lambda m, a, out, i=i: shapes.append((f"block {i}: MLP hidden (4C)",
+                                                  tuple(out.shape)))))
+        hooks.append(block.register_forward_hook(
+            lambda m, a, out, i=i: shapes.append((f"block {i}: out", tuple(out.shape)))))
+    hooks.append(model.final_norm.register_forward_hook(
+        lambda m, a, out: shapes.append(("final LayerNorm", tuple(out.shape)))))
+    try:
+        with torch.no_grad():
+            logits = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes + [("logits", tuple(logits.shape))]
+
+
+def parameter_counts(model):
+    """{part: parameters}: embeddings, attention, MLP, LayerNorms, output head.
+
+    A tied head is the token embedding itself, so it adds nothing ("output head (tied)": 0).
+    """
+    tied = model.out_head.weight is model.tok_emb.weight
+    counts = {"token embedding": model.tok_emb.weight.numel(),
+              "position embedding": model.pos_emb.weight.numel(),
+              "attention (qkv, out_proj)": 0, "MLP (fc, proj)": 0, "LayerNorms": 0}
+    for block in model.trf_blocks:
+        counts["attention (qkv, out_proj)"] += sum(p.numel() for p in block.att.parameters())
+        counts["MLP (fc, proj)"] += sum(p.numel() for p in block.ff.parameters())
+        counts["LayerNorms"] += sum(p.numel() for m in (block.norm1, block.norm2)
+                                    for p in m.parameters())
+    counts["LayerNorms"] += sum(p.numel() for p in model.final_norm.parameters())
+    counts["output head (tied)" if tied else "output head"] = (
+        0 if tied else model.out_head.weight.numel())
+    return counts
+
+
+def plot_attention(weights, labels, heads=(0,), title=""):
+    """Heatmaps of one layer's ``weights`` (1, n_heads, T, T) for ``heads``, token labels
+    on both axes (query position down, key position across). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 4.2), squeeze=False)
+    for ax, h in zip(axes[0], heads):
+        ax.imshow(weights[0, h].float().cpu(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"{title} head {h}", fontsize=9)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+    axes[0][0].set_ylabel("query (attending)", fontsize=8)
+    fig.tight_layout()
+    return fig
