@@ -1,7 +1,9 @@
 """Shared fixtures: tiny configs and a random Hugging Face reference model (never downloaded)."""
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# train.py flags for a 2-layer, 32-wide model on the CPU: seconds per run
+TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
+              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
+              "--dtype", "fp32", "--start-context", "The"]
 TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4,
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
 
@@ -66,3 +72,18 @@ def hf_pair():
     ours = GPTModel(cfg_from_hf(hf))
     load_weights_into_gpt(ours, hf)
     return hf, ours.eval()
+
+
+def signal_at_first_save(cmd, path, sig, timeout=240):
+    """Run ``cmd`` and send it ``sig`` as soon as ``path`` exists (a run's first checkpoint,
+    maybe mid-write); returns (return code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + timeout
+    while not Path(path).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 import evaluate
 import generate
-from conftest import make_hf_model
+from conftest import make_hf_model, signal_at_first_save
 from dataset import create_dataloader, default_corpus_text, get_tokenizer, load_tokens
 from download_weights_hf import export_to_hf, load_weights_into_gpt
 from fileio import read_checkpoint
@@ -183,14 +182,8 @@ def test_a_lora_run_resumes_bit_exactly_after_kill_9(tmp_path, hf_folder):
     ref_dir.mkdir()
     ref = subprocess.run(cmd(ref_dir), capture_output=True, text=True, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen(cmd(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    deadline = time.time() + 240
-    while not (tmp_path / "run.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code, _, _ = signal_at_first_save(cmd(tmp_path), tmp_path / "run.pth", signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = read_checkpoint(tmp_path / "run.pth")["step"]
     assert 3 <= killed_at < 40
     resumed = subprocess.run(cmd(tmp_path, "--resume"), capture_output=True, text=True, env=env,

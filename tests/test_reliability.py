@@ -13,6 +13,7 @@ import torch
 
 import dataset
 import fileio
+from conftest import TINY_FLAGS, signal_at_first_save
 from dataset import (
     create_dataloader,
     default_corpus_text,
@@ -26,9 +27,7 @@ from train import main, parse_args
 from train_utils import make_optimizer, train_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
-        "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
-        "--dtype", "fp32", "--start-context", "The"]
+TINY = TINY_FLAGS
 TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2,
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}
 
@@ -327,14 +326,8 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "input.txt"),
            "--out", str(tmp_path / "run.pth"), *TINY, "--checkpoint-every", "2",
            "--max-steps", "400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 240
-    while not (tmp_path / "run.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, out, err = signal_at_first_save(cmd, tmp_path / "run.pth", signal.SIGINT)
+    assert code == 130, err
     assert "Traceback" not in err
     saved = fileio.read_checkpoint(tmp_path / "run.pth")["step"]
     assert f"{tmp_path / 'run.pth'} holds step {saved}: continue from there with --resume" \

@@ -5,13 +5,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_utils
+from conftest import TINY_FLAGS, signal_at_first_save
 from dataset import create_dataloader, default_corpus_text, get_tokenizer
 from model import GPTModel, load_checkpoint, read_checkpoint
 from train import main, parse_args
@@ -27,9 +27,6 @@ from train_utils import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
-              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
-              "--dtype", "fp32", "--start-context", "The"]
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +191,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert ref.returncode == 0, ref.stderr
 
     # Kill -9 as soon as the first periodic checkpoint exists (mid-run, maybe mid-write).
-    proc = subprocess.Popen(_train_cmd(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 240
-    while not (tmp_path / "run.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code, out, _ = signal_at_first_save(_train_cmd(tmp_path), tmp_path / "run.pth",
+                                        signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = read_checkpoint(tmp_path / "run.pth")["step"]
     assert 5 <= killed_at < 80 and "final:" not in out
 
