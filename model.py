@@ -8,8 +8,8 @@ Multitask Learners", section 2.3; the block is the Transformer decoder of Vaswan
 
 B is the batch size, T the number of tokens, C the embedding width (``emb_dim``). The same
 code runs our own training runs and OpenAI's pretrained weights (gpt2_params.py maps the
-names). On x86 CPUs a few products run through faster kernels: each is one call into
-cpu_kernels.py, marked "fast path", with the plain PyTorch computation right after it.
+names). Each speed or memory trick is one call into cpu_kernels.py (x86 CPU kernels) or
+fused_loss.py, marked "fast path", with the plain PyTorch computation right after it.
 """
 
 import math
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_kernels
+import fused_loss
 from fileio import atomic_save, read_checkpoint
 
 # The default for training from scratch (the seed's values). A 256-token context keeps
@@ -60,21 +61,19 @@ def validate_config(cfg):
     if not isinstance(cfg, dict):
         raise ValueError(f"cfg must be a dict like GPT_CONFIG_124M, got {type(cfg).__name__}")
     allowed = set(_INT_KEYS) | set(_BOOL_KEYS) | {"drop_rate"}
-    for key in cfg:
-        if key not in allowed:
-            raise ValueError(f"unknown config key {key!r}; allowed keys: {sorted(allowed)}")
+    if unknown := [key for key in cfg if key not in allowed]:
+        raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
     out = {**_OPTIONAL_DEFAULTS, **cfg}
-    for key in (*_INT_KEYS, "drop_rate", *_BOOL_KEYS):
-        if key not in out:
-            raise ValueError(f"config key {key!r} is missing; see GPT_CONFIG_124M for an example")
+    if missing := [key for key in (*_INT_KEYS, "drop_rate", *_BOOL_KEYS) if key not in out]:
+        raise ValueError(f"config key {missing[0]!r} is missing; see GPT_CONFIG_124M for an "
+                         f"example")
     for key in _INT_KEYS:
         value = out[key]
         # bool is a subclass of int in Python, so True would otherwise pass as 1
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config key {key!r} must be a positive int, got {value!r}")
-    for key in _BOOL_KEYS:
-        if not isinstance(out[key], bool):
-            raise ValueError(f"config key {key!r} must be True or False, got {out[key]!r}")
+    if bad := [key for key in _BOOL_KEYS if not isinstance(out[key], bool)]:
+        raise ValueError(f"config key {bad[0]!r} must be True or False, got {out[bad[0]]!r}")
     rate = out["drop_rate"]
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"config key 'drop_rate' must be a number in [0, 1), got {rate!r}")
@@ -208,8 +207,7 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = validate_config(cfg)
-        cfg = self.cfg
+        self.cfg = cfg = validate_config(cfg)
         V, T, C = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
         # On the "meta" device (loaders: shapes only) nn.Embedding's init would import
         # torch._dynamo (~1 s) for nothing; elsewhere it draws as always (same seeded runs).
@@ -222,9 +220,8 @@ class GPTModel(nn.Module):
         tied = cfg["tie_embeddings"]    # then the head has no matrix of its own to allocate
         self.out_head = nn.Linear(C, V, bias=False, device="meta" if tied else None)  # (V, C)
         if tied:
-            # Weight tying: the head that turns vectors into token scores *is* the
-            # embedding that turned tokens into vectors (one Parameter, 38.6M fewer weights
-            # at 124M), as in OpenAI's GPT-2. Off by default from scratch, as in the seed.
+            # Weight tying, as in OpenAI's GPT-2: the head that scores tokens *is* the embedding
+            # that made their vectors (38.6M fewer weights at 124M). Off from scratch (the seed).
             self.tie_weights()
         if self.tok_emb.weight.is_meta:
             return          # a loader fills in real weights next: nothing to initialise
@@ -257,15 +254,16 @@ class GPTModel(nn.Module):
                        max_len or cfg["context_length"], cfg["emb_dim"] // cfg["n_heads"],
                        device or ref.device, dtype or ref.dtype)
 
-    def forward(self, idx, cache=None, attention_mask=None):
-        """Token ids (B, T) -> logits (B, T, vocab_size).
+    def forward(self, idx, cache=None, attention_mask=None, targets=None):
+        """Token ids (B, T) -> logits (B, T, vocab_size); with ``targets`` (B, T), the loss.
 
         With a ``cache`` the tokens are taken to follow the ``cache.pos`` tokens already
         in it; their keys and values are appended and ``cache.pos`` advances by T.
         ``attention_mask`` (B, cache.pos + T), 1 for tokens and 0 for left padding: then no
         token attends to padding, and positions count from each row's first token.
         """
-        return self.logits(self.hidden_states(idx, cache, attention_mask))      # (B, T, vocab)
+        h = self.hidden_states(idx, cache, attention_mask)                      # (B, T, C)
+        return self.logits(h) if targets is None else self.loss(h, targets)
 
     def hidden_states(self, idx, cache=None, attention_mask=None):
         """Everything but the output head: token ids (B, T) -> final-normed vectors (B, T, C)."""
@@ -307,6 +305,13 @@ class GPTModel(nn.Module):
         out = cpu_kernels.head_logits(h, self.out_head.weight)
         return out if out is not None else self.out_head(h)                    # (..., vocab)
 
+    def loss(self, h, targets):
+        """The training objective: mean cross-entropy of next-token logits (..., vocab)."""
+        # fast path: the same number without holding all logits (fused_loss.py)
+        out = fused_loss.head_cross_entropy(h, self.out_head.weight, targets)
+        return out if out is not None else F.cross_entropy(
+            self.logits(h).flatten(0, -2).float(), targets.flatten())          # (B*T, vocab)
+
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints: one .pth file = {"config": cfg, "model_state_dict": ..., **extra}.
@@ -325,22 +330,17 @@ def resolve_dtype(dtype):
 
 
 def unwrap_model(model):
-    """The plain GPTModel inside torch.compile / DistributedDataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):      # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):   # DDP
-            model = model.module
-        else:
-            return model
+    """The plain GPTModel inside torch.compile (``._orig_mod``) and DDP (``.module``) wrappers."""
+    while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def save_checkpoint(path, model, **extra):
     """Write model weights plus their config (and anything in ``extra``) atomically."""
     model = unwrap_model(model)
     # A caller may pass model_state_dict= itself (the full state gathered from FSDP shards).
-    state = extra.pop("model_state_dict", None)
-    if state is None:
+    if (state := extra.pop("model_state_dict", None)) is None:
         state = model.state_dict()
     return atomic_save({"config": dict(model.cfg), "model_state_dict": state, **extra}, path)
 

@@ -47,7 +47,7 @@ from devices import (
 from fileio import atomic_write, read_checkpoint
 from generate import generate_and_print
 from lora import lora_config, merged_state
-from model import save_checkpoint, unwrap_model
+from model import GPTModel, save_checkpoint, unwrap_model
 
 # ---------------------------------------------------------------------------------------
 # The loss: next-token cross-entropy
@@ -55,6 +55,9 @@ from model import save_checkpoint, unwrap_model
 def calc_loss_batch(input_batch, target_batch, model, device):
     """Mean cross-entropy of predicting each next token in one batch."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    if isinstance(unwrap_model(model), GPTModel):
+        # the same number as below, without holding every logit at once (GPTModel.loss)
+        return model(input_batch, targets=target_batch)
     logits = model(input_batch)                                              # (B, T, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 

@@ -8,8 +8,10 @@ biases, dropout 0; random weights, context cropped to ``--context``), then runs
 ``--steps`` optimizer steps of train_utils.accumulate_gradients + clip_grad_norm_ + AdamW
 (train_utils.make_optimizer), the loop's own step. "full" trains every weight; "LoRA r"
 (lora.add_lora) only the adapters of the attention and MLP projections. The memory figure
-is the process's peak RSS minus its RSS before the model was built (Python and torch
-themselves, ~0.3 GB, are not the model's), against the fp32 bytes of the weights: full
+is the process's peak RSS minus its RSS before the model was built, after two steps of a
+toy model (Python and torch themselves, their code pages and threads, ~0.3 GB, are not the
+model's; library buffers that grow with the model, such as MKL's, are counted), against
+the fp32 bytes of the weights: full
 fine-tuning keeps weights, gradients and AdamW's two moments (4x) plus the activations of
 one step; LoRA keeps the weights (1x) plus the activations, its adapters being tiny.
 Targets: full <= 4.5x, LoRA <= 1.5x.
@@ -28,6 +30,7 @@ SIZES = {"tiny": None, "124M": "gpt2-small (124M)", "774M": "gpt2-large (774M)"}
 
 def child(size, mode, rank, context, steps, seed):
     """Runs in the child process: build, train ``steps`` steps, report."""
+    import gc
     import time
 
     import torch
@@ -37,7 +40,37 @@ def child(size, mode, rank, context, steps, seed):
     from model import MODEL_CONFIGS, GPTModel
     from train_utils import accumulate_gradients, make_optimizer, recompute_activations
 
+    def build(cfg):
+        model = GPTModel(cfg).train()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if mode.startswith("lora"):
+            add_lora(model, rank, 16.0)
+        if mode.endswith("+recompute"):
+            recompute_activations(model)
+        return model, weight_bytes
+
+    def train_steps(model, n, vocab, length):
+        opt = make_optimizer(model, learning_rate=1e-4, weight_decay=0.1)
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab, (1, length + 1), generator=g)
+        batch = (tokens[:, :-1], tokens[:, 1:])
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            accumulate_gradients(model, [batch], torch.device("cpu"))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return times
+
     cpu_kernels.tune_malloc()                 # as train_model does
+    # Two steps of a toy model first, so that the baseline holds what any run of this
+    # code loads once (torch's code pages for these ops, its worker threads), not the model
+    toy = {"vocab_size": 256, "context_length": 16, "emb_dim": 32, "n_heads": 2,
+           "n_layers": 1, "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": True}
+    train_steps(build(toy)[0], 2, 256, 16)
+    gc.collect()
     baseline = common.rss_bytes()
     if size == "tiny":
         cfg = {"vocab_size": 50257, "context_length": context, "emb_dim": 128, "n_heads": 4,
@@ -45,25 +78,9 @@ def child(size, mode, rank, context, steps, seed):
     else:
         cfg = {**MODEL_CONFIGS[SIZES[size]], "context_length": context}
     torch.manual_seed(seed)
-    model = GPTModel(cfg).train()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if mode.startswith("lora"):
-        add_lora(model, rank, 16.0)
-    if mode.endswith("+recompute"):
-        recompute_activations(model)
+    model, weight_bytes = build(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = make_optimizer(model, learning_rate=1e-4, weight_decay=0.1)
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 50257, (1, context + 1), generator=g)
-    batch = (tokens[:, :-1], tokens[:, 1:])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        accumulate_gradients(model, [batch], torch.device("cpu"))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    times = train_steps(model, steps, 50257, context)
     common.child_report(baseline=baseline, weight_bytes=weight_bytes, trainable=trainable,
                         step_s=common.median(times[1:] or times))
 

@@ -84,20 +84,25 @@ def hf_logits_module(hf):
 def make_step(model, batch, dtype, plain=False):
     """A function doing one full optimizer step; returns (seconds, loss).
 
-    ``plain``: with every CPU fast path off (cpu_kernels.disabled), the plain PyTorch code.
+    ``plain``: with every fast path off (cpu_kernels.disabled, fused_loss.disabled), the
+    plain PyTorch code.
     """
     import contextlib
 
     import torch
 
     import cpu_kernels
+    import fused_loss
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device("cpu")
 
     def step():
         t0 = time.perf_counter()
-        with cpu_kernels.disabled() if plain else contextlib.nullcontext():
+        with contextlib.ExitStack() as off:
+            if plain:
+                off.enter_context(cpu_kernels.disabled())
+                off.enter_context(fused_loss.disabled())
             loss, _ = accumulate_gradients(model, [batch], device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -23,6 +23,7 @@ PUBLIC = {
     "download_weights_hf": ["load_weights_into_gpt", "load_gpt2_hf", "export_to_hf"],
     "cpu_kernels": ["ENABLED", "disabled", "packed_for_cpu", "screened_argmax",
                     "tune_malloc", "linear", "head_logits"],
+    "fused_loss": ["ENABLED", "disabled", "head_cross_entropy"],
     "fileio": ["atomic_write", "atomic_save", "read_checkpoint"],
     "gpt2_params": ["gpt2_param_names", "iter_gpt2_weights"],
     "devices": ["get_device", "setup_distributed", "wrap_model"],
@@ -69,6 +70,7 @@ def test_no_two_top_level_modules_import_each_other():
 
 
 def test_model_py_imports_no_training_or_file_format_code():
-    # a learner reads model.py as GPT-2: the kernels and the file plumbing are one call away
+    # a learner reads model.py as GPT-2: the kernels, the fused loss and the file plumbing
+    # are one call away
     assert _imports(ROOT / "model.py", {p.stem for p in ROOT.glob("*.py")}) == {
-        "cpu_kernels", "fileio"}
+        "cpu_kernels", "fused_loss", "fileio"}

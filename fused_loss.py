@@ -1,0 +1,160 @@
+"""The training loss without the whole logits tensor: the output head and cross-entropy in one.
+
+GPTModel.loss computes, in plain PyTorch,
+
+    loss = F.cross_entropy((h @ W.T).float(), targets)     h (N, C), W (vocab, C)
+
+and asks ``head_cross_entropy`` first. That call gives the same number (up to the rounding
+in which any two kernels differ) while holding far less memory. The plain computation keeps
+the (N, vocab) logits, their log-softmax for the backward pass, and in backward two more
+tensors of that size: at GPT-2's vocabulary of 50257 that is 49 MB a copy for one window of
+256 tokens, 1.6 GB for a batch of 8 x 1024. Then the head's weight gradient arrives in
+autograd as a view, so for a tied head (OpenAI's models) adding the embedding's gradient to
+it makes a third (vocab, C) matrix (147 MB at 124M) instead of adding in place.
+
+Here the rows go through the head a chunk at a time (at most CHUNK_ELEMENTS logits at once)
+and, when a gradient will be asked for, each chunk's gradient is worked out right away,
+while its logits exist, using the cross-entropy's closed-form derivative:
+
+    d loss / d logits = (softmax(logits) - onehot(targets)) / N
+    d loss / d h      = that @ W           d loss / d W = that.T @ h
+
+Backward then only scales what forward kept (``grad_h`` (N, C), ``grad_W``). The matrix
+products are the ones the plain backward would do, so a step costs no extra compute.
+Fine-tuning the 124M model, this took the peak memory of a step from 5.3x to 4.3x the fp32
+weights (full) and from 2.3x to 1.6x (LoRA), bench/finetune_memory.py.
+
+One switch: ``fused_loss.ENABLED = False`` (or ``GPT2_FUSED_LOSS=0`` before Python starts),
+or ``with fused_loss.disabled():``; the tests compare both paths. Off under torch.compile
+(which fuses the plain code itself) and for a weight that is a sharded DTensor.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+import cpu_kernels
+
+ENABLED = os.environ.get("GPT2_FUSED_LOSS", "1") != "0"   # the one switch
+CHUNK_ELEMENTS = 2**23      # logits held at once: 32 MB in fp32 (166 rows of GPT-2's vocab),
+                            # 8x that when the head's weight gets a gradient too
+IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross_entropy)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block GPTModel.loss runs the plain code: logits, then F.cross_entropy."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def head_cross_entropy(h, weight, targets):
+    """Mean cross-entropy of the logits ``h @ weight.T`` against ``targets``, or None.
+
+    h (..., C), weight (vocab, C), targets (...) token ids. None where this path does not
+    apply (switched off, compiling, a DTensor weight): then the caller runs the plain code.
+    """
+    if not ENABLED or torch.compiler.is_compiling() or type(weight) not in (
+            torch.Tensor, nn.Parameter):
+        return None
+    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if h2.shape[0] != t.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match the hidden states "
+                         f"{tuple(h.shape)}: one target id per position")
+    if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
+        return _HeadCrossEntropy.apply(h2, weight, t)
+    return _chunked(h2, weight, t, False, False)[0]     # evaluation: no gradients to keep
+
+
+def _compute_dtype(x):
+    """The dtype the head multiplies in: autocast's where it is on, else the input's."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _onednn(a, b):
+    """True where cpu_kernels found oneDNN faster than the default for a @ b (fp32, x86)."""
+    return cpu_kernels.ENABLED and cpu_kernels.ONEDNN_FP32 and cpu_kernels.onednn_fp32_applies(a, b)
+
+
+def _mm(a, b):
+    return cpu_kernels.onednn_mm(a, b) if _onednn(a, b) else a @ b
+
+
+def _chunked(h, weight, targets, want_h, want_w):
+    """(mean loss, d loss / d h or None, d loss / d weight or None), a chunk of rows at a time."""
+    N, V = h.shape[0], weight.shape[0]
+    dtype = _compute_dtype(h)
+    scored = targets != IGNORE_INDEX                                            # (N,)
+    count = max(int(scored.sum()), 1)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if want_h else None                            # (N, C)
+    grad_w = None
+    with torch.autocast(h.device.type, enabled=False):   # the dtypes are chosen here instead
+        w = weight.to(dtype)                                                    # (V, C)
+        # with the weight's gradient each chunk adds into all of it (V, C): fewer, larger
+        rows = max(1, CHUNK_ELEMENTS // V * (8 if want_w else 1))
+        for r0 in range(0, N, rows):
+            hc = h[r0:r0 + rows].to(dtype)                                      # (R, C)
+            ok = scored[r0:r0 + rows]                                           # (R,)
+            tc = torch.where(ok, targets[r0:r0 + rows], 0)[:, None]             # (R, 1)
+            logits = _mm(hc, w.t()).float()                                     # (R, V)
+            picked = logits.gather(1, tc).squeeze(1)                            # (R,)
+            # log-sum-exp with the row's max taken out (no overflow), in place: the
+            # buffer then holds exp(logits - max), and after the division the softmax
+            top = logits.amax(dim=1, keepdim=True)                              # (R, 1)
+            sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)             # (R, 1)
+            lse = (top + sums.log()).squeeze(1)                                 # (R,)
+            total += ((lse - picked) * ok).sum()
+            if not (want_h or want_w):
+                continue
+            # d loss / d logits = (softmax - one-hot target) / count
+            probs = logits.div_(sums)                                           # (R, V)
+            probs.scatter_add_(1, tc, -ok[:, None].float())
+            g = probs.mul_(ok[:, None] / count).to(dtype)                       # (R, V)
+            if want_h:
+                grad_h[r0:r0 + rows] = _mm(g, w)                                # (R, C)
+            if want_w:
+                if grad_w is None:
+                    grad_w = _mm(g.t(), hc).to(weight.dtype)                    # (V, C)
+                elif g.dtype == grad_w.dtype and not _onednn(g, hc):
+                    grad_w.addmm_(g.t(), hc)        # adds in the product: no (V, C) temporary
+                else:
+                    grad_w += _mm(g.t(), hc)
+    if not scored.any():        # nothing to score: NaN, as F.cross_entropy gives
+        total = total * float("nan")
+    return total / count, grad_h, grad_w
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """The loss in forward, with its gradients; backward scales them by the upstream one."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):                 # h (N, C), weight (V, C), targets (N,)
+        loss, grad_h, grad_w = _chunked(h, weight, targets, h.requires_grad,
+                                        weight.requires_grad)
+        ctx.grads = (grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("fused_loss: backward ran twice through the same loss; "
+                               "compute the loss again (retain_graph is not supported here)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None        # autograd then holds the only reference: .grad adds in place
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_loss.to(grad_w.dtype))
+        return grad_h, grad_w, None

@@ -1,0 +1,175 @@
+"""fused_loss: the head and cross-entropy a chunk of rows at a time, against the plain code
+(logits, then F.cross_entropy) and against GPT2LMHeadModel's loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpu_kernels
+import fused_loss
+from conftest import cfg_from_hf, make_hf_model
+from gpt2_params import gpt2_param_names
+from model import GPTModel
+from train_utils import calc_loss_batch
+
+
+def _batch(vocab, B=3, T=20, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab, (B, T), generator=g),
+            torch.randint(0, vocab, (B, T), generator=g))
+
+
+def _loss_and_grads(model, idx, targets, fused, scale=1.0, dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        if fused:
+            loss = model(idx, targets=targets)
+        else:
+            with fused_loss.disabled():
+                loss = model(idx, targets=targets)
+    (loss * scale).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("chunk_rows", [8, 1000])
+def test_loss_and_gradients_match_hugging_face(monkeypatch, kernels, chunk_rows):
+    # The training step's loss (GPTModel.forward with targets) and every gradient, tied
+    # head included, as GPT2LMHeadModel's: in one chunk and in chunks of 8 rows (60 rows
+    # here: 8 chunks, the last one short); with cpu_kernels on, the chunks' products go
+    # through oneDNN where it applies
+    from download_weights_hf import load_weights_into_gpt
+
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
+    # with the weight's gradient a chunk is 4x CHUNK_ELEMENTS // vocab rows
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 211 * chunk_rows // 4)
+    hf = make_hf_model()
+    ours = GPTModel(cfg_from_hf(hf))
+    load_weights_into_gpt(ours, hf)
+    idx, targets = _batch(211)
+    loss, grads = _loss_and_grads(ours, idx, targets, fused=True)
+    ref = hf(input_ids=idx, labels=None).logits
+    ref_loss = F.cross_entropy(ref.flatten(0, 1), targets.flatten())
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    hf_params = dict(hf.transformer.named_parameters())
+    for name, hf_name, _, _ in gpt2_param_names(3):
+        torch.testing.assert_close(grads[name], hf_params[hf_name].grad, atol=1e-6, rtol=1e-4,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_equals_plain_loss_and_gradients(tiny_cfg, monkeypatch, tie, dtype):
+    # several chunks (40 rows of 50257 logits, 9 rows a chunk without the weight gradient,
+    # 72 with it), a loss scaled as gradient accumulation scales it; untied, the head's own
+    # weight gets its gradient. bf16 autocast multiplies in bf16 as the plain head does: both
+    # then stand as far from the fp32 gradients, ~1% of each one's largest entry
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 50257 * 9)
+    torch.manual_seed(0)
+    model = GPTModel({**tiny_cfg, "tie_embeddings": tie}).train()
+    idx, targets = _batch(50257, B=2, T=20)
+    loss, grads = _loss_and_grads(model, idx, targets, fused=True, scale=0.3, dtype=dtype)
+    ref_loss, ref_grads = _loss_and_grads(model, idx, targets, fused=False, scale=0.3)
+    assert set(grads) == set(ref_grads)
+    if dtype == "fp32":
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4,
+                                       msg=name)
+        return
+    plain_loss, plain_grads = _loss_and_grads(model, idx, targets, fused=False, scale=0.3,
+                                              dtype="bf16")
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=1e-3)
+    torch.testing.assert_close(loss, plain_loss, atol=0, rtol=1e-3)
+    for name in grads:
+        scale = ref_grads[name].abs().max()
+        for got in (grads[name], plain_grads[name]):
+            assert (got - ref_grads[name]).abs().max() <= 0.02 * scale, name
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_states_do(tiny_cfg):
+    # LoRA's case: the head (tied embedding) frozen; the loss still trains what is below it
+    torch.manual_seed(0)
+    model = GPTModel({**tiny_cfg, "tie_embeddings": True}).train()
+    model.tok_emb.weight.requires_grad_(False)
+    idx, targets = _batch(50257, B=2, T=16)
+    model(idx, targets=targets).backward()
+    assert model.tok_emb.weight.grad is None
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    with fused_loss.disabled():
+        loss = model(idx, targets=targets)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ignored_targets_and_evaluation():
+    torch.manual_seed(1)
+    h = torch.randn(2, 5, 16)
+    w = torch.randn(300, 16)
+    targets = torch.randint(0, 300, (2, 5))
+    targets[0, 1] = targets[1, 4] = fused_loss.IGNORE_INDEX
+    with torch.no_grad():       # evaluation: no gradients worked out, same number
+        got = fused_loss.head_cross_entropy(h, w, targets)
+    want = F.cross_entropy((h @ w.t()).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(got, want)
+    nothing = torch.full((2, 5), fused_loss.IGNORE_INDEX)
+    assert torch.isnan(fused_loss.head_cross_entropy(h, w, nothing))
+    assert torch.isnan(F.cross_entropy((h @ w.t()).flatten(0, 1), nothing.flatten()))
+    with pytest.raises(ValueError, match=r"targets \(2, 4\) do not match the hidden states "
+                                         r"\(2, 5, 16\): one target id per position"):
+        fused_loss.head_cross_entropy(h, w, targets[:, :4])
+
+
+def test_backward_twice_and_double_backward_are_refused():
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    t = torch.randint(0, 50, (4,))
+    loss = fused_loss.head_cross_entropy(h, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice through the same loss"):
+        loss.backward()
+    # a second derivative is an error, not a silent zero (the gradients are constants here)
+    loss = fused_loss.head_cross_entropy(h, w, t)
+    (gh,) = torch.autograd.grad(loss, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        gh.sum().backward()
+
+
+def test_switched_off_and_compiling_run_the_plain_code(monkeypatch):
+    h, w, t = torch.randn(3, 8), torch.randn(20, 8), torch.randint(0, 20, (3,))
+    with fused_loss.disabled():
+        assert fused_loss.head_cross_entropy(h, w, t) is None
+    assert fused_loss.head_cross_entropy(h, w, t) is not None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fused_loss.head_cross_entropy(h, w, t) is None
+
+
+def test_calc_loss_batch_takes_the_fused_path_only_for_our_model(tiny_cfg, monkeypatch):
+    # our GPTModel: model(inputs, targets=...) (fused); any other model: logits, then the loss
+    calls = []
+    real = fused_loss._HeadCrossEntropy.apply
+    monkeypatch.setattr(fused_loss._HeadCrossEntropy, "apply",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).train()
+    idx, targets = _batch(50257, B=2, T=8)
+    calc_loss_batch(idx, targets, model, "cpu")
+    assert calls == [torch.Size([16, 32])]
+
+    class Logits(torch.nn.Module):      # a model that only knows forward(idx)
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    other = calc_loss_batch(idx, targets, Logits(), "cpu")
+    with fused_loss.disabled():
+        plain = calc_loss_batch(idx, targets, model, "cpu")
+    assert len(calls) == 1
+    torch.testing.assert_close(other, plain)
