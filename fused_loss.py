@@ -30,8 +30,9 @@ or ``with fused_loss.disabled():``; the tests compare both paths. Off under torc
 (which fuses the plain code itself) and for a weight that is a sharded DTensor.
 """
 
-import contextlib
 import os
+import sys
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -45,15 +46,9 @@ CHUNK_ELEMENTS = 2**23      # logits held at once: 32 MB in fp32 (166 rows of GP
 IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross_entropy)
 
 
-@contextlib.contextmanager
 def disabled():
     """Within this block GPTModel.loss runs the plain code: logits, then F.cross_entropy."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
+    return mock.patch.object(sys.modules[__name__], "ENABLED", False)   # restored on exit
 
 
 def head_cross_entropy(h, weight, targets):
