@@ -390,21 +390,45 @@ class TextStreamer:
 
     A token can end in the middle of a multi-byte UTF-8 character (emoji, accents), so
     bytes go through an incremental decoder that waits for the rest of the character.
+    Given the generation's ``eos_id`` and ``stop_strings``, it prints what generate_text
+    returns: nothing from the end-of-text token on, and the text only up to the end of
+    the first stop string (text that could begin one waits until it is known not to).
     """
 
-    def __init__(self, tokenizer, file=None):
+    def __init__(self, tokenizer, file=None, eos_id=None, stop_strings=None):
         self.tokenizer = tokenizer
         self.file = file or sys.stdout
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.eos_id, self.stops = eos_id, list(stop_strings or ())
+        self.pending, self.done = "", False     # text held back; True once the row ended
 
     def __call__(self, next_ids):
-        piece = self.decoder.decode(self.tokenizer.decode_bytes([int(next_ids[0, 0])]))
-        print(piece, end="", file=self.file, flush=True)
+        token = int(next_ids[0, 0])
+        if self.done or token == self.eos_id:
+            self.done = True
+            return
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        ends = [self.pending.find(s) + len(s) for s in self.stops if s in self.pending]
+        if ends:                                # the text ends right after the stop string
+            self._print(self.pending[:min(ends)])
+            self.pending, self.done = "", True
+            return
+        # hold back the longest tail that a stop string starts with
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        self._print(self.pending[:len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
 
     def finish(self):
-        """Print what is left: bytes of a character the last token did not complete
-        (shown as U+FFFD, as token_ids_to_text shows them)."""
-        print(self.decoder.decode(b"", final=True), end="", file=self.file, flush=True)
+        """Print what is left: text held back for a stop string that never came, and bytes
+        of a character the last token did not complete (shown as U+FFFD, as
+        token_ids_to_text shows them)."""
+        if not self.done:
+            self._print(self.pending + self.decoder.decode(b"", final=True))
+        self.pending = ""
+
+    def _print(self, text):
+        print(text, end="", file=self.file, flush=True)
 
 
 def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=50,
@@ -416,7 +440,7 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
     """
     gpt = unwrap_model(model)
     idx = text_to_token_ids(start_context, tokenizer, device)
-    streamer = TextStreamer(tokenizer) if stream else None
+    streamer = TextStreamer(tokenizer, eos_id=eos_id) if stream else None
     if stream:
         print(start_context, end="", flush=True)
     out = generate_text(model, idx, max_new_tokens, gpt.cfg["context_length"], temperature,
@@ -504,7 +528,7 @@ def main(argv=None):
                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop,
                   tokenizer=tokenizer)
     if len(rows) == 1:          # one continuation: print it as it is produced
-        streamer = TextStreamer(tokenizer)
+        streamer = TextStreamer(tokenizer, eos_id=tokenizer.eot_token, stop_strings=args.stop)
         print(rows[0], end="", flush=True)
         out = generate_text(model, idx, args.max_new_tokens, None, args.temperature,
                             args.top_k, callback=streamer, **kwargs)

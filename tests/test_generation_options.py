@@ -1,11 +1,14 @@
 """Issue 15: transformers' generate() options, batches of prompts, stop strings."""
 
+import io
+
 import pytest
 import torch
 
 import generate
 from dataset import get_tokenizer
 from generate import (
+    TextStreamer,
     batch_to_token_ids,
     filtered_probs,
     generate_text,
@@ -193,6 +196,52 @@ def test_cli_batches_prompts_and_samples(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--weights", str(folder), "--min-p", "2"])
     assert "--min-p must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_streams_exactly_the_text_it_returns_with_a_stop_string(tmp_path, capsys):
+    # the streamed line ends where the returned text does: right after a stop string that
+    # spans two tokens (the completing token reaches past it), and never shows the
+    # end-of-text token
+    from conftest import make_hf_model
+    folder = tmp_path / "hf"
+    make_hf_model(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                  seed=5).save_pretrained(folder)
+    tok = get_tokenizer()
+    run = ["--weights", str(folder), "--prompt", "The for statement", "--max-new-tokens", "40",
+           "--temperature", "1.0", "--top-k", "0", "--device", "cpu", "--seed", "3"]
+    free = generate.main(run)
+    assert capsys.readouterr().out == free + "\n"
+    ids = tok.encode(free[len("The for statement"):], allowed_special="all")
+    pieces = [tok.decode_single_token_bytes(t) for t in ids]
+    k = next(i for i in range(3, len(pieces) - 1) if all(
+        p.isascii() and len(p) > 1 and p.strip() for p in pieces[i:i + 2]))
+    stop = pieces[k][-1:].decode() + pieces[k + 1][:1].decode()
+    text = tok.decode(ids)
+    cut = "The for statement" + text[:text.find(stop) + len(stop)]
+    got = generate.main([*run, "--stop", stop])
+    assert got == cut
+    assert capsys.readouterr().out == cut + "\n"
+
+
+def test_streamer_holds_back_a_possible_stop_string_and_drops_end_of_text():
+    tok = get_tokenizer()
+    out = io.StringIO()
+    streamer = TextStreamer(tok, file=out, eos_id=tok.eot_token, stop_strings=["STOP"])
+    for piece in ["Go", " ST", "ay"]:           # " ST" could begin STOP: held, then printed
+        for t in tok.encode(piece):
+            streamer(torch.tensor([[t]]))
+    assert out.getvalue() == "Go STay"
+    streamer(torch.tensor([[tok.eot_token]]))
+    streamer(torch.tensor([[tok.encode(" more")[0]]]))
+    streamer.finish()
+    assert out.getvalue() == "Go STay"
+    out = io.StringIO()
+    streamer = TextStreamer(tok, file=out, stop_strings=["STOP"])
+    for t in tok.encode("a ST"):
+        streamer(torch.tensor([[t]]))
+    assert out.getvalue() == "a "               # "ST" waits
+    streamer.finish()                           # ... and is printed when nothing follows
+    assert out.getvalue() == "a ST"
 
 
 def test_streaming_of_a_masked_batch_matches_generate_text(hf_pair):
