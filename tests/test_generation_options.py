@@ -59,6 +59,29 @@ def _left_padded(prompts, pad=0):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
+def test_a_left_padded_batch_past_the_context_equals_each_prompt_alone(use_cache):
+    # 8 + 20 tokens through a 16-position model: the window slides, and a padded row's
+    # window then holds padding and its last real tokens, exactly those it holds alone
+    from conftest import cfg_from_hf, make_hf_model
+    from download_weights_hf import load_weights_into_gpt
+    from model import GPTModel
+    hf = make_hf_model(n_positions=16, seed=1)
+    with torch.no_grad():       # larger weights: greedy tokens that do not just repeat
+        for p in hf.parameters():
+            p.mul_(3.0)
+    model = load_weights_into_gpt(GPTModel(cfg_from_hf(hf)), hf).eval()
+    prompts = [[5, 17, 42], [8, 8, 150, 2, 61, 9, 33, 4]]
+    ids, mask = _left_padded(prompts)
+    batch = generate_text(model, ids, 20, attention_mask=mask, use_cache=use_cache,
+                          repetition_penalty=1.5)[:, ids.shape[1]:]
+    for row, prompt in zip(batch.tolist(), prompts):
+        alone = generate_text(model, torch.tensor([prompt]), 20, use_cache=use_cache,
+                              repetition_penalty=1.5)[0, len(prompt):].tolist()
+        assert row == alone
+        assert len(set(alone)) >= 5
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
 def test_a_left_padded_batch_equals_each_prompt_alone_and_hugging_face(hf_pair, use_cache):
     hf, ours = hf_pair
     prompts = [[5, 17, 42, 99, 3, 7, 11, 12], [8, 150], [1, 2, 3, 4, 5]]
