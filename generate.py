@@ -376,13 +376,20 @@ def _end_at_stop_strings(out, prompt_len, stop_strings, tokenizer, fill):
     rows = []
     for row in out.tolist():
         text = tokenizer.decode_bytes(row[prompt_len:])
-        ends = [text.find(s) + len(s) for s in (s.encode() for s in stop_strings) if s in text]
-        if ends:
-            kept = text[:min(ends)].decode("utf-8", errors="replace")
+        end = _stop_end(text, [s.encode() for s in stop_strings])
+        if end is not None:
+            kept = text[:end].decode("utf-8", errors="replace")
             row = row[:prompt_len] + tokenizer.encode(kept, allowed_special="all")
         rows.append(row)
     width = max(map(len, rows))
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], device=out.device)
+
+
+def _stop_end(text, stops):
+    """Where ``text`` (str or bytes) ends when cut right after its first stop string, or
+    None when it holds none."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return min(ends) if ends else None
 
 
 class TextStreamer:
@@ -408,9 +415,9 @@ class TextStreamer:
             self.done = True
             return
         self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        ends = [self.pending.find(s) + len(s) for s in self.stops if s in self.pending]
-        if ends:                                # the text ends right after the stop string
-            self._print(self.pending[:min(ends)])
+        end = _stop_end(self.pending, self.stops)
+        if end is not None:                     # the text ends right after the stop string
+            self._print(self.pending[:end])
             self.pending, self.done = "", True
             return
         # hold back the longest tail that a stop string starts with

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from download_weights import download_and_save_gpt2
 from download_weights_hf import load_gpt2_hf
-from model import load_checkpoint
+from model import load_checkpoint, validate_config
 
 SOURCES_HELP = ("a .pth of ours, a folder written by save_pretrained, a Hugging Face Hub id "
                 "(openai-community/gpt2) or one of OpenAI's sizes (124M, 355M, 774M, 1558M)")
@@ -73,12 +73,11 @@ def crop_context(model, context_length):
 
 def set_dropout(model, rate):
     """Set every dropout of ``model`` (embeddings, attention, residual branches) to ``rate``."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-        raise ValueError(f"drop_rate must be a number in [0, 1), got {rate!r}")
+    cfg = validate_config({**model.cfg, "drop_rate": rate})    # the config's own check
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = rate
         elif hasattr(m, "dropout") and isinstance(m.dropout, float):   # MultiHeadAttention
             m.dropout = rate
-    model.cfg["drop_rate"] = rate
+    model.cfg = cfg
     return model
