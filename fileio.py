@@ -7,13 +7,16 @@ one, never half of one that a later run would trust. ``read_checkpoint`` is the 
 in: ``torch.load(weights_only=True)``, with errors that say what to do.
 """
 
+import contextlib
 import errno
 import glob
 import os
 import pickle
 import secrets
 import shutil
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -65,6 +68,27 @@ def atomic_write(path, write, by_path=False, size_hint=None):
 def atomic_save(obj, path):
     """torch.save ``obj`` to ``path`` atomically (see atomic_write)."""
     return atomic_write(path, lambda f: torch.save(obj, f), size_hint=lambda: _nbytes(obj))
+
+
+@contextlib.contextmanager
+def ctrl_c_after():
+    """Ctrl-C (SIGINT) during this block takes effect when it ends, as KeyboardInterrupt.
+
+    A checkpoint written and then recorded as written is one step for the caller: cut in
+    between, the file would hold a step that the caller's message does not know of. Off the
+    main thread (where signals cannot be caught) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _nbytes(obj):

@@ -44,7 +44,7 @@ from devices import (
     mean_across_processes,
     rank_and_world,
 )
-from fileio import atomic_write, read_checkpoint
+from fileio import atomic_write, ctrl_c_after, read_checkpoint
 from generate import generate_and_print
 from lora import lora_config, merged_state
 from model import GPTModel, save_checkpoint, unwrap_model
@@ -543,13 +543,14 @@ def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
     if adapted is not None:     # the merged weights load anywhere, the adapters resume the run
         model_state, adapters = merged_state(model_state, adapted)
         extra["lora"] = {**adapted, "adapters": adapters}
-    if rank_and_world()[0] == 0:
-        save_checkpoint(path, gpt, **extra, model_state_dict=model_state,
-                        optimizer_state_dict=optim_state, step=run.step, epoch=run.epoch,
-                        batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
-                        history=run.history, rng_state=rng_states, world_size=world_size,
-                        batch_size=batch_size, settings=settings)
-    run.saved_step = run.step
+    with ctrl_c_after():        # the file and saved_step change together (the Ctrl-C message)
+        if rank_and_world()[0] == 0:
+            save_checkpoint(path, gpt, **extra, model_state_dict=model_state,
+                            optimizer_state_dict=optim_state, step=run.step, epoch=run.epoch,
+                            batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
+                            history=run.history, rng_state=rng_states, world_size=world_size,
+                            batch_size=batch_size, settings=settings)
+        run.saved_step = run.step
 
 
 # Training settings a resumed run must keep: with them the batch order (seed) and the

@@ -376,3 +376,20 @@ def test_eval_probe_draws_nothing_from_the_global_rng(corpus_tokens, tmp_path):
                            checkpoint_path=tmp_path / f"{every}.pth", checkpoint_every=every,
                            progress=False)["step_loss"]
     assert losses(1) == losses(0)
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_until_it_is_recorded():
+    # the race the test above can hit: SIGINT right after the file appears, before the
+    # loop records the step it holds; inside the block the signal only takes note
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("recorded")
+    assert done == ["recorded"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with fileio.ctrl_c_after():         # no Ctrl-C: nothing raised
+        done.append("again")
+    assert done == ["recorded", "again"]
