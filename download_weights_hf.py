@@ -29,17 +29,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dataset import gpt2_bpe_files
-from download_weights import HF_BLOCK, check_block_count, model_sizes, resolve_model_size
-from fileio import atomic_write, read_checkpoint
-from gpt2_params import gpt2_param_names, iter_gpt2_weights
+from engine.bpe_files import gpt2_bpe_files
+from engine.checkpoints import read_checkpoint
+from engine.fileio import atomic_write
+from engine.gpt2_params import HF_BLOCK, check_block_count, gpt2_param_names, iter_gpt2_weights
 from lora import merge
 from model import (
     MODEL_CONFIGS,
+    OPENAI_SIZES,
     GPTModel,
     load_checkpoint,
     resolve_dtype,
     save_checkpoint,
+    size_key,
     unwrap_model,
 )
 
@@ -209,16 +211,10 @@ def _read_tensor(path, name, handle=None):
         raise _damaged(path, e, name) from None
 
 
-def _size_key(name):
-    """OpenAI's size names as download_weights.py takes them, "gpt2-small (124M)" or
-    "124M" -> the MODEL_CONFIGS key "gpt2-small (124M)"; ValueError for any other name."""
-    return model_sizes()[resolve_model_size(name)]
-
-
 def _hub_id(name):
     """One of OpenAI's size names -> its Hub id; any other name is taken as a Hub id."""
     try:
-        return HF_HUB_IDS[_size_key(name)]
+        return HF_HUB_IDS[size_key(name)]
     except ValueError:
         return name
 
@@ -229,7 +225,7 @@ def _resolve_folder(name_or_path, cache_dir):
     if path.is_dir():
         return path
     name = str(name_or_path)
-    sizes = list(model_sizes())
+    sizes = list(OPENAI_SIZES)
     choices = (f"a folder written by save_pretrained, a Hub id like 'openai-community/gpt2', "
                f"or one of {list(HF_HUB_IDS)} (or just the size: {sizes})")
     if path.exists():
@@ -484,29 +480,6 @@ def export_to_hf(model, out_dir):
 
 # ---------------------------------------------------------------------------------------
 
-def config_arg(value):
-    """--config: one of OpenAI's size names, or a JSON file holding a GPTModel config.
-
-    Raises argparse.ArgumentTypeError, which argparse reports as a usage error.
-    """
-    try:
-        return dict(MODEL_CONFIGS[_size_key(value)])
-    except ValueError:
-        pass
-    path = Path(value)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is neither one of {list(MODEL_CONFIGS)} (or its size alone) "
-            f"nor a JSON file")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise argparse.ArgumentTypeError(f"{value!r} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise argparse.ArgumentTypeError(f"{value!r} holds no JSON object (a config dict)")
-    return cfg
-
-
 def _export_checkpoint(parser, path, cfg, out):
     """--export: our .pth -> an HF folder, with command-line advice for a bare state dict."""
     try:
@@ -545,7 +518,7 @@ def main(argv=None):
     parser.add_argument("--out", metavar="DIR",
                         help="folder to write (with --export); an existing one keeps the "
                              "files the export does not write, e.g. .git and README.md")
-    parser.add_argument("--config", metavar="NAME_OR_JSON", type=config_arg,
+    parser.add_argument("--config", metavar="NAME_OR_JSON",
                         help="with --export of a .pth that holds only a state dict: one of "
                              f"{list(MODEL_CONFIGS)}, or a JSON file with the model's config")
     parser.add_argument("--save", metavar="PTH", help="checkpoint to write (with --load)")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import get_tokenizer, load_tokens
-from devices import get_device
+from engine.devices import get_device
 from model import DTYPES
 from model_sources import SOURCES_HELP, load_model
 
@@ -105,7 +105,6 @@ def evaluate_perplexity(model, tokens, context_length=None, stride=None, batch_s
 
 
 def main(argv=None):
-    from download_weights_hf import config_arg
 
     p = argparse.ArgumentParser(description="Loss and perplexity of a model on a text file, "
                                             "with sliding windows.")
@@ -119,7 +118,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="weights' precision (bf16: half the memory; a slightly different loss)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
-    p.add_argument("--config", metavar="NAME_OR_JSON", default=None, type=config_arg,
+    p.add_argument("--config", metavar="NAME_OR_JSON", default=None,
                    help="only for a .pth holding a bare state dict")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

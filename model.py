@@ -7,23 +7,27 @@ Multitask Learners", section 2.3; the block is the Transformer decoder of Vaswan
       -> final LayerNorm -> output head                             (B, T, vocab_size)
 
 B is the batch size, T the number of tokens, C the embedding width (``emb_dim``). The same
-code runs our own training runs and OpenAI's pretrained weights (gpt2_params.py maps the
-names). Each speed or memory trick is one call into cpu_kernels.py (x86 CPU kernels) or
-fused_loss.py, marked "fast path", with the plain PyTorch computation right after it.
+code runs our own training runs and OpenAI's pretrained weights (engine/gpt2_params.py maps
+the names). Each speed or memory trick is one call into the engine, engine/cpu_kernels.py
+(x86 CPU kernels) or engine/fused_loss.py, marked "fast path", with the plain PyTorch
+computation right after it. A first read can skip the checkpoint functions at the end.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cpu_kernels
-import fused_loss
-from fileio import atomic_save, read_checkpoint
+from engine import cpu_kernels, fused_loss
+from engine.checkpoints import read_checkpoint, state_and_config, write_checkpoint
+from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (as before)
 
-# The default for training from scratch (the seed's values). A 256-token context keeps
-# attention cheap; qkv_bias=False because biases on Q/K/V add little when training anew.
+# The default for training from scratch (the original project's values, as in Raschka's
+# book). A 256-token context keeps attention cheap; qkv_bias=False because biases on Q/K/V
+# add little when training anew.
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2's BPE vocabulary
     "context_length": 256,   # longest sequence the model sees (positions 0..255)
@@ -49,6 +53,19 @@ MODEL_CONFIGS = {
     "gpt2-large (774M)": _pretrained(1280, 36, 20),
     "gpt2-xl (1558M)": _pretrained(1600, 48, 25),
 }
+
+# OpenAI's short names for the sizes, also the folders of their downloads: "124M" -> key above
+OPENAI_SIZES = {key[key.index("(") + 1:-1]: key for key in MODEL_CONFIGS}
+
+
+def size_key(name):
+    """One of OpenAI's sizes, "124M" or "gpt2-small (124M)" -> its MODEL_CONFIGS key."""
+    key = OPENAI_SIZES.get(name, name)
+    if key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model size {name!r}; choose one of {list(OPENAI_SIZES)} "
+                         f"or {list(MODEL_CONFIGS)}")
+    return key
+
 
 _INT_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 _BOOL_KEYS = ("qkv_bias", "tie_embeddings")
@@ -221,7 +238,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(C, V, bias=False, device="meta" if tied else None)  # (V, C)
         if tied:
             # Weight tying, as in OpenAI's GPT-2: the head that scores tokens *is* the embedding
-            # that made their vectors (38.6M fewer weights at 124M). Off from scratch (the seed).
+            # that made their vectors (38.6M fewer weights at 124M). Off from scratch, as in the
+            # original project (GPT_CONFIG_124M).
             self.tie_weights()
         if self.tok_emb.weight.is_meta:
             return          # a loader fills in real weights next: nothing to initialise
@@ -307,7 +325,7 @@ class GPTModel(nn.Module):
 
     def loss(self, h, targets):
         """The training objective: mean cross-entropy of next-token logits (..., vocab)."""
-        # fast path: the same number without holding all logits (fused_loss.py)
+        # fast path: the same number without holding all logits (engine/fused_loss.py)
         out = fused_loss.head_cross_entropy(h, self.out_head.weight, targets)
         return out if out is not None else F.cross_entropy(
             self.logits(h).flatten(0, -2).float(), targets.flatten())          # (B*T, vocab)
@@ -316,33 +334,13 @@ class GPTModel(nn.Module):
 # ---------------------------------------------------------------------------------------
 # Checkpoints: one .pth file = {"config": cfg, "model_state_dict": ..., **extra}.
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype):
-    """``None``, a floating torch dtype, or a name in DTYPES ("bf16") -> torch dtype or None."""
-    if dtype is None or dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be None, one of {list(DTYPES)} or the torch dtype of one "
-                     f"(e.g. torch.bfloat16), got {dtype!r}")
-
-
-def unwrap_model(model):
-    """The plain GPTModel inside torch.compile (``._orig_mod``) and DDP (``.module``) wrappers."""
-    while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
-        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
-    return model
-
-
 def save_checkpoint(path, model, **extra):
     """Write model weights plus their config (and anything in ``extra``) atomically."""
     model = unwrap_model(model)
     # A caller may pass model_state_dict= itself (the full state gathered from FSDP shards).
     if (state := extra.pop("model_state_dict", None)) is None:
         state = model.state_dict()
-    return atomic_save({"config": dict(model.cfg), "model_state_dict": state, **extra}, path)
+    return write_checkpoint(path, model.cfg, state, **extra)
 
 
 def load_checkpoint(path, device=None, cfg=None, dtype=None):
@@ -353,8 +351,9 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
     the weights for inference (bf16: half the memory; its tokens can differ from fp32's).
     """
     dtype = resolve_dtype(dtype)
-    ckpt = read_checkpoint(path)
-    state, cfg = _state_and_config(ckpt, path, cfg)
+    # the weights and their config (or cfg=, for a bare state dict), checked against each other
+    state, cfg = state_and_config(read_checkpoint(path), path, config_from(cfg),
+                                  normalize=validate_config)
     # Build on the "meta" device (shapes only, no memory, no random init) and let the
     # loaded tensors become the parameters: the weights then exist once, not twice.
     with torch.device("meta"):
@@ -372,29 +371,22 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
                 f"the config ties them (tie_embeddings=True); load it with "
                 f"tie_embeddings=False")
         model.tie_weights()       # assign=True gave the head a Parameter of its own
-    del ckpt, state               # so that a dtype conversion frees the loaded copies
+    del state                     # so that a dtype conversion frees the loaded copies
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def _state_and_config(ckpt, path, cfg):
-    """(state dict, config) of a loaded .pth; ``cfg`` only for one that carries none."""
-    if not (isinstance(ckpt, dict) and "model_state_dict" in ckpt):
-        if cfg is None:
-            raise ValueError(
-                f"{str(path)!r} is a bare state dict with no config; pass cfg=... in Python "
-                f"or --config NAME_OR_JSON on the command line (a size such as 124M for "
-                f"OpenAI's shapes, or a JSON file with the dict GPTModel was built from)")
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{str(path)!r} does not hold a state dict")
-        return ckpt, cfg
-    saved = ckpt.get("config")
-    if cfg is not None and saved is not None:
-        # cfg= is for files without a config: one that contradicts the saved config would
-        # build another model around these weights (other heads: other logits)
-        want, have = validate_config(cfg), validate_config(saved)
-        diffs = [f"{k}: saved {have[k]!r}, given {want[k]!r}" for k in have if want[k] != have[k]]
-        if diffs:
-            raise ValueError(f"{str(path)!r} carries its own config, and the one given "
-                             f"differs ({'; '.join(diffs)}); leave the config out (it is only "
-                             f"for bare state dicts)")
-    return ckpt["model_state_dict"], saved if saved is not None else cfg
+def config_from(value):
+    """A config dict from a dict, one of OpenAI's sizes ("124M", ...), or a JSON file holding
+    one: what ``cfg=`` and the command lines' ``--config`` take for a bare state dict."""
+    if isinstance(value, dict) or value is None:
+        return value
+    if str(value) in OPENAI_SIZES or str(value) in MODEL_CONFIGS:
+        return dict(MODEL_CONFIGS[size_key(str(value))])
+    try:
+        cfg = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config {str(value)!r} is neither one of {list(OPENAI_SIZES)} nor a "
+                         f"readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {str(value)!r} holds no JSON object (a config dict)")
+    return cfg

@@ -13,17 +13,19 @@ import contextlib
 import math
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from dataset import GPTDataset, create_dataloader, get_tokenizer, load_tokens, prepare_splits
-from devices import barrier, cleanup_distributed, setup_distributed, wrap_model
-from fileio import check_writable
+from engine.devices import barrier, cleanup_distributed, setup_distributed, wrap_model
+from engine.fileio import check_writable
 from lora import DEFAULT_TARGETS, TARGETS, add_lora
 from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
 from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
 from train_utils import (
+    TrainConfig,
     calc_loss_loader,
     plan_steps,
     plot_losses,
@@ -228,8 +230,7 @@ def main(argv=None):
 def _run(args, cfg, device, rank, world_size, parallel):
     # what a resumed run must keep besides the flags: the data (it decides the batch
     # order) and the weights it started from
-    settings = {**{k: getattr(args, k) for k in SETTINGS}, "data": str(Path(args.data).resolve()),
-                "init_from": args.init_from}
+    settings = {"data": str(Path(args.data).resolve()), "init_from": args.init_from}
     if rank == 0:
         check_writable(args.out)        # before any long work, not after it
     train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
@@ -271,15 +272,12 @@ def _run(args, cfg, device, rank, world_size, parallel):
     torch.manual_seed(args.seed * 1_000 + rank)
     if parallel:
         model = wrap_model(model, parallel, device)
-    history = train_model(
-        model, train_loader, val_loader, device=device, num_epochs=args.num_epochs,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter, start_context=args.start_context,
-        tokenizer=tokenizer, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps,
-        warmup_steps=args.warmup_steps, max_steps=args.max_steps, grad_clip=args.grad_clip,
-        dtype=args.dtype, compile=args.compile, seed=args.seed, checkpoint_path=args.out,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, settings=settings,
-        progress=not args.no_progress, eval_at_start=args.init_from is not None)
+    config = TrainConfig(
+        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)},
+        checkpoint_path=args.out, progress=not args.no_progress, settings=settings,
+        eval_at_start=args.init_from is not None)
+    history = train_model(model, train_loader, val_loader, device=device, config=config,
+                          tokenizer=tokenizer)
     _report(args, history, model, test_path, device, rank, global_batch * ctx)
     return history
 

@@ -8,46 +8,46 @@ One optimizer step, as train_model does it:
     clip the gradient norm -> set the scheduled learning rate -> AdamW step -> zero grads
 
 Around it: evaluation every ``eval_freq`` steps, a sample after each epoch, and resumable
-checkpoints (the helpers after train_model). Several processes (torchrun) are devices.py's.
+checkpoints. A run's settings are one TrainConfig; saving, resuming and the checks around
+them are engine/runs.py's, several processes (torchrun) engine/devices.py's.
 """
 
 import contextlib
 import json
 import math
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.utils.data import DataLoader
-from tqdm import tqdm  # the plain text bar: needs no widgets in notebooks
 
-from cpu_kernels import tune_malloc
-from devices import (
-    gather,
-    get_device,  # noqa: F401  (train_utils.get_device, as the README shows)
+from engine.cpu_kernels import tune_malloc
+from engine.devices import (  # get_device, recompute_activations: as the README shows them
+    get_device,  # noqa: F401
     grad_sync,
     is_fsdp,
     mean_across_processes,
     rank_and_world,
+    recompute_activations,  # noqa: F401
 )
-from fileio import atomic_write, ctrl_c_after, read_checkpoint
+from engine.fileio import atomic_write
+from engine.runs import (
+    RunLog,
+    TrainState,
+    check_finite,
+    check_model_finite,
+    epoch_batches,
+    note_replaced,
+    resume_run,
+    save_run,
+)
 from generate import generate_and_print
 from lora import lora_config, merged_state
-from model import GPTModel, save_checkpoint, unwrap_model
+from model import GPTModel, unwrap_model
 
 # ---------------------------------------------------------------------------------------
 # The loss: next-token cross-entropy
@@ -210,106 +210,140 @@ def accumulate_gradients(model, micro_batches, device, dtype="fp32"):
     return mean_loss, group_tokens
 
 
-def recompute_activations(model):
-    """Activation checkpointing, in place: each block keeps only its input during the
-    forward pass and computes its activations again in backward, when they are needed.
+# ---------------------------------------------------------------------------------------
+# The settings of a run
 
-    Fine-tuning memory is weights + gradients + AdamW's moments + activations; this cuts
-    the last to about one block's worth, for about a third more compute per step
-    (bench/finetune_memory.py). Values, dropout masks and gradients are unchanged (the
-    recomputation replays the same random numbers), and so are the state dict's names.
+@dataclass
+class TrainConfig:
+    """Everything train_model needs besides the model and the data (train.py: one flag each).
+
+    The checkpoint records these (with the data's stride and window count); a resumed run
+    must keep those in RESUME_MUST_MATCH. ``settings`` holds extra values to record, such as
+    train.py's data file and the source of the weights (``data``, ``init_from``).
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    num_epochs: int = 1             # passes over the training windows
+    max_steps: int = None           # stop after this many optimizer steps (None: all epochs)
+    learning_rate: float = 4e-4     # peak learning rate of the schedule (lr_at)
+    warmup_steps: int = 0           # linear warmup; None: 5% of all steps (on resume: saved)
+    min_lr_ratio: float = 0.1       # the cosine ends at learning_rate x this
+    weight_decay: float = 0.1       # AdamW's, on the matrices (make_optimizer)
+    grad_accum_steps: int = 1       # micro-batches per optimizer step
+    grad_clip: float = 1.0          # clip the gradient norm to this; 0 or None: no clipping
+    dtype: str = "fp32"             # "bf16": autocast; "auto": bf16 where it is a sure win
+    compile: bool = False           # torch.compile the model
+    seed: int = 123                 # decides the batch order (and the samples)
+    eval_freq: int = 50             # evaluate every N optimizer steps
+    eval_iter: int = 5              # batches per evaluation (train and validation)
+    eval_at_start: bool = False     # evaluate before the first step (fine-tuning)
+    start_context: str = "Every effort moves you"     # prompt of the sample after each epoch
+    sample_tokens: int = 50         # tokens of that sample
+    checkpoint_path: str = None     # where the run is saved (None: nowhere)
+    checkpoint_every: int = None    # save every N steps too (0 or None: only at the end)
+    resume: bool = False            # continue the run saved at checkpoint_path
+    progress: bool = True           # show a progress bar
+    settings: dict = field(default_factory=dict)      # extra values the checkpoint records
 
-    gpt = unwrap_model(model)
-    for i, block in enumerate(gpt.trf_blocks):
-        gpt.trf_blocks[i] = checkpoint_wrapper(block)
-    return model
+    def __post_init__(self):
+        if self.grad_accum_steps < 1 or self.eval_freq < 1 or self.eval_iter < 1:
+            raise ValueError(f"grad_accum_steps, eval_freq and eval_iter must be >= 1, got "
+                             f"{self.grad_accum_steps}, {self.eval_freq}, {self.eval_iter}")
+        if self.num_epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"num_epochs and max_steps (when given) must be >= 1, got "
+                             f"{self.num_epochs}, {self.max_steps}: fewer trains nothing, and "
+                             f"would still overwrite checkpoint_path with the untrained weights")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 or None = no clipping), got "
+                             f"{self.grad_clip}: clipping to a negative norm flips the gradients")
+        if (self.warmup_steps is not None and self.warmup_steps < 0) or (
+                self.checkpoint_every is not None and self.checkpoint_every < 0):
+            raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got "
+                             f"{self.warmup_steps}, {self.checkpoint_every}")
+
+
+# Settings a resumed run must keep: with them the batch order (seed) and the learning rate
+# of every step (the rest) are those of the run it continues. The global batch
+# (batch_size x grad_accum_steps x processes) is checked too. Free to change on resume:
+# num_epochs and max_steps (to extend a run; the cosine then ends at the new last step),
+# how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
+# number of processes, with a batch_size that keeps the global batch.
+RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
+                     "data", "stride", "windows", "init_from")
 
 
 # ---------------------------------------------------------------------------------------
 # The training loop
 
-def train_model(model, train_loader, val_loader, optimizer=None, device=None, num_epochs=1,
-                eval_freq=50, eval_iter=5, start_context="Every effort moves you",
-                tokenizer=None, *, learning_rate=4e-4, weight_decay=0.1, grad_accum_steps=1,
-                warmup_steps=0, min_lr_ratio=0.1, max_steps=None, grad_clip=1.0, dtype="fp32",
-                compile=False, seed=123, checkpoint_path=None, checkpoint_every=None,
-                resume=False, settings=None, sample_tokens=50, progress=True,
-                eval_at_start=False):
+def train_model(model, train_loader, val_loader, optimizer=None, device=None, config=None, *,
+                tokenizer=None, **options):
     """Train ``model`` on ``train_loader``'s dataset; return the history dict.
 
-    The loaders supply datasets and batch sizes; the batch order comes from
-    ``epoch_batches`` (seeded per epoch) so that ``resume=True`` continues from
-    ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
-    ``make_optimizer(model, learning_rate, weight_decay)``; the learning rate of every
-    group is set each step from ``lr_at``; ``warmup_steps=None`` means 5% of all steps
-    (on resume: the saved run's). ``grad_clip`` 0 or None turns clipping off;
-    ``checkpoint_every`` 0 or None saves only at the end; ``eval_at_start`` evaluates once
-    before the first step (fine-tuning: where the pretrained model starts). Returns ``{"step",
-    "tokens_seen", "epoch", "train_loss", "val_loss"}`` lists (one entry per evaluation),
-    ``"step_loss"`` (one per optimizer step) and ``final_*`` values.
+    ``config``: a TrainConfig; keyword ``options`` set its fields (``num_epochs=2``), over
+    ``config`` when both are given. The loaders supply datasets and batch sizes; the batch
+    order comes from ``epoch_batches`` (seeded per epoch), so that ``resume=True`` continues
+    from ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
+    ``make_optimizer``; the learning rate of every group is set each step from ``lr_at``.
+    ``tokenizer`` is for the sample after each epoch. Returns ``{"step", "tokens_seen",
+    "epoch", "train_loss", "val_loss"}`` lists (one entry per evaluation), ``"step_loss"``
+    (one per optimizer step) and ``final_*`` values.
     """
+    c = replace(config or TrainConfig(), **options)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _check_loop_args(grad_accum_steps, eval_freq, eval_iter, num_epochs, max_steps, grad_clip,
-                     warmup_steps, checkpoint_every)
     rank, world_size = rank_and_world()
     if device.type == "cpu":
         tune_malloc()        # glibc keeps the activation buffers between steps (cpu_kernels)
     gpt = unwrap_model(model)
-    optimizer = optimizer or make_optimizer(gpt, learning_rate, weight_decay)
+    optimizer = optimizer or make_optimizer(gpt, c.learning_rate, c.weight_decay)
     dataset, batch_size = train_loader.dataset, train_loader.batch_size
     shuffle = not isinstance(train_loader.sampler, torch.utils.data.SequentialSampler)
-    plan = plan_steps(len(dataset), batch_size, grad_accum_steps, num_epochs, max_steps,
-                      warmup_steps, world_size, train_loader.drop_last)
+    plan = plan_steps(len(dataset), batch_size, c.grad_accum_steps, c.num_epochs, c.max_steps,
+                      c.warmup_steps, world_size, train_loader.drop_last)
     if plan.batches_per_epoch == 0:
         raise ValueError(f"the training data gives no full batch of {batch_size} windows "
                          f"(it has {len(dataset)}); lower batch_size or add text")
-    # what decides the batch order and the learning rate of every step (checked on resume)
-    run_settings = dict(settings or {}, learning_rate=learning_rate, weight_decay=weight_decay,
-                        grad_accum_steps=grad_accum_steps, warmup_steps=warmup_steps, seed=seed,
-                        min_lr_ratio=min_lr_ratio, stride=getattr(dataset, "stride", None),
-                        windows=len(dataset))
+    settings = _recorded(c, batch_size, stride=getattr(dataset, "stride", None),
+                         windows=len(dataset))
     run = TrainState()
-    if resume:      # the saved weights, optimizer, RNG and position (and its warmup)
-        run = _resume(checkpoint_path, gpt, optimizer, plan, num_epochs, rank, world_size,
-                      batch_size, seed, run_settings)
+    if c.resume:    # the saved weights, optimizer, RNG and position (and its warmup)
+        run = resume_run(c.checkpoint_path, gpt, optimizer, plan, c.num_epochs, batch_size,
+                         c.seed, settings, RESUME_MUST_MATCH, lora_config(gpt))
     elif rank == 0:
-        _note_replaced(checkpoint_path)
-    run_settings.update(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+        note_replaced(c.checkpoint_path)
+    settings.update(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
     # Every process evaluates the same windows: those of the first eval_iter global
     # batches, so the figures do not depend on how many processes share the work.
     eval_loaders = (_in_order(train_loader, batch_size * world_size),
                     _in_order(val_loader, val_loader.batch_size * world_size))
-    log = _Log(progress and rank == 0, plan.total_steps, run, checkpoint_path)
+    log = RunLog(c.progress and rank == 0, plan.total_steps, run, c.checkpoint_path)
 
     def evaluate():
-        _evaluate(model, eval_loaders, device, eval_iter, run, plan, log)
+        _evaluate(model, eval_loaders, device, c.eval_iter, run, plan, log)
 
     def save():     # never a diverged model: the last good checkpoint stays good
-        _check_model_finite(model, gpt, eval_loaders[0], device, world_size, run, checkpoint_path)
-        _save(checkpoint_path, gpt, optimizer, run, world_size, batch_size, run_settings)
+        check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device), device,
+                           world_size, run, c.checkpoint_path)
+        save_run(c.checkpoint_path, gpt, optimizer, run, world_size, batch_size, settings,
+                 partial(_split_lora, gpt))
 
-    fwd_model = torch.compile(model) if compile else model
+    fwd_model = torch.compile(model) if c.compile else model
     model.train()
     start_time = time.time()
     with log:       # closes the progress bar; Ctrl-C says what is saved
-        if eval_at_start and run.step == 0:
+        if c.eval_at_start and run.step == 0:
             evaluate()
-        while run.step < plan.total_steps and run.epoch < num_epochs:
-            batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last, seed,
-                                    run.epoch, rank, world_size)
+        while run.step < plan.total_steps and run.epoch < c.num_epochs:
+            batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last,
+                                    c.seed, run.epoch, rank, world_size)
             while run.batch_in_epoch < len(batches) and run.step < plan.total_steps:
                 # one optimizer step: the next grad_accum_steps micro-batches of windows
-                step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + grad_accum_steps]
+                step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum_steps]
                 micro_batches = [collate([dataset[i] for i in batch]) for batch in step_batches]
-                loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, dtype)
+                loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, c.dtype)
                 loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
-                _check_finite(loss, run, checkpoint_path)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                lr = lr_at(run.step, learning_rate, plan.total_steps, plan.warmup_steps,
-                           min_lr_ratio)
+                check_finite(loss, run, c.checkpoint_path)
+                if c.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                lr = lr_at(run.step, c.learning_rate, plan.total_steps, plan.warmup_steps,
+                           c.min_lr_ratio)
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
                 optimizer.step()
@@ -319,50 +353,49 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, nu
                 run.tokens_seen += n_tokens * world_size
                 run.history["step_loss"].append(loss)
                 log.step(loss, lr)
-                if run.step % eval_freq == 0:
+                if run.step % c.eval_freq == 0:
                     evaluate()
-                if checkpoint_every and run.step % checkpoint_every == 0:
+                if c.checkpoint_every and run.step % c.checkpoint_every == 0:
                     save()
             if run.batch_in_epoch >= len(batches):
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-                _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank,
-                        seed + run.epoch)
+                _sample(model, gpt, tokenizer, device, c.start_context, c.sample_tokens, rank,
+                        c.seed + run.epoch)
         if not run.history["step"] or run.history["step"][-1] != run.step:
             evaluate()
         save()
     return run.finish(time.time() - start_time)
 
 
-def save_history(history, path):
-    """Write the loss history as JSON, atomically."""
-    return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
-
-
 # ---------------------------------------------------------------------------------------
-# The loop's helpers: its position, evaluation, samples, the log, checks
+# The loop's helpers: what a checkpoint records, evaluation, samples
 
-def _new_history():
-    # one entry per evaluation, except step_loss: the training loss of every optimizer step
-    return {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": [],
-            "step_loss": []}
+def _recorded(c, batch_size, **data):
+    """The settings a checkpoint records: the config's (less where the run is saved), the
+    extra ``settings``, and what the data gives (stride, window count)."""
+    skip = ("checkpoint_path", "resume", "progress", "settings")
+    return {**{k: v for k, v in asdict(c).items() if k not in skip}, **c.settings,
+            "batch_size": batch_size, **data}
 
 
-@dataclass
-class TrainState:
-    """Where a run is; a checkpoint saves it and --resume continues from it."""
-    step: int = 0               # optimizer steps taken
-    epoch: int = 0              # epochs finished
-    batch_in_epoch: int = 0     # micro-batches of the current epoch trained on
-    tokens_seen: int = 0        # training tokens of all processes so far
-    history: dict = field(default_factory=_new_history)
-    saved_step: int = None      # the step the checkpoint file holds (None: none of this run)
+def _current_loss(model, loader, device):
+    """The loss of the weights as they are now, on one batch of ``loader`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = calc_loss_loader(loader, model, device, num_batches=1)
+    model.train(was_training)
+    return loss
 
-    def finish(self, elapsed_s):
-        """The history with the final_* values train_model returns."""
-        h = self.history
-        h.update(final_step=self.step, final_train_loss=h["train_loss"][-1],
-                 final_val_loss=h["val_loss"][-1], elapsed_s=elapsed_s)
-        return h
+
+def _split_lora(gpt, model_state):
+    """A LoRA model saves its merged weights (they load anywhere) plus the adapters alone
+    (they resume the run); a plain model saves its state as it is."""
+    adapted = lora_config(gpt)
+    if adapted is None:
+        return model_state, {}
+    model_state, adapters = merged_state(model_state, adapted)
+    return model_state, {"lora": {**adapted, "adapters": adapters}}
 
 
 def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log):
@@ -400,267 +433,9 @@ def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, s
             sample()
 
 
-class _Log:
-    """The progress bar (when on) and the lines printed above it (rank 0 only).
-
-    As a context manager around the loop it closes the bar on the way out, and turns
-    Ctrl-C into a KeyboardInterrupt whose message says what is saved and how to go on.
-    """
-
-    def __init__(self, show_bar, total_steps, run, checkpoint_path):
-        self.main = rank_and_world()[0] == 0
-        self.run, self.checkpoint_path = run, checkpoint_path
-        self.bar = (tqdm(total=total_steps, initial=run.step, desc="training", unit="step")
-                    if show_bar else None)
-
-    def write(self, msg):
-        if self.main:
-            (self.bar.write if self.bar is not None else print)(msg)
-
-    def step(self, loss, lr):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.bar is not None:
-            self.bar.close()
-        if exc_type is KeyboardInterrupt:
-            run, path = self.run, self.checkpoint_path
-            raise KeyboardInterrupt(f"interrupted at optimizer step {run.step}; " + (
-                f"{path} holds step {run.saved_step}: continue from there with --resume and "
-                f"the same settings (train_model(..., resume=True))"
-                if run.saved_step is not None else "nothing of this run was saved yet")
-            ) from None
-
-
-def _note_replaced(path):
-    """One line when a fresh run's checkpoints will replace another run's."""
-    if not path or not Path(path).is_file():
-        return
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        what = f"a run saved at step {ckpt['step']}" if "step" in ckpt else "a model"
-    except Exception:           # unreadable: it is replaced all the same
-        what = "a file"
-    print(f"note: {path} holds {what}; this run starts afresh and replaces it at its first "
-          f"checkpoint (to continue that run instead, use --resume)")
-
-
-def _check_loop_args(grad_accum_steps, eval_freq, eval_iter, num_epochs, max_steps, grad_clip,
-                     warmup_steps, checkpoint_every):
-    if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    if eval_freq < 1 or eval_iter < 1:
-        raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
-    if num_epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise ValueError(f"num_epochs and max_steps (when given) must be >= 1, got "
-                         f"{num_epochs}, {max_steps}: fewer trains nothing, and would still "
-                         f"overwrite checkpoint_path with the untrained weights")
-    if grad_clip is not None and grad_clip < 0:
-        raise ValueError(f"grad_clip must be >= 0 (0 or None = no clipping), got {grad_clip}: "
-                         f"clipping to a negative norm flips the gradients")
-    if (warmup_steps is not None and warmup_steps < 0) or (checkpoint_every is not None
-                                                           and checkpoint_every < 0):
-        raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got {warmup_steps}, "
-                         f"{checkpoint_every}")
-
-
-def _check_finite(loss, run, checkpoint_path, when="at"):
-    """Stop a diverged run, keeping the last checkpoint it saved (always a finite one)."""
-    if not math.isfinite(loss):
-        kept = (f"the last good checkpoint is {checkpoint_path} (step {run.saved_step})"
-                if run.saved_step is not None else "nothing of this run was saved")
-        raise FloatingPointError(
-            f"loss became {loss} {when} optimizer step {run.step}; training stopped and {kept}. "
-            f"Lower learning_rate, raise warmup_steps or keep gradient clipping on.")
-
-
-def _check_model_finite(model, gpt, loader, device, world_size, run, path):
-    """Raise FloatingPointError when the weights about to be saved, or the loss they give,
-    are not finite: then nothing is written, and the last checkpoint stays.
-
-    A step's loss is computed before its update, so an update that breaks the weights
-    shows only in the next step's loss: too late for a checkpoint written right after it.
-    The loss of the current weights is the last evaluation's when it was just made, else
-    that of one batch of ``loader`` (every process takes part: FSDP needs them all).
-    """
-    if not path:
-        return
-    h = run.history
-    if h["step"] and h["step"][-1] == run.step:
-        loss = h["train_loss"][-1]
-    else:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            loss = calc_loss_loader(loader, model, device, num_batches=1)
-        model.train(was_training)
-        loss = mean_across_processes(loss, device, world_size)
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in gpt.parameters()]
-    weights_ok = float(torch.stack([torch.isfinite(t).all() for t in local]).all())
-    if mean_across_processes(weights_ok, device, world_size) < 1.0:
-        loss = float("nan")
-    _check_finite(loss, run, path, when="with the weights after")
-
-
-def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1):
-    """Index lists of one epoch's batches for process ``rank`` of ``world_size``.
-
-    The order is a pure function of (seed, epoch), so a resumed run replays exactly the
-    batches an uninterrupted run would have seen. With several processes every rank takes
-    a disjoint slice of the same global order.
-    """
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n_items, generator=g).tolist()
-    else:
-        order = list(range(n_items))
-    # Every rank must run the same number of steps (each step is a collective), so the
-    # order is cut to a multiple of world_size before it is dealt out round-robin.
-    order = order[:len(order) - len(order) % world_size][rank::world_size]
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints of a run: save, and resume exactly where it was
-
-def _save(path, gpt, optimizer, run, world_size, batch_size, settings):
-    """Write the whole training state to ``path`` (a collective: every rank calls it)."""
-    if not path:
-        return
-    # Gathering the full state is a collective: every rank takes part, rank 0 writes.
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(gpt, options=full)
-    optim_state = get_optimizer_state_dict(gpt, optimizer, options=full)
-    rng_states = gather(_rng_state(), world_size)
-    extra = {}
-    adapted = lora_config(gpt)
-    if adapted is not None:     # the merged weights load anywhere, the adapters resume the run
-        model_state, adapters = merged_state(model_state, adapted)
-        extra["lora"] = {**adapted, "adapters": adapters}
-    with ctrl_c_after():        # the file and saved_step change together (the Ctrl-C message)
-        if rank_and_world()[0] == 0:
-            save_checkpoint(path, gpt, **extra, model_state_dict=model_state,
-                            optimizer_state_dict=optim_state, step=run.step, epoch=run.epoch,
-                            batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
-                            history=run.history, rng_state=rng_states, world_size=world_size,
-                            batch_size=batch_size, settings=settings)
-        run.saved_step = run.step
-
-
-# Training settings a resumed run must keep: with them the batch order (seed) and the
-# learning rate of every step (the rest) are those of the run it continues. The global batch
-# (batch_size x grad_accum_steps x processes) is checked too. Free to change on resume:
-# num_epochs and max_steps (to extend a run; the cosine then ends at the new last step),
-# how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
-# number of processes, with a batch_size that keeps the global batch.
-RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
-                     "data", "stride", "windows", "init_from")
-
-
-def _resume(path, gpt, optimizer, plan, num_epochs, rank, world_size, batch_size, seed, now):
-    """Load the run saved at ``path`` into ``gpt`` and ``optimizer``.
-
-    Returns its TrainState; ``plan`` takes the saved warmup when ``now`` gives none.
-    ``now``: this run's settings, which must match the saved ones (RESUME_MUST_MATCH, the
-    global batch).
-    """
-    ckpt = read_checkpoint(path)
-    saved_cfg = ckpt.get("config") or {}
-    if saved_cfg != gpt.cfg:
-        diffs = _differences(saved_cfg, gpt.cfg, sorted(set(saved_cfg) | set(gpt.cfg)))
-        raise ValueError(f"checkpoint {path} was trained with another model "
-                         f"config: {'; '.join(diffs)}. Resume with the saved values, or "
-                         f"train into a new --out without --resume.")
-    if "optimizer_state_dict" not in ckpt:
-        raise ValueError(f"{path} holds weights only, not a training state; "
-                         f"it cannot be resumed")
-    if now["warmup_steps"] is None:
-        now["warmup_steps"] = (ckpt.get("settings") or {}).get("warmup_steps")
-    _check_resume_settings(ckpt, path, now, batch_size, world_size)
-    saved_lora, lora_now = ckpt.get("lora"), lora_config(gpt)
-    saved = saved_lora and {k: saved_lora[k] for k in ("rank", "alpha", "targets")}
-    if saved != lora_now:
-        raise ValueError(f"cannot resume {path}: it was trained with LoRA {saved}, and this "
-                         f"model has {lora_now}; resume with the same --lora-rank, "
-                         f"--lora-alpha and --lora-targets")
-    full = StateDictOptions(full_state_dict=True)
-    state = ckpt["model_state_dict"]
-    if saved_lora is not None:
-        # LoRA: the frozen base is the pretrained model this run was built from again, the
-        # adapters are the saved ones (the checkpoint's merged weights are for other readers)
-        state = {**get_model_state_dict(gpt, options=full), **saved_lora["adapters"]}
-    set_model_state_dict(gpt, state, options=full)
-    set_optimizer_state_dict(gpt, optimizer, ckpt["optimizer_state_dict"], options=full)
-    run = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens_seen"],
-                     ckpt["history"], saved_step=ckpt["step"])
-    if ckpt.get("world_size", 1) == world_size:
-        _set_rng_state(ckpt["rng_state"][rank])
-    else:
-        # Another number of processes sees the data in other slices anyway; fresh
-        # random streams (for dropout) are as good as the saved ones then.
-        torch.manual_seed(seed * 1_000 + run.step * 10 + rank)
-    # The saved position counts micro-batches of the old shape (batch_size x processes
-    # windows each); count it in windows, then in this run's micro-batches. With the
-    # global batch unchanged (checked above) that is the same place in the epoch.
-    saved_shape = ckpt.get("batch_size", batch_size) * ckpt.get("world_size", 1)
-    run.batch_in_epoch = run.batch_in_epoch * saved_shape // (batch_size * world_size)
-    if rank == 0 and (run.step >= plan.total_steps or run.epoch >= num_epochs):
-        print(f"{path} is a finished run (step {run.step} of {plan.total_steps}): "
-              f"nothing left to train; raise --num-epochs or --max-steps to go on.")
-    elif rank == 0:
-        print(f"Resumed from {path} at step {run.step} (epoch {run.epoch + 1}, "
-              f"batch {run.batch_in_epoch}).")
-    if now["warmup_steps"] is not None:
-        plan.warmup_steps = now["warmup_steps"]
-    return run
-
-
-def _differences(saved, now, keys):
-    return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys
-            if saved.get(k) != now.get(k)]
-
-
-def _check_resume_settings(ckpt, path, now, batch_size, world_size):
-    """Raise ValueError naming every setting that differs from the saved run's."""
-    saved = ckpt.get("settings") or {}
-    diffs = _differences(saved, now, [k for k in RESUME_MUST_MATCH if k in saved and k in now])
-    if "grad_accum_steps" in saved and "batch_size" in ckpt:
-        was = (ckpt["batch_size"], saved["grad_accum_steps"], ckpt.get("world_size", 1))
-        is_ = (batch_size, now["grad_accum_steps"], world_size)
-        if math.prod(was) != math.prod(is_):
-            diffs.append("global batch (batch_size x grad_accum_steps x processes): saved "
-                         "{} x {} x {} = {}, now {} x {} x {} = {}".format(
-                             *was, math.prod(was), *is_, math.prod(is_)))
-    if diffs:
-        raise ValueError(
-            f"cannot resume {path}: these settings differ from the saved run's, and they "
-            f"decide the batch order and the learning-rate schedule: {'; '.join(diffs)}. "
-            f"Resume with the saved values, or train into a new --out without --resume.")
-
-
-def _rng_state():
-    # Plain tensors and tuples only, so the checkpoint loads with weights_only=True.
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save_history(history, path):
+    """Write the loss history as JSON, atomically."""
+    return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def setup_malloc(enabled):
     """Call cpu_kernels.tune_malloc() if asked and available; return a line saying so."""
     if not enabled:
         return "glibc malloc tuning: off (--tune-malloc turns it on)"
-    import cpu_kernels
+    from engine import cpu_kernels
     fn = getattr(cpu_kernels, "tune_malloc", None)
     if fn is None:
         return "glibc malloc tuning: unavailable (cpu_kernels has no tune_malloc)"

@@ -35,7 +35,7 @@ def child(size, mode, rank, context, steps, seed):
 
     import torch
 
-    import cpu_kernels
+    from engine import cpu_kernels
     from lora import add_lora
     from model import MODEL_CONFIGS, GPTModel
     from train_utils import accumulate_gradients, make_optimizer, recompute_activations

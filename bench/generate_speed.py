@@ -37,7 +37,7 @@ def run_ours(model, idx, new_tokens, autocast=False, plain=False):
     """
     import torch
 
-    import cpu_kernels
+    from engine import cpu_kernels
     from generate import generate_text
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
            else contextlib.nullcontext())

@@ -129,7 +129,7 @@ def bench_sgemm(rounds=3, reps=3):
     """fp32 products of training, torch.mm vs cpu_kernels.onednn_mm; rows of the table."""
     import torch
 
-    import cpu_kernels
+    from engine import cpu_kernels
     if not cpu_kernels.available():
         return [["-", "-", "oneDNN is not available here (not x86, or no oneDNN)", "", "", ""]]
     g = torch.Generator().manual_seed(0)
@@ -181,7 +181,7 @@ def bench_gemv(rounds=3, reps=5, layers=12):
     rate."""
     import torch
 
-    import cpu_kernels
+    from engine import cpu_kernels
     g = torch.Generator().manual_seed(0)
     rows = []
     big = torch.randn(128 * 2**20, generator=g)               # 512 MiB

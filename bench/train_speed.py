@@ -48,7 +48,7 @@ def matmul_peak(dtype_name, n=2048, reps=3):
     """
     import torch
 
-    import cpu_kernels
+    from engine import cpu_kernels
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
@@ -91,8 +91,7 @@ def make_step(model, batch, dtype, plain=False):
 
     import torch
 
-    import cpu_kernels
-    import fused_loss
+    from engine import cpu_kernels, fused_loss
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device("cpu")

@@ -25,7 +25,7 @@ TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads":
 def every_cpu_fast_path_on(monkeypatch):
     """Every fast path of cpu_kernels on, whatever this CPU's defaults: each is tested
     against the plain code (cpu_kernels.ENABLED = False) on every machine the tests run on."""
-    import cpu_kernels
+    from engine import cpu_kernels
     for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1"):
         monkeypatch.setattr(cpu_kernels, flag, True)
 

@@ -30,6 +30,7 @@ from dataset import (  # noqa: E402
     split_stamp_path,
     split_train_val_test,
 )
+from engine import text_files, token_cache  # noqa: E402
 
 # Text that stresses GPT-2's whitespace handling and UTF-8: runs of newlines and spaces,
 # CRLF, tabs, non-ASCII spaces, multi-byte characters that a small read splits in half,
@@ -167,9 +168,9 @@ def test_naive_cut_after_newline_would_change_tokens(tok):
     # gives "\n" + "\n". _last_safe_cut must not cut "a\n\nb" after the newlines.
     assert tok.encode_ordinary("a\n\nb") == [64, 198, 198, 65]
     assert tok.encode_ordinary("a\n\n") + tok.encode_ordinary("b") != [64, 198, 198, 65]
-    assert dataset._last_safe_cut("a\n\nb") == 1              # before the line breaks
-    assert dataset._last_safe_cut("a \n\nb") == 0             # no safe place at all
-    assert dataset._last_safe_cut("x\r\ny\r\nz") == 4         # before the \r of the last CRLF
+    assert token_cache._last_safe_cut("a\n\nb") == 1              # before the line breaks
+    assert token_cache._last_safe_cut("a \n\nb") == 0             # no safe place at all
+    assert token_cache._last_safe_cut("x\r\ny\r\nz") == 4         # before the \r of the last CRLF
 
 
 def test_every_safe_cut_keeps_tokens(tok):
@@ -181,7 +182,7 @@ def test_every_safe_cut_keeps_tokens(tok):
     checked = 0
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 10)))
-        c = dataset._last_safe_cut(s)
+        c = token_cache._last_safe_cut(s)
         if c:
             checked += 1
             assert tok.encode_ordinary(s[:c]) + tok.encode_ordinary(s[c:]) == \
@@ -230,8 +231,8 @@ def test_load_tokens_missing_and_empty(tmp_path, tok):
 
 def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     hashed = []                                          # files re-hashed to check the cache
-    real_sha256 = dataset._file_sha256
-    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files._file_sha256
+    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     p = tmp_path / "train.txt"
     p.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n" * 20)
@@ -291,7 +292,7 @@ def test_token_cache_off_and_read_only_fallback(tmp_path, tok, monkeypatch, caps
         # calls write(), so nothing was tokenized yet
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(dataset, "atomic_write", read_only)
+    monkeypatch.setattr(token_cache, "atomic_write", read_only)
     got = load_tokens(p, tok, cache=True)
     assert got.tolist() == with_eot(tok, p.read_text())
     assert "keeping the tokens in memory" in capsys.readouterr().out
@@ -322,8 +323,8 @@ def test_token_cache_without_ctime_is_hashed_once_not_rebuilt(tmp_path, tok, mon
     del meta["source_ctime_ns"]
     meta_path.write_text(json.dumps(meta))
     hashed = []
-    real_sha256 = dataset._file_sha256
-    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files._file_sha256
+    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     spy = CountingTokenizer(tok)
     assert np.array_equal(load_tokens(p, spy), first)
@@ -427,18 +428,18 @@ def test_split_writes_stamp_last_and_drops_the_old_one_first(tmp_path, monkeypat
     st = src.stat()
     assert stamp.pop("splits").keys() == {"train.txt", "valid.txt", "test.txt"}
     assert stamp == {"input": "input.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                     "ctime_ns": st.st_ctime_ns, "sha256": dataset._file_sha256(src)}
+                     "ctime_ns": st.st_ctime_ns, "sha256": text_files._file_sha256(src)}
 
     # A crash after train.txt is rewritten: no stamp may vouch for the mixed split files.
     src.write_text(make_lines(seed=2))
-    real_write = dataset._atomic_write
+    real_write = text_files._atomic_write
 
     def crash_on_valid(path, data):
         if Path(path).name == "valid.txt":
             raise KeyboardInterrupt
         return real_write(path, data)
 
-    monkeypatch.setattr(dataset, "_atomic_write", crash_on_valid)
+    monkeypatch.setattr(text_files, "_atomic_write", crash_on_valid)
     with pytest.raises(KeyboardInterrupt):
         split_train_val_test(src, overwrite=True)
     assert not stamp_path.exists()
@@ -586,8 +587,8 @@ def test_prepare_splits_touched_input_is_hashed_not_resplit(tmp_path, monkeypatc
     later = written + 10**10
     os.utime(inp, ns=(later, later))                      # newer mtime, same text
     hashed = []
-    real_sha256 = dataset._file_sha256
-    monkeypatch.setattr(dataset, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files._file_sha256
+    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     capsys.readouterr()
     prepare_splits(inp)
@@ -715,7 +716,7 @@ def test_token_cache_interrupted_write_leaves_no_stale_description(tmp_path, tok
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dataset.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(p, tok)
     monkeypatch.undo()
@@ -738,7 +739,7 @@ def test_token_cache_write_failure_is_raised_not_hidden(tmp_path, tok, monkeypat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dataset, "_encode_file", disk_full)
+    monkeypatch.setattr(token_cache, "_encode_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         load_tokens(p, tok)
     assert u16.read_bytes() == before                     # the old ids are untouched

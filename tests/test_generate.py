@@ -3,8 +3,8 @@ import io
 import pytest
 import torch
 
-import cpu_kernels
 from dataset import get_tokenizer
+from engine import cpu_kernels
 from generate import (
     TextStreamer,
     generate_and_print,

@@ -1,4 +1,5 @@
-"""The layout's promises: public names where the README says, and no import cycles."""
+"""The layout's promises: public names where the README says, the textbook above the engine,
+no import cycles, and textbook modules short enough to read."""
 
 import ast
 import importlib
@@ -10,24 +11,37 @@ from conftest import ROOT
 # The names the README, the notebooks and users' code import, by module.
 PUBLIC = {
     "model": ["GPTModel", "GPT_CONFIG_124M", "MODEL_CONFIGS", "save_checkpoint",
-              "load_checkpoint", "KVCache", "validate_config"],
+              "load_checkpoint", "KVCache", "validate_config", "size_key", "unwrap_model"],
     "generate": ["generate_text", "generate_tokens", "text_to_token_ids", "token_ids_to_text",
                  "generate_and_print", "filtered_probs", "sample_next_token", "TextStreamer"],
-    "train_utils": ["train_model", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
-                    "plot_losses", "print_model_params", "get_device", "make_optimizer",
-                    "lr_at", "plan_steps", "save_history"],
+    "train_utils": ["train_model", "TrainConfig", "calc_loss_batch", "calc_loss_loader",
+                    "evaluate_model", "plot_losses", "print_model_params", "get_device",
+                    "make_optimizer", "lr_at", "plan_steps", "save_history",
+                    "recompute_activations"],
     "dataset": ["get_tokenizer", "GPTDataset", "create_dataloader", "split_train_val_test",
-                "prepare_splits", "load_tokens", "default_corpus_text", "read_text"],
+                "prepare_splits", "load_tokens", "default_corpus_text", "read_text",
+                "gpt2_bpe_files"],
     "download_weights": ["download_file", "download_and_save_gpt2",
                          "load_gpt2_params_from_tf_ckpt", "load_weights_into_gpt"],
-    "download_weights_hf": ["load_weights_into_gpt", "load_gpt2_hf", "export_to_hf"],
-    "cpu_kernels": ["ENABLED", "disabled", "packed_for_cpu", "screened_argmax",
-                    "tune_malloc", "linear", "head_logits"],
-    "fused_loss": ["ENABLED", "disabled", "head_cross_entropy"],
-    "fileio": ["atomic_write", "atomic_save", "read_checkpoint"],
-    "gpt2_params": ["gpt2_param_names", "iter_gpt2_weights"],
-    "devices": ["get_device", "setup_distributed", "wrap_model"],
+    "download_weights_hf": ["load_weights_into_gpt", "load_gpt2_hf", "export_to_hf",
+                            "HF_HUB_IDS"],
+    "model_sources": ["load_model", "crop_context", "set_dropout"],
+    "lora": ["add_lora", "merge", "merged_state", "lora_config", "LoRALinear"],
+    "evaluate": ["evaluate_perplexity"],
+    "look_inside": ["attention_weights", "forward_shapes", "parameter_counts",
+                    "plot_attention"],
+    "engine.cpu_kernels": ["ENABLED", "disabled", "packed_for_cpu", "screened_argmax",
+                           "tune_malloc", "linear", "head_logits"],
+    "engine.fused_loss": ["ENABLED", "disabled", "head_cross_entropy"],
+    "engine.fileio": ["atomic_write", "atomic_save"],
+    "engine.checkpoints": ["read_checkpoint", "write_checkpoint"],
+    "engine.gpt2_params": ["gpt2_param_names", "iter_gpt2_weights"],
+    "engine.devices": ["get_device", "setup_distributed", "wrap_model"],
 }
+
+TEXTBOOK = sorted(p.stem for p in ROOT.glob("*.py"))
+ENGINE = sorted(f"engine.{p.stem}" for p in (ROOT / "engine").glob("*.py")
+                if p.stem != "__init__")
 
 
 @pytest.mark.parametrize("module", sorted(PUBLIC))
@@ -37,28 +51,41 @@ def test_public_names_are_importable_where_the_readme_says(module):
     assert not missing, f"{module} lost {missing}"
 
 
-def _imports(path, modules):
-    """Top-level modules of this repository that ``path`` imports, anywhere in the file."""
+def _imports(path):
+    """Modules of this repository that ``path`` imports, anywhere in the file (also inside
+    functions): top-level ones by name, the engine's as "engine.<name>"."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        names = []
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module.split(".")[0])
-    return found & modules - {path.stem}
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names]
+                                     if node.module == "engine" else [])
+        for name in names:
+            top = name.split(".")[0]
+            if top in TEXTBOOK:
+                found.add(top)
+            elif name in ENGINE or (top == "engine" and name.count(".") == 1):
+                found.add(name if name in ENGINE else ".".join(name.split(".")[:2]))
+    return found
 
 
-def test_no_two_top_level_modules_import_each_other():
+def _graph():
+    paths = {m: ROOT / f"{m}.py" for m in TEXTBOOK}
+    paths.update({m: ROOT / "engine" / f"{m.split('.')[1]}.py" for m in ENGINE})
+    return {m: _imports(p) - {m} for m, p in paths.items()}
+
+
+def test_no_two_modules_import_each_other():
     # not even through an import inside a function: a cycle means the layering is wrong
-    paths = sorted(ROOT.glob("*.py"))
-    modules = {p.stem for p in paths}
-    graph = {p.stem: _imports(p, modules) for p in paths}
+    graph = _graph()
 
     def cycle_from(start):
         stack = [(start, [start])]
         while stack:
             node, trail = stack.pop()
-            for dep in graph[node]:
+            for dep in graph.get(node, ()):
                 if dep == start:
                     return trail + [start]
                 if dep not in trail:
@@ -69,8 +96,31 @@ def test_no_two_top_level_modules_import_each_other():
     assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
 
 
-def test_model_py_imports_no_training_or_file_format_code():
+def test_the_engine_imports_no_textbook_module():
+    graph = _graph()
+    upward = {m: sorted(d for d in graph[m] if d in TEXTBOOK) for m in ENGINE}
+    assert not any(upward.values()), f"engine modules importing the textbook: {upward}"
+
+
+def test_model_py_reaches_the_engine_only_for_kernels_and_files():
     # a learner reads model.py as GPT-2: the kernels, the fused loss and the file plumbing
-    # are one call away
-    assert _imports(ROOT / "model.py", {p.stem for p in ROOT.glob("*.py")}) == {
-        "cpu_kernels", "fused_loss", "fileio"}
+    # are one call away, and no other textbook module is needed to follow it
+    assert _graph()["model"] == {"engine.cpu_kernels", "engine.fused_loss", "engine.devices",
+                                 "engine.checkpoints"}
+
+
+def test_converters_and_entry_points_are_untangled():
+    graph = _graph()
+    assert "download_weights" not in graph["download_weights_hf"]
+    assert "download_weights_hf" not in graph["generate"] | graph["evaluate"]
+
+
+def test_the_top_level_stays_a_short_textbook():
+    lines = {m: len((ROOT / f"{m}.py").read_text().splitlines()) for m in TEXTBOOK}
+    # the eleven of the layout, then chat.py and tokenizer.py
+    assert len(TEXTBOOK) <= 13, f"{len(TEXTBOOK)} top-level modules: {TEXTBOOK}"
+    assert lines["model"] <= 400 and lines["dataset"] <= 300 and lines["train_utils"] <= 500, \
+        {m: lines[m] for m in ("model", "dataset", "train_utils")}
+    tree = ast.parse((ROOT / "train_utils.py").read_text())
+    loop = next(n for n in tree.body if getattr(n, "name", None) == "train_model")
+    assert loop.end_lineno - loop.lineno + 1 <= 100

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-import cpu_kernels
 from conftest import cfg_from_hf, make_hf_model
-from fileio import atomic_save
-from gpt2_params import gpt2_param_names
+from engine import cpu_kernels
+from engine.fileio import atomic_save
+from engine.gpt2_params import gpt2_param_names
 from model import (
     GPT_CONFIG_124M,
     MODEL_CONFIGS,
@@ -341,7 +341,7 @@ def test_written_files_get_the_umask_mode_and_leftovers_of_dead_processes_go(tmp
     import subprocess
     import sys
 
-    from fileio import _temp_prefix, atomic_write
+    from engine.fileio import _temp_prefix, atomic_write
     old = os.umask(0o022)
     try:
         path = atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))

@@ -234,10 +234,10 @@ def test_inference_custom_checkpoint(trained, tmp_path):
 def openai_server(tmp_path_factory):
     """A tiny random GPT-2 in OpenAI's TF layout on a local http.server: (hf model, url).
 
-    Built by test_weights_tf's helpers with the real 50257-token vocabulary, so GPT-2's
+    Built by test_download_weights's helpers with the real 50257-token vocabulary, so GPT-2's
     tokenizer works on it; only hparams.json is rewritten to say so.
     """
-    tw = pytest.importorskip("test_weights_tf")       # skips when TensorFlow is missing
+    tw = pytest.importorskip("test_download_weights")       # skips when TensorFlow is missing
     hf = tw.random_hf_model(seed=2, vocab=50257)
     files = tw.write_openai_checkpoint(hf, tmp_path_factory.mktemp("openai"))
     files["hparams.json"] = json.dumps({**tw.HPARAMS, "n_vocab": 50257}).encode()

@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cpu_kernels
-import fused_loss
 from conftest import cfg_from_hf, make_hf_model
-from gpt2_params import gpt2_param_names
+from engine import cpu_kernels, fused_loss
+from engine.gpt2_params import gpt2_param_names
 from model import GPTModel
 from train_utils import calc_loss_batch
 

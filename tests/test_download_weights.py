@@ -21,17 +21,6 @@ tf = pytest.importorskip("tensorflow")
 
 # The tiny model and the equivalence check are shared with the HF tests (pytest puts tests/
 # on sys.path; a conftest.py would be the other home for them).
-from test_weights_hf import (  # noqa: E402
-    CTX,
-    EMB,
-    HEADS,
-    LAYERS,
-    VOCAB,
-    assert_same_model,
-    our_cfg,
-    random_hf_model,
-)
-
 import download_weights  # noqa: E402
 from dataset import gpt2_bpe_files  # noqa: E402
 from download_weights import (  # noqa: E402
@@ -43,8 +32,18 @@ from download_weights import (  # noqa: E402
     load_weights_into_gpt,
 )
 from download_weights_hf import load_gpt2_hf  # noqa: E402
-from gpt2_params import gpt2_param_names  # noqa: E402
+from engine.gpt2_params import gpt2_param_names  # noqa: E402
 from model import GPTModel, load_checkpoint  # noqa: E402
+from test_download_weights_hf import (  # noqa: E402
+    CTX,
+    EMB,
+    HEADS,
+    LAYERS,
+    VOCAB,
+    assert_same_model,
+    our_cfg,
+    random_hf_model,
+)
 
 DATA = "model.ckpt.data-00000-of-00001"
 HPARAMS = {"n_vocab": VOCAB, "n_ctx": CTX, "n_embd": EMB, "n_head": HEADS, "n_layer": LAYERS}

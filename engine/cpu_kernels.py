@@ -31,6 +31,8 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
+from engine import turned_off
+
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
 
 
@@ -60,15 +62,9 @@ PACKING = True                  # packed weight copies for decoding (one more we
 PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
 
 
-@contextlib.contextmanager
 def disabled():
     """Within this block every fast path is off: the plain PyTorch code of model.py runs."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
+    return turned_off(sys.modules[__name__])
 
 
 def available():
@@ -290,8 +286,9 @@ def is_packed(layer):
 class PackedSession:
     """What packed_for_cpu yields: the output head for decoding, and the on/off state.
 
-    ``logits(h)`` turns final vectors (..., C) into logits; ``greedy(h)`` gives the index of
-    each row's largest logit, (B, 1), which is all greedy decoding needs. ``active`` is read
+    ``logits(h)`` turns final vectors (..., C) into logits. ``greedy(h)``, where set, gives
+    the index of each row's largest logit, (B, 1), which is all greedy decoding needs (the
+    screened head); None: take the argmax of ``logits(h)``. ``active`` is read
     by every layer at every call: True, they multiply with their packed copies; False, with
     their own weights. generate_tokens is a generator, so the caller's code runs while it
     waits at a ``yield`` (inside the block): it sets ``active`` to False for that time, so
@@ -300,7 +297,7 @@ class PackedSession:
 
     def __init__(self, logits, greedy=None):
         self.logits = logits
-        self.greedy = greedy or (lambda h: greedy_tokens(logits(h)))
+        self.greedy = greedy
         self.active = True
 
 
@@ -369,17 +366,7 @@ def _packed_copy_fits(model):
 
 
 # ---------------------------------------------------------------------------------------
-# Greedy decoding's argmax
-
-def greedy_tokens(logits):
-    """logits (B, vocab) -> each row's largest, (B, 1); ties go to the lowest index.
-
-    .float(): argmax over bfloat16 has no vectorized CPU kernel and took 180 us for one row
-    of 50257 logits (3% of a bf16 decoding step); converting first (exact, so the same
-    token, ties included) and taking the fp32 argmax took 60 us.
-    """
-    return logits.float().argmax(dim=-1, keepdim=True)
-
+# Greedy decoding's argmax, reading half of the output head
 
 def screened_argmax(h, weight, head_bf16, row_norms):
     """argmax(h @ weight.T) of each row of h (B, C), as fp32 gives it, reading half the bytes.

@@ -9,6 +9,8 @@ each a loop over ``gpt2_param_names``; ``iter_gpt2_weights`` does the shape chec
 tied-head rules once for both.
 """
 
+import re
+
 import torch
 
 # Each row: (our name, Hugging Face name, OpenAI TensorFlow name, is_conv1d).
@@ -104,3 +106,25 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
         # An untied model starts its head from the embedding when the source has none:
         # that is exactly the function GPT-2 computes.
         yield "out_head.weight", wte if head is None else head
+
+
+# ---------------------------------------------------------------------------------------
+# Checking that the config and the weights agree on the number of blocks
+
+HF_BLOCK = re.compile(r"(?:transformer\.)?h\.(\d+)\.")    # HF: "[transformer.]h.{n}."
+TF_BLOCK = re.compile(r"(?:model/)?h(\d+)/")                # OpenAI: "[model/]h{n}/"
+
+
+def check_block_count(names, n_layers, pattern, source, config, fix):
+    """Raise ValueError when the weight ``names`` hold blocks numbered ``n_layers`` or more.
+
+    The converters fetch only the blocks the config asks for, so a config with fewer
+    blocks than the weights (a stale or hand-edited n_layer) would otherwise load a
+    shorter, different model without a word. Fewer blocks than the config is already an
+    error (the missing weight is named). ``config`` names what says n_layer, ``fix`` says
+    what to do.
+    """
+    blocks = [int(m.group(1)) for name in names if (m := pattern.match(name))]
+    if blocks and max(blocks) >= n_layers:
+        raise ValueError(f"{source} holds {max(blocks) + 1} transformer blocks but {config} "
+                         f"says n_layer={n_layers}; {fix}")

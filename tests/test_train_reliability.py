@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import dataset
-import fileio
 from conftest import TINY_FLAGS, signal_at_first_save
 from dataset import (
     create_dataloader,
@@ -22,7 +21,8 @@ from dataset import (
     prepare_splits,
     split_paths,
 )
-from model import GPTModel, load_checkpoint, save_checkpoint
+from engine import fileio
+from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint
 from train import main, parse_args
 from train_utils import make_optimizer, train_model
 
@@ -86,7 +86,7 @@ def test_a_diverging_update_never_replaces_the_last_good_checkpoint(tmp_path, co
                                                  rf"checkpoint is {ckpt} \(step 2\)"):
         train_model(model, train, train, opt, device="cpu", num_epochs=1, eval_freq=100,
                     checkpoint_path=ckpt, checkpoint_every=1, progress=False)
-    assert fileio.read_checkpoint(ckpt)["step"] == 2
+    assert read_checkpoint(ckpt)["step"] == 2
     assert _finite(ckpt)
 
 
@@ -329,7 +329,7 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(tmp_path):
     code, out, err = signal_at_first_save(cmd, tmp_path / "run.pth", signal.SIGINT)
     assert code == 130, err
     assert "Traceback" not in err
-    saved = fileio.read_checkpoint(tmp_path / "run.pth")["step"]
+    saved = read_checkpoint(tmp_path / "run.pth")["step"]
     assert f"{tmp_path / 'run.pth'} holds step {saved}: continue from there with --resume" \
         in err.strip().splitlines()[-1]
     assert err.strip().splitlines()[-1].startswith("interrupted at optimizer step ")

@@ -16,7 +16,7 @@ import generate
 from conftest import make_hf_model, signal_at_first_save
 from dataset import create_dataloader, default_corpus_text, get_tokenizer, load_tokens
 from download_weights_hf import export_to_hf, load_weights_into_gpt
-from fileio import read_checkpoint
+from engine.checkpoints import read_checkpoint
 from lora import add_lora, lora_config, merge
 from model import GPTModel, load_checkpoint
 from model_sources import crop_context, load_model, set_dropout

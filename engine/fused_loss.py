@@ -32,13 +32,12 @@ or ``with fused_loss.disabled():``; the tests compare both paths. Off under torc
 
 import os
 import sys
-from unittest import mock
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-import cpu_kernels
+from engine import cpu_kernels, turned_off
 
 ENABLED = os.environ.get("GPT2_FUSED_LOSS", "1") != "0"   # the one switch
 CHUNK_ELEMENTS = 2**23      # logits held at once: 32 MB in fp32 (166 rows of GPT-2's vocab),
@@ -48,7 +47,7 @@ IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross
 
 def disabled():
     """Within this block GPTModel.loss runs the plain code: logits, then F.cross_entropy."""
-    return mock.patch.object(sys.modules[__name__], "ENABLED", False)   # restored on exit
+    return turned_off(sys.modules[__name__])
 
 
 def head_cross_entropy(h, weight, targets):

@@ -3,15 +3,14 @@
     write(temp file beside the target) -> flush + fsync -> os.replace onto the target
 
 A crash, a Ctrl-C or ``kill -9`` at any moment leaves either the old file or the complete new
-one, never half of one that a later run would trust. ``read_checkpoint`` is the one safe way
-in: ``torch.load(weights_only=True)``, with errors that say what to do.
+one, never half of one that a later run would trust. (The one safe way back in for a
+checkpoint is engine/checkpoints.py's ``read_checkpoint``.)
 """
 
 import contextlib
 import errno
 import glob
 import os
-import pickle
 import secrets
 import shutil
 import signal
@@ -208,46 +207,3 @@ def _fsync_folder(folder):
         pass                            # some file systems do not support it; not fatal
     finally:
         os.close(fd)
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True and errors that say what went wrong."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"{str(path)!r} is a folder, not a .pth checkpoint; for a Hugging Face model "
-            f"folder use download_weights_hf.load_gpt2_hf(folder), or convert it with "
-            f"`python download_weights_hf.py --load FOLDER --save model.pth`")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} not found; train one with `python train.py` or "
-            f"download one with download_weights.py")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    # torch.save writes a zip archive ("PK\x03\x04"); before PyTorch 1.6, a pickle stream
-    # (protocol 2: "\x80\x02"). Anything else is some other file: say so plainly.
-    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint (it starts with bytes "
-                         f"{magic!r}, not a torch.save archive); pass the .pth file that "
-                         f"train.py, save_checkpoint or download_weights.py wrote")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message goes on to suggest weights_only=False: exactly what not to do
-        # with a file one does not trust. Keep only what it found.
-        detail = " ".join(part.strip() for part in str(e).split("\n\n")
-                          if part.strip() and "weights_only" not in part)
-        raise ValueError(
-            f"{str(path)!r} holds Python objects other than tensors and plain data, so it "
-            f"was not loaded (loading it could run arbitrary code). Only load .pth files "
-            f"you trust; re-save them as plain state dicts. Found: {detail}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(
-            f"{str(path)!r} is truncated or is not a PyTorch checkpoint ({e}); "
-            f"delete it and save or download it again") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
-        raise ValueError(
-            f"{str(path)!r} is a nanoGPT checkpoint (it has 'model' and 'model_args'), whose "
-            f"layers are laid out differently; this project loads its own .pth files "
-            f"(train.py, save_checkpoint, download_weights.py) and Hugging Face folders")
-    return ckpt

@@ -1,6 +1,7 @@
 """Where the work runs: one device, or one process per device under torchrun.
 
     get_device()            CUDA, then Apple's MPS, then CPU; or the one asked for
+    resolve_dtype("bf16")   the torch dtype of a precision's name
     setup_distributed()     join torchrun's process group: (device, rank, world_size)
     wrap_model(m, "ddp")    DistributedDataParallel, or "fsdp": FSDP2 shards
 
@@ -13,6 +14,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -37,6 +39,20 @@ def get_device(preferred=None):
         raise ValueError(f"device {str(preferred)!r} was asked for, but MPS (Apple GPU) is not "
                          f"available here; use --device cpu")
     return device
+
+
+# The precisions weights can be loaded in, by the names the command lines take
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype):
+    """``None``, a floating torch dtype, or a name in DTYPES ("bf16") -> torch dtype or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be None, one of {list(DTYPES)} or the torch dtype of one "
+                     f"(e.g. torch.bfloat16), got {dtype!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,6 +101,34 @@ def wrap_model(model, parallel, device):
         fully_shard(model)              # the embeddings, final norm and head
         return model
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+
+
+def unwrap_model(model):
+    """The plain model inside torch.compile (``._orig_mod``) and DDP (``.module``) wrappers."""
+    while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
+def recompute_activations(model):
+    """Activation checkpointing, in place: each block keeps only its input during the
+    forward pass and computes its activations again in backward, when they are needed.
+
+    Fine-tuning memory is weights + gradients + AdamW's moments + activations; this cuts
+    the last to about one block's worth, for about a third more compute per step
+    (bench/finetune_memory.py). Values, dropout masks and gradients are unchanged (the
+    recomputation replays the same random numbers), and so are the state dict's names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    gpt = unwrap_model(model)
+    for i, block in enumerate(gpt.trf_blocks):
+        gpt.trf_blocks[i] = checkpoint_wrapper(block)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
 
 
 def barrier():

@@ -1,0 +1,35 @@
+"""The engine: what runs GPT-2 fast and safely, and what a learner may skip on a first read.
+
+The textbook modules at the top of the repository (model.py, dataset.py, generate.py,
+train_utils.py, ...) say *what* is computed; the modules here only change *how*: faster
+kernels, less memory, files that survive a crash, several processes. Each is reached from
+the textbook through one small, named call, and none of them imports a textbook module
+(what they need, a model or a tokenizer, is passed in).
+
+    cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding)
+    fused_loss    the output head and cross-entropy without the whole logits tensor
+    fileio        atomic writes, checkpoint reading, Ctrl-C-safe saves
+    devices       get_device, torchrun set-up, DDP / FSDP wrapping
+    gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)
+    bpe_files     GPT-2's tokenizer files, offline and sha256-checked
+    download      HTTP downloads that resume, retry and never leave a half file
+    text_files    reading text, train/valid/test split files and their stamp, default corpus
+    token_cache   token ids of big files, cached beside them as uint16
+    runs          a training run on disk: checkpoint save/resume, run checks, the log
+
+Every fast path has one switch (``ENABLED``, an environment variable, and a ``disabled()``
+block) and a test against the plain code it replaces.
+"""
+
+import contextlib
+
+
+@contextlib.contextmanager
+def turned_off(module, flag="ENABLED"):
+    """Within this block ``module.<flag>`` is False; its old value comes back afterwards."""
+    before = getattr(module, flag)
+    setattr(module, flag, False)
+    try:
+        yield
+    finally:
+        setattr(module, flag, before)

