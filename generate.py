@@ -96,6 +96,16 @@ def _is_int(value):
 # ---------------------------------------------------------------------------------------
 # The next token: from logits to probabilities to a draw
 
+def greedy_tokens(logits):
+    """logits (B, vocab_size) -> each row's most likely token, (B, 1); ties to the lowest id.
+
+    .float() first: argmax over bfloat16 has no vectorized CPU kernel (it took 180 us for
+    one row of GPT-2's logits, 3% of a bf16 decoding step); the conversion is exact, so the
+    same token comes out, ties included, in 60 us.
+    """
+    return logits.float().argmax(dim=-1, keepdim=True)
+
+
 def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
     """logits (B, vocab_size) -> the probabilities the next token is drawn from.
 
@@ -128,16 +138,6 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
         logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True),
                                     float("-inf"))
     return torch.softmax(logits, dim=-1)                                     # (B, vocab)
-
-
-def greedy_tokens(logits):
-    """logits (B, vocab_size) -> each row's most likely token, (B, 1); ties to the lowest id.
-
-    .float() first: argmax over bfloat16 has no vectorized CPU kernel (it took 180 us for
-    one row of GPT-2's logits, 3% of a bf16 decoding step); the conversion is exact, so the
-    same token comes out, ties included, in 60 us.
-    """
-    return logits.float().argmax(dim=-1, keepdim=True)
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None,
