@@ -12,6 +12,7 @@ imported there, so importing this module (for ``download_file``) stays cheap.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -180,15 +181,24 @@ def download_and_save_gpt2(model_size, target_dir="model_weights", model_class=G
         print(f"{pth} does not load ({error}); converting it again")
 
     base_url = base_url.rstrip("/")
-    for name in GPT2_FILES:
-        url = f"{base_url}/{size}/{name}"
-        try:
-            download_file(url, model_dir / name)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"{url} does not exist (HTTP 404): either the model size {size!r} is wrong "
-                f"(OpenAI published {list(OPENAI_SIZES)}) or base_url {base_url!r} is "
-                f"wrong") from e
+    made = [d for d in (target_dir, model_dir) if not d.exists()]
+    try:
+        for name in GPT2_FILES:
+            url = f"{base_url}/{size}/{name}"
+            try:
+                download_file(url, model_dir / name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"{url} does not exist (HTTP 404): either the model size {size!r} is wrong "
+                    f"(OpenAI published {list(OPENAI_SIZES)}) or base_url {base_url!r} is "
+                    f"wrong") from e
+    except BaseException:
+        # Folders this call made and left empty (offline, say) would only look like a
+        # download begun; one holding a .part file stays, so that the next call resumes.
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
     hparams_path = model_dir / "hparams.json"
     try:

@@ -532,8 +532,8 @@ def main(argv=None):
     from model_sources import load_model
 
     torch.manual_seed(args.seed)
-    device = get_device(args.device)
     try:
+        device = get_device(args.device)
         model = load_model(args.weights, device=device, dtype=args.dtype, cfg=args.config)
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")     # a message that says what to do, no traceback
@@ -570,4 +570,8 @@ def _texts(out, mask, tokenizer):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:       # Ctrl-C: what was printed is all there is
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -55,8 +55,20 @@ def add_lora(model, rank, alpha=16.0, targets=DEFAULT_TARGETS):
     if unknown or not targets:
         raise ValueError(f"unknown LoRA targets {unknown or targets!r}; choose from "
                          f"{list(TARGETS)}")
+    if len(set(targets)) < len(targets):
+        raise ValueError(f"LoRA targets {list(targets)!r} name a layer more than once; name "
+                         f"each once")
     if lora_config(model) is not None:
         raise ValueError("the model has LoRA adapters already")
+    # A rank-r change A B of an (in, out) matrix reaches every matrix of that shape once r is
+    # min(in, out); a larger r only adds weights (and memory) that change nothing.
+    shapes = {t: model.trf_blocks[0].get_submodule(TARGETS[t]).weight.shape for t in targets}
+    narrowest = min(shapes, key=lambda t: min(shapes[t]))
+    if rank > min(shapes[narrowest]):
+        n_in, n_out = shapes[narrowest]
+        raise ValueError(f"LoRA rank {rank} is above {min(n_in, n_out)}, the smaller side of "
+                         f"the {narrowest} matrices it adapts ({n_in} x {n_out}), so it would "
+                         f"only add weights; use at most {min(n_in, n_out)} (4 to 16 is usual)")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.trf_blocks:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import cpu_kernels, fused_loss
-from engine.checkpoints import read_checkpoint, state_and_config, write_checkpoint
+from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (as before)
 
 # The default for training from scratch (the original project's values, as in Raschka's
@@ -344,7 +344,7 @@ def save_checkpoint(path, model, **extra):
 
 
 def load_checkpoint(path, device=None, cfg=None, dtype=None):
-    """Build a GPTModel from a .pth written by save_checkpoint.
+    """Build a GPTModel from a .pth written by save_checkpoint (its checksums verified).
 
     A bare state-dict file (no config inside) needs ``cfg=``. The model is returned in
     eval mode on ``device`` (default CPU). ``dtype`` ("bf16", torch.bfloat16, ...) converts
@@ -360,8 +360,10 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
         model = GPTModel(cfg)
     try:
         model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: {e}") from None
+    except RuntimeError:    # its message lists every key: say what differs, in one line
+        raise ValueError(f"weights in {str(path)!r} do not fit config {cfg}: "
+                         f"{misfit(state, model.state_dict())}; pass the config they were "
+                         f"trained with") from None
     if model.cfg["tie_embeddings"]:
         # Tying keeps the embedding and drops the head: refuse when they differ (a config
         # that ties, given for weights trained untied), or the head would be lost silently.

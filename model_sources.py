@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from download_weights import download_and_save_gpt2
 from download_weights_hf import load_gpt2_hf
-from model import load_checkpoint, validate_config
+from model import MODEL_CONFIGS, OPENAI_SIZES, load_checkpoint, validate_config
 
 SOURCES_HELP = ("a .pth of ours, a folder written by save_pretrained, a Hugging Face Hub id "
                 "(openai-community/gpt2) or one of OpenAI's sizes (124M, 355M, 774M, 1558M)")
@@ -34,6 +34,10 @@ def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weigh
     (the same weights; it needs tensorflow).
     """
     path = Path(source)
+    if openai_tf and str(source) not in OPENAI_SIZES and str(source) not in MODEL_CONFIGS:
+        raise ValueError(f"--init-from-tf (openai_tf=True) takes one of OpenAI's sizes "
+                         f"{list(OPENAI_SIZES)}, not {str(source)!r}: a .pth, a folder or a Hub "
+                         f"id loads as it is, without it")
     if path.is_file():
         return load_checkpoint(path, device=device, cfg=cfg, dtype=dtype)
     if cfg is not None:

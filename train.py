@@ -18,9 +18,18 @@ from pathlib import Path
 
 import torch
 
-from dataset import GPTDataset, create_dataloader, get_tokenizer, load_tokens, prepare_splits
+from dataset import (
+    GPTDataset,
+    create_dataloader,
+    get_tokenizer,
+    load_tokens,
+    prepare_splits,
+    split_paths,
+)
 from engine.devices import barrier, cleanup_distributed, setup_distributed, wrap_model
+from engine.download import DownloadError
 from engine.fileio import check_writable
+from engine.runs import run_lock, same_source, saved_run, source_id
 from lora import DEFAULT_TARGETS, TARGETS, add_lora
 from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
 from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
@@ -131,6 +140,10 @@ def build_parser():
     g.add_argument("--init-from-tf", action="store_true",
                    help="with a size name: OpenAI's TensorFlow checkpoint (download_weights.py) "
                         "instead of the Hugging Face Hub's copy")
+    g.add_argument("--config", metavar="NAME_OR_JSON", default=None,
+                   help="only with --init-from of a .pth holding a bare state dict (weights "
+                        "without their config): one of OpenAI's sizes (124M, ...) or a JSON "
+                        "file with the model's config")
     g.add_argument("--lora-rank", type=int, default=0,
                    help="0 = fine-tune every weight; R > 0 = train only LoRA adapters of rank R, "
                         "the pretrained weights frozen")
@@ -167,14 +180,22 @@ def parse_args(argv=None):
         parser.set_defaults(**GPT_CONFIG_124M)
         args = parser.parse_args(argv)
     args.given = _given_flags(argv)
-    if args.init_from is None and (args.lora_rank or args.init_from_tf):
-        parser.error("--lora-rank and --init-from-tf go with --init-from SOURCE: LoRA adapts "
-                     "pretrained weights (from a random init, train every weight)")
+    if args.init_from is None and (args.lora_rank or args.init_from_tf or args.config):
+        parser.error("--lora-rank, --init-from-tf and --config go with --init-from SOURCE: "
+                     "LoRA adapts pretrained weights (from a random init, train every weight)")
     if args.init_from is not None and "preset" in args.given:
         parser.error("--preset and --init-from both choose the model; give one of them")
-    bad = [t for t in args.lora_targets.split(",") if t not in TARGETS]
+    if not args.lora_rank and args.given & {"lora_targets", "lora_alpha"}:
+        parser.error("--lora-targets and --lora-alpha go with --lora-rank R: without a rank "
+                     "there are no adapters, and every weight trains")
+    targets = args.lora_targets.split(",")
+    bad = [t for t in targets if t not in TARGETS]
     if bad:
         parser.error(f"--lora-targets: unknown {bad}; choose from {list(TARGETS)}")
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        parser.error(f"--lora-targets names {', '.join(twice)} more than once; name each "
+                     f"layer once (e.g. {','.join(dict.fromkeys(targets))})")
     for key in ("learning_rate", "weight_decay", "grad_clip", "drop_rate", "lora_alpha"):
         value = getattr(args, key)
         if not math.isfinite(value):
@@ -228,14 +249,22 @@ def main(argv=None):
 
 
 def _run(args, cfg, device, rank, world_size, parallel):
-    # what a resumed run must keep besides the flags: the data (it decides the batch
-    # order) and the weights it started from
-    settings = {"data": str(Path(args.data).resolve()), "init_from": args.init_from}
     if rank == 0:
         check_writable(args.out)        # before any long work, not after it
+    _check_out_is_not_read(args)
+    with run_lock(args.out):            # one run per --out at a time (rank 0 holds it)
+        return _train(args, cfg, device, rank, world_size, parallel)
+
+
+def _train(args, cfg, device, rank, world_size, parallel):
+    # what a resumed run must keep besides the flags: the data (it decides the batch
+    # order) and the weights it started from (as a resolved path: ./hf and hf are one)
+    resumed = _resumed_source(args) if args.resume else None
+    settings = {"data": str(Path(args.data).resolve()),
+                "init_from": resumed[0] if resumed else source_id(args.init_from)}
     train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
     train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
-    model = _build_model(args, cfg, device, rank)
+    model = _build_model(args, cfg, device, resumed)
     cfg = model.cfg
     ctx = cfg["context_length"]
     stride = args.stride if args.stride is not None else ctx
@@ -300,9 +329,76 @@ def _prepare_splits(args, rank, world_size):
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
 
 
-def _build_model(args, cfg, device, rank):
-    """A random GPTModel(cfg), or with --init-from the source's weights (plus LoRA)."""
+def _check_out_is_not_read(args):
+    """Refuse an --out whose files (the checkpoint, its history and plot) would replace a
+    file the run reads: the --init-from weights (the first checkpoint would overwrite the
+    source, and a LoRA resume would add the adapters onto weights that hold them already),
+    or the --data text and its split files."""
+    out = Path(args.out)
+    written = [out, out.with_name(out.stem + "_history.json"),
+               out.with_name(out.stem + "_loss.png")]
+    reads = [("--data", Path(args.data)), *(("--data's split", p) for p in split_paths(args.data))]
+    if args.init_from is not None:
+        reads.insert(0, ("--init-from", Path(args.init_from)))
+    for flag, source in reads:
+        for target in written:
+            if target.resolve() == source.resolve() or (
+                    target.exists() and source.exists() and os.path.samefile(target, source)):
+                raise ValueError(
+                    f"--out {args.out} would make the run write {target}, which is the file "
+                    f"it reads as {flag} ({source}), and replace it at its first checkpoint; "
+                    f"choose another --out, e.g. --out {out.with_name(out.stem + '_tuned.pth')}")
+
+
+def _resumed_source(args):
+    """--resume of a fine-tuning run: (its recorded source, its config, whether it is a LoRA
+    run), after checking --init-from against the source; None for a run from a random init."""
+    ckpt = saved_run(args.out)
+    saved = (ckpt.get("settings") or {}).get("init_from")
+    lora = ckpt.get("lora")
+    if saved is None:
+        if args.init_from is not None:
+            raise ValueError(f"--resume: the run at {args.out} trained from a random init, "
+                             f"not from --init-from {args.init_from}; leave --init-from out")
+        return None
+    if args.init_from is not None and not same_source(saved, source_id(args.init_from)):
+        raise ValueError(f"--resume: the run at {args.out} started from {saved}, not from "
+                         f"--init-from {args.init_from}; resume with --init-from {saved}, or "
+                         f"train into a new --out without --resume")
+    if lora is not None and args.init_from is None:
+        raise ValueError(f"--resume: {args.out} is a LoRA run on {saved}; resume it with "
+                         f"--init-from {saved} (its frozen weights) and --lora-rank "
+                         f"{lora['rank']} --lora-targets {','.join(lora['targets'])}")
+    return saved, ckpt["config"], lora is not None
+
+
+def _resumed_full_finetune(args, saved, have, device):
+    """The model of a resumed full fine-tune, shaped by its checkpoint's config ``have`` (the
+    checkpoint holds every weight, so the source need not exist any more); resume_run loads
+    the weights."""
+    wrong = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {have[k]})"
+             for k in (*SHAPE_KEYS, "context_length", "drop_rate")
+             if k in args.given and getattr(args, k) != have[k]]
+    if wrong:
+        raise ValueError(f"--resume: the run at {args.out} has its own shape, and these flags "
+                         f"would change it: {', '.join(wrong)}; leave them out")
+    with torch.device("meta"):          # shapes only: resume_run fills in every weight
+        model = GPTModel(have)
+    model = model.to_empty(device=device)
+    if have["tie_embeddings"]:
+        model.tie_weights()
+    print(f"Model: fine-tuned from {saved} (all weights train), resumed from {args.out}")
+    return model
+
+
+def _build_model(args, cfg, device, resumed=None):
+    """A random GPTModel(cfg), or with --init-from the source's weights (plus LoRA).
+
+    ``resumed``: what _resumed_source found; a full fine-tune is rebuilt from its checkpoint.
+    """
     torch.manual_seed(args.seed)        # the init (LoRA's A too) is the same in every run
+    if resumed is not None and not resumed[2]:
+        return _resumed_full_finetune(args, *resumed[:2], device)
     if args.init_from is None:
         if args.preset == "small":
             print(f"Model: emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, "
@@ -310,7 +406,8 @@ def _build_model(args, cfg, device, rank):
                   f"(train.py's small preset, sized for minutes on a CPU; --preset 124M "
                   f"trains GPT_CONFIG_124M).")
         return GPTModel(cfg).to(device)
-    model = load_model(args.init_from, device=device, openai_tf=args.init_from_tf)
+    model = load_model(args.init_from, device=device, openai_tf=args.init_from_tf,
+                       cfg=args.config)
     have = model.cfg
     wrong = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {have[k]})"
              for k in SHAPE_KEYS if k in args.given and getattr(args, k) != have[k]]
@@ -326,7 +423,10 @@ def _build_model(args, cfg, device, rank):
     if "drop_rate" in args.given:
         set_dropout(model, args.drop_rate)
     if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        try:
+            add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        except ValueError as e:         # its message names rank=..., say it as the flag
+            raise ValueError(str(e).replace("LoRA rank", "--lora-rank")) from None
     print(f"Model: {args.init_from}: emb_dim={have['emb_dim']}, n_layers={have['n_layers']}, "
           f"n_heads={have['n_heads']}, context_length={have['context_length']}, tied head: "
           f"{have['tie_embeddings']}" + (f"; LoRA rank {args.lora_rank}, alpha "
@@ -360,7 +460,7 @@ def _report(args, history, model, test_path, device, rank, tokens_per_step):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError, DownloadError) as e:
         # a flag, the data or a checkpoint that does not fit: the message says what to do
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:          # Ctrl-C: what is saved, and how to go on

@@ -43,6 +43,7 @@ from engine.runs import (
     epoch_batches,
     note_replaced,
     resume_run,
+    run_lock,
     save_run,
 )
 from generate import generate_and_print
@@ -320,14 +321,14 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
 
     def save():     # never a diverged model: the last good checkpoint stays good
         check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device), device,
-                           world_size, run, c.checkpoint_path)
+                           world_size, run, c.checkpoint_path, optimizer)
         save_run(c.checkpoint_path, gpt, optimizer, run, world_size, batch_size, settings,
                  partial(_split_lora, gpt))
 
     fwd_model = torch.compile(model) if c.compile else model
     model.train()
     start_time = time.time()
-    with log:       # closes the progress bar; Ctrl-C says what is saved
+    with run_lock(c.checkpoint_path), log:  # one writer per checkpoint; Ctrl-C says what is saved
         if c.eval_at_start and run.step == 0:
             evaluate()
         while run.step < plan.total_steps and run.epoch < c.num_epochs:

@@ -25,7 +25,7 @@ class DiskFullError(OSError):
     """The disk (or the user's quota) filled up while a file was written; nothing changed."""
 
 
-def atomic_write(path, write, by_path=False, size_hint=None):
+def atomic_write(path, write, by_path=False, size_hint=None, previous=None):
     """Call ``write(f)`` on a temp file in ``path``'s folder, fsync, then rename over ``path``.
 
     ``os.replace`` within one folder is atomic. ``by_path=True`` hands ``write`` the temp
@@ -33,12 +33,26 @@ def atomic_write(path, write, by_path=False, size_hint=None):
     (safetensors' save_file, matplotlib's savefig); the file keeps the permissions it was
     created with. A full disk raises DiskFullError, one line that names the path and the
     space needed (``size_hint()``: the file's expected size in bytes, when known); the old
-    file stays as it was and the temp file is removed.
+    file stays as it was and the temp file is removed. A folder that cannot be written
+    raises NotWritableError, one line naming it.
+
+    ``previous``: a path (beside ``path``) where the file being replaced stays, as a second
+    name of it (a hard link: no copy). The old ``previous`` is deleted before the new file
+    is written, so the disk never holds more than two versions at once, as without it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
-    tmp, fd = _create_temp_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path)
+        if previous is not None:
+            Path(previous).unlink(missing_ok=True)
+        tmp, fd = _create_temp_file(path)
+    except PermissionError as e:        # also a read-only file system (EROFS), see below
+        raise _not_writable(path, e) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise _not_writable(path, e) from None
     try:
         if by_path:
             mode = os.fstat(fd).st_mode & 0o777
@@ -52,6 +66,8 @@ def atomic_write(path, write, by_path=False, size_hint=None):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            _keep_as(path, Path(previous))
         os.replace(tmp, path)
     except BaseException as e:
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
@@ -64,9 +80,40 @@ def atomic_write(path, write, by_path=False, size_hint=None):
     return path
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, previous=None):
     """torch.save ``obj`` to ``path`` atomically (see atomic_write)."""
-    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=lambda: _nbytes(obj))
+    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=lambda: _nbytes(obj),
+                        previous=previous)
+
+
+class NotWritableError(PermissionError):
+    """A file could not be created in its folder (no permission, read-only file system)."""
+
+
+def _not_writable(path, error):
+    folder = path.parent
+    e = NotWritableError(
+        f"cannot write {path}: the folder {folder} is not writable ({error.strerror}); make "
+        f"it writable, or choose a path in another folder")
+    e.strerror = error.strerror     # str(e) stays the line above (no errno set)
+    return e
+
+
+def _keep_as(path, previous):
+    """Give the file at ``path`` the second name ``previous`` (replacing what is there).
+
+    A hard link costs no space and no time, and ``path`` stays in place until the new file
+    is renamed over it. Where links are not supported (some network and FAT file systems)
+    the file is renamed instead: for the moment until the new one arrives, only
+    ``previous`` holds it then.
+    """
+    try:
+        os.link(path, previous)
+    except FileExistsError:
+        previous.unlink()
+        os.link(path, previous)
+    except OSError:
+        os.replace(path, previous)
 
 
 @contextlib.contextmanager
@@ -90,14 +137,24 @@ def ctrl_c_after():
         raise KeyboardInterrupt
 
 
-def _nbytes(obj):
-    """Bytes of the tensors in a (nested) dict / list / tuple: about its torch.save size."""
+def _nbytes(obj, seen=None):
+    """Bytes of the tensors in a (nested) dict / list / tuple: about its torch.save size.
+
+    torch.save writes each storage once, however many tensors share it (a tied output head
+    and its embedding are one matrix), and a view costs its whole storage: so do we.
+    """
+    seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes(), obj.device)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
+        return sum(_nbytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
+        return sum(_nbytes(v, seen) for v in obj)
     return 0
 
 

@@ -12,13 +12,21 @@ train_utils.train_model is the loop; it calls, once per need:
                                 a diverged run stops before it writes over a good checkpoint
     RunLog                      the progress bar, the lines above it, what Ctrl-C says
     note_replaced(path)         one line when a fresh run will replace another run's file
+    run_lock(path)              one run per checkpoint at a time (``<path>.lock``)
+    saved_run(path)             a run's config and settings, read cheaply (train.py --resume)
+    source_id / same_source     the weights a run started from, as resolved paths
 
-Nothing here knows GPT-2: the model, the optimizer, the loss of the current weights and
-LoRA's state transform are handed in.
+On disk, beside the checkpoint ``<path>``: ``<path>.prev``, the checkpoint it replaced
+(while a run saves: the last one that verifies when the newest is damaged), and
+``<path>.lock`` while a run is writing. Nothing here knows GPT-2: the model, the optimizer,
+the loss of the current weights and LoRA's state transform are handed in.
 """
 
+import contextlib
 import math
+import os
 import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +41,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm  # the plain text bar: needs no widgets in notebooks
 
-from engine.checkpoints import read_checkpoint, write_checkpoint
+from engine.checkpoints import (
+    DamagedFileError,
+    first_non_finite,
+    read_checkpoint,
+    tensors_sha256,
+    write_checkpoint,
+)
 from engine.devices import gather, mean_across_processes, rank_and_world
 from engine.fileio import ctrl_c_after
 
@@ -53,6 +67,7 @@ class TrainState:
     tokens_seen: int = 0        # training tokens of all processes so far
     history: dict = field(default_factory=new_history)
     saved_step: int = None      # the step the checkpoint file holds (None: none of this run)
+    base_sha256: str = None     # LoRA: the fingerprint of the frozen base (tensors_sha256)
 
     def finish(self, elapsed_s):
         """The history with the final_* values train_model returns."""
@@ -91,13 +106,17 @@ def save_run(path, gpt, optimizer, run, world_size, batch_size, settings, split_
     """Write the whole training state to ``path`` (a collective: every rank calls it).
 
     ``split_state(model_state) -> (state to save, extra entries)``: how a model with adapters
-    (LoRA) saves merged weights plus what resumes it; None saves the state as it is.
+    (LoRA) saves merged weights plus what resumes it; None saves the state as it is. A LoRA
+    checkpoint also records the fingerprint of the frozen base (``lora["base_sha256"]``),
+    which resume_run checks. The file this save replaces stays as ``<path>.prev`` when it
+    is this run's (saved or resumed from) and of an earlier step; another run's is replaced
+    outright, and its ``.prev`` deleted.
     """
     if not path:
         return
     # Gathering the full state is a collective: every rank takes part, rank 0 writes.
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(gpt, options=full)
+    state = model_state = get_model_state_dict(gpt, options=full)
     optim_state = get_optimizer_state_dict(gpt, optimizer, options=full)
     rng_states = gather(_rng_state(), world_size)
     extra = {}
@@ -105,12 +124,33 @@ def save_run(path, gpt, optimizer, run, world_size, batch_size, settings, split_
         model_state, extra = split_state(model_state)
     with ctrl_c_after():        # the file and saved_step change together (the Ctrl-C message)
         if rank_and_world()[0] == 0:
+            if "lora" in extra:
+                if run.base_sha256 is None:         # frozen: once per run is enough
+                    run.base_sha256 = _base_sha256(state, extra["lora"]["adapters"])
+                extra["lora"]["base_sha256"] = run.base_sha256
+            previous = previous_path(path)
+            if run.saved_step is None:
+                previous.unlink(missing_ok=True)    # another run's: nothing to go back to
+            # the same step again (the end of a run right after a periodic save): the file
+            # kept stays the one of an earlier step
+            keep = run.saved_step is not None and run.saved_step != run.step
             write_checkpoint(path, gpt.cfg, model_state, **extra,
+                             previous=previous if keep else None,
                              optimizer_state_dict=optim_state, step=run.step, epoch=run.epoch,
                              batch_in_epoch=run.batch_in_epoch, tokens_seen=run.tokens_seen,
                              history=run.history, rng_state=rng_states, world_size=world_size,
                              batch_size=batch_size, settings=settings)
         run.saved_step = run.step
+
+
+def previous_path(path):
+    """``<path>.prev``: the checkpoint a run's save replaced (see save_run)."""
+    return Path(f"{path}.prev")
+
+
+def _base_sha256(state, adapters):
+    """The fingerprint of a LoRA model's frozen weights: every tensor but the adapters."""
+    return tensors_sha256({k: v for k, v in state.items() if k not in adapters})
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,16 +165,13 @@ def resume_run(path, gpt, optimizer, plan, num_epochs, batch_size, seed, now, mu
     gives none. ``lora_now``: the model's LoRA settings (lora.lora_config), or None.
     """
     rank, world_size = rank_and_world()
-    ckpt = read_checkpoint(path)
+    ckpt = _read_good_run(path)
     saved_cfg = ckpt.get("config") or {}
     if saved_cfg != gpt.cfg:
         diffs = _differences(saved_cfg, gpt.cfg, sorted(set(saved_cfg) | set(gpt.cfg)))
         raise ValueError(f"checkpoint {path} was trained with another model "
                          f"config: {'; '.join(diffs)}. Resume with the saved values, or "
                          f"train into a new --out without --resume.")
-    if "optimizer_state_dict" not in ckpt:
-        raise ValueError(f"{path} holds weights only, not a training state; "
-                         f"it cannot be resumed")
     if now["warmup_steps"] is None:
         now["warmup_steps"] = (ckpt.get("settings") or {}).get("warmup_steps")
     _check_resume_settings(ckpt, path, now, must_match, batch_size, world_size)
@@ -146,14 +183,17 @@ def resume_run(path, gpt, optimizer, plan, num_epochs, batch_size, seed, now, mu
                          f"--lora-alpha and --lora-targets")
     full = StateDictOptions(full_state_dict=True)
     state = ckpt["model_state_dict"]
+    run_base = None
     if saved_lora is not None:
         # LoRA: the frozen base is the pretrained model this run was built from again, the
         # adapters are the saved ones (the checkpoint's merged weights are for other readers)
-        state = {**get_model_state_dict(gpt, options=full), **saved_lora["adapters"]}
+        base = get_model_state_dict(gpt, options=full)
+        run_base = _check_same_base(ckpt, path, base, saved_lora)
+        state = {**base, **saved_lora["adapters"]}
     set_model_state_dict(gpt, state, options=full)
     set_optimizer_state_dict(gpt, optimizer, ckpt["optimizer_state_dict"], options=full)
     run = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens_seen"],
-                     ckpt["history"], saved_step=ckpt["step"])
+                     ckpt["history"], saved_step=ckpt["step"], base_sha256=run_base)
     if ckpt.get("world_size", 1) == world_size:
         _set_rng_state(ckpt["rng_state"][rank])
     else:
@@ -174,6 +214,58 @@ def resume_run(path, gpt, optimizer, plan, num_epochs, batch_size, seed, now, mu
     if now["warmup_steps"] is not None:
         plan.warmup_steps = now["warmup_steps"]
     return run
+
+
+def _read_good_run(path):
+    """The checkpoint at ``path``, verified and finite (weights, adapters, optimizer state);
+    else a one-line error that names the last checkpoint of the run that is."""
+    try:
+        ckpt = read_checkpoint(path)
+    except DamagedFileError as e:
+        raise DamagedFileError(path, e.why, _last_good(path)) from None
+    if not isinstance(ckpt, dict) or "optimizer_state_dict" not in ckpt:
+        raise ValueError(f"{path} holds weights only, not a training state; it cannot be "
+                         f"resumed (to fine-tune it, start a run with --init-from {path} and "
+                         f"another --out)")
+    for what, part in (("weights", ckpt.get("model_state_dict")),
+                       ("LoRA adapters", (ckpt.get("lora") or {}).get("adapters")),
+                       ("optimizer state", ckpt["optimizer_state_dict"])):
+        if (bad := first_non_finite(part)) is not None:
+            raise ValueError(
+                f"cannot resume {path}: there are NaN or infinite numbers in its {what} "
+                f"({bad}), so it is not a good checkpoint (the file was damaged, or saved by "
+                f"a run that diverged); {_last_good(path)}")
+    return ckpt
+
+
+def _last_good(path):
+    """Advice naming ``<path>.prev`` when it verifies and is finite, for a bad ``path``."""
+    previous = previous_path(path)
+    if not previous.is_file():
+        return (f"no earlier checkpoint of this run is kept ({previous.name} does not exist): "
+                f"start afresh without --resume, or restore {path} from a copy")
+    try:
+        ckpt = _read_good_run(previous)
+    except (ValueError, OSError):
+        return (f"{previous}, the checkpoint before it, does not verify either: start afresh "
+                f"without --resume, or restore {path} from a copy")
+    return (f"the last checkpoint that verifies is {previous} (step {ckpt.get('step')}): "
+            f"`mv {previous} {path}` and --resume again, or start afresh without --resume")
+
+
+def _check_same_base(ckpt, path, base, saved_lora):
+    """Raise ValueError when the frozen base of a LoRA model (its state ``base``, before the
+    saved adapters go in) is not the one the run was saved with; return its fingerprint."""
+    now = _base_sha256(base, saved_lora["adapters"])
+    saved = saved_lora.get("base_sha256")       # None: a checkpoint from before it was kept
+    if saved is not None and saved != now:
+        source = (ckpt.get("settings") or {}).get("init_from")
+        raise ValueError(
+            f"cannot resume {path}: its LoRA adapters were trained on other base weights than "
+            f"{source or 'the model'} holds now (the frozen weights' fingerprint differs: the "
+            f"source was re-saved or replaced); resume with the weights the run started from, "
+            f"or train into a new --out without --resume")
+    return now
 
 
 def _differences(saved, now, keys):
@@ -231,9 +323,10 @@ def check_finite(loss, run, checkpoint_path, when="at"):
             f"Lower learning_rate, raise warmup_steps or keep gradient clipping on.")
 
 
-def check_model_finite(gpt, current_loss, device, world_size, run, path):
-    """Raise FloatingPointError when the weights about to be saved, or the loss they give,
-    are not finite: then nothing is written, and the last checkpoint stays.
+def check_model_finite(gpt, current_loss, device, world_size, run, path, optimizer=None):
+    """Raise FloatingPointError when the weights (or the ``optimizer``'s state) about to be
+    saved, or the loss they give, are not finite: then nothing is written, and the last
+    checkpoint stays, a good one to resume from.
 
     A step's loss is computed before its update, so an update that breaks the weights
     shows only in the next step's loss: too late for a checkpoint written right after it.
@@ -247,8 +340,12 @@ def check_model_finite(gpt, current_loss, device, world_size, run, path):
         loss = h["train_loss"][-1]
     else:
         loss = mean_across_processes(current_loss(), device, world_size)
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in gpt.parameters()]
-    weights_ok = float(torch.stack([torch.isfinite(t).all() for t in local]).all())
+    states = optimizer.state.values() if optimizer is not None else ()
+    tensors = [*gpt.parameters(), *(t for state in states for t in state.values()
+                                    if isinstance(t, torch.Tensor) and t.is_floating_point())]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    # .to(device): an optimizer may keep its step counts on the CPU
+    weights_ok = float(torch.stack([torch.isfinite(t).all().to(device) for t in local]).all())
     if mean_across_processes(weights_ok, device, world_size) < 1.0:
         loss = float("nan")
     check_finite(loss, run, path, when="with the weights after")
@@ -299,9 +396,159 @@ def note_replaced(path):
     if not path or not Path(path).is_file():
         return
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_checkpoint(path, verify=False, mmap=True)
         what = f"a run saved at step {ckpt['step']}" if "step" in ckpt else "a model"
     except Exception:           # unreadable: it is replaced all the same
         what = "a file"
     print(f"note: {path} holds {what}; this run starts afresh and replaces it at its first "
           f"checkpoint (to continue that run instead, use --resume)")
+
+
+# ---------------------------------------------------------------------------------------
+# Before a run: which run is at a path, where its weights came from, one run at a time
+
+def saved_run(path):
+    """The checkpoint at ``path`` with its tensors mapped, not read (its config, settings
+    and LoRA entries, cheaply); resume_run verifies the whole file later.
+
+    A missing file is a FileNotFoundError that says what --resume needs (and names
+    ``<path>.prev`` when a save was cut between its two renames)."""
+    path = Path(path)
+    if not path.is_file():
+        previous = previous_path(path)
+        kept = (f"; {previous} is the run's previous checkpoint: `mv {previous} {path}` to "
+                f"resume from it" if previous.is_file() else "")
+        raise FileNotFoundError(f"--resume: there is no checkpoint at {path} (--out) to "
+                                f"continue{kept}; check --out, or start without --resume")
+    try:
+        return read_checkpoint(path, verify=False, mmap=True)
+    except DamagedFileError as e:
+        raise DamagedFileError(path, e.why, _last_good(path)) from None
+
+
+def source_id(source):
+    """How a run records the weights it started from: a local file or folder as its
+    resolved path (``./hf`` and ``hf`` are one source), a Hub id or size name as given."""
+    if source is None:
+        return None
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def same_source(saved, now):
+    """Whether two recorded sources (source_id) name the same weights; one that is gone
+    from disk since (a moved or deleted folder) still matches its resolved path."""
+    if saved is None or now is None:
+        return saved == now
+    return saved == now or Path(saved).resolve() == Path(now).resolve()
+
+
+class RunInProgressError(OSError):
+    """Another live process is writing the checkpoint this run would write."""
+
+
+_HELD = {}      # lock path -> [open file descriptor, how many run_lock blocks hold it]
+
+
+@contextlib.contextmanager
+def run_lock(path):
+    """Hold ``<path>.lock`` while a run may write ``path`` (rank 0 only; None: no lock).
+
+    A second run on the same path is refused with RunInProgressError naming the process
+    that holds the lock. The lock is one of the operating system's on that file
+    (fcntl.flock; on Windows msvcrt.locking), so it ends with its process however that ends
+    (kill -9 included); the file, which names the process, is removed on every normal way
+    out. A file left by a process that is gone is taken over with a note. The same process
+    may nest run_lock blocks on one path (train.py holds it around train_model, which takes
+    it too). The lock file is written in place, not through fileio.atomic_write: the lock
+    lives on the open file itself.
+    """
+    if not path or rank_and_world()[0] != 0:
+        yield
+        return
+    lock = Path(f"{path}.lock").resolve()
+    if lock in _HELD:
+        _HELD[lock][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[lock][1] -= 1
+        return
+    fd = _take_lock(lock, path)
+    _HELD[lock] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[lock]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)     # names nobody now (Windows cannot remove an open file)
+            lock.unlink()           # while still locked: a waiting run then makes a new file
+        os.close(fd)
+
+
+def _take_lock(lock, path):
+    """Open and lock ``lock``; write this process into it; return its descriptor."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        try:
+            held = _is_held(fd, holder)
+        except BaseException:
+            os.close(fd)
+            raise
+        if held:
+            os.close(fd)
+            raise RunInProgressError(
+                f"another run ({holder or 'a process'}) is writing {path} right now ({lock} is "
+                f"held): wait for it to end or stop it, or choose another --out")
+        # The file may have been removed between our open and our lock (by the run that
+        # held it, on its way out): then the lock is on a file nobody else will open.
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if holder:
+        print(f"note: {lock} was left by {holder}, which is no longer running (killed?); "
+              f"taking it over")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    os.fsync(fd)
+    return fd
+
+
+# Windows locks byte ranges, and a locked range cannot be read by others: lock a byte far
+# past the text naming the holder, so that a refused run can still say who it is.
+_WINDOWS_LOCK_OFFSET = 1 << 30
+
+
+def _is_held(fd, holder):
+    """Whether another live process holds the lock on ``fd`` (else this one holds it now)."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        if os.name == "nt":     # msvcrt's refusal (EACCES, EDEADLOCK)
+            return True
+    # A file system without flock (NFS without its lock daemon): the process id decides.
+    words = holder.split()
+    if len(words) < 4 or not words[1].isdigit() or words[3] != socket.gethostname():
+        return bool(holder)     # another machine's (or unreadable): do not guess it is gone
+    try:
+        os.kill(int(words[1]), 0)   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return int(words[1]) != os.getpid()

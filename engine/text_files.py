@@ -9,12 +9,14 @@
 dataset.py re-exports these; train.py and train.ipynb call prepare_splits.
 """
 
+import errno
 import hashlib
 import json
 import re
 from pathlib import Path
 
-from engine.fileio import atomic_write  # the one atomic file writer (temp file + fsync + rename)
+# the one atomic file writer (temp file + fsync + rename), and its error for a read-only folder
+from engine.fileio import NotWritableError, atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # Reading text and splitting it into train / validation / test
@@ -206,10 +208,20 @@ def split_train_val_test(file_path, train_ratio=0.85, val_ratio=0.10, overwrite=
     # Drop the old stamp first and write the new one last: a crash in between leaves split
     # files with no stamp (judged by their mtimes), never a stamp vouching for other splits.
     stamp_path = split_stamp_path(file_path)
-    stamp_path.unlink(missing_ok=True)
-    for p, part in zip(paths, parts):
-        _atomic_write(p, part)
-        print(f"{p}: {len(part):,} characters, {_count_lines(part):,} lines")
+    try:
+        stamp_path.unlink(missing_ok=True)
+        for p, part in zip(paths, parts):
+            _atomic_write(p, part)
+            print(f"{p}: {len(part):,} characters, {_count_lines(part):,} lines")
+    except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):   # read-only
+            raise
+        error = NotWritableError(
+            f"cannot write the split files train.txt, valid.txt and test.txt beside "
+            f"{file_path}: {file_path.parent} is not writable ({e.strerror}); copy the text into "
+            f"a folder you can write to and pass that (--data), or make the folder writable")
+        error.strerror = e.strerror
+        raise error from None
     # the split files as written, so that a later edit of one by hand is noticed (_ours)
     written = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
     stamp = {"input": file_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
