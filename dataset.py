@@ -4,10 +4,14 @@
     token ids --GPTDataset--> (input, target) windows          target = input shifted by one
     windows --create_dataloader--> batches (B, T)
 
-The file plumbing train.py and train.ipynb use around them lives in the engine and is
-re-exported at the end: ``prepare_splits`` (data/input.txt -> train.txt / valid.txt /
-test.txt, the default corpus when there is none), ``read_text`` and ``load_tokens`` (token
-ids cached beside big files as uint16).
+Instruction data goes the same way, through one template (the second half of this file):
+
+    record --as_conversation--> messages --render_conversation--> ids + which ones are scored
+    records --InstructionDataset / create_instruction_dataloader--> padded batches (B, longest)
+
+File plumbing lives in the engine, re-exported at the end: ``read_records`` / ``split_records``
+(instruction files, held-out records), ``prepare_splits`` (data/input.txt -> train.txt /
+valid.txt / test.txt; the default corpus when there is none), ``load_tokens`` (cached ids).
 """
 
 import functools
@@ -22,6 +26,7 @@ import torch
 from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader, Dataset
 
+from engine import records as record_files
 from engine import text_files, token_cache
 from engine.bpe_files import gpt2_bpe_files
 
@@ -43,10 +48,7 @@ def get_tokenizer():
 def _as_token_array(txt, tokenizer):
     """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
     if isinstance(txt, str):
-        if tokenizer is None:
-            tokenizer = get_tokenizer()
-        ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
-        txt = ids
+        txt = (tokenizer or get_tokenizer()).encode(txt, allowed_special={"<|endoftext|>"})
     elif isinstance(txt, (bytes, os.PathLike)):
         raise TypeError(f"pass the text itself (str) or its token ids, not {type(txt).__name__}; "
                         f"for a file use load_tokens(path) or read_text(path)")
@@ -140,8 +142,142 @@ def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=Tru
 
 
 # ---------------------------------------------------------------------------------------------
-# Text files on disk (engine/text_files.py, engine/token_cache.py), as train.py and the
-# notebooks call them
+# Instruction data: one template turns a conversation into token ids and a loss mask
+# ---------------------------------------------------------------------------------------------
+IGNORE_INDEX = -100     # a target the loss skips: F.cross_entropy's default, as in HF's labels
+
+
+def as_conversation(record):
+    """A record (Alpaca or messages, engine/records.py) as a list of messages. An Alpaca
+    record is one exchange: the user writes the instruction and, after a blank line, its
+    input (as one pastes a text under a request); so a model tuned on Alpaca-style records
+    is asked in the very format chat.py uses."""
+    if "messages" in record:
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    instruction, extra, output = record_files.alpaca_fields(record)
+    user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def render_conversation(messages, tokenizer=None, reply_open=False):
+    """The template: messages -> ``(ids, scored)``, two lists of the same length, where
+    ``scored[i]`` says whether the loss counts token i: only the assistant's words and the
+    ``<|endoftext|>`` ending each of its turns, never the system text, the user's or a header.
+
+        ### System:                            <- only with a system message
+        Answer in one word.
+
+        ### User:
+        Name a primary colour.
+
+        ### Assistant:
+        Red.<|endoftext|>### User:             <- scored: "Red." and <|endoftext|>
+        And another?
+
+        ### Assistant:
+        Blue.<|endoftext|>                     <- scored: "Blue." and <|endoftext|>
+
+    ``<|endoftext|>`` (id 50256) ends a turn: GPT-2 has it already ("the document ends
+    here"), so pretrained checkpoints and the Hugging Face export need no new token, and
+    generation stops at it (``eos_id``). Pieces are encoded with ``encode_ordinary``: an
+    "<|endoftext|>" typed in a message stays text. ``reply_open=True`` (chat.py) renders a
+    conversation ending with a user message, up to "### Assistant:\\n": the reply comes next.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    if messages[-1]["role"] != (last := "user" if reply_open else "assistant"):
+        raise ValueError(f"with reply_open={reply_open} the conversation must end with a {last}")
+    ids, scored = [], []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            piece = tokenizer.encode_ordinary(content) + [tokenizer.eot_token]
+        else:
+            text = (f"### System:\n{content}\n\n" if role == "system" else
+                    f"### User:\n{content}\n\n### Assistant:\n")
+            piece = tokenizer.encode_ordinary(text)
+        ids += piece
+        scored += [role == "assistant"] * len(piece)
+    return ids, scored
+
+
+def fit_conversation(messages, max_tokens, tokenizer=None, reply_open=False):
+    """render_conversation within ``max_tokens`` -> ``(ids, scored, dropped, cut)``.
+
+    Too long, it loses 1. its oldest exchanges (a user message and its answer; the system
+    message stays), down to the last one (``dropped`` counts them); then 2. the middle of
+    the prompt, down to a quarter of ``max_tokens`` (the task's opening and the
+    "### Assistant:" cue stay); then 3. the end of the answer (and <|endoftext|>).
+    ``cut``: whether 2 or 3 happened (engine/records.py's fit). chat.py fits with it too.
+    """
+    render = functools.partial(render_conversation, tokenizer=tokenizer, reply_open=reply_open)
+    return record_files.fit(render, messages, max_tokens)
+
+
+class InstructionDataset(Dataset):
+    """One ``(input, target)`` pair per record (a list, or a .json / .jsonl path): the ids
+    less the last / the first one, the target -100 where the next token is not scored. So
+    ids may be ``max_length + 1`` long (the model's context + 1); longer records are fitted
+    (fit_conversation) and counted in ``truncated``."""
+
+    def __init__(self, records, tokenizer=None, max_length=1024, *, format=None, name=None):
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
+            raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
+        records = record_files.load_records(records, format, name)     # a list, checked
+        self.examples, self.truncated = [], 0
+        for record in records:
+            ids, scored, *shortened = fit_conversation(as_conversation(record), max_length + 1,
+                                                       tokenizer)      # (dropped, cut)
+            self.truncated += any(shortened)
+            self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(scored)))
+        self.lengths = [len(ids) - 1 for ids, _ in self.examples]        # input lengths
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ids, scored = (torch.from_numpy(a) for a in self.examples[i])     # (n,) each
+        return ids[:-1], torch.where(scored[1:], ids[1:], IGNORE_INDEX)   # (n - 1,) each
+
+
+def pad_batch(samples, pad_id=50256):
+    """[(input, target), ...] of different lengths -> (inputs, targets), each (B, longest).
+
+    Padding goes on the right: ``pad_id`` in the inputs, -100 in the targets. No attention
+    mask is needed: attention is causal, so no real token sees the padding after it, and
+    padding's predictions are never scored: each record's loss is what it is alone.
+    (Generation pads on the left, with a mask, so that each row's next token is the last.)"""
+    width = max(len(x) for x, _ in samples)
+    inputs = torch.full((len(samples), width), pad_id, dtype=torch.long)          # (B, L)
+    targets = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    for row, (x, y) in enumerate(samples):
+        inputs[row, :len(x)], targets[row, :len(y)] = x, y
+    return inputs, targets
+
+
+def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffle=True,
+                                  drop_last=False, num_workers=0, tokenizer=None,
+                                  generator=None, *, group_by_length=False, format=None,
+                                  name=None):
+    """create_dataloader's twin for instruction records (a list, or a .json / .jsonl path):
+    ``(input_ids, target_ids)`` batches, one record a row, as wide as the longest (pad_batch).
+
+    ``max_length``: the model's context_length; ``format``: "alpaca" or "messages" to insist
+    on one; ``group_by_length``: a shuffled order where records of similar length meet.
+    ``drop_last`` is off: a small set should lose no record. ``.dataset.truncated`` counts
+    the records shortened to fit."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dataset = InstructionDataset(records, tokenizer, max_length, format=format, name=name)
+    sampler = (record_files.LengthGroupedSampler(dataset.lengths, batch_size, generator)
+               if group_by_length else None)
+    pad = functools.partial(pad_batch, pad_id=(tokenizer or get_tokenizer()).eot_token)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                      generator=generator, collate_fn=pad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on disk (engine/: text_files, token_cache, records), as train.py and the notebooks use
 # ---------------------------------------------------------------------------------------------
 
 prepare_splits = text_files.prepare_splits
@@ -152,6 +288,10 @@ ensure_input_file = text_files.ensure_input_file
 split_paths = text_files.split_paths
 split_stamp_path = text_files.split_stamp_path
 token_cache_paths = token_cache.token_cache_paths
+read_records = record_files.read_records        # .json / .jsonl instruction records, checked
+split_records = record_files.split_records      # (train, valid) by whole records, seeded
+fetch_records = record_files.fetch_records      # a public set by URL, downloaded once
+is_records = record_files.is_records            # a .json / .jsonl path or URL
 
 
 def load_tokens(path, tokenizer=None, cache=True, **options):

@@ -462,7 +462,9 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
     if stream:
         print(start_context, end="", flush=True)
     out = generate_text(model, idx, max_new_tokens, gpt.cfg["context_length"], temperature,
-                        top_k, eos_id, top_p, generator=generator, callback=streamer)
+                        top_k, eos_id, top_p, generator=generator, callback=streamer)[0]
+    if eos_id is not None and eos_id in out[idx.shape[1]:]:     # the text ends there
+        out = out[:idx.shape[1] + out[idx.shape[1]:].tolist().index(eos_id)]
     text = token_ids_to_text(out, tokenizer)
     if stream:
         streamer.finish()

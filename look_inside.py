@@ -1,5 +1,6 @@
 """Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
-parameters are, the learning-rate schedule. The notebooks' pictures come from here.
+parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints).
+The notebooks' pictures come from here.
 
 Nothing here changes model.py: the helpers watch the model's own modules with forward
 hooks and recompute what they need from the layers' own weights.
@@ -8,6 +9,8 @@ hooks and recompute what they need from the layers' own weights.
 import math
 
 import torch
+
+from engine.devices import unwrap_model
 
 
 def attention_weights(model, idx, layers=None):
@@ -100,6 +103,23 @@ def parameter_counts(model):
     counts["output head (tied)" if tied else "output head"] = (
         0 if tied else model.out_head.weight.numel())
     return counts
+
+
+def print_model_params(model):
+    """Print and return the parameter count (a tied head is counted once) and fp32 size."""
+    model = unwrap_model(model)
+    total = sum(p.numel() for p in model.parameters())      # parameters() skips shared ones
+    head = model.out_head.weight
+    tied = head is model.tok_emb.weight
+    print(f"Total parameters: {total:,}" + (" (output head tied to token embedding)" if tied
+                                            else f"; without the output head: "
+                                                 f"{total - head.numel():,}"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable < total:       # some are frozen (LoRA: only the adapters train)
+        print(f"Trainable parameters: {trainable:,} ({100 * trainable / total:.2f}%); frozen: "
+              f"{total - trainable:,}")
+    print(f"Size in fp32: {total * 4 / 1024**2:.1f} MB")
+    return total
 
 
 def plot_attention(weights, labels, heads=(0,), title=""):

@@ -20,15 +20,23 @@ import torch
 
 from dataset import (
     GPTDataset,
+    as_conversation,
     create_dataloader,
+    create_instruction_dataloader,
+    fetch_records,
     get_tokenizer,
+    is_records,
     load_tokens,
     prepare_splits,
+    read_records,
+    render_conversation,
     split_paths,
+    split_records,
 )
 from engine.devices import barrier, cleanup_distributed, setup_distributed, wrap_model
 from engine.download import DownloadError
 from engine.fileio import check_writable
+from engine.records import is_url
 from engine.runs import run_lock, same_source, saved_run, source_id
 from lora import DEFAULT_TARGETS, TARGETS, add_lora
 from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
@@ -107,9 +115,12 @@ def build_parser():
                        help=FLAG_HELP.get(key, key))
     g = p.add_argument_group("run")
     g.add_argument("--data", default=DEFAULT_DATA,
-                   help="text file; train.txt/valid.txt/test.txt are made beside it if missing")
-    g.add_argument("--out", default="model_weights/trained_gpt2.pth",
-                   help="checkpoint path; the loss history (.json) and plot (.png) go beside it")
+                   help="a text file (train.txt/valid.txt/test.txt are made beside it), or "
+                        "instruction records: a .json / .jsonl file or its http(s) URL")
+    g.add_argument("--out", default=None,
+                   help="checkpoint path; the loss history (.json) and plot (.png) go beside "
+                        "it (default: model_weights/trained_gpt2.pth, or model_weights/"
+                        "instruct.pth for instruction records)")
     g.add_argument("--stride", type=int, default=None,
                    help="tokens between training windows; None = context_length (no overlap)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
@@ -133,6 +144,13 @@ def build_parser():
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("instruction tuning (--data FILE.json / FILE.jsonl)")
+    g.add_argument("--format", choices=["alpaca", "messages"], default=None,
+                   help="the records' format; None = detected from each record")
+    g.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="share of the records held out for validation (chosen by --seed)")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batch records of similar length together: less padding")
     g = p.add_argument_group("fine-tuning (start from pretrained weights)")
     g.add_argument("--init-from", metavar="SOURCE", default=None,
                    help=f"start from these weights instead of a random init: {SOURCES_HELP}; "
@@ -180,6 +198,14 @@ def parse_args(argv=None):
         parser.set_defaults(**GPT_CONFIG_124M)
         args = parser.parse_args(argv)
     args.given = _given_flags(argv)
+    args.instruct = is_records(args.data)
+    if args.out is None:
+        args.out = f"model_weights/{'instruct' if args.instruct else 'trained_gpt2'}.pth"
+    if not args.instruct and args.given & {"format", "valid_fraction", "group_by_length"}:
+        parser.error("--format, --valid-fraction and --group-by-length go with instruction "
+                     "records: --data FILE.json or FILE.jsonl")
+    if args.instruct and not 0 < args.valid_fraction < 1:
+        parser.error(f"--valid-fraction must be between 0 and 1, got {args.valid_fraction}")
     if args.init_from is None and (args.lora_rank or args.init_from_tf or args.config):
         parser.error("--lora-rank, --init-from-tf and --config go with --init-from SOURCE: "
                      "LoRA adapts pretrained weights (from a random init, train every weight)")
@@ -260,19 +286,54 @@ def _train(args, cfg, device, rank, world_size, parallel):
     # what a resumed run must keep besides the flags: the data (it decides the batch
     # order) and the weights it started from (as a resolved path: ./hf and hf are one)
     resumed = _resumed_source(args) if args.resume else None
-    settings = {"data": str(Path(args.data).resolve()),
+    settings = {"data": args.data if is_url(args.data) else str(Path(args.data).resolve()),
                 "init_from": resumed[0] if resumed else source_id(args.init_from)}
-    train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
-    train_tokens, val_tokens = load_tokens(train_path), load_tokens(valid_path)
+    if args.instruct:       # whole records: read and split them before any long work
+        data, test_path = _read_instructions(args, rank, world_size), None
+        settings.update(format=args.format, valid_fraction=args.valid_fraction,
+                        group_by_length=args.group_by_length)
+    else:
+        train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
+        data = (load_tokens(train_path), train_path), (load_tokens(valid_path), valid_path)
     model = _build_model(args, cfg, device, resumed)
     cfg = model.cfg
-    ctx = cfg["context_length"]
-    stride = args.stride if args.stride is not None else ctx
     tokenizer = get_tokenizer()
     if cfg["vocab_size"] < tokenizer.n_vocab:
         raise ValueError(f"--vocab-size {cfg['vocab_size']} is smaller than the tokenizer's "
                          f"{tokenizer.n_vocab} token ids, so some ids would have no embedding; "
                          f"use --vocab-size {tokenizer.n_vocab} (GPT-2's) or more")
+    loaders = _instruction_loaders if args.instruct else _text_loaders
+    train_loader, val_loader, start_context, tokens_per_step = loaders(
+        args, data, cfg["context_length"], tokenizer, world_size)
+    steps = plan_steps(len(train_loader.dataset), args.batch_size, args.grad_accum_steps,
+                       args.num_epochs, args.max_steps, world_size=world_size,
+                       drop_last=train_loader.drop_last).total_steps
+    global_batch = args.batch_size * args.grad_accum_steps * world_size
+    print(f"Global batch: {args.batch_size} (batch_size) x {args.grad_accum_steps} "
+          f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
+          f"{tokens_per_step}; {steps} steps on "
+          f"{device}{f' with {parallel.upper()}' if parallel else ''}.")
+    print_model_params(model)
+    if args.activation_checkpointing:
+        recompute_activations(model)
+    # Same init on every rank (seeded); from here each rank gets its own dropout masks.
+    torch.manual_seed(args.seed * 1_000 + rank)
+    if parallel:
+        model = wrap_model(model, parallel, device)
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**{**flags, "start_context": start_context}, checkpoint_path=args.out,
+                         progress=not args.no_progress, settings=settings,
+                         eval_at_start=args.init_from is not None)
+    history = train_model(model, train_loader, val_loader, device=device, config=config,
+                          tokenizer=tokenizer)
+    _report(args, history, model, test_path, device, rank)
+    return history
+
+
+def _text_loaders(args, data, ctx, tokenizer, world_size):
+    """Windows of --context-length tokens every --stride from the text's split files."""
+    (train_tokens, train_path), (val_tokens, valid_path) = data
+    stride = args.stride if args.stride is not None else ctx
     n_windows = len(GPTDataset(train_tokens, None, ctx, stride, name=train_path))
     if n_windows < world_size * args.batch_size:
         who = (f"{world_size} processes x --batch-size {args.batch_size} need"
@@ -285,30 +346,48 @@ def _train(args, cfg, device, rank, world_size, parallel):
                                      drop_last=True, name=train_path)
     val_loader = create_dataloader(val_tokens, args.batch_size, ctx, ctx, shuffle=False,
                                    drop_last=False, name=valid_path)
-    steps = plan_steps(n_windows, args.batch_size, args.grad_accum_steps, args.num_epochs,
-                       args.max_steps, world_size=world_size).total_steps
-    global_batch = args.batch_size * args.grad_accum_steps * world_size
     print(f"Data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
           f"{n_windows} windows of {ctx}.")
-    print(f"Global batch: {args.batch_size} (batch_size) x {args.grad_accum_steps} "
-          f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
-          f"{global_batch * ctx:,} tokens per optimizer step; {steps} steps on "
-          f"{device}{f' with {parallel.upper()}' if parallel else ''}.")
-    print_model_params(model)
-    if args.activation_checkpointing:
-        recompute_activations(model)
-    # Same init on every rank (seeded); from here each rank gets its own dropout masks.
-    torch.manual_seed(args.seed * 1_000 + rank)
-    if parallel:
-        model = wrap_model(model, parallel, device)
-    config = TrainConfig(
-        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)},
-        checkpoint_path=args.out, progress=not args.no_progress, settings=settings,
-        eval_at_start=args.init_from is not None)
-    history = train_model(model, train_loader, val_loader, device=device, config=config,
-                          tokenizer=tokenizer)
-    _report(args, history, model, test_path, device, rank, global_batch * ctx)
-    return history
+    tokens = args.batch_size * args.grad_accum_steps * world_size * ctx
+    return train_loader, val_loader, args.start_context, f"{tokens:,} tokens per optimizer step"
+
+
+def _read_instructions(args, rank, world_size):
+    """(training records, validation records) of --data: a file, or a URL fetched once
+    into data/ (by rank 0; the others wait and read it)."""
+    path = args.data
+    if is_url(path):
+        if rank == 0:
+            path = fetch_records(path, "data")
+        barrier()
+        path = fetch_records(args.data, "data")         # downloaded: found at once
+    records = read_records(path, args.format)
+    return split_records(records, args.valid_fraction, args.seed)
+
+
+def _instruction_loaders(args, data, ctx, tokenizer, world_size):
+    """One record a row, padded to the longest of its batch; the loss on the answers only."""
+    train_records, valid_records = data
+    if len(train_records) < world_size * args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} x {world_size} process(es) needs at "
+                         f"least {world_size * args.batch_size} training records, but {args.data} "
+                         f"leaves {len(train_records)} after holding out {len(valid_records)} "
+                         f"for validation; lower --batch-size or add records")
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = create_instruction_dataloader(
+        train_records, args.batch_size, ctx, tokenizer=tokenizer, generator=g,
+        group_by_length=args.group_by_length, name=args.data)
+    val_loader = create_instruction_dataloader(valid_records, args.batch_size, ctx,
+                                               shuffle=False, tokenizer=tokenizer,
+                                               name=args.data)
+    cut = train_loader.dataset.truncated + val_loader.dataset.truncated
+    print(f"Data: {args.data}: {len(train_records)} training records, {len(valid_records)} held "
+          f"out for validation, {cut} shortened to fit the {ctx}-token context; the loss "
+          f"counts the answers only.")
+    # the sample after each epoch: the model answering the first held-out instruction
+    messages = as_conversation(valid_records[0])[:-1]
+    prompt = tokenizer.decode(render_conversation(messages, tokenizer, reply_open=True)[0])
+    return train_loader, val_loader, prompt, "one record a row, padded to the longest"
 
 
 def _prepare_splits(args, rank, world_size):
@@ -435,11 +514,11 @@ def _build_model(args, cfg, device, resumed=None):
     return model
 
 
-def _report(args, history, model, test_path, device, rank, tokens_per_step):
-    """Test loss, the loss plot and history files, and the final lines."""
+def _report(args, history, model, test_path, device, rank):
+    """Test loss (text runs), the loss plot and history files, and the final lines."""
     ctx = unwrap_model(model).cfg["context_length"]
     out = Path(args.out)
-    test_tokens = load_tokens(test_path) if test_path.exists() else []
+    test_tokens = load_tokens(test_path) if test_path and test_path.exists() else []
     history["test_loss"] = float("nan")
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,
@@ -447,12 +526,16 @@ def _report(args, history, model, test_path, device, rank, tokens_per_step):
         with torch.no_grad():
             history["test_loss"] = calc_loss_loader(test_loader, model.eval(), device)
     if rank == 0:
+        # the faint per-step line needs each step's tokens: the mean step's (records vary)
+        per_step = history["tokens_seen"][-1] / max(1, history["final_step"])
         plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
                            history["val_loss"], out.with_name(out.stem + "_loss.png"),
-                           step_losses=history["step_loss"], tokens_per_step=tokens_per_step)
+                           step_losses=history["step_loss"], tokens_per_step=per_step)
         hist = save_history(history, out.with_name(out.stem + "_history.json"))
         print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
-    print(f"test: loss={history['test_loss']:.3f} perplexity={math.exp(history['test_loss']):.1f}")
+    if test_path is not None:
+        print(f"test: loss={history['test_loss']:.3f} "
+              f"perplexity={math.exp(history['test_loss']):.1f}")
     print(f"final: step={history['final_step']} train_loss={history['final_train_loss']:.4f} "
           f"val_loss={history['final_val_loss']:.4f}")
 

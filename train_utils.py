@@ -35,6 +35,7 @@ from engine.devices import (  # get_device, recompute_activations: as the README
     recompute_activations,  # noqa: F401
 )
 from engine.fileio import atomic_write
+from engine.fused_loss import IGNORE_INDEX
 from engine.runs import (
     RunLog,
     TrainState,
@@ -47,6 +48,7 @@ from engine.runs import (
     save_run,
 )
 from generate import generate_and_print
+from look_inside import print_model_params  # noqa: F401  (train_utils.print_model_params)
 from lora import lora_config, merged_state
 from model import GPTModel, unwrap_model
 
@@ -64,10 +66,12 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
-    """Mean loss per target token over the first ``num_batches`` batches (all when None).
+    """Mean loss per scored target token over the first ``num_batches`` batches (all when
+    None).
 
     Every token counts the same: a short last batch (drop_last=False) weighs by its
-    tokens, not as much as a full batch, which averaging the batch means would do.
+    tokens, not as much as a full batch, which averaging the batch means would do; and a
+    target the loss skips (IGNORE_INDEX: padding, an instruction's prompt) does not count.
     """
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
@@ -76,10 +80,17 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= n:
             break
-        loss = calc_loss_batch(input_batch, target_batch, model, device)
-        total += loss.item() * target_batch.numel()      # the batch's summed loss
-        n_tokens += target_batch.numel()
-    return total / n_tokens
+        scored = scored_tokens(target_batch)
+        if scored:
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            total += loss.item() * scored                # the batch's summed loss
+            n_tokens += scored
+    return total / n_tokens if n_tokens else float("nan")
+
+
+def scored_tokens(targets):
+    """How many targets the loss counts: all but IGNORE_INDEX (-100) ones."""
+    return int((targets != IGNORE_INDEX).sum())
 
 
 def _in_order(loader, batch_size=None):
@@ -185,30 +196,32 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def collate(samples):
-    """[(input, target), ...] -> (inputs (B, T), targets (B, T))."""
-    return torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples])
-
-
 def accumulate_gradients(model, micro_batches, device, dtype="fp32"):
     """Forward and backward over several (inputs, targets) micro-batches; one step's worth.
 
-    Each micro-batch's loss is weighted by its share of all target tokens in the group,
-    so the summed gradient equals the gradient of one batch holding all of them, also
-    when the last group of an epoch is short or its batches differ in size. Returns
-    (the group's mean loss, its number of target tokens).
+    Each micro-batch's loss is weighted by its share of all scored target tokens of the
+    step (every process's), so the summed gradient equals the gradient of one batch holding
+    all of them, also when the last group of an epoch is short or batches of instruction
+    records score different numbers of tokens. Returns (the step's mean loss, its number of
+    scored tokens over all processes).
     """
-    n_tokens = [targets.numel() for _, targets in micro_batches]
-    group_tokens = sum(n_tokens)
+    _, world_size = rank_and_world()
+    n_tokens = [scored_tokens(targets) for _, targets in micro_batches]
+    # several processes: their gradients are averaged, so each weighs its tokens by the
+    # count of all of them (for text, every process has the same count)
+    step_tokens = round(mean_across_processes(sum(n_tokens), device, world_size) * world_size)
     mean_loss = 0.0
     for k, (inputs, targets) in enumerate(micro_batches):
+        share = n_tokens[k] * world_size / max(step_tokens, 1)
         # with several processes, gradients are averaged across them on the last one only
         with grad_sync(model, last=k == len(micro_batches) - 1):
             with _autocast(device, dtype):
                 loss = calc_loss_batch(inputs, targets, model, device)
-            (loss * (n_tokens[k] / group_tokens)).backward()
-        mean_loss += loss.item() * n_tokens[k] / group_tokens
-    return mean_loss, group_tokens
+            if not n_tokens[k]:         # nothing scored: NaN, which must not reach a gradient
+                loss = loss.nan_to_num(0.0)
+            (loss * share).backward()
+        mean_loss += loss.item() * share
+    return mean_loss, step_tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,7 +281,8 @@ class TrainConfig:
 # how often to evaluate and checkpoint, the sample prompt, dtype, device, compile, and the
 # number of processes, with a batch_size that keeps the global batch.
 RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
-                     "data", "stride", "windows", "init_from")
+                     "data", "stride", "windows", "init_from", "format", "valid_fraction",
+                     "group_by_length")
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +310,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     optimizer = optimizer or make_optimizer(gpt, c.learning_rate, c.weight_decay)
     dataset, batch_size = train_loader.dataset, train_loader.batch_size
     shuffle = not isinstance(train_loader.sampler, torch.utils.data.SequentialSampler)
+    lengths = getattr(train_loader.sampler, "lengths", None)    # records grouped by length
     plan = plan_steps(len(dataset), batch_size, c.grad_accum_steps, c.num_epochs, c.max_steps,
                       c.warmup_steps, world_size, train_loader.drop_last)
     if plan.batches_per_epoch == 0:
@@ -325,6 +340,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
         save_run(c.checkpoint_path, gpt, optimizer, run, world_size, batch_size, settings,
                  partial(_split_lora, gpt))
 
+    collate = train_loader.collate_fn     # windows stacked; instruction records padded
     fwd_model = torch.compile(model) if c.compile else model
     model.train()
     start_time = time.time()
@@ -333,11 +349,11 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
             evaluate()
         while run.step < plan.total_steps and run.epoch < c.num_epochs:
             batches = epoch_batches(len(dataset), batch_size, shuffle, train_loader.drop_last,
-                                    c.seed, run.epoch, rank, world_size)
+                                    c.seed, run.epoch, rank, world_size, lengths)
             while run.batch_in_epoch < len(batches) and run.step < plan.total_steps:
                 # one optimizer step: the next grad_accum_steps micro-batches of windows
                 step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum_steps]
-                micro_batches = [collate([dataset[i] for i in batch]) for batch in step_batches]
+                micro_batches = [collate([dataset[i] for i in b]) for b in step_batches]
                 loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, c.dtype)
                 loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
                 check_finite(loss, run, c.checkpoint_path)
@@ -351,7 +367,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
                 optimizer.zero_grad(set_to_none=True)
                 run.step += 1
                 run.batch_in_epoch += len(step_batches)
-                run.tokens_seen += n_tokens * world_size
+                run.tokens_seen += n_tokens
                 run.history["step_loss"].append(loss)
                 log.step(loss, lr)
                 if run.step % c.eval_freq == 0:
@@ -425,7 +441,7 @@ def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, s
         return
     generator = torch.Generator(device).manual_seed(seed)
     sample = partial(generate_and_print, gpt, tokenizer, device, start_context, sample_tokens,
-                     temperature=0.8, top_k=50, generator=generator)
+                     temperature=0.8, top_k=50, eos_id=tokenizer.eot_token, generator=generator)
     if rank == 0:
         sample()
     elif is_fsdp(model):
@@ -480,20 +496,3 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     finally:
         plt.close(fig)
     return path
-
-
-def print_model_params(model):
-    """Print and return the parameter count (a tied head is counted once) and fp32 size."""
-    model = unwrap_model(model)
-    total = sum(p.numel() for p in model.parameters())      # parameters() skips shared ones
-    head = model.out_head.weight
-    tied = head is model.tok_emb.weight
-    print(f"Total parameters: {total:,}" + (" (output head tied to token embedding)" if tied
-                                            else f"; without the output head: "
-                                                 f"{total - head.numel():,}"))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable < total:       # some are frozen (LoRA: only the adapters train)
-        print(f"Trainable parameters: {trainable:,} ({100 * trainable / total:.2f}%); frozen: "
-              f"{total - trainable:,}")
-    print(f"Size in fp32: {total * 4 / 1024**2:.1f} MB")
-    return total

@@ -50,6 +50,7 @@ from engine.checkpoints import (
 )
 from engine.devices import gather, mean_across_processes, rank_and_world
 from engine.fileio import ctrl_c_after
+from engine.records import group_by_length
 
 
 def new_history():
@@ -80,21 +81,23 @@ class TrainState:
 # ---------------------------------------------------------------------------------------
 # The batch order
 
-def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1):
+def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1,
+                  lengths=None):
     """Index lists of one epoch's batches for process ``rank`` of ``world_size``.
 
     The order is a pure function of (seed, epoch), so a resumed run replays exactly the
     batches an uninterrupted run would have seen. With several processes every rank takes
-    a disjoint slice of the same global order.
+    a disjoint slice of the same global order. ``lengths`` (one per item; instruction records
+    grouped by length, records.group_by_length): batches of items of similar length.
     """
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n_items, generator=g).tolist()
-    else:
-        order = list(range(n_items))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_items, generator=g).tolist() if shuffle else list(range(n_items))
     # Every rank must run the same number of steps (each step is a collective), so the
     # order is cut to a multiple of world_size before it is dealt out round-robin.
     order = order[:len(order) - len(order) % world_size][rank::world_size]
+    if lengths is not None and shuffle:
+        batches = group_by_length(order, lengths, batch_size, g)
+        return [b for b in batches if len(b) == batch_size or not drop_last]
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 import train_utils
 from conftest import TINY_FLAGS, signal_at_first_save
@@ -56,11 +57,11 @@ def test_loss_falls_on_a_tiny_corpus(corpus_tokens):
 def test_grad_accumulation_equals_one_big_batch(corpus_tokens):
     ds = create_dataloader(corpus_tokens[:2000], batch_size=1, max_length=32, stride=32).dataset
     samples = [ds[i] for i in range(5)]
-    big = train_utils.collate(samples)
+    big = default_collate(samples)
     a, b = tiny_model(), tiny_model()
     loss_a, n_a = accumulate_gradients(a, [big], torch.device("cpu"))
     # 4 x 1 plus a short 1-sample group split unevenly (2 + 1 + 1 + 1): still exact
-    micro = [train_utils.collate(samples[:2])] + [train_utils.collate([s]) for s in samples[2:]]
+    micro = [default_collate(samples[:2])] + [default_collate([s]) for s in samples[2:]]
     loss_b, n_b = accumulate_gradients(b, micro, torch.device("cpu"))
     assert n_a == n_b == 5 * 32
     assert loss_a == pytest.approx(loss_b, rel=1e-6)

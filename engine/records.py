@@ -1,0 +1,306 @@
+"""Instruction records on disk: reading and checking them, the validation split, length groups.
+
+    read_records(path, format=None)     a .json list or a .jsonl file (one record a line) ->
+                                        a list of records, each checked, with errors that name
+                                        the record's line (JSONL) or its index (JSON list)
+    split_records(records, 0.1, seed)   -> (train, valid): whole records, decided per record
+    group_by_length(order, lengths, b)  batches of records of similar length (less padding),
+    LengthGroupedSampler                and the DataLoader sampler that uses it
+    fetch_records(url, folder)          a public set downloaded once (engine/download.py)
+    is_records(data), is_url(data)      what train.py's --data names
+    fit(render, messages, max_tokens)   a conversation cut to fit the context (the rules are
+                                        dataset.fit_conversation's docstring)
+
+Two record formats, told apart by their keys (``format=`` forces one):
+
+    "alpaca"    {"instruction": str, "input": str (optional), "output": str}
+                Dolly's names work too: "context" is read as "input", "response" as "output"
+    "messages"  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+                an optional system message first, then user and assistant taking turns,
+                ending with the assistant
+
+dataset.py re-exports these and turns a record into token ids (the template lives there).
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch.utils.data import Sampler
+
+from engine.download import download_file
+from engine.text_files import read_text
+
+FORMATS = ("alpaca", "messages")
+ROLES = ("system", "user", "assistant")
+ALPACA_FIELDS = {"input": ("input", "context"), "output": ("output", "response")}
+
+
+def is_records(data):
+    """Whether ``data`` (a path or URL) names instruction records: a .json / .jsonl file."""
+    return urlparse(str(data)).path.lower().endswith((".json", ".jsonl"))
+
+
+def is_url(data):
+    return str(data).startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking one record
+# ---------------------------------------------------------------------------------------------
+
+def record_format(record, format=None):
+    """"alpaca" or "messages": ``format`` when given, else what the record's keys say.
+    Raises ValueError (without saying where: the caller adds that) for anything else."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS} or None (detect), got {format!r}")
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__} "
+                         f"{_short(record)}")
+    found = "messages" if "messages" in record else "alpaca" if "instruction" in record else None
+    if found is None:
+        raise ValueError(f"neither an Alpaca record (\"instruction\", \"output\") nor a "
+                         f"conversation (\"messages\"): its keys are {sorted(record)}")
+    if format is not None and found != format:
+        raise ValueError(f"a {found} record where format={format!r} was asked for")
+    return found
+
+
+def check_record(record, format=None):
+    """The record's format, after checking every field; ValueError says what is wrong."""
+    found = record_format(record, format)
+    if found == "alpaca":
+        instruction = record["instruction"]
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"\"instruction\" must be a non-empty string, got "
+                             f"{_short(instruction)}")
+        for field, names in ALPACA_FIELDS.items():
+            name = next((n for n in names if n in record), None)
+            if name is None and field == "output":
+                raise ValueError("it has no \"output\" (the answer the model learns to give)")
+            if name is not None and not isinstance(record[name], str):
+                raise ValueError(f"\"{name}\" must be a string, got {_short(record[name])}")
+        return found
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"\"messages\" must be a non-empty list, got {_short(messages)}")
+    expected = "user"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise ValueError(f"message {i} must be an object with \"role\" and \"content\", "
+                             f"got {_short(message)}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"message {i} has role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}): \"content\" must be a string, got "
+                             f"{_short(content)}")
+        if role == "system" and i == 0:
+            continue
+        if role != expected:
+            raise ValueError(f"message {i} is {role!r} where {expected!r} was due: a system "
+                             f"message may only come first, then user and assistant take turns")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (the answer the model "
+                         "learns to give)")
+    return found
+
+
+def alpaca_fields(record):
+    """(instruction, input, output) of an Alpaca record (Dolly's context / response too)."""
+    found = {field: next((record[n] for n in names if n in record), "")
+             for field, names in ALPACA_FIELDS.items()}
+    return record["instruction"], found["input"], found["output"]
+
+
+def fit(render, messages, max_tokens):
+    """``render(messages) -> (ids, scored)`` within ``max_tokens`` -> (ids, scored, dropped,
+    cut): the oldest exchanges dropped first (the system message stays), then shorten()
+    (dataset.fit_conversation says it in words)."""
+    dropped = 0
+    ids, scored = render(messages)
+    while len(ids) > max_tokens and sum(m["role"] == "user" for m in messages) > 1:
+        first, second = [i for i, m in enumerate(messages) if m["role"] == "user"][:2]
+        messages, dropped = messages[:first] + messages[second:], dropped + 1
+        ids, scored = render(messages)
+    if len(ids) <= max_tokens:
+        return ids, scored, dropped, False
+    return *shorten(ids, scored, max_tokens), dropped, True
+
+
+def shorten(ids, scored, max_tokens):
+    """One exchange's ids and scored flags cut to ``max_tokens`` (dataset.fit_conversation's
+    steps 2 and 3): the prompt (the unscored tokens before the answer) loses its middle,
+    keeping its first and last tokens, but keeps at least a quarter of ``max_tokens``; then
+    the answer loses its end."""
+    n_prompt = scored.index(True) if True in scored else len(ids)
+    prompt, answer = ids[:n_prompt], ids[n_prompt:]
+    keep = max(max_tokens - len(answer), min(n_prompt, max_tokens // 4))      # prompt tokens
+    head = keep // 2
+    ids = prompt[:head] + prompt[n_prompt - (keep - head):] + answer[:max_tokens - keep]
+    return ids, [False] * keep + [True] * (len(ids) - keep)
+
+
+def _short(value, limit=60):
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_records(records, format=None, name="records", lines=None):
+    """Check every record; the first bad one raises ValueError naming ``name`` and the
+    record's place: ``lines[i]`` (its line in a JSONL file) or its index in the list."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS} or None (detect), got {format!r}")
+    if not records:
+        raise ValueError(f"{name} holds no records: an instruction set needs at least one "
+                         f"(.json: a list of records, .jsonl: one record a line)")
+    for i, record in enumerate(records):
+        try:
+            check_record(record, format)
+        except ValueError as e:
+            where = f"line {lines[i]}" if lines else f"record {i} (counting from 0)"
+            raise ValueError(f"{name} {where}: {e}") from None
+    return records
+
+
+def load_records(records, format=None, name=None):
+    """``records`` checked, or read from ``records`` when it is a path (read_records)."""
+    if isinstance(records, (str, os.PathLike)):
+        return read_records(records, format)
+    return check_records(records, format, name or "records")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a file
+# ---------------------------------------------------------------------------------------------
+
+def read_records(path, format=None):
+    """The records of a .json file (one list) or a .jsonl file (one record a line), checked.
+
+    A file with another suffix is read as a JSON list when it starts with ``[``, else as
+    JSONL. Blank lines of a JSONL file are skipped. Errors are one line naming the file and
+    the record: ``data.jsonl line 7: it has no "output" ...``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no instruction file at {path} (absolute: {path.resolve()}): "
+                                f"give a .json or .jsonl file of records, such as "
+                                f"data/instructions.jsonl")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: put records in it (.json: a list of records, "
+                         f".jsonl: one record a line)")
+    text = read_text(path).removeprefix("\ufeff")      # a UTF-8 byte-order mark is no JSON
+    as_list = path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip()[:1] == "[")
+    if as_list:
+        try:
+            records = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); a .json instruction file holds "
+                             f"one list of records, a .jsonl file one record a line") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path} holds a JSON {type(records).__name__}, not a list of "
+                             f"records; for one record a line, name the file .jsonl")
+        return check_records(records, format, str(path))
+    records, lines = [], []
+    # "\n" only: str.splitlines() also cuts at U+2028 and friends, which JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{path} line {number} is not valid JSON ({e}); a .jsonl file "
+                             f"holds one record a line") from None
+        lines.append(number)
+    return check_records(records, format, str(path), lines)
+
+
+def fetch_records(url, folder="data"):
+    """The path of ``url``'s file in ``folder``, downloaded there once (download_file: resumed
+    after a cut, never left half-written); a file already there is used as it is."""
+    name = Path(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"{url} names no file; give the URL of a .json or .jsonl file")
+    destination = Path(folder) / name
+    if destination.exists():
+        print(f"using {destination}, downloaded before from {url} (delete it to download "
+              f"again)")
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return Path(download_file(url, destination))
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation split and batches of similar length
+# ---------------------------------------------------------------------------------------------
+
+def split_records(records, valid_fraction=0.1, seed=123):
+    """``(train, valid)``: whole records, each side in the file's order.
+
+    A record goes to validation when a hash of (seed, the record) falls in the first
+    ``valid_fraction`` of the hash range. So the split is the same on every run and machine,
+    a record's side does not depend on the file's order or on the other records (records
+    added later never move an old one across, which would leak it into training), and
+    duplicate records land on the same side. If no record falls there, the one with the
+    lowest hash is held out: validation is never empty, training keeps the rest. Nothing is
+    written to disk.
+    """
+    if isinstance(valid_fraction, bool) or not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be a number strictly between 0 and 1, got "
+                         f"{valid_fraction!r}")
+    if len(records) < 2:
+        raise ValueError(f"{len(records)} record(s) cannot be split into training and "
+                         f"validation: give at least 2, or a validation file of its own")
+    keys = [_hash_fraction(seed, r) for r in records]
+    held = [k < valid_fraction for k in keys]
+    if not any(held):
+        held[keys.index(min(keys))] = True
+    if all(held):
+        held[keys.index(max(keys))] = False
+    return ([r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h])
+
+
+def _hash_fraction(seed, record):
+    """A number in [0, 1) fixed by the seed and the record's content."""
+    data = json.dumps([seed, record], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
+
+
+def group_by_length(order, lengths, batch_size, generator=None, window=64):
+    """Batches (index lists) of records of similar length, in random batch order.
+
+    ``order`` (a shuffled list of indices) is cut into windows of ``window * batch_size``
+    records; each window is sorted by length and cut into batches, and the full batches are
+    shuffled (with ``generator``, a torch.Generator). Records in a batch then need little
+    padding, while which records meet stays random. A short batch (there is at most one, the
+    last) stays last, where ``drop_last`` drops it.
+    """
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    short = [b for b in batches if len(b) < batch_size]
+    shuffled = torch.randperm(len(full), generator=generator).tolist()
+    return [full[k] for k in shuffled] + short
+
+
+class LengthGroupedSampler(Sampler):
+    """A shuffled order in which each run of ``batch_size`` records has similar lengths
+    (group_by_length), for a DataLoader with that batch_size: batches need little padding."""
+
+    def __init__(self, lengths, batch_size, generator=None):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = group_by_length(order, self.lengths, self.batch_size, self.generator)
+        return iter([i for batch in batches for i in batch])
