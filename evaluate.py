@@ -1,15 +1,40 @@
-"""How well a model predicts a text: its loss and perplexity, over windows that slide.
+"""How good is a model? Its perplexity on a text, and its scores on GPT-2's benchmarks.
 
     python evaluate.py --weights model_weights/trained_gpt2.pth --data data/test.txt
-    python evaluate.py --weights 124M --data my.txt --stride 512 --context-length 1024
+    python evaluate.py --weights 124M --task hellaswag            # 10,042 examples; acc, acc_norm
+    python evaluate.py --weights 124M --task lambada              # 5,153 passages; acc, perplexity
+    python evaluate.py --weights 124M --task wikitext             # word_perplexity, bits_per_byte
 
-A model sees at most ``context_length`` tokens at once, so a long text is scored in windows
-(the strided evaluation of transformers' guide "Perplexity of fixed-length models"). Windows
-of ``context_length`` tokens start every ``stride`` tokens, and each scores only the targets
-the window before it did not: with ``stride < context_length`` every token after the first
-is predicted exactly once, each with at least ``context_length - stride`` tokens before it.
-A smaller stride gives every prediction more context (a lower, fairer perplexity) and costs
-more forward passes. The last line:
+Every benchmark here is one computation: the log-likelihood of a *continuation* after a
+*context*, log p(continuation | context) = the sum of log p(token | everything before it) over
+the continuation's tokens. The tasks differ only in what they ask of it, scored exactly as
+EleutherAI's lm-evaluation-harness scores them, so that the numbers sit beside its tables:
+
+    hellaswag   4 endings per context; acc: the most likely ending is the right one,
+                acc_norm: the same with each log-likelihood divided by the ending's characters
+    lambada     the last word of a passage; acc: every token of it is the model's first
+                choice (greedy), perplexity: exp(-mean log-likelihood of the word)
+    wikitext    whole articles, in windows of the context length; perplexity per word and
+                per byte, bits per byte
+    perplexity  (a text file) strided windows: loss, perplexity, bits per byte
+
+Texts longer than the context keep their last ``context_length`` tokens. ``loglikelihood``
+is the plain computation, one forward pass per (context, continuation); engine/scoring.py
+gets the same numbers in batches, a context once for all its continuations. The benchmark
+files are downloaded once into data/eval/ and checked (engine/eval_data.py). The last line
+printed is ``task=... n=... <metrics>`` (for a text: ``loss=... perplexity=... ...``);
+``--json`` writes every number and each example's log-likelihoods. From Python:
+
+    examples = load_examples("hellaswag", limit=500)
+    hellaswag_score(model, examples)       # {"task", "n", "acc", "acc_norm", "examples"}
+
+Perplexity of a text: a model sees at most ``context_length`` tokens at once, so a long text
+is scored in windows (the strided evaluation of transformers' guide "Perplexity of
+fixed-length models"). Windows of ``context_length`` tokens start every ``stride`` tokens, and
+each scores only the targets the window before it did not: with ``stride < context_length``
+every token after the first is predicted exactly once, each with at least ``context_length -
+stride`` tokens before it. A smaller stride gives every prediction more context (a lower,
+fairer perplexity) and costs more forward passes. Its last line:
 
     loss=X perplexity=Y bits_per_byte=Z tokens=N
 
@@ -19,7 +44,11 @@ across tokenizers), N the number of tokens scored.
 """
 
 import argparse
+import json
 import math
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +56,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import get_tokenizer, load_tokens
+from engine import eval_data, scoring
 from engine.devices import get_device
+from engine.fileio import atomic_write
 from model import DTYPES
 from model_sources import SOURCES_HELP, load_model
+
+TASKS = ("hellaswag", "lambada", "wikitext")
 
 
 def strided_windows(n_tokens, context_length, stride):
@@ -41,6 +74,11 @@ def strided_windows(n_tokens, context_length, stride):
     """
     if n_tokens < 2:
         raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
+    if stride > context_length:
+        # windows would leave gaps: the tokens between two of them never scored
+        raise ValueError(f"--stride {stride} is larger than the context ({context_length} "
+                         f"tokens): {stride - context_length} tokens between windows would never "
+                         f"be scored; use --stride {context_length} or less")
     windows, scored_until = [], 1          # tokens[:scored_until] need no (more) score
     for begin in range(0, n_tokens, stride):
         end = min(begin + context_length, n_tokens)
@@ -53,6 +91,16 @@ def strided_windows(n_tokens, context_length, stride):
     return windows
 
 
+def _max_length(model, context_length):
+    """The tokens one input may hold: ``context_length`` or the model's whole context."""
+    have = model.cfg["context_length"]
+    context_length = context_length or have
+    if not 1 < context_length <= have:
+        raise ValueError(f"context_length must be in 2..{have} (the model's), "
+                         f"got {context_length}")
+    return context_length
+
+
 @torch.no_grad()
 def evaluate_perplexity(model, tokens, context_length=None, stride=None, batch_size=4,
                         tokenizer=None, progress=True):
@@ -62,11 +110,7 @@ def evaluate_perplexity(model, tokens, context_length=None, stride=None, batch_s
     ``{"loss", "perplexity", "bits_per_byte", "tokens"}`` (bits_per_byte needs the
     ``tokenizer``, default GPT-2's).
     """
-    cfg = model.cfg
-    context_length = context_length or cfg["context_length"]
-    if not 1 < context_length <= cfg["context_length"]:
-        raise ValueError(f"context_length must be in 2..{cfg['context_length']} (the model's), "
-                         f"got {context_length}")
+    context_length = _max_length(model, context_length)
     stride = stride or max(1, context_length // 2)
     if not 1 <= stride:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -104,41 +148,376 @@ def evaluate_perplexity(model, tokens, context_length=None, stride=None, batch_s
             "bits_per_byte": total_nll / math.log(2) / n_bytes, "tokens": len(scored)}
 
 
-def main(argv=None):
+# ---------------------------------------------------------------------------------------
+# The one computation: log p(continuation | context)
 
-    p = argparse.ArgumentParser(description="Loss and perplexity of a model on a text file, "
-                                            "with sliding windows.")
+def encode_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) as lm-evaluation-harness makes them.
+
+    Spaces at the end of the context move to the front of the continuation (GPT-2's BPE
+    glues a space to the word after it). The continuation's ids are those of the whole
+    text after the context's own ids: tokenizing context + continuation together gives the
+    tokens the model would have seen in running text. An empty context is ``<|endoftext|>``,
+    so that the first token has something to be predicted from.
+    """
+    encode = lambda text: tokenizer.encode(text, allowed_special="all")
+    if not context:
+        return [tokenizer.eot_token], encode(continuation)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = encode(context)
+    return context_ids, encode(context + continuation)[len(context_ids):]
+
+
+@torch.no_grad()
+def loglikelihood(model, context, continuation, max_length):
+    """(log p(continuation | context), greedy) for token ids, the plain way: one forward pass
+    (``model`` in eval mode).
+
+    The input is the last ``max_length`` tokens of context + continuation without its last
+    token (which is only predicted): a text longer than the context keeps its end. The
+    logits at the last len(continuation) positions predict the continuation's tokens;
+    greedy: each of them is the most likely token there.
+    """
+    device = next(model.parameters()).device
+    x = torch.tensor((context + continuation)[-(max_length + 1):][:-1], device=device)[None]
+    n = len(continuation)
+    logits = model(x)[0, -n:].float()                                      # (n, vocab)
+    target = torch.tensor(continuation, device=device)                     # (n,)
+    logp = torch.log_softmax(logits, -1)[torch.arange(n, device=device), target]   # (n,)
+    return float(logp.double().sum()), bool((logits.argmax(-1) == target).all())
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests, batch_size=8, context_length=None, progress=False,
+                   desc="scoring"):
+    """log p(continuation | context) for token-id requests [(context, [continuation, ...])].
+
+    Returns, per request, a list of (log-likelihood, greedy) per continuation (greedy: every
+    continuation token is the model's most likely next token). The model's training mode is
+    restored after.
+    """
+    max_length = _max_length(model, context_length)
+    for r, (context, continuations) in enumerate(requests):
+        if not context or not continuations or not all(continuations):
+            raise ValueError(f"request {r}: the context and every continuation need a token")
+        if max(map(len, continuations)) > max_length:
+            raise ValueError(f"request {r}: a continuation of {max(map(len, continuations))} "
+                             f"tokens does not fit in the context ({max_length} tokens)")
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(conts) for _, conts in requests), desc=desc, unit="continuation",
+               disable=not progress)
+    try:
+        # fast path: batches, each context once for all its continuations (engine/scoring.py)
+        results = scoring.batched_loglikelihoods(model, requests, batch_size, max_length, bar)
+        if results is None:
+            results = []
+            for context, continuations in requests:
+                results.append([loglikelihood(model, context, c, max_length)
+                                for c in continuations])
+                bar.update(len(continuations))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# HellaSwag: which of four endings continues the story?
+
+def hellaswag_preprocess(text):
+    """lm-evaluation-harness's cleaning of HellaSwag text (its WikiHow half carries tags)."""
+    text = text.strip().replace(" [title]", ". ")    # a WikiHow title ends a sentence
+    text = re.sub(r"\[.*?\]", "", text)              # other tags go: [header], [step], ...
+    return text.replace("  ", " ")
+
+
+def hellaswag_examples(records):
+    """File records (engine.eval_data.read_hellaswag) -> {"index", "query", "choices",
+    "label"}: the context is activity label, ctx_a and ctx_b (its first letter capitalised,
+    the rest lower-cased, as str.capitalize does), and each ending is cleaned the same way."""
+    return [{"index": i,
+             "query": hellaswag_preprocess(f"{r['activity_label']}: {r['ctx_a']} "
+                                           f"{r['ctx_b'].capitalize()}"),
+             "choices": [hellaswag_preprocess(e) for e in r["endings"]],
+             "label": int(r["label"])} for i, r in enumerate(records)]
+
+
+def _argmax(values):
+    return max(range(len(values)), key=values.__getitem__)     # the first of equal ones
+
+
+def hellaswag_score(model, examples, tokenizer=None, batch_size=8, progress=True,
+                    context_length=None):
+    """acc and acc_norm of ``model`` on HellaSwag ``examples`` (from hellaswag_examples).
+
+    Each ending is the continuation " " + ending of the query; acc: the ending with the
+    highest log-likelihood is the label; acc_norm: the highest log-likelihood per character
+    of the ending (long endings are not punished for having more tokens).
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    requests = []
+    for ex in examples:
+        pairs = [encode_pair(tokenizer, ex["query"], " " + c) for c in ex["choices"]]
+        requests.append((pairs[0][0], [cont for _, cont in pairs]))
+    scores = loglikelihoods(model, requests, batch_size, context_length, progress, "hellaswag")
+    rows = []
+    for ex, score in zip(examples, scores):
+        lls = [ll for ll, _ in score]
+        per_char = [ll / len(c) if c else -math.inf for ll, c in zip(lls, ex["choices"])]
+        rows.append({"index": ex["index"], "loglikelihoods": lls, "label": ex["label"],
+                     "pred": _argmax(lls), "pred_norm": _argmax(per_char)})
+    n = len(rows)
+    return {"task": "hellaswag", "n": n,
+            "acc": sum(r["pred"] == r["label"] for r in rows) / n,
+            "acc_norm": sum(r["pred_norm"] == r["label"] for r in rows) / n,
+            "examples": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# LAMBADA: the last word of a passage
+
+def lambada_examples(texts):
+    """Passages -> {"index", "context", "target"}: the text up to its last space, and " " +
+    the last word (split at single spaces, as lm-eval's lambada_openai does)."""
+    out = []
+    for i, text in enumerate(texts):
+        words = text.split(" ")
+        out.append({"index": i, "context": " ".join(words[:-1]), "target": " " + words[-1]})
+    return out
+
+
+def lambada_score(model, examples, tokenizer=None, batch_size=8, progress=True,
+                  context_length=None):
+    """acc (the whole word is the greedy prediction) and perplexity (exp of minus the mean
+    log-likelihood of the word) of ``model`` on LAMBADA ``examples`` (lambada_examples)."""
+    tokenizer = tokenizer or get_tokenizer()
+    requests = []
+    for ex in examples:
+        context, target = encode_pair(tokenizer, ex["context"], ex["target"])
+        requests.append((context, [target]))
+    scores = loglikelihoods(model, requests, batch_size, context_length, progress, "lambada")
+    rows = [{"index": ex["index"], "loglikelihood": s[0][0], "greedy": s[0][1]}
+            for ex, s in zip(examples, scores)]
+    n = len(rows)
+    return {"task": "lambada", "n": n, "acc": sum(r["greedy"] for r in rows) / n,
+            "perplexity": math.exp(-sum(r["loglikelihood"] for r in rows) / n),
+            "examples": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# WikiText: whole articles, perplexity per word and per byte
+
+def wikitext_detokenize(text):
+    """Undo WikiText's tokenization (" @-@ ", " , ", spaced brackets and quotes, ...) as
+    lm-eval's wikitext task does before scoring, so the model reads ordinary text."""
+    text = text.replace("s '", "s'")
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)    # as lm-eval has it (matches ~nothing)
+    for spaced, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "),
+                          (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "),
+                          (" , ", ", ")):
+        text = text.replace(spaced, plain)
+    # spaces just inside brackets and quotes
+    text = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", text)
+    text = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", text)
+    text = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", text)
+    text = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', text)
+    text = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", text)
+    for spaced, plain in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+                          (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"),
+                          ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        text = text.replace(spaced, plain)
+    return text
+
+
+def rolling_windows(tokens, max_length, prefix_token):
+    """A text of any length as (context, continuation) requests that predict each token once.
+
+    lm-eval's rolling windows (loglikelihood_rolling): the first predicts the first
+    ``max_length`` tokens after ``prefix_token`` (<|endoftext|>), each next one the next
+    ``max_length`` tokens after the one token before them; the last, shorter one takes as
+    much earlier text as fits.
+    """
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows, done = [([prefix_token], tokens[:first])], first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        windows.append((tokens[end - max_length - 1:end - n], tokens[end - n:end]))
+        done = end
+    return windows
+
+
+def wikitext_score(model, documents, tokenizer=None, batch_size=8, progress=True,
+                   context_length=None):
+    """word_perplexity, byte_perplexity and bits_per_byte of ``model`` on WikiText articles
+    (``documents``: their raw text). Each article is detokenized and scored whole in
+    rolling windows; words and bytes are counted in the raw text, as lm-eval counts them."""
+    tokenizer = tokenizer or get_tokenizer()
+    max_length = _max_length(model, context_length)
+    requests, owner, n_tokens = [], [], []
+    for d, page in enumerate(documents):
+        tokens = tokenizer.encode(wikitext_detokenize(page), allowed_special="all")
+        n_tokens.append(len(tokens))
+        for context, continuation in rolling_windows(tokens, max_length, tokenizer.eot_token):
+            requests.append((context, [continuation]))
+            owner.append(d)
+    scores = loglikelihoods(model, requests, batch_size, max_length, progress, "wikitext")
+    lls = [0.0] * len(documents)
+    for d, s in zip(owner, scores):
+        lls[d] += s[0][0]
+    rows = [{"index": d, "loglikelihood": lls[d], "words": len(re.split(r"\s+", page)),
+             "bytes": len(page.encode("utf-8")), "tokens": n_tokens[d]}
+            for d, page in enumerate(documents)]
+    nll = -sum(lls)
+    words, n_bytes = sum(r["words"] for r in rows), sum(r["bytes"] for r in rows)
+    return {"task": "wikitext", "n": len(rows), "word_perplexity": math.exp(nll / words),
+            "byte_perplexity": math.exp(nll / n_bytes),
+            "bits_per_byte": nll / n_bytes / math.log(2), "examples": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# Files, the command line
+
+SCORERS = {"hellaswag": hellaswag_score, "lambada": lambada_score, "wikitext": wikitext_score}
+
+
+def load_examples(task, path=None, limit=None, folder="data/eval", url=None):
+    """The examples of ``task`` ("hellaswag", "lambada" or "wikitext": articles) from
+    ``path``, or from the official file (downloaded once into ``folder``, from ``url`` if
+    given: a mirror); the first ``limit`` of them if given."""
+    if task not in SCORERS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 1):
+        raise ValueError(f"--limit must be a whole number >= 1, got {limit!r}")
+    path = Path(path) if path else eval_data.task_file(task, folder, url)
+    if task == "hellaswag":
+        examples = hellaswag_examples(eval_data.read_hellaswag(path))
+    elif task == "lambada":
+        examples = lambada_examples(eval_data.read_lambada(path))
+    else:
+        examples = eval_data.read_wikitext(path)
+    return examples[:limit]
+
+
+def summary_line(result):
+    """``task=hellaswag n=10042 acc=0.2892 acc_norm=0.3114``: the last line printed."""
+    metrics = {k: v for k, v in result.items() if k not in ("task", "n", "examples")}
+    return " ".join([f"task={result['task']}", f"n={result['n']}"]
+                    + [f"{k}={v:.4f}" if k != "bits_per_byte" else f"{k}={v:.6f}"
+                       for k, v in metrics.items()])
+
+
+def write_json(result, path):
+    """The results (metrics first, then each example) as JSON, written atomically."""
+    text = json.dumps(result, indent=1) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _check_flags(args):
+    """The task to run (--task, else perplexity of a text file), or ValueError naming the
+    flag that does not fit."""
+    for name in ("stride", "context_length", "batch_size", "limit"):
+        value, least = getattr(args, name), 2 if name == "context_length" else 1
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    task = args.task
+    if task is None and args.data is None:
+        raise ValueError("give --task hellaswag|lambada|wikitext, or --data FILE (a text to "
+                         "score)")
+    if task is None and Path(args.data).suffix in (".jsonl", ".zip"):
+        raise ValueError(f"--data {args.data} looks like a benchmark's file; say which with "
+                         f"--task hellaswag, --task lambada or --task wikitext (--task "
+                         f"perplexity scores it as plain text)")
+    task = task or "perplexity"
+    if task == "perplexity" and args.data is None:
+        raise ValueError("--task perplexity needs --data FILE, the text to score")
+    if task == "perplexity" and args.limit is not None:
+        raise ValueError("--limit counts a task's examples; to score less of a text, "
+                         "shorten the file")
+    if task != "perplexity" and args.stride is not None:
+        raise ValueError(f"--stride is for the perplexity of a text; --task {task} scores "
+                         f"whole inputs")
+    if args.data_url and (args.data or task == "perplexity"):
+        raise ValueError("--data-url is where a task's missing file is downloaded from; it "
+                         "does not go with --data")
+    return task
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Score a model: perplexity on a text file, or "
+                                            "GPT-2's benchmarks as lm-evaluation-harness does.")
     p.add_argument("--weights", required=True, metavar="SOURCE", help=SOURCES_HELP)
-    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    p.add_argument("--task", choices=[*TASKS, "perplexity"], default=None,
+                   help="benchmark to run (default: perplexity of --data, a text file)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="the text to score, or the task's file in its official format "
+                        "(default for a task: downloaded once into data/eval/)")
+    p.add_argument("--data-url", default=None, metavar="URL",
+                   help="download a task's missing file from this mirror instead (the same "
+                        "size and sha256 are checked)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N examples (articles for wikitext)")
     p.add_argument("--stride", type=int, default=None,
-                   help="tokens between window starts (default: half the context)")
+                   help="perplexity: tokens between window starts (default: half the context; "
+                        "at most the context, and below it every token is scored)")
     p.add_argument("--context-length", type=int, default=None,
-                   help="tokens per window (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+                   help="tokens per input (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="inputs per forward pass (default: 4 windows for perplexity, 8 "
+                        "examples for a task)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="weights' precision (bf16: half the memory; a slightly different loss)")
+                   help="weights' precision (bf16: half the memory; slightly different scores)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
     p.add_argument("--config", metavar="NAME_OR_JSON", default=None,
                    help="only for a .pth holding a bare state dict")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results, with every example's scores, to PATH")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("stride", "context_length", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < (2 if name == "context_length" else 1):
-            p.error(f"--{name.replace('_', '-')} must be >= "
-                    f"{2 if name == 'context_length' else 1}, got {value}")
+    progress = not args.no_progress
     try:
+        task = _check_flags(args)
+        if task != "perplexity":
+            # the file first: a wrong file fails before a big model is loaded
+            path = args.data or eval_data.task_file(task, url=args.data_url)
+            examples = load_examples(task, path, args.limit)
         device = get_device(args.device)
         model = load_model(args.weights, device=device, dtype=args.dtype, cfg=args.config)
-        tokens = load_tokens(args.data)
-        result = evaluate_perplexity(model, tokens, args.context_length, args.stride,
-                                     args.batch_size, progress=not args.no_progress)
+        if task == "perplexity":
+            tokens = load_tokens(args.data)
+            result = evaluate_perplexity(model, tokens, args.context_length, args.stride,
+                                         args.batch_size or 4, progress=progress)
+            line = (f"loss={result['loss']:.6f} perplexity={result['perplexity']:.4f} "
+                    f"bits_per_byte={result['bits_per_byte']:.6f} tokens={result['tokens']}")
+            saved = {"task": "perplexity", "n": result["tokens"], **result}
+        else:
+            print(f"{task}: {len(examples)} {'articles' if task == 'wikitext' else 'examples'} "
+                  f"from {path}", flush=True)
+            result = SCORERS[task](model, examples, batch_size=args.batch_size or 8,
+                                   progress=progress, context_length=args.context_length)
+            line, saved = summary_line(result), result
+        if args.json:
+            rest = {k: v for k, v in saved.items() if k != "examples"}
+            data = args.data if task == "perplexity" else str(path)
+            write_json({**rest, "weights": str(args.weights), "data": data,
+                        **({"examples": saved["examples"]} if "examples" in saved else {})},
+                       args.json)
     except (ValueError, OSError) as e:
         p.exit(2, f"error: {e}\n")
-    print(f"loss={result['loss']:.6f} perplexity={result['perplexity']:.4f} "
-          f"bits_per_byte={result['bits_per_byte']:.6f} tokens={result['tokens']}")
+    print(line)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Ctrl-C: nothing half-written (--json is written whole or not at all)
+        print("interrupted: no results were written", file=sys.stderr)
+        sys.exit(130)

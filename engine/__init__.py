@@ -8,14 +8,18 @@ the textbook through one small, named call, and none of them imports a textbook 
 
     cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding)
     fused_loss    the output head and cross-entropy without the whole logits tensor
-    fileio        atomic writes, checkpoint reading, Ctrl-C-safe saves
+    fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
     gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)
     bpe_files     GPT-2's tokenizer files, offline and sha256-checked
+    checkpoints   checkpoint files: written atomically, verified when read
     download      HTTP downloads that resume, retry and never leave a half file
     text_files    reading text, train/valid/test split files and their stamp, default corpus
     token_cache   token ids of big files, cached beside them as uint16
+    records       instruction records (JSON/JSONL): checks, the split by record, length groups
     runs          a training run on disk: checkpoint save/resume, run checks, the log
+    eval_data     the benchmark files (HellaSwag, LAMBADA, WikiText): sources, checks
+    scoring       many log-likelihoods at once: evaluate.py's batched fast path
 
 Every fast path has one switch (``ENABLED``, an environment variable, and a ``disabled()``
 block) and a test against the plain code it replaces.

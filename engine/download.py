@@ -1,15 +1,20 @@
 """HTTP downloads that resume after a cut connection and never leave a half file.
 
     download_file(url, destination)   bytes -> destination.part -> (complete) -> destination
+    download_file(url, destination, size=N, sha256=HEX)    ... -> (checked) -> destination
 
-download_weights.py fetches OpenAI's checkpoints with it; download_weights_hf.py leaves the
-Hub's files to huggingface_hub.
+download_weights.py fetches OpenAI's checkpoints with it, engine/eval_data.py the benchmark
+files (with their known size and sha256); download_weights_hf.py leaves the Hub's files to
+huggingface_hub.
 """
 
+import hashlib
 import os
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 from tqdm import tqdm
@@ -42,12 +47,16 @@ def _content_range(header):
     return start, (None if total.strip() in ("", "*") else int(total))
 
 
-def _download_attempt(url, part, desc, timeout, chunk_size):
+def _download_attempt(url, part, desc, timeout, chunk_size, expected_size=None,
+                      mirror_flag="--base-url"):
     """One HTTP request that appends to (or restarts) ``part``.
 
     Returns when ``part`` holds the whole file. Raises _StartAgain when the partial file
     was unusable and has been removed, _TransientError for failures worth retrying after
     a pause, and DownloadError or FileNotFoundError for ones that retrying cannot fix.
+    ``expected_size``: the file's known length; a server announcing another length is
+    sending another file (an error page, a changed file), one that announces none is held
+    to it.
     """
     offset = part.stat().st_size if part.exists() else 0
     # identity: a gzip-encoded answer would be decoded by requests and no longer match
@@ -82,7 +91,7 @@ def _download_attempt(url, part, desc, timeout, chunk_size):
             raise DownloadError(
                 f"{url} was sent with Content-Encoding: {encoding} although we asked for the "
                 f"plain bytes (Accept-Encoding: identity), so its length cannot be checked. "
-                f"Use a server or mirror (--base-url) that sends the file as it is")
+                f"Use a server or mirror ({mirror_flag}) that sends the file as it is")
         if status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
@@ -97,6 +106,11 @@ def _download_attempt(url, part, desc, timeout, chunk_size):
             offset, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
+        if expected_size is not None and total is not None and total != expected_size:
+            part.unlink(missing_ok=True)
+            raise _StartAgain(f"the server announced {total} bytes where the file has "
+                              f"{expected_size}")
+        total = expected_size if total is None else total
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=desc) as bar:
             for chunk in response.iter_content(chunk_size=chunk_size):
@@ -113,8 +127,19 @@ def _download_attempt(url, part, desc, timeout, chunk_size):
         raise _StartAgain(f"the server sent {size} bytes after announcing {total}")
 
 
+def _check_sha256(part, sha256):
+    """Delete ``part`` and start again (_StartAgain) unless its sha256 is ``sha256``."""
+    digest = hashlib.sha256()
+    with open(part, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256.lower():
+        part.unlink()
+        raise _StartAgain(f"its sha256 is {digest.hexdigest()}, not the expected {sha256}")
+
+
 def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
-                  chunk_size=1 << 16):
+                  chunk_size=1 << 16, size=None, sha256=None, mirror_flag="--base-url"):
     """Download ``url`` to ``destination`` with a progress bar; resumable and atomic.
 
     Bytes go to ``destination + ".part"``; only when the stream ended and its length
@@ -142,6 +167,13 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
     against (OpenAI's does send it), and a .part is assumed to come from the same remote
     file (no ETag/If-Range check; OpenAI's files are immutable).
 
+    A file whose length and content are known can be held to them: with ``size`` a server
+    that announces another length is refused at once, one that announces none is held to
+    ``size`` (a short file resumes, a long one starts again); with ``sha256`` the complete
+    file is hashed before it takes its name. A wrong file is deleted and downloaded again,
+    counted as a start-again like the others. ``mirror_flag`` is the command-line flag the
+    messages suggest for another server.
+
     Returns the destination Path. Raises FileNotFoundError on 404 and DownloadError for
     other failures; the .part is kept so that running again resumes.
     """
@@ -155,19 +187,29 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
     while True:
         size_before = part.stat().st_size if part.exists() else 0
         try:
-            _download_attempt(url, part, destination.name, timeout, chunk_size)
+            _download_attempt(url, part, destination.name, timeout, chunk_size, size,
+                              mirror_flag)
+            if sha256 is not None:
+                _check_sha256(part, sha256)
         except _StartAgain as e:
             restarts += 1
             if restarts > retries:
                 raise DownloadError(
                     f"downloading {url} had to start again from zero {restarts} times "
                     f"(last: {e}); the server does not send the file consistently. Try "
-                    f"again later or use another mirror (--base-url)") from None
+                    f"again later or use another mirror ({mirror_flag})") from None
             _pause(f"{destination.name}: {e}; starting again from zero", restarts, retries,
                    backoff * 2 ** (restarts - 1))
             continue
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError, _TransientError) as e:
+            if _name_does_not_resolve(e):
+                # no network (or a mistyped host): waiting and asking again will not help
+                host = urlparse(url).hostname
+                raise DownloadError(
+                    f"cannot download {url}: the host name {host!r} does not resolve, so this "
+                    f"machine is offline or the name is wrong; connect and run again, or point "
+                    f"{mirror_flag} at a reachable mirror") from None
             if part.exists() and part.stat().st_size > size_before:
                 failures = 0           # progress: a flaky connection, not a dead one
                 continue
@@ -175,13 +217,25 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
             if failures > retries:
                 what_now = (f"the partial file {part} is kept, so running again resumes "
                             f"where it stopped" if part.exists() else
-                            "check the network connection, or point --base-url at a mirror")
+                            f"check the network connection, or point {mirror_flag} at a mirror")
                 raise DownloadError(f"downloading {url} failed {failures} times in a row "
                                     f"({e}); {what_now}") from e
             _pause(f"{destination.name}: {e}", failures, retries, backoff * 2 ** (failures - 1))
             continue
         os.replace(part, destination)
         return destination
+
+
+def _name_does_not_resolve(error):
+    """Whether ``error`` (a requests ConnectionError) comes from a failed DNS lookup."""
+    for _ in range(10):         # requests -> urllib3 -> socket: a few causes deep
+        if error is None:
+            return False
+        if isinstance(error, socket.gaierror) or type(error).__name__ == "NameResolutionError":
+            return True
+        error = error.__cause__ or error.__context__ or next(
+            (a for a in getattr(error, "args", ()) if isinstance(a, BaseException)), None)
+    return False
 
 
 def _pause(what, attempt, retries, seconds):

@@ -416,3 +416,14 @@ def test_missing_tensorflow_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow", None)      # makes `import tensorflow` fail
     with pytest.raises(ImportError, match="pip install tensorflow"):
         load_gpt2_params_from_tf_ckpt(tmp_path / "model.ckpt", HPARAMS)
+
+
+def test_a_host_name_that_does_not_resolve_fails_at_once(tmp_path, capsys):
+    # Offline (or a mistyped host), retries cannot help: one line, no waiting, no .part file.
+    # ".invalid" is reserved never to resolve (RFC 2606).
+    with pytest.raises(download_weights.DownloadError,
+                       match="host name 'gpt2-weights.invalid' does not resolve"):
+        download_file("http://gpt2-weights.invalid/124M/checkpoint", tmp_path / "checkpoint",
+                      backoff=30)
+    assert "retry" not in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
