@@ -405,6 +405,30 @@ def load_examples(task, path=None, limit=None, folder="data/eval", url=None):
     return examples[:limit]
 
 
+# The number a training run's evaluation line and plot show for each task
+MAIN_METRIC = {"hellaswag": "acc_norm", "lambada": "acc", "wikitext": "word_perplexity"}
+
+
+def task_scorer(spec, tokenizer=None, path=None, batch_size=8):
+    """``"hellaswag:200"`` -> score(model) -> {metric: value} on the task's first 200 examples
+    (HellaSwag and LAMBADA: 200 when no count is given, WikiText: 4 articles), loaded once
+    here (downloaded on first use): what train.py --eval-task runs at every evaluation.
+    ``score.task`` and ``score.main`` name the task and its headline metric."""
+    task, _, count = str(spec).partition(":")
+    if task not in SCORERS or (count and not (count.isdigit() and int(count) > 0)):
+        raise ValueError(f"--eval-task {spec!r}: give a task of {', '.join(TASKS)}, optionally "
+                         f"with the number of examples to score, e.g. hellaswag:200")
+    limit = int(count) if count else (4 if task == "wikitext" else 200)
+    examples = load_examples(task, path, limit)
+
+    def score(model):
+        result = SCORERS[task](model, examples, tokenizer, batch_size, progress=False)
+        return {k: v for k, v in result.items() if k not in ("task", "examples")}
+
+    score.task, score.main = task, MAIN_METRIC[task]
+    return score
+
+
 def summary_line(result):
     """``task=hellaswag n=10042 acc=0.2892 acc_norm=0.3114``: the last line printed."""
     metrics = {k: v for k, v in result.items() if k not in ("task", "n", "examples")}

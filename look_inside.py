@@ -1,6 +1,7 @@
 """Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
-parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints).
-The notebooks' pictures come from here.
+parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints),
+how a run went (``plot_losses``, the PNG every run leaves). The notebooks' pictures come
+from here.
 
 Nothing here changes model.py: the helpers watch the model's own modules with forward
 hooks and recompute what they need from the layers' own weights.
@@ -11,6 +12,7 @@ import math
 import torch
 
 from engine.devices import unwrap_model
+from engine.fileio import atomic_write
 
 
 def attention_weights(model, idx, layers=None):
@@ -120,6 +122,57 @@ def print_model_params(model):
               f"{total - trainable:,}")
     print(f"Size in fp32: {total * 4 / 1024**2:.1f} MB")
     return total
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png",
+                step_losses=None, tokens_per_step=None, task_scores=None):
+    """Save a PNG of training and validation loss against tokens seen (epochs on top).
+
+    The losses of the evaluations make the two main curves. ``step_losses`` (the history's
+    "step_loss": one per optimizer step, on that step's batch) adds a faint line that shows
+    what happens between evaluations, the first steps' fall from ~10.8 included; it needs
+    ``tokens_per_step`` (global batch x context length) to place the steps. ``task_scores``
+    (the history's, with train.py --eval-task) draws the benchmark's headline score on a
+    second axis, on the right.
+    """
+    if step_losses is not None and not tokens_per_step:
+        raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
+                         "processes x context_length) to place each step on the tokens axis")
+    import matplotlib
+    matplotlib.use("Agg")   # no window: works headless, in CI and in notebooks alike
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if step_losses is not None:
+        step_tokens = [tokens_per_step * (i + 1) for i in range(len(step_losses))]
+        ax.plot(step_tokens, step_losses, color="tab:blue", alpha=0.3, linewidth=0.8,
+                label="Training loss, each step's batch")
+    ax.plot(tokens_seen, train_losses, color="tab:blue", label="Training loss")
+    ax.plot(tokens_seen, val_losses, color="tab:orange", linestyle="-.", label="Validation loss")
+    ax.set_xlabel("Tokens seen")
+    ax.set_ylabel("Loss")
+    lines = ax.get_lines()
+    if task_scores:
+        task = task_scores[-1]["task"]
+        metric = {"hellaswag": "acc_norm", "lambada": "acc"}.get(task, "word_perplexity")
+        right = ax.twinx()
+        right.plot([t["tokens_seen"] for t in task_scores], [t[metric] for t in task_scores],
+                   color="tab:green", marker="o", markersize=3, label=f"{task} {metric}")
+        right.set_ylabel(f"{task} {metric}", color="tab:green")
+        lines += right.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    if len(epochs_seen) > 1 and epochs_seen[-1] > epochs_seen[0] and tokens_seen[-1] > 0:
+        # a second x axis on top, in epochs: each epoch is the same number of tokens
+        per_token = epochs_seen[-1] / tokens_seen[-1]
+        top = ax.secondary_xaxis("top", functions=(lambda t: t * per_token,
+                                                   lambda e: e / per_token))
+        top.set_xlabel("Epochs")
+    fig.tight_layout()
+    try:
+        path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), by_path=True)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_attention(weights, labels, heads=(0,), title=""):

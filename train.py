@@ -144,6 +144,15 @@ def build_parser():
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--eval-task", metavar="TASK[:N]", default=None,
+                   help="also score a benchmark at every evaluation: hellaswag, lambada or "
+                        "wikitext, on its first N examples (hellaswag:200); printed on the "
+                        "eval line, kept in the history, drawn in the loss plot")
+    g.add_argument("--eval-data", metavar="FILE", default=None,
+                   help="the --eval-task's file (default: data/eval/, downloaded once)")
+    g.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write the metrics (every step's and every evaluation's, as in "
+                        "<out>_metrics.jsonl) as TensorBoard scalars into DIR")
     g = p.add_argument_group("instruction tuning (--data FILE.json / FILE.jsonl)")
     g.add_argument("--format", choices=["alpaca", "messages"], default=None,
                    help="the records' format; None = detected from each record")
@@ -530,7 +539,8 @@ def _report(args, history, model, test_path, device, rank):
         per_step = history["tokens_seen"][-1] / max(1, history["final_step"])
         plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
                            history["val_loss"], out.with_name(out.stem + "_loss.png"),
-                           step_losses=history["step_loss"], tokens_per_step=per_step)
+                           step_losses=history["step_loss"], tokens_per_step=per_step,
+                           task_scores=history.get("task_scores"))
         hist = save_history(history, out.with_name(out.stem + "_history.json"))
         print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
     if test_path is not None:

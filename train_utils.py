@@ -42,13 +42,17 @@ from engine.runs import (
     check_finite,
     check_model_finite,
     epoch_batches,
+    metrics_path,
     note_replaced,
     resume_run,
     run_lock,
     save_run,
+    update_ratios,
+    weights_copy,
 )
+from evaluate import task_scorer
 from generate import generate_and_print
-from look_inside import print_model_params  # noqa: F401  (train_utils.print_model_params)
+from look_inside import plot_losses, print_model_params  # noqa: F401  (as the README shows)
 from lora import lora_config, merged_state
 from model import GPTModel, unwrap_model
 
@@ -249,6 +253,9 @@ class TrainConfig:
     eval_freq: int = 50             # evaluate every N optimizer steps
     eval_iter: int = 5              # batches per evaluation (train and validation)
     eval_at_start: bool = False     # evaluate before the first step (fine-tuning)
+    eval_task: str = None           # also a benchmark at every evaluation: "hellaswag:200"
+    eval_data: str = None           # its file (None: data/eval/, downloaded on first use)
+    tensorboard: str = None         # a folder: the metrics as TensorBoard scalars too
     start_context: str = "Every effort moves you"     # prompt of the sample after each epoch
     sample_tokens: int = 50         # tokens of that sample
     checkpoint_path: str = None     # where the run is saved (None: nowhere)
@@ -329,10 +336,12 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     # batches, so the figures do not depend on how many processes share the work.
     eval_loaders = (_in_order(train_loader, batch_size * world_size),
                     _in_order(val_loader, val_loader.batch_size * world_size))
-    log = RunLog(c.progress and rank == 0, plan.total_steps, run, c.checkpoint_path)
+    task = c.eval_task and task_scorer(c.eval_task, tokenizer, c.eval_data, batch_size)
+    log = RunLog(c.progress, plan.total_steps, run, c.checkpoint_path,
+                 c.checkpoint_path and metrics_path(c.checkpoint_path), c.tensorboard)
 
     def evaluate():
-        _evaluate(model, eval_loaders, device, c.eval_iter, run, plan, log)
+        _evaluate(model, eval_loaders, device, c.eval_iter, run, plan, log, task)
 
     def save():     # never a diverged model: the last good checkpoint stays good
         check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device), device,
@@ -354,22 +363,25 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
                 # one optimizer step: the next grad_accum_steps micro-batches of windows
                 step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum_steps]
                 micro_batches = [collate([dataset[i] for i in b]) for b in step_batches]
+                started = time.perf_counter()
                 loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, c.dtype)
                 loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
                 check_finite(loss, run, c.checkpoint_path)
-                if c.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                grad_norm = clip_gradients(model, c.grad_clip)        # the norm before clipping
                 lr = lr_at(run.step, c.learning_rate, plan.total_steps, plan.warmup_steps,
                            c.min_lr_ratio)
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
+                before = weights_copy(gpt) if (run.step + 1) % c.eval_freq == 0 else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 run.step += 1
                 run.batch_in_epoch += len(step_batches)
                 run.tokens_seen += n_tokens
                 run.history["step_loss"].append(loss)
-                log.step(loss, lr)
+                log.step(loss, lr, n_tokens, time.perf_counter() - started, grad_norm=grad_norm,
+                         clipped=bool(c.grad_clip and grad_norm > c.grad_clip),
+                         update_to_weight=before and update_ratios(gpt, before, _group, device))
                 if run.step % c.eval_freq == 0:
                     evaluate()
                 if c.checkpoint_every and run.step % c.checkpoint_every == 0:
@@ -415,8 +427,9 @@ def _split_lora(gpt, model_state):
     return model_state, {"lora": {**adapted, "adapters": adapters}}
 
 
-def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log):
-    """Evaluate, add the result to the history and print one line."""
+def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log, task=None):
+    """Evaluate (and score ``task``, evaluate.task_scorer), add the result to the history,
+    the metrics log and one printed line."""
     train_loss, val_loss = evaluate_model(model, *eval_loaders, device, eval_iter)
     h = run.history
     h["step"].append(run.step)
@@ -424,9 +437,36 @@ def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log):
     h["epoch"].append(run.epoch + run.batch_in_epoch / plan.batches_per_epoch)
     h["train_loss"].append(train_loss)
     h["val_loss"].append(val_loss)
+    scores, shown = {}, ""
+    if task:
+        scores = {task.task: task(unwrap_model(model))}
+        h.setdefault("task_scores", []).append({"step": run.step, "tokens_seen": run.tokens_seen,
+                                                "task": task.task, **scores[task.task]})
+        shown = f", {task.task} {task.main} {scores[task.task][task.main]:.4f}"
+    log.record("eval", train_loss=train_loss, val_loss=val_loss, **scores)
     shown_epoch = run.epoch + 1 if run.batch_in_epoch else run.epoch    # 1-based, just ended
     log.write(f"Ep {shown_epoch} (Step {run.step:06d}): "
-              f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+              f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{shown}")
+
+
+def clip_gradients(model, max_norm):
+    """Scale the gradients down to a total norm of ``max_norm`` when above it (0 or None: no
+    clipping); return their total norm before: a rising norm warns of divergence early."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _group(name):
+    """The part of GPT-2 a parameter belongs to, for the update-to-weight ratios (each step's
+    update over the weights' norm: around 1e-3 is healthy for Adam; much higher and the
+    learning rate is too high for that part, which shows there before the loss shows it)."""
+    if "norm" in name:
+        return "norms"
+    if name.startswith(("tok_emb", "pos_emb", "out_head")):
+        return "embeddings"
+    return "attention" if ".att." in name else "mlp"
 
 
 def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, seed):
@@ -455,44 +495,3 @@ def save_history(history, path):
     return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
 
 
-# ---------------------------------------------------------------------------------------
-# What a run leaves to look at
-
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png",
-                step_losses=None, tokens_per_step=None):
-    """Save a PNG of training and validation loss against tokens seen (epochs on top).
-
-    The losses of the evaluations make the two main curves. ``step_losses`` (the history's
-    "step_loss": one per optimizer step, on that step's batch) adds a faint line that shows
-    what happens between evaluations, the first steps' fall from ~10.8 included; it needs
-    ``tokens_per_step`` (global batch x context length) to place the steps.
-    """
-    if step_losses is not None and not tokens_per_step:
-        raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
-                         "processes x context_length) to place each step on the tokens axis")
-    import matplotlib
-    matplotlib.use("Agg")   # no window: works headless, in CI and in notebooks alike
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if step_losses is not None:
-        step_tokens = [tokens_per_step * (i + 1) for i in range(len(step_losses))]
-        ax.plot(step_tokens, step_losses, color="tab:blue", alpha=0.3, linewidth=0.8,
-                label="Training loss, each step's batch")
-    ax.plot(tokens_seen, train_losses, color="tab:blue", label="Training loss")
-    ax.plot(tokens_seen, val_losses, color="tab:orange", linestyle="-.", label="Validation loss")
-    ax.set_xlabel("Tokens seen")
-    ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
-    if len(epochs_seen) > 1 and epochs_seen[-1] > epochs_seen[0] and tokens_seen[-1] > 0:
-        # a second x axis on top, in epochs: each epoch is the same number of tokens
-        per_token = epochs_seen[-1] / tokens_seen[-1]
-        top = ax.secondary_xaxis("top", functions=(lambda t: t * per_token,
-                                                   lambda e: e / per_token))
-        top.set_xlabel("Epochs")
-    fig.tight_layout()
-    try:
-        path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), by_path=True)
-    finally:
-        plt.close(fig)
-    return path

@@ -8,9 +8,11 @@ train_utils.train_model is the loop; it calls, once per need:
     save_run(...)               the whole state -> the checkpoint (a collective under torchrun)
     resume_run(...)             the checkpoint -> model, optimizer, RNG and position, after
                                 checking that nothing deciding the batch order changed
+    weights_copy / update_ratios  how far a step moved each part of the model
     check_finite / check_model_finite
                                 a diverged run stops before it writes over a good checkpoint
-    RunLog                      the progress bar, the lines above it, what Ctrl-C says
+    RunLog                      the progress bar, the lines above it, the metrics log
+                                (<path>_metrics.jsonl, TensorBoard), what Ctrl-C says
     note_replaced(path)         one line when a fresh run will replace another run's file
     run_lock(path)              one run per checkpoint at a time (``<path>.lock``)
     saved_run(path)             a run's config and settings, read cheaply (train.py --resume)
@@ -23,10 +25,13 @@ the loss of the current weights and LoRA's state transform are handed in.
 """
 
 import contextlib
+import json
 import math
 import os
 import random
 import socket
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +54,7 @@ from engine.checkpoints import (
     write_checkpoint,
 )
 from engine.devices import gather, mean_across_processes, rank_and_world
-from engine.fileio import ctrl_c_after
+from engine.fileio import atomic_write, ctrl_c_after
 from engine.records import group_by_length
 
 
@@ -355,36 +360,92 @@ def check_model_finite(gpt, current_loss, device, world_size, run, path, optimiz
 
 
 # ---------------------------------------------------------------------------------------
+# How one step moved the weights (the run's health, in the metrics log)
+
+def weights_copy(model):
+    """A copy of every trainable weight (before an update, to measure it)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def update_ratios(model, before, group_of, device):
+    """{part: ||update|| / ||weights||} of one optimizer step, the parts named by
+    ``group_of(parameter name)``; ``before``: weights_copy from before the step."""
+    sums = {}
+    for name, p in model.named_parameters():
+        if name in before:
+            now, old = (t.to_local() if hasattr(t, "to_local") else t
+                        for t in (p.detach(), before[name]))
+            d, w = sums.get(group_of(name), (0.0, 0.0))
+            sums[group_of(name)] = (d + float((now - old).float().pow(2).sum()),
+                                    w + float(old.float().pow(2).sum()))
+    # FSDP: each rank holds a shard of every weight, so the sums add up across ranks
+    world = rank_and_world()[1] if any(hasattr(p, "to_local") for p in model.parameters()) else 1
+    return {g: math.sqrt(mean_across_processes(d, device, world) /
+                         max(mean_across_processes(w, device, world), 1e-30))
+            for g, (d, w) in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------
 # What the user sees
 
 class RunLog:
-    """The progress bar (when on) and the lines printed above it (rank 0 only).
+    """The progress bar (when on), the lines printed above it, and the metrics log (rank 0).
 
-    As a context manager around the loop it closes the bar on the way out, and turns
-    Ctrl-C into a KeyboardInterrupt whose message says what is saved and how to go on.
+    Every optimizer step and every evaluation is also one JSON line in ``metrics_path``
+    (``<out>_metrics.jsonl`` beside the checkpoint), and, with ``tensorboard`` (a folder),
+    the same numbers as TensorBoard scalars. A resumed run keeps the lines up to the step
+    its checkpoint holds and appends from there (the steps after it, which a killed run may
+    have logged, are trained again). As a context manager around the loop it closes the bar
+    and the files on the way out, and turns Ctrl-C into a KeyboardInterrupt whose message
+    says what is saved and how to go on.
     """
 
-    def __init__(self, show_bar, total_steps, run, checkpoint_path):
+    def __init__(self, show_bar, total_steps, run, checkpoint_path, metrics_path=None,
+                 tensorboard=None):
         self.main = rank_and_world()[0] == 0
         self.run, self.checkpoint_path = run, checkpoint_path
         self.bar = (tqdm(total=total_steps, initial=run.step, desc="training", unit="step")
-                    if show_bar else None)
+                    if show_bar and self.main else None)
+        self.metrics = self.board = None
+        if self.main and metrics_path:
+            self.metrics = _metrics_file(Path(metrics_path), run.saved_step)
+        if self.main and tensorboard:
+            self.board = _tensorboard_writer(tensorboard, run.saved_step)
 
     def write(self, msg):
         if self.main:
             (self.bar.write if self.bar is not None else print)(msg)
 
-    def step(self, loss, lr):
+    def step(self, loss, lr, tokens=None, seconds=None, **health):
+        """One optimizer step: the bar, and a "step" record (tokens: the step's own)."""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        speed = tokens / seconds if tokens and seconds else None
+        self.record("step", loss=loss, lr=lr, tokens_per_s=speed, **health)
+
+    def record(self, kind, **values):
+        """A JSON line {"kind", "step", "tokens_seen", **values}, and its TensorBoard scalars."""
+        if not self.main or (self.metrics is None and self.board is None):
+            return
+        run = self.run
+        values = {k: v for k, v in values.items() if v is not None}     # not measured then
+        line = {"kind": kind, "step": run.step, "tokens_seen": run.tokens_seen, **values}
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(line) + "\n")
+            self.metrics.flush()
+        if self.board is not None:
+            for name, value in _flat(values):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(f"{kind}/{name}", value, run.step)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.bar is not None:
-            self.bar.close()
+        for f in (self.bar, self.metrics, self.board):
+            if f is not None:
+                f.close()
         if exc_type is KeyboardInterrupt:
             run, path = self.run, self.checkpoint_path
             raise KeyboardInterrupt(f"interrupted at optimizer step {run.step}; " + (
@@ -392,6 +453,52 @@ class RunLog:
                 f"the same settings (train_model(..., resume=True))"
                 if run.saved_step is not None else "nothing of this run was saved yet")
             ) from None
+
+
+def metrics_path(checkpoint_path):
+    """``<out>_metrics.jsonl`` beside the checkpoint (like its _history.json and _loss.png)."""
+    out = Path(checkpoint_path)
+    return out.with_name(out.stem + "_metrics.jsonl")
+
+
+def _metrics_file(path, saved_step):
+    """The metrics log opened for appending: a fresh run's starts empty; a resumed run's
+    keeps the lines of the steps its checkpoint holds (a cut last line is dropped)."""
+    kept = []
+    if saved_step is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= saved_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue        # the line a killed process was writing
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a", encoding="utf-8")
+
+
+def _tensorboard_writer(folder, saved_step):
+    """torch.utils.tensorboard's SummaryWriter for ``folder``; a resumed run's purges the
+    events after its checkpoint's step. Needs the ``tensorboard`` package."""
+    # TensorBoard imports TensorFlow when it is installed (seconds, and its log lines), only
+    # to write event files it can write itself: this module name tells it not to.
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install "
+                          "tensorboard (or leave --tensorboard out: the metrics are in the "
+                          "_metrics.jsonl file beside the checkpoint)") from None
+    purge = None if saved_step is None else saved_step + 1
+    return SummaryWriter(str(folder), purge_step=purge)
+
+
+def _flat(values, prefix=""):
+    """("update_to_weight/attention", 0.001), ... from nested dicts."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def note_replaced(path):
