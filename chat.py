@@ -173,15 +173,15 @@ def main(argv=None):
         fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     from engine.devices import get_device
-    from model_sources import load_model
+    from model_sources import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     try:
-        model = load_model(args.weights, device=get_device(args.device), dtype=args.dtype,
-                           cfg=args.config)
+        model, tokenizer = load_model_and_tokenizer(args.weights, device=get_device(args.device),
+                                                    dtype=args.dtype, cfg=args.config)
     except (OSError, ValueError) as e:
         fail(e)
-    chat = Chat(model, get_tokenizer(), args.system, args.max_new_tokens, **sampling)
+    chat = Chat(model, tokenizer, args.system, args.max_new_tokens, **sampling)
     if args.message is not None:
         answer = chat.reply(args.message, stream=sys.stdout)
         print()

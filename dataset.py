@@ -1,17 +1,13 @@
-"""Text -> token ids -> training windows.
+"""Text -> token ids -> training windows; instruction records -> padded batches.
 
     text --get_tokenizer().encode--> token ids                 GPT-2's byte-level BPE
     token ids --GPTDataset--> (input, target) windows          target = input shifted by one
     windows --create_dataloader--> batches (B, T)
+    record --render_conversation--> ids + which are scored     one template (second half)
+    records --create_instruction_dataloader--> batches (B, the longest record)
 
-Instruction data goes the same way, through one template (the second half of this file):
-
-    record --as_conversation--> messages --render_conversation--> ids + which ones are scored
-    records --InstructionDataset / create_instruction_dataloader--> padded batches (B, longest)
-
-File plumbing lives in the engine, re-exported at the end: ``read_records`` / ``split_records``
-(instruction files, held-out records), ``prepare_splits`` (data/input.txt -> train.txt /
-valid.txt / test.txt; the default corpus when there is none), ``load_tokens`` (cached ids).
+File plumbing lives in the engine, re-exported at the end (prepare_splits, load_tokens,
+read_records, split_records, ...).
 """
 
 import functools
@@ -29,11 +25,20 @@ from torch.utils.data import DataLoader, Dataset
 from engine import records as record_files
 from engine import text_files, token_cache
 from engine.bpe_files import gpt2_bpe_files
+from engine.checkpoints import saved_tokenizer
+from tokenizer import BPETokenizer
+
+
+def get_tokenizer(source=None):
+    """GPT-2's byte-level BPE (50257 tokens, ``<|endoftext|>`` = 50256) via tiktoken, offline;
+    or a run's own vocabulary: ``source`` is a tokenizer file (tokenizer.py), or a checkpoint
+    or export folder trained with one (it carries the file; any other source is GPT-2's)."""
+    own = saved_tokenizer(source)
+    return BPETokenizer.loads(own, str(source)).to_tiktoken() if own else _gpt2()
 
 
 @functools.lru_cache(maxsize=1)
-def get_tokenizer():
-    """GPT-2's byte-level BPE (50257 tokens, ``<|endoftext|>`` = 50256) via tiktoken, offline."""
+def _gpt2():
     encoder_json, vocab_bpe = gpt2_bpe_files()
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
@@ -41,9 +46,8 @@ def get_tokenizer():
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
 # Sliding windows over the ids, and the DataLoader
-# ---------------------------------------------------------------------------------------------
 
 def _as_token_array(txt, tokenizer):
     """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
@@ -141,17 +145,15 @@ def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=Tru
                       num_workers=num_workers, generator=generator)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
 # Instruction data: one template turns a conversation into token ids and a loss mask
-# ---------------------------------------------------------------------------------------------
 IGNORE_INDEX = -100     # a target the loss skips: F.cross_entropy's default, as in HF's labels
 
 
 def as_conversation(record):
     """A record (Alpaca or messages, engine/records.py) as a list of messages. An Alpaca
-    record is one exchange: the user writes the instruction and, after a blank line, its
-    input (as one pastes a text under a request); so a model tuned on Alpaca-style records
-    is asked in the very format chat.py uses."""
+    record is one exchange: the instruction and, after a blank line, its input; so a model
+    tuned on Alpaca-style records is asked in the very format chat.py uses."""
     if "messages" in record:
         return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
     instruction, extra, output = record_files.alpaca_fields(record)
@@ -262,9 +264,8 @@ def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffl
     ``(input_ids, target_ids)`` batches, one record a row, as wide as the longest (pad_batch).
 
     ``max_length``: the model's context_length; ``format``: "alpaca" or "messages" to insist
-    on one; ``group_by_length``: a shuffled order where records of similar length meet.
-    ``drop_last`` is off: a small set should lose no record. ``.dataset.truncated`` counts
-    the records shortened to fit."""
+    on one; ``group_by_length``: a shuffled order where records of similar length meet;
+    ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dataset = InstructionDataset(records, tokenizer, max_length, format=format, name=name)
@@ -276,9 +277,8 @@ def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffl
                       generator=generator, collate_fn=pad)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
 # Files on disk (engine/: text_files, token_cache, records), as train.py and the notebooks use
-# ---------------------------------------------------------------------------------------------
 
 prepare_splits = text_files.prepare_splits
 split_train_val_test = text_files.split_train_val_test

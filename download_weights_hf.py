@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.bpe_files import gpt2_bpe_files
-from engine.checkpoints import read_checkpoint, tensors_sha256
+from engine.checkpoints import TOKENIZER_FILE, read_checkpoint, saved_tokenizer, tensors_sha256
 from engine.fileio import atomic_write
 from engine.gpt2_params import HF_BLOCK, check_block_count, gpt2_param_names, iter_gpt2_weights
 from lora import merge
@@ -45,6 +45,7 @@ from model import (
     size_key,
     unwrap_model,
 )
+from tokenizer import BPETokenizer
 
 # Our config names -> the Hub repositories OpenAI's weights live in.
 HF_HUB_IDS = {
@@ -371,7 +372,7 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
 # ---------------------------------------------------------------------------------------
 # GPTModel -> a folder transformers loads
 
-def _hf_config(cfg, tied, dtype):
+def _hf_config(cfg, tied, dtype, eos=GPT2_EOS_ID):
     p = cfg["drop_rate"]
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -383,7 +384,7 @@ def _hf_config(cfg, tied, dtype):
         "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "use_cache": True,
-        "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
+        "bos_token_id": eos, "eos_token_id": eos,
         "tie_word_embeddings": tied, "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -418,7 +419,7 @@ EXPORT_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.t
 _OLD_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 
 
-def export_to_hf(model, out_dir):
+def export_to_hf(model, out_dir, tokenizer=None):
     """Write ``model`` as a Hugging Face GPT-2 folder; returns its Path.
 
     The folder has config.json, model.safetensors, generation_config.json and GPT-2's
@@ -448,11 +449,13 @@ def export_to_hf(model, out_dir):
     if not isinstance(model, GPTModel):
         raise TypeError(f"export_to_hf needs a GPTModel, got {type(model).__name__}")
     cfg = model.cfg
-    if cfg["vocab_size"] != GPT2_VOCAB_SIZE:
+    n_tokens = tokenizer.n_vocab if tokenizer is not None else GPT2_VOCAB_SIZE
+    if cfg["vocab_size"] != n_tokens:
         raise ValueError(
             f"the model has vocab_size={cfg['vocab_size']}, but the exported folder carries "
-            f"GPT-2's tokenizer with {GPT2_VOCAB_SIZE} tokens; only models trained with the "
-            f"GPT-2 tokenizer (vocab_size={GPT2_VOCAB_SIZE}) can be exported")
+            f"{'its' if tokenizer else 'the GPT-2'} tokenizer with {n_tokens} tokens; export it "
+            f"with the tokenizer it was trained with (tokenizer=, which a checkpoint of "
+            f"train.py --tokenizer carries)")
     if cfg["tie_embeddings"] and model.out_head.weight is not model.tok_emb.weight:
         raise ValueError("the model's config says tie_embeddings=True but out_head and tok_emb "
                          "are different Parameters; re-tie them (model.out_head.weight = "
@@ -469,7 +472,6 @@ def export_to_hf(model, out_dir):
             raise FileExistsError(
                 f"{str(out_dir)!r} is not a model folder but has {clashes}, which the export "
                 f"would overwrite or remove; choose another --out or move them away")
-    encoder_json, vocab_bpe = gpt2_bpe_files()
     tensors = _export_tensors(model)
     dtype = tensors["transformer.wte.weight"].dtype
 
@@ -483,22 +485,15 @@ def export_to_hf(model, out_dir):
             raise
         raise PermissionError(f"cannot export into {out_dir}: it is not writable "
                               f"({e.strerror}); choose another --out") from None
-    _write_json(out_dir / "config.json", _hf_config(cfg, cfg["tie_embeddings"], dtype))
+    eos = tokenizer.eot_token if tokenizer is not None else GPT2_EOS_ID
+    _write_json(out_dir / "config.json", _hf_config(cfg, cfg["tie_embeddings"], dtype, eos))
     _write_json(out_dir / "generation_config.json", {
-        "bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID,
+        "bos_token_id": eos, "eos_token_id": eos,
         # GPT-2 has no padding token; padding finished rows with EOS is the convention
         # (and stops transformers warning that it picked that for you).
         # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
-        "pad_token_id": GPT2_EOS_ID})
-    # the same files under HF's names
-    atomic_write(out_dir / "vocab.json", lambda tmp: shutil.copyfile(encoder_json, tmp),
-                 by_path=True)
-    atomic_write(out_dir / "merges.txt", lambda tmp: shutil.copyfile(vocab_bpe, tmp),
-                 by_path=True)
-    _write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg["context_length"],
-        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "add_prefix_space": False})
+        "pad_token_id": eos})
+    _write_tokenizer(out_dir, tokenizer, cfg["context_length"])
     # metadata format=pt: transformers refuses safetensors files without it
     metadata = {"format": "pt", CHECKSUM_KEY: tensors_sha256(tensors)}
     atomic_write(out_dir / "model.safetensors",
@@ -507,6 +502,32 @@ def export_to_hf(model, out_dir):
 
 
 # ---------------------------------------------------------------------------------------
+
+def _write_tokenizer(out_dir, tokenizer, context_length):
+    """GPT2Tokenizer's files: GPT-2's own (OpenAI's encoder.json and vocab.bpe under HF's
+    names), or those of a run's own vocabulary (tokenizer.BPETokenizer, same format) plus its
+    file, from which dataset.get_tokenizer(out_dir) rebuilds it."""
+    own = out_dir / TOKENIZER_FILE
+    if tokenizer is None:
+        encoder_json, vocab_bpe = gpt2_bpe_files()
+        atomic_write(out_dir / "vocab.json", lambda tmp: shutil.copyfile(encoder_json, tmp),
+                     by_path=True)
+        atomic_write(out_dir / "merges.txt", lambda tmp: shutil.copyfile(vocab_bpe, tmp),
+                     by_path=True)
+        own.unlink(missing_ok=True)      # an earlier export's, of another model
+    else:
+        vocab, merges = tokenizer.to_hf_files()
+        _write_json(out_dir / "vocab.json", vocab)
+        # GPT2Tokenizer skips the first line of merges.txt: the version line of OpenAI's file
+        text = "\n".join(["#version: 0.2", *merges, ""])
+        atomic_write(out_dir / "merges.txt", lambda f: f.write(text.encode("utf-8")))
+        atomic_write(own, lambda f: f.write(tokenizer.dumps().encode("utf-8")))
+    special = "<|endoftext|>"
+    _write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
+        "bos_token": special, "eos_token": special, "unk_token": special,
+        "add_prefix_space": False})
+
 
 def _export_checkpoint(parser, path, cfg, out):
     """--export: our .pth -> an HF folder, with command-line advice for a bare state dict."""
@@ -523,7 +544,8 @@ def _export_checkpoint(parser, path, cfg, out):
                 f"trained with (the dict GPTModel was built from, e.g. GPT_CONFIG_124M "
                 f"with your changes)")
         raise
-    return export_to_hf(model, out)
+    own = saved_tokenizer(path)         # a run with its own vocabulary carries it
+    return export_to_hf(model, out, own and BPETokenizer.loads(own, f"the tokenizer in {path}"))
 
 
 def _is_bare_state_dict(path):

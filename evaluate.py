@@ -60,7 +60,7 @@ from engine import eval_data, scoring
 from engine.devices import get_device
 from engine.fileio import atomic_write
 from model import DTYPES
-from model_sources import SOURCES_HELP, load_model
+from model_sources import SOURCES_HELP, load_model_and_tokenizer
 
 TASKS = ("hellaswag", "lambada", "wikitext")
 
@@ -512,18 +512,19 @@ def main(argv=None):
             path = args.data or eval_data.task_file(task, url=args.data_url)
             examples = load_examples(task, path, args.limit)
         device = get_device(args.device)
-        model = load_model(args.weights, device=device, dtype=args.dtype, cfg=args.config)
+        model, tokenizer = load_model_and_tokenizer(args.weights, device=device,
+                                                    dtype=args.dtype, cfg=args.config)
         if task == "perplexity":
-            tokens = load_tokens(args.data)
+            tokens = load_tokens(args.data, tokenizer)
             result = evaluate_perplexity(model, tokens, args.context_length, args.stride,
-                                         args.batch_size or 4, progress=progress)
+                                         args.batch_size or 4, tokenizer, progress=progress)
             line = (f"loss={result['loss']:.6f} perplexity={result['perplexity']:.4f} "
                     f"bits_per_byte={result['bits_per_byte']:.6f} tokens={result['tokens']}")
             saved = {"task": "perplexity", "n": result["tokens"], **result}
         else:
             print(f"{task}: {len(examples)} {'articles' if task == 'wikitext' else 'examples'} "
                   f"from {path}", flush=True)
-            result = SCORERS[task](model, examples, batch_size=args.batch_size or 8,
+            result = SCORERS[task](model, examples, tokenizer, args.batch_size or 8,
                                    progress=progress, context_length=args.context_length)
             line, saved = summary_line(result), result
         if args.json:

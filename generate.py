@@ -529,17 +529,16 @@ def main(argv=None):
     if args.stop and not all(args.stop):
         parser.error("--stop is empty: give the text to stop at")
 
-    from dataset import get_tokenizer
     from engine.devices import get_device
-    from model_sources import load_model
+    from model_sources import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     try:
         device = get_device(args.device)
-        model = load_model(args.weights, device=device, dtype=args.dtype, cfg=args.config)
+        model, tokenizer = load_model_and_tokenizer(args.weights, device=device,
+                                                    dtype=args.dtype, cfg=args.config)
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")     # a message that says what to do, no traceback
-    tokenizer = get_tokenizer()
     rows = [p for p in prompts for _ in range(args.num_samples)]
     idx, mask = batch_to_token_ids(rows, tokenizer, device)
     kwargs = dict(eos_id=tokenizer.eot_token, top_p=args.top_p, min_p=args.min_p,

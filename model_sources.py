@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from dataset import get_tokenizer
 from download_weights import download_and_save_gpt2
 from download_weights_hf import load_gpt2_hf
 from model import MODEL_CONFIGS, OPENAI_SIZES, load_checkpoint, validate_config
@@ -51,6 +52,21 @@ def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weigh
         pth = download_and_save_gpt2(str(source), target_dir=cache_dir)
         return load_checkpoint(pth, device=device, dtype=dtype)
     return load_gpt2_hf(str(source), cache_dir=cache_dir, device=device, dtype=dtype)
+
+
+def load_model_and_tokenizer(source, **options):
+    """``(load_model(source, **options), the tokenizer it reads)``: GPT-2's, or the run's own
+    vocabulary that a checkpoint or export carries (dataset.get_tokenizer); generate.py,
+    evaluate.py and chat.py need no tokenizer flag. A model whose embedding has another
+    number of rows than its own tokenizer has tokens is refused."""
+    model = load_model(source, **options)
+    tokenizer = get_tokenizer(source)
+    own, vocab = tokenizer.name != "gpt2", model.cfg["vocab_size"]
+    if vocab < tokenizer.n_vocab or (own and vocab != tokenizer.n_vocab):
+        raise ValueError(f"{source}: the model has {vocab} token embeddings but its tokenizer "
+                         f"({tokenizer.name}) has {tokenizer.n_vocab} tokens, so they do not "
+                         f"belong together; pass the checkpoint its training run saved")
+    return model, tokenizer
 
 
 def crop_context(model, context_length):

@@ -45,6 +45,7 @@ Command line::
 
 import argparse
 import functools
+import hashlib
 import heapq
 import json
 import sys
@@ -307,17 +308,32 @@ class BPETokenizer:
         """
         import tiktoken
         ranks = {tok: i for i, tok in enumerate(self.vocab[:256 + len(self.merges)])}
-        return tiktoken.Encoding(name=self.name, pat_str=self.pattern, mergeable_ranks=ranks,
+        # the name carries the fingerprint: caches of token ids (engine/token_cache.py) are
+        # told apart by it, and two vocabularies of one name are not the same tokenizer
+        name = f"{self.name}-{self.fingerprint()[:12]}"
+        return tiktoken.Encoding(name=name, pat_str=self.pattern, mergeable_ranks=ranks,
                                  special_tokens=dict(self.special_tokens),
                                  explicit_n_vocab=self.n_vocab)
 
+    def to_hf_files(self):
+        """``(vocab, merges)``: the tokenizer as GPT-2's ``encoder.json`` (token string -> id)
+        and ``vocab.bpe`` lines, the files Hugging Face's GPT2Tokenizer reads (as vocab.json
+        and merges.txt), in ``_bytes_to_unicode`` form. For GPT-2's own merges they are
+        OpenAI's files again."""
+        show = _bytes_to_unicode()
+
+        def text(token):
+            return "".join(show[b] for b in token)
+
+        vocab = {text(tok): i for i, tok in enumerate(self.vocab[:256 + len(self.merges)])}
+        vocab.update(self.special_tokens)
+        merges = [f"{text(self.vocab[a])} {text(self.vocab[b])}" for a, b in self.merges]
+        return vocab, merges
+
     # -- the file ------------------------------------------------------------------------------
 
-    def save(self, path):
-        """Write the tokenizer to ``path`` (format: module docstring), atomically: a temp file
-        beside it, fsync, rename, so a crash never leaves half a file."""
-        from engine.fileio import atomic_write
-
+    def dumps(self):
+        """The tokenizer as the text of its file (format: module docstring)."""
         def field(key, value):
             return f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},"
 
@@ -327,26 +343,43 @@ class BPETokenizer:
         byte_rows = (", ".join(map(str, self.byte_order[i:i + 16])) for i in range(0, 256, 16))
         merges = (json.dumps([a, b, _show(self.vocab[new])], ensure_ascii=False)
                   for new, (a, b) in enumerate(self.merges, start=256))
-        text = "\n".join([
+        return "\n".join([
             "{", field("format", FORMAT), field("version", 1), field("name", self.name),
             field("pattern", self.pattern),
             '  "byte_order": [', block(byte_rows), "  ],",
             field("special_tokens", self.special_tokens),
             '  "merges": [', block(merges), "  ]", "}", ""])
-        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+    def fingerprint(self):
+        """sha256 of what decides the ids (merges, byte order, specials, pattern), not the
+        name: two tokenizers with the same fingerprint encode every text alike."""
+        what = [self.merges, self.byte_order, sorted(self.special_tokens.items()), self.pattern]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+    def save(self, path):
+        """Write the tokenizer to ``path`` atomically: a temp file beside it, fsync, rename,
+        so a crash never leaves half a file."""
+        from engine.fileio import atomic_write
+        atomic_write(path, lambda f: f.write(self.dumps().encode("utf-8")))
         return Path(path)
 
     @classmethod
     def load(cls, path):
         """Read a file written by ``save``. A damaged or hand-edited file raises ValueError
         naming the file and the problem."""
-        def bad(problem):
-            return ValueError(f"{path}: {problem}; not a usable tokenizer file (write it "
-                              f"again with save() or `python tokenizer.py train`)")
         try:
-            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+            text = Path(path).read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise bad(f"not UTF-8 text (byte {e.start})") from None
+            raise _bad_file(path, f"not UTF-8 text (byte {e.start})") from None
+        return cls.loads(text, source=path)
+
+    @classmethod
+    def loads(cls, text, source="the tokenizer"):
+        """A tokenizer from the text of its file (``source`` names it in errors)."""
+        def bad(problem):
+            return _bad_file(source, problem)
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise bad(f"bad JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -370,6 +403,11 @@ class BPETokenizer:
                 raise bad(f"merge {i} {m[:2]} makes {_show(tok.vocab[256 + i])!r}, but the "
                           f"file says {m[2]!r} (edited?)")
         return tok
+
+
+def _bad_file(source, problem):
+    return ValueError(f"{source}: {problem}; not a usable tokenizer file (write it again with "
+                      f"save() or `python tokenizer.py train`)")
 
 
 _NEVER = float("inf")       # the rank of a pair that is not a merge

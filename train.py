@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from dataset import (
     load_tokens,
     prepare_splits,
     read_records,
+    read_text,
     render_conversation,
     split_paths,
     split_records,
 )
+from engine.checkpoints import saved_tokenizer
 from engine.devices import barrier, cleanup_distributed, setup_distributed, wrap_model
 from engine.download import DownloadError
 from engine.fileio import check_writable
@@ -41,6 +44,7 @@ from engine.runs import run_lock, same_source, saved_run, source_id
 from lora import DEFAULT_TARGETS, TARGETS, add_lora
 from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
 from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
+from tokenizer import BPETokenizer
 from train_utils import (
     TrainConfig,
     calc_loss_loader,
@@ -153,6 +157,10 @@ def build_parser():
     g.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the metrics (every step's and every evaluation's, as in "
                         "<out>_metrics.jsonl) as TensorBoard scalars into DIR")
+    g.add_argument("--tokenizer", default="gpt2", metavar="gpt2|FILE|train:N",
+                   help="gpt2: GPT-2's BPE; FILE: a vocabulary of tokenizer.py; train:N: train "
+                        "an N-token one on the training split, saved beside --out; the "
+                        "checkpoint carries it and --vocab-size follows it")
     g = p.add_argument_group("instruction tuning (--data FILE.json / FILE.jsonl)")
     g.add_argument("--format", choices=["alpaca", "messages"], default=None,
                    help="the records' format; None = detected from each record")
@@ -301,12 +309,19 @@ def _train(args, cfg, device, rank, world_size, parallel):
         data, test_path = _read_instructions(args, rank, world_size), None
         settings.update(format=args.format, valid_fraction=args.valid_fraction,
                         group_by_length=args.group_by_length)
+        texts = ["\n\n".join(m["content"] for r in part for m in as_conversation(r))
+                 for part in data]          # what a tokenizer would train on: the words
     else:
         train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
-        data = (load_tokens(train_path), train_path), (load_tokens(valid_path), valid_path)
+        texts = [read_text(train_path), read_text(valid_path)]
+    tokenizer, own = _run_tokenizer(args, texts, rank)
+    settings["tokenizer"] = own.fingerprint() if own else "gpt2"
+    if own:                 # the model's vocabulary is the tokenizer's
+        cfg = validate_config({**cfg, "vocab_size": own.n_vocab})
+    if not args.instruct:
+        data = tuple((load_tokens(path, tokenizer), path) for path in (train_path, valid_path))
     model = _build_model(args, cfg, device, resumed)
     cfg = model.cfg
-    tokenizer = get_tokenizer()
     if cfg["vocab_size"] < tokenizer.n_vocab:
         raise ValueError(f"--vocab-size {cfg['vocab_size']} is smaller than the tokenizer's "
                          f"{tokenizer.n_vocab} token ids, so some ids would have no embedding; "
@@ -332,11 +347,64 @@ def _train(args, cfg, device, rank, world_size, parallel):
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**{**flags, "start_context": start_context}, checkpoint_path=args.out,
                          progress=not args.no_progress, settings=settings,
-                         eval_at_start=args.init_from is not None)
+                         eval_at_start=args.init_from is not None,
+                         tokenizer_json=own and own.dumps())
     history = train_model(model, train_loader, val_loader, device=device, config=config,
                           tokenizer=tokenizer)
-    _report(args, history, model, test_path, device, rank)
+    _report(args, history, model, test_path, device, rank, tokenizer)
     return history
+
+
+def _run_tokenizer(args, texts, rank):
+    """(the tiktoken Encoding the run encodes with, its BPETokenizer or None for GPT-2's).
+
+    --tokenizer train:N trains one on ``texts[0]`` (the training split: nothing of the
+    validation text leaks into the vocabulary) and saves it beside --out; --resume takes the
+    one its checkpoint carries, and refuses another."""
+    saved = saved_tokenizer(args.out) if args.resume else None
+    choice = args.tokenizer
+    if choice != "gpt2" and args.init_from is not None:
+        raise ValueError(f"--tokenizer {choice} with --init-from: pretrained weights come with "
+                         f"their tokenizer (GPT-2's embeddings are rows of GPT-2's tokens); "
+                         f"leave --tokenizer out, or train from scratch")
+    if saved and (choice == "gpt2" and "tokenizer" not in args.given or choice.startswith(
+            "train:") and choice == f"train:{BPETokenizer.loads(saved).n_vocab}"):
+        own = BPETokenizer.loads(saved, f"the tokenizer in {args.out}")   # the run's own
+    elif choice == "gpt2":
+        own = None
+    elif choice.startswith("train:"):
+        size = choice.partition(":")[2]
+        if not size.isdigit() or not 256 < int(size) <= 65536:
+            raise ValueError(f"--tokenizer {choice}: give a vocabulary size in 257..65536 "
+                             f"(token ids are stored as uint16), e.g. train:4096")
+        path = Path(args.out).with_name(Path(args.out).stem + "_tokenizer.json")
+        if rank == 0:
+            started = time.perf_counter()
+            own = BPETokenizer.train(texts[0], int(size), name=f"{Path(args.data).stem}-{size}")
+            own.save(path)
+            seconds = time.perf_counter() - started
+            ours, gpt2 = (_bytes_per_token(enc, texts[-1]) for enc in (own.to_tiktoken(),
+                                                                     get_tokenizer()))
+            print(f"Tokenizer: {own.n_vocab} tokens trained on the training split in "
+                  f"{seconds:.1f} s, saved to {path}; bytes per token on the validation "
+                  f"text: {ours:.2f} (GPT-2's: {gpt2:.2f})")
+        barrier()
+        own = BPETokenizer.load(path)
+    else:
+        own = BPETokenizer.load(choice)
+    if args.resume and (own and own.dumps()) != saved:
+        had = "its own tokenizer" if saved else "GPT-2's tokenizer"
+        raise ValueError(f"--resume: the run at {args.out} was trained with {had}, not with "
+                         f"--tokenizer {choice}; resume with the same tokenizer (leave "
+                         f"--tokenizer out), or train into a new --out")
+    if own and own.n_vocab > 65536:
+        raise ValueError(f"{choice} has {own.n_vocab} tokens; token ids are stored as uint16 "
+                         f"(at most 65536): train a smaller vocabulary")
+    return (own.to_tiktoken() if own else get_tokenizer()), own
+
+
+def _bytes_per_token(encoding, text):
+    return len(text.encode()) / max(1, len(encoding.encode_ordinary(text)))
 
 
 def _text_loaders(args, data, ctx, tokenizer, world_size):
@@ -523,11 +591,12 @@ def _build_model(args, cfg, device, resumed=None):
     return model
 
 
-def _report(args, history, model, test_path, device, rank):
+def _report(args, history, model, test_path, device, rank, tokenizer):
     """Test loss (text runs), the loss plot and history files, and the final lines."""
     ctx = unwrap_model(model).cfg["context_length"]
     out = Path(args.out)
-    test_tokens = load_tokens(test_path) if test_path and test_path.exists() else []
+    test_tokens = (load_tokens(test_path, tokenizer) if test_path and test_path.exists()
+                   else [])
     history["test_loss"] = float("nan")
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,

@@ -256,6 +256,7 @@ class TrainConfig:
     eval_task: str = None           # also a benchmark at every evaluation: "hellaswag:200"
     eval_data: str = None           # its file (None: data/eval/, downloaded on first use)
     tensorboard: str = None         # a folder: the metrics as TensorBoard scalars too
+    tokenizer_json: str = None      # the run's own vocabulary (tokenizer.py); None: GPT-2's
     start_context: str = "Every effort moves you"     # prompt of the sample after each epoch
     sample_tokens: int = 50         # tokens of that sample
     checkpoint_path: str = None     # where the run is saved (None: nowhere)
@@ -347,7 +348,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
         check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device), device,
                            world_size, run, c.checkpoint_path, optimizer)
         save_run(c.checkpoint_path, gpt, optimizer, run, world_size, batch_size, settings,
-                 partial(_split_lora, gpt))
+                 partial(_saved_state, gpt, c.tokenizer_json))
 
     collate = train_loader.collate_fn     # windows stacked; instruction records padded
     fwd_model = torch.compile(model) if c.compile else model
@@ -402,7 +403,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
 def _recorded(c, batch_size, **data):
     """The settings a checkpoint records: the config's (less where the run is saved), the
     extra ``settings``, and what the data gives (stride, window count)."""
-    skip = ("checkpoint_path", "resume", "progress", "settings")
+    skip = ("checkpoint_path", "resume", "progress", "settings", "tokenizer_json")
     return {**{k: v for k, v in asdict(c).items() if k not in skip}, **c.settings,
             "batch_size": batch_size, **data}
 
@@ -417,14 +418,16 @@ def _current_loss(model, loader, device):
     return loss
 
 
-def _split_lora(gpt, model_state):
-    """A LoRA model saves its merged weights (they load anywhere) plus the adapters alone
-    (they resume the run); a plain model saves its state as it is."""
+def _saved_state(gpt, tokenizer_json, model_state):
+    """(the state a checkpoint holds, its extra entries): a LoRA model saves its merged weights
+    (they load anywhere) plus the adapters alone (they resume the run); a run with its own
+    vocabulary carries the tokenizer's file (generate.py and the others read it there)."""
+    extra = {"tokenizer": {"json": tokenizer_json}} if tokenizer_json else {}
     adapted = lora_config(gpt)
     if adapted is None:
-        return model_state, {}
+        return model_state, extra
     model_state, adapters = merged_state(model_state, adapted)
-    return model_state, {"lora": {**adapted, "adapters": adapters}}
+    return model_state, {**extra, "lora": {**adapted, "adapters": adapters}}
 
 
 def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log, task=None):

@@ -231,3 +231,26 @@ def tensors_sha256(tensors):
         if t.numel():
             h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+# A run trained with its own vocabulary (tokenizer.py) carries the tokenizer's file: in its
+# checkpoint as the entry "tokenizer" ({"json": the file's text, "sha256": its fingerprint}),
+# in a Hugging Face export as this file beside the weights.
+TOKENIZER_FILE = "bpe_tokenizer.json"
+
+
+def saved_tokenizer(source):
+    """The text of the tokenizer file that ``source`` carries, or None (it uses GPT-2's):
+    a tokenizer file itself (.json), a checkpoint (its "tokenizer" entry) or an export folder
+    (its bpe_tokenizer.json). Hub ids and OpenAI's sizes are GPT-2's."""
+    path = Path(str(source)) if source is not None else None
+    if path is None or not path.exists():
+        return None
+    if path.is_dir():
+        file = path / TOKENIZER_FILE
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    if path.suffix == ".json":
+        return path.read_text(encoding="utf-8")
+    ckpt = read_checkpoint(path, verify=False, mmap=True)     # its small entries, cheaply
+    entry = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
+    return entry["json"] if isinstance(entry, dict) else None
