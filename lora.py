@@ -6,8 +6,9 @@ keeps its pretrained weight W (in, out) and bias b frozen, and learns two small 
     y = x W + b + (alpha / r) * (x A) B         A (in, r), B (r, out), r << in, out
 
 B starts at zero, so training starts from exactly the pretrained model. With r = 8 the
-adapters of GPT-2 124M are 1.3M numbers against 124M: gradients and AdamW's two moments
-are needed for them alone, which is where full fine-tuning spends most of its memory.
+adapters of the four matrices in each of GPT-2 124M's 12 blocks are 1.18M numbers
+(12 x 98,304) against 124M: gradients and AdamW's two moments are needed for them alone,
+which is where full fine-tuning spends most of its memory.
 After training, W + (alpha / r) A B is an ordinary weight again (``merged_state``), so a
 LoRA checkpoint loads, generates and exports like any other.
 """

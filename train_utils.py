@@ -92,17 +92,14 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     return total / n_tokens if n_tokens else float("nan")
 
 
-def scored_tokens(targets):
-    """How many targets the loss counts: all but IGNORE_INDEX (-100) ones."""
+def scored_tokens(targets):         # the targets the loss counts: all but IGNORE_INDEX's
     return int((targets != IGNORE_INDEX).sum())
 
 
 def _in_order(loader, batch_size=None):
-    """The same batches without shuffling, so evaluations compare like with like.
-
-    The loader gets a generator of its own because every DataLoader iterator draws a
-    seed from one: from torch's global generator otherwise, which would make how often
-    you evaluate change the dropout masks of training."""
+    """The same batches without shuffling, so evaluations compare like with like. Its own
+    generator: every DataLoader iterator draws a seed, from torch's global generator
+    otherwise, and how often you evaluate would change training's dropout masks."""
     return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
                       shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
                       generator=torch.Generator())
@@ -126,9 +123,11 @@ def make_optimizer(model, learning_rate=4e-4, weight_decay=0.1, betas=(0.9, 0.95
     """AdamW that decays only the matrices of linear layers.
 
     Weight decay pulls weights towards zero. That regularises the big matrices, but for
-    biases and LayerNorm gains it just fights useful values, and embeddings are rows
-    looked up one token at a time, so they are left alone too (as in GPT-2 and nanoGPT).
-    """
+    biases and LayerNorm gains it just fights useful values; embeddings are rows looked up
+    a token at a time (a rare token's row would shrink between its rare updates), so they
+    are left alone too, as in minGPT (nanoGPT decays every 2-D tensor; the GPT-2 paper
+    states no policy). An untied output head, a linear layer, is decayed; tied, it is the
+    token embedding and is not."""
     model = unwrap_model(model)
     decay, no_decay = [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -149,8 +148,9 @@ def make_optimizer(model, learning_rate=4e-4, weight_decay=0.1, betas=(0.9, 0.95
 def lr_at(step, peak_lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
     """Learning rate for optimizer step ``step`` (0-based).
 
-    Linear warmup from ~0 to ``peak_lr`` over ``warmup_steps`` (large early updates on
-    random weights are unstable), then a cosine down to ``peak_lr * min_lr_ratio``.
+    Linear warmup over ``warmup_steps``: step 0 takes ``peak_lr / warmup_steps``, and the
+    last warmup step ``peak_lr`` (large early updates on random weights are unstable); then a
+    cosine down to ``peak_lr * min_lr_ratio``.
     """
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
