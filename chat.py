@@ -150,7 +150,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
     parser.add_argument("--config", metavar="NAME_OR_JSON", default=None,
                         help="only for a .pth that holds a bare state dict (see generate.py)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=[*DTYPES, "int8"], default="fp32",
                         help="weights' precision (default fp32)")
     args = parser.parse_args(argv)
 

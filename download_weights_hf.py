@@ -34,6 +34,7 @@ from engine.bpe_files import gpt2_bpe_files
 from engine.checkpoints import TOKENIZER_FILE, read_checkpoint, saved_tokenizer, tensors_sha256
 from engine.fileio import atomic_write
 from engine.gpt2_params import HF_BLOCK, check_block_count, gpt2_param_names, iter_gpt2_weights
+from engine.int8 import quantize_
 from lora import merge
 from model import (
     MODEL_CONFIGS,
@@ -302,7 +303,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
     ``dtype`` ("bf16", torch.bfloat16, ...) converts the weights at the end, as
     ``model.load_checkpoint`` does; None keeps float32.
     """
-    dtype = resolve_dtype(dtype)
+    int8 = dtype == "int8"      # every matrix in 8 bits after loading (engine/int8.py)
+    dtype = resolve_dtype(None if int8 else dtype)
     folder = _resolve_folder(name_or_path, cache_dir)
     config_path = folder / "config.json"
     try:
@@ -366,7 +368,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
         gpt.tie_weights()
     still_meta = [n for n, t in gpt.state_dict().items() if t.is_meta]
     assert not still_meta, f"internal error: {still_meta} were not loaded"
-    return gpt.to(device=device or "cpu", dtype=dtype).eval()
+    gpt = gpt.to(device=device or "cpu", dtype=dtype).eval()
+    return quantize_(gpt) if int8 else gpt
 
 
 # ---------------------------------------------------------------------------------------

@@ -495,8 +495,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None,
                    help="inputs per forward pass (default: 4 windows for perplexity, 8 "
                         "examples for a task)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="weights' precision (bf16: half the memory; slightly different scores)")
+    p.add_argument("--dtype", choices=[*DTYPES, "int8"], default="fp32",
+                   help="weights' precision (bf16: half the memory, int8: a quarter; "
+                        "slightly different scores)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best there)")
     p.add_argument("--config", metavar="NAME_OR_JSON", default=None,
                    help="only for a .pth holding a bare state dict")

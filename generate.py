@@ -503,9 +503,10 @@ def main(argv=None):
     parser.add_argument("--config", metavar="NAME_OR_JSON", default=None,
                         help="only for a .pth that holds a bare state dict: one of OpenAI's "
                              "sizes (124M, ...) or a JSON file with the model's config")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=[*DTYPES, "int8"], default="fp32",
                         help="weights' precision: bf16 halves the memory and runs faster on "
-                             "CPUs with AVX512-BF16 and on recent GPUs (default fp32)")
+                             "CPUs with AVX512-BF16 and on recent GPUs; int8 stores every "
+                             "matrix in 8 bits: a quarter of the memory, faster decoding on CPUs")
     args = parser.parse_args(argv)
     if args.top_k == 0:
         args.top_k = None

@@ -61,6 +61,10 @@ def add_lora(model, rank, alpha=16.0, targets=DEFAULT_TARGETS):
                          f"each once")
     if lora_config(model) is not None:
         raise ValueError("the model has LoRA adapters already")
+    if not model.tok_emb.weight.is_floating_point() or any(
+            not b.weight.is_floating_point() for b in model.trf_blocks.modules()
+            if isinstance(getattr(b, "weight", None), torch.Tensor)):
+        raise ValueError("LoRA adapts float weights; load the model in fp32 or bf16, not int8")
     # A rank-r change A B of an (in, out) matrix reaches every matrix of that shape once r is
     # min(in, out); a larger r only adds weights (and memory) that change nothing.
     shapes = {t: model.trf_blocks[0].get_submodule(TARGETS[t]).weight.shape for t in targets}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from engine import cpu_kernels, fused_loss
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (as before)
+from engine.int8 import is_quantized, quantize_
 
 # The default for training from scratch (the original project's values, as in Raschka's
 # book). A 256-token context keeps attention cheap; qkv_bias=False because biases on Q/K/V
@@ -337,6 +338,8 @@ class GPTModel(nn.Module):
 def save_checkpoint(path, model, **extra):
     """Write model weights plus their config (and anything in ``extra``) atomically."""
     model = unwrap_model(model)
+    if is_quantized(model):
+        raise ValueError("an int8 model is for inference: save the float model it came from")
     # A caller may pass model_state_dict= itself (the full state gathered from FSDP shards).
     if (state := extra.pop("model_state_dict", None)) is None:
         state = model.state_dict()
@@ -348,9 +351,11 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
 
     A bare state-dict file (no config inside) needs ``cfg=``. The model is returned in
     eval mode on ``device`` (default CPU). ``dtype`` ("bf16", torch.bfloat16, ...) converts
-    the weights for inference (bf16: half the memory; its tokens can differ from fp32's).
+    the weights for inference (bf16: half the memory; its tokens can differ from fp32's);
+    "int8" stores every matrix in 8 bits (a quarter of the memory, engine/int8.py).
     """
-    dtype = resolve_dtype(dtype)
+    int8 = dtype == "int8"      # every matrix in 8 bits after loading (engine/int8.py)
+    dtype = resolve_dtype(None if int8 else dtype)
     # the weights and their config (or cfg=, for a bare state dict), checked against each other
     state, cfg = state_and_config(read_checkpoint(path), path, config_from(cfg),
                                   normalize=validate_config)
@@ -374,7 +379,8 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
                 f"tie_embeddings=False")
         model.tie_weights()       # assign=True gave the head a Parameter of its own
     del state                     # so that a dtype conversion frees the loaded copies
-    return model.to(device=device or "cpu", dtype=dtype).eval()
+    model = model.to(device=device or "cpu", dtype=dtype).eval()
+    return quantize_(model) if int8 else model
 
 
 def config_from(value):

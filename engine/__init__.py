@@ -8,6 +8,7 @@ the textbook through one small, named call, and none of them imports a textbook 
 
     cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding)
     fused_loss    the output head and cross-entropy without the whole logits tensor
+    int8          weight-only int8 inference: Int8Linear, quantize_, its kernels
     fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
     gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)

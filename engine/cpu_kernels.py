@@ -12,6 +12,8 @@ generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)``: the pa
 and a greedy head that reads half the bytes (``screened_argmax``). train_utils calls
 ``tune_malloc``. None of them changes what is computed, only how fast (up to the last-bit
 rounding in which any two matmul kernels differ); the tests compare each with the plain path.
+An int8 model (engine/int8.py) brings its own layers and kernels: head_logits and
+packed_for_cpu stand aside for its int8 matrices.
 
 One switch turns all of them off: ``cpu_kernels.ENABLED = False`` (or the environment
 variable ``GPT2_CPU_KERNELS=0`` before Python starts). The flags below it say which path is
@@ -96,7 +98,8 @@ def head_logits(h, weight):
     fp32 on x86: oneDNN (which writes the logits' odd-length rows as fast as padded ones).
     Otherwise on CPU (bf16 autocast, other CPUs): _AlignedLogits, rows padded to 64 entries.
     """
-    if not ENABLED or h.device.type != "cpu" or torch.compiler.is_compiling():
+    if (not ENABLED or h.device.type != "cpu" or torch.compiler.is_compiling()
+            or not weight.is_floating_point()):     # an int8 head (engine/int8.py) has its own
         return None
     if ONEDNN_FP32 and onednn_fp32_applies(h, weight):
         out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
@@ -322,18 +325,21 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     """
     w = model.tok_emb.weight
     dtype = cpu_matmul_dtype(w)
-    usable = (ENABLED and PACKING and available() and w.device.type == "cpu"
-              and (PACK_FP32_BATCH_1 or batch_size > 1 or dtype != torch.float32)
-              and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
-              and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
-              and not torch.is_grad_enabled() and _packed_copy_fits(model))
-    if not usable:
-        yield PackedSession(model.logits)
-        return
     # the four (in, out) matrices of every block: each 2-D weight inside the blocks
     layers = [m for m in model.trf_blocks.modules()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
     head = model.out_head.weight                                             # (vocab, C)
+    usable = (ENABLED and PACKING and available() and w.device.type == "cpu"
+              and (PACK_FP32_BATCH_1 or batch_size > 1 or dtype != torch.float32)
+              and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
+              and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
+              # int8 layers (engine/int8.py) read their own int8 matrices: nothing to pack
+              and all(m.weight.is_floating_point() for m in layers)
+              and head.is_floating_point()
+              and not torch.is_grad_enabled() and _packed_copy_fits(model))
+    if not usable:
+        yield PackedSession(model.logits)
+        return
     if greedy and dtype == torch.float32:
         head_bf16 = packed_weight(head, batch_size, dtype=torch.bfloat16)
         norms = head.detach().norm(dim=1)                                    # (vocab,)

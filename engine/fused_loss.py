@@ -57,7 +57,7 @@ def head_cross_entropy(h, weight, targets):
     apply (switched off, compiling, a DTensor weight): then the caller runs the plain code.
     """
     if not ENABLED or torch.compiler.is_compiling() or type(weight) not in (
-            torch.Tensor, nn.Parameter):
+            torch.Tensor, nn.Parameter) or not weight.is_floating_point():   # int8: its layer
         return None
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if h2.shape[0] != t.shape[0]:

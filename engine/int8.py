@@ -1,0 +1,375 @@
+"""Weight-only int8 inference: every matrix of GPT-2 in 8 bits, the activations in fp32 or bf16.
+
+Generating a token reads every weight once, so on a CPU decoding runs at the speed at which
+the weights stream from memory: a quarter of fp32's bytes is up to four times the tokens/s
+(and a quarter of the memory). ``quantize_(model)`` turns every matrix of the blocks and the
+output head into an ``Int8Linear``:
+
+    W[o, :]  ~=  q[o, :] * scale[o]      q int8 in [-127, 127], one scale per output
+
+per output channel and symmetric: ``scale[o] = max |W[o, :]| / 127`` (rounded up to a
+bfloat16 number, so that the kernels' bf16 scales are exactly the ones that made q), and
+``q = round(W / scale)``. Each weight moves by at most half a step, scale / 2. Everything else
+(embeddings, LayerNorms, biases) keeps one float dtype, the activations' (activation_dtype):
+fp32 where our kernel runs, bf16 elsewhere. Where GPT-2 ties the head to the token
+embedding, the lookup keeps its float matrix and the head gets the int8 copy (decoding
+streams the head; the lookup reads one row per token).
+
+The product ``y = x @ W.T + b`` runs, in this order of preference:
+
+    CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
+                           compiler, see own_kernel): int8 -> fp32 in registers, fp32 sums,
+                           the scale on the finished sum, the next rows of q prefetched
+    CPU, bf16 x, <= 4 rows torch.ops.aten._weight_int8pack_mm (PyTorch's kernel)
+    CPU, bf16 x, more      q converted to bf16 (exact: |q| <= 127) and one bf16 matmul,
+                           the scales applied to its output (prompts are compute-bound)
+    anywhere else          the plain product: W = q * scale in fp32, y in fp32, cast to x's
+                           dtype (fp32 prompts, CUDA, MPS, no kernel: slower, same result)
+
+Measured on a 2-core AMD EPYC (Zen 4, AVX-512, AVX512-BF16, no AMX), the 124M model's 49
+products of one decoding step, one thread: ours 14.6 ms, _weight_int8pack_mm 23.7 ms (1 row);
+16.3 against 26.4 (4 rows), 29 against 45 (8 rows). Without prefetching ours was no faster:
+a row of q is 768 bytes, too short a run for the hardware prefetcher. PyTorch's kernel
+multiplies every weight by its scale and reads 4 rows of x per pass over q (8 rows: twice).
+And a decoding step in bf16 spent 4x longer in attention on the KV cache than in fp32, so
+with our kernel the activations stay fp32: 1.75x the tokens/s of bf16 activations there.
+
+The kernels equal the plain product up to the order of the fp32 sums (and bf16 rounding of
+the output, for bf16 x); the tests compare them. ``ENABLED = False`` (or
+``GPT2_INT8_KERNELS=0`` before Python starts), or a ``disabled()`` block, makes every layer
+take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` is our kernel's
+own flag (on where measured: AMD). The engine finds the layers by their shape, not their
+class: each module with a 2-D floating ``weight`` inside ``model.trf_blocks`` (model.Linear,
+whose weight is stored (in, out); an nn.Linear's is (out, in)) and ``model.out_head`` (an
+nn.Linear, (vocab, C)).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from engine import turned_off
+from engine.cpu_kernels import _cpu_vendor
+from engine.fileio import atomic_write
+
+ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
+
+# Our own kernel (int8_kernel.c, built here once) for products of up to OWN_KERNEL_MAX_ROWS
+# rows; measured only on AMD (Zen 4), where it beat _weight_int8pack_mm at every row count
+# up to 16: off elsewhere until measured there.
+OWN_KERNEL = _cpu_vendor() == "AuthenticAMD"
+OWN_KERNEL_MAX_ROWS = 16
+# Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
+# grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
+INT8MM_MAX_ROWS = 4
+
+QMAX = 127      # symmetric: -127..127, so that -q is always representable
+
+
+def disabled():
+    """Within this block every int8 layer takes the plain (dequantized, fp32) product."""
+    return turned_off(sys.modules[__name__])
+
+
+def _int8mm_op():
+    return getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+
+
+# ---------------------------------------------------------------------------------------
+# Our kernel: compiled on first use, cached per machine
+
+_SOURCE = Path(__file__).with_name("int8_kernel.c")
+_KERNEL = None              # {dtype: ctypes function} once built; False: cannot be built here
+KERNEL_STATUS = "not built yet"     # why it is or is not used (bench scripts print it)
+
+
+def own_kernel():
+    """{activation dtype: the compiled product (a ctypes function)} for bf16 and fp32, or
+    None where it cannot be had.
+
+    It needs Linux on x86-64 with AVX-512 (F and BW), PyTorch's OpenMP (libgomp, which the
+    kernel shares: one thread pool) and a C compiler (``$CC``, cc or gcc). The library is
+    built with ``-march=native`` into ``$GPT2_KERNEL_CACHE`` (default
+    ~/.cache/gpt2-from-scratch), named by a hash of the source, the compiler and the CPU, so
+    that a change of any of them builds it anew. Any failure: None, and the reason in
+    KERNEL_STATUS; the layers then use PyTorch's kernels.
+    """
+    global _KERNEL, KERNEL_STATUS
+    if _KERNEL is None:
+        _KERNEL = False
+        try:
+            _KERNEL = _load_kernel()
+            KERNEL_STATUS = "on"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            KERNEL_STATUS = f"unavailable: {e}"
+    return _KERNEL or None
+
+
+def _load_kernel():
+    flags = _cpu_flags()
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
+            and {"avx512f", "avx512bw"} <= flags):
+        raise RuntimeError("needs Linux on an x86-64 CPU with AVX-512 (F, BW)")
+    if "libgomp" not in Path("/proc/self/maps").read_text():
+        # with another OpenMP (Intel's, in conda builds) the kernel would bring a second
+        # thread pool, and the two would fight over the cores
+        raise RuntimeError("this PyTorch does not run on GNU OpenMP (libgomp)")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), version.encode(),
+                                      _cpu_model().encode(),
+                                      " ".join(sorted(flags)).encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
+                 or Path.home() / ".cache" / "gpt2-from-scratch")
+    lib_path = cache / f"int8_kernel-{key}.so"
+    if not lib_path.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            built = Path(tmp) / "int8_kernel.so"
+            proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+                                   str(_SOURCE), "-o", str(built)],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            atomic_write(lib_path, lambda f: f.write(built.read_bytes()))
+    lib = ctypes.CDLL(str(lib_path))
+    fns = {torch.bfloat16: lib.int8_linear_bf16, torch.float32: lib.int8_linear_f32}
+    for fn in fns.values():
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        fn.restype = ctypes.c_int
+    return fns
+
+
+def _cpu_info():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().split("\n\n", 1)[0]      # the first processor's block
+    except OSError:
+        return ""
+
+
+def _cpu_flags():
+    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("flags")), ":")
+    return set(line.split(":", 1)[1].split())
+
+
+def _cpu_model():
+    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), ":")
+    return line.split(":", 1)[1].strip()
+
+
+def _own_linear(fn, x2, q, scale, bias):
+    """x2 (N, in) contiguous -> (N, out) in x2's dtype (bf16 or fp32; bias the same) through
+    the compiled kernel."""
+    rows, (out, k) = x2.shape[0], q.shape
+    y = torch.empty(rows, out, dtype=x2.dtype)
+    if fn(x2.data_ptr(), q.data_ptr(), scale.data_ptr(),
+          None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out, k,
+          torch.get_num_threads()) != 0:
+        raise MemoryError("int8 kernel: out of memory for the activations' fp32 copy")
+    return y
+
+
+# ---------------------------------------------------------------------------------------
+# Quantizing a matrix
+
+def quantize_weight(weight):
+    """A float matrix (out, in) -> (q int8 (out, in), scale fp32 (out,)), W ~= q * scale[:, None].
+
+    Symmetric, one scale per row (output channel): scale = max |row| / 127, rounded up to
+    the nearest bfloat16 number (the fast kernel multiplies by bf16 scales: these are then
+    exact, and rounding up keeps every |W / scale| <= 127). An all-zero row gets scale 1
+    and q = 0.
+    """
+    # contiguous: the int8 kernel reads rows of q (an (in, out) layer arrives transposed)
+    w = weight.detach().float().contiguous()                                # (out, in)
+    amax = w.abs().amax(dim=1)                                              # (out,)
+    scale = _round_up_to_bf16(amax / QMAX)
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))            # (out,)
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def _round_up_to_bf16(x):
+    """The smallest bfloat16 value >= x (x >= 0 fp32), as fp32."""
+    b = x.to(torch.bfloat16).float()
+    below = b < x
+    # one bf16 step up: bf16 is the top half of fp32, so add 1 << 16 to the fp32 bits
+    up = (b.view(torch.int32) + (1 << 16)).view(torch.float32)
+    return torch.where(below, up, b)
+
+
+def dequantize(q, scale):
+    """The fp32 matrix q * scale[:, None] (out, in) that an int8 layer stands for."""
+    return q.float() * scale.float()[:, None]
+
+
+# ---------------------------------------------------------------------------------------
+# The product
+
+def int8_linear(x, q, scale, bias=None):
+    """x (..., in) @ (q * scale[:, None]).T + bias -> (..., out), by the fastest kernel here.
+
+    ``q`` (out, in) int8; ``scale`` (out,) bfloat16 (or any float dtype holding bf16
+    values, as quantize_weight makes them); ``bias`` (out,) or None. The result has x's
+    dtype.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not (ENABLED and x.device.type == "cpu" and rows > 0
+            and x.dtype in (torch.bfloat16, torch.float32)
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        return plain_int8_linear(x, q, scale, bias)
+    x2 = x.reshape(rows, x.shape[-1])                                        # (N, in)
+    scale = scale.to(torch.bfloat16)               # a no-op for Int8Linear's own scales
+    fns = own_kernel() if OWN_KERNEL and rows <= OWN_KERNEL_MAX_ROWS else None
+    op = _int8mm_op()
+    if fns is not None:
+        b = None if bias is None else bias.to(x.dtype).contiguous()
+        y = _own_linear(fns[x.dtype], x2.contiguous(), q, scale.contiguous(), b)
+    elif x.dtype != torch.bfloat16:
+        # fp32 activations, many rows (a prompt) or no kernel of ours: the dequantized
+        # weights in one fp32 matmul
+        return plain_int8_linear(x, q, scale, bias)
+    elif op is not None and rows <= INT8MM_MAX_ROWS and q.shape[1] % 16 == 0:
+        # Its AVX-512 loop reads 16 inputs at a time with aligned loads and no tail: the
+        # row length must be a multiple of 16 and x aligned to 64 bytes (as every fresh
+        # tensor is), or it reads past the rows (a crash, seen with 40 inputs).
+        x2 = x2.contiguous()
+        if x2.data_ptr() % 64:
+            x2 = x2.clone()
+        y = op(x2, q, scale)                                                 # (N, out) bf16
+    else:
+        # Converting q to bf16 is exact; the scales go onto the output, where there are
+        # fewer numbers to multiply than in the weights for prompts shorter than the layer
+        # is wide, and where they stay exact.
+        y = torch.mm(x2, q.to(torch.bfloat16).t()).mul_(scale)               # (N, out)
+    if bias is not None and fns is None:
+        y += bias.to(y.dtype)
+    return y.view(*x.shape[:-1], q.shape[0])                                 # (..., out)
+
+
+def plain_int8_linear(x, q, scale, bias=None):
+    """The product an int8 layer stands for, in plain PyTorch on any device: the weights
+    dequantized to fp32, the sums in fp32, the result in x's dtype."""
+    y = x.float() @ dequantize(q, scale).t()                                 # (..., out)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose matrix is stored in int8: y = x @ (weight * scale[:, None]).T + bias.
+
+    ``weight`` (out, in) int8 and ``scale`` (out,) bfloat16 (exact: see quantize_weight)
+    are buffers, nothing to train; ``bias`` (out,), in the activations' dtype, stays a
+    Parameter (frozen). Built by ``from_float``.
+    """
+
+    def __init__(self, weight, scale, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)                               # (out, in) int8
+        self.register_buffer("scale", scale.to(torch.bfloat16))              # (out,)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_float(cls, layer, in_out, dtype=torch.bfloat16):
+        """An Int8Linear for ``layer`` (a module with ``weight`` and ``bias``): its weight is
+        (in, out) with ``in_out=True`` (model.Linear), else (out, in) (nn.Linear)."""
+        w = layer.weight.detach()
+        q, scale = quantize_weight(w.t() if in_out else w)
+        bias = getattr(layer, "bias", None)
+        return cls(q, scale, None if bias is None else bias.detach().to(dtype).clone())
+
+    def forward(self, x):                                                   # x (..., in)
+        return int8_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 weights, one scale per output")
+
+
+# ---------------------------------------------------------------------------------------
+# Quantizing a model
+
+def activation_dtype(device="cpu"):
+    """The precision of an int8 model's activations on ``device``, the faster one measured.
+
+    fp32 where our kernel runs: it reads fp32 inputs as fast as bf16 ones, and on the CPU
+    the rest of a decoding step is faster in fp32 (attention on the KV cache over 80
+    positions: 34 us a layer against 147 in bf16, Zen 4) and more exact. bf16 elsewhere,
+    as PyTorch's int8 kernel wants it.
+    """
+    own = torch.device(device).type == "cpu" and OWN_KERNEL and own_kernel() is not None
+    return torch.float32 if own else torch.bfloat16
+
+
+def quantize_(model, dtype=None):
+    """Make ``model`` (a GPTModel) an int8 one, in place; returns it.
+
+    Every block matrix and the output head become Int8Linear layers (their float matrices
+    are freed); every other parameter and buffer becomes ``dtype``, the activations'
+    precision (default: activation_dtype for the model's device). Quantize from the fp32
+    weights (the scales are computed from them), on the device the model will run on. A
+    second call changes nothing.
+    """
+    dtype = dtype or activation_dtype(model.tok_emb.weight.device)
+    if not dtype.is_floating_point:
+        raise ValueError(f"quantize_: the activations' dtype must be a float dtype, got {dtype}")
+    if not all(hasattr(model, name) for name in ("trf_blocks", "out_head", "tok_emb")):
+        raise ValueError("quantize_ expects a GPTModel (trf_blocks, out_head, tok_emb); got "
+                         f"{type(model).__name__}")
+    # (parent module, attribute name, layer, weight stored (in, out)?)
+    targets = []
+    for parent in model.trf_blocks.modules():
+        for name, child in parent.named_children():
+            w = getattr(child, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point():
+                targets.append((parent, name, child, not isinstance(child, nn.Linear)))
+    head = model.out_head
+    if not isinstance(head, Int8Linear):
+        targets.append((model, "out_head", head, False))
+    if getattr(head, "weight", None) is model.tok_emb.weight:
+        # tied: the lookup keeps the matrix (as ``dtype``), the head gets an int8 copy
+        model.tok_emb.weight = nn.Parameter(model.tok_emb.weight.detach().to(dtype),
+                                            requires_grad=model.tok_emb.weight.requires_grad)
+    for parent, name, layer, in_out in targets:
+        setattr(parent, name, Int8Linear.from_float(layer, in_out, dtype))
+    del targets, head          # the float matrices go with the last references to them
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                setattr(module, name, nn.Parameter(p.detach().to(dtype),
+                                                   requires_grad=p.requires_grad))
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                setattr(module, name, b.to(dtype))
+    return model
+
+
+def is_quantized(model):
+    """Whether ``model`` has int8 layers (quantize_ ran on it)."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def weight_bytes(model):
+    """Bytes of the model's parameters and buffers, as stored (int8 matrices at 1 byte)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,397 @@
+"""engine/int8.py: weight-only int8 layers against the plain dequantized product, and an int8
+model against its fp32 original (logits, greedy tokens, perplexity of a trained model)."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import ROOT, cfg_from_hf, make_hf_model
+from engine import cpu_kernels, int8
+from generate import generate_text
+from model import GPTModel
+
+
+def _pair(tie=True):
+    from download_weights_hf import load_weights_into_gpt
+    hf = make_hf_model(tie=tie)
+    return load_weights_into_gpt(GPTModel(cfg_from_hf(hf)), hf).eval()
+
+
+@pytest.fixture(autouse=True)
+def own_kernel_on_where_it_builds(monkeypatch):
+    """Our compiled kernel on wherever it can be built, whatever this CPU's default: it is
+    tested against the plain product on every machine that has what it needs."""
+    monkeypatch.setattr(int8, "OWN_KERNEL", int8.own_kernel() is not None)
+
+
+def _spy(monkeypatch):
+    """A list that gets ("own" | "int8pack", rows) for every call of a fast int8 kernel."""
+    calls, op, own = [], int8._int8mm_op(), int8._own_linear
+
+    def counted_op(*args):
+        calls.append(("int8pack", args[0].shape[0]))
+        return op(*args)
+
+    def counted_own(fn, x2, *args):
+        calls.append(("own", x2.shape[0]))
+        return own(fn, x2, *args)
+    monkeypatch.setattr(int8, "_int8mm_op", lambda: None if op is None else counted_op)
+    monkeypatch.setattr(int8, "_own_linear", counted_own)
+    return calls
+
+
+def _use(monkeypatch, kernel):
+    """Route every product (any number of rows) through ``kernel``, or skip where it is
+    missing: "own" (int8_kernel.c), "int8pack" (_weight_int8pack_mm), "bf16mm"."""
+    if kernel == "own" and int8.own_kernel() is None:
+        pytest.skip(f"our int8 kernel cannot be built here: {int8.KERNEL_STATUS}")
+    if kernel == "int8pack" and int8._int8mm_op() is None:
+        pytest.skip("this PyTorch has no _weight_int8pack_mm")
+    monkeypatch.setattr(int8, "OWN_KERNEL", kernel == "own")
+    monkeypatch.setattr(int8, "OWN_KERNEL_MAX_ROWS", 10**9)
+    monkeypatch.setattr(int8, "INT8MM_MAX_ROWS", 10**9 if kernel == "int8pack" else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# One matrix
+
+def test_quantize_weight_by_hand():
+    w = torch.tensor([[0.5, -1.0, 0.25],
+                      [0.0, 0.0, 0.0],
+                      [2.0, -0.01, 1.0]])
+    q, scale = int8.quantize_weight(w)
+    # row 0: max 1.0; 1/127 = 2^-7 * 1.00787.. lies between the bf16 numbers 2^-7 * 1.0078125
+    # and 2^-7 * 1.015625, and is rounded up to the latter: 0.0079345703125.
+    # 0.5 / s = 63.015, -1.0 / s = -126.03, 0.25 / s = 31.508
+    # row 2: 2/127 = 2^-6 * 1.00787.. -> 2^-6 * 1.015625 = 0.015869140625;
+    # 2 / s = 126.03, -0.01 / s = -0.63, 1 / s = 63.015
+    assert scale.tolist() == [0.0079345703125, 1.0, 0.015869140625]
+    assert q.dtype == torch.int8 and q.tolist() == [[63, -126, 32], [0, 0, 0], [126, -1, 63]]
+
+
+def test_quantize_weight_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(300, 70) * torch.logspace(-3, 2, 300)[:, None]       # rows of all sizes
+    q, scale = int8.quantize_weight(w)
+    assert torch.equal(scale.to(torch.bfloat16).float(), scale)          # exact in bf16
+    assert int(q.abs().max()) <= 127 and int(q.abs().amax(1).min()) >= 126
+    err = (int8.dequantize(q, scale) - w).abs()
+    assert bool((err <= scale[:, None] / 2 * (1 + 1e-6)).all())
+
+
+# ---------------------------------------------------------------------------------------
+# One layer: the kernels against the plain product
+
+@pytest.mark.parametrize("kernel", ["own", "own-fp32", "int8pack", "bf16mm"])
+@pytest.mark.parametrize("shape", [(1, 96), (3, 96), (4, 96), (2, 1, 96), (5, 96),
+                                   (2, 17, 96), (300, 96), (2, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_equal_the_plain_product(monkeypatch, kernel, shape, bias):
+    # each kernel against the fp32 product of the dequantized weights (rounded to bf16 for
+    # bf16 activations); 130 outputs (not a multiple of the kernels' blocks), 96 and 40
+    # inputs (40: not a multiple of 16, the own kernel's step); "own-fp32": our kernel
+    # with fp32 activations
+    dtype = torch.float32 if kernel == "own-fp32" else torch.bfloat16
+    kernel = kernel.removesuffix("-fp32")
+    _use(monkeypatch, kernel)
+    torch.manual_seed(1)
+    k = shape[-1]
+    layer = nn.Linear(k, 130, bias=bias)
+    q8 = int8.Int8Linear.from_float(layer, in_out=False, dtype=dtype)
+    x = torch.randn(shape).to(dtype)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        fast = q8(x)
+        with int8.disabled():
+            plain = q8(x)
+    rows = x.numel() // k
+    # _weight_int8pack_mm reads 16 inputs at a time: rows of 40 go to the bf16 matmul
+    skips = kernel == "bf16mm" or (kernel == "int8pack" and k % 16)
+    assert calls == ([] if skips else [(kernel, rows)])
+    assert fast.shape == plain.shape == (*shape[:-1], 130)
+    assert fast.dtype == plain.dtype == dtype
+    exact = x.float() @ int8.dequantize(q8.weight, q8.scale).t()
+    if bias:
+        exact += layer.bias.detach().to(dtype).float()
+    assert torch.equal(plain, exact.to(dtype))
+    if dtype == torch.float32:   # the same sums in another order
+        torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+        return
+    # bf16 keeps 8 significant bits: a rounding moves a number by at most 2^-9 of it; the
+    # kernels round the sums (and the scaled sums) once or twice more
+    torch.testing.assert_close(fast.float(), exact, rtol=2 ** -7, atol=1e-2)
+    if kernel == "own":      # one rounding of the same fp32 sum: equal but for a few last bits
+        assert int((fast != plain).sum()) <= max(1, fast.numel() // 50)
+
+
+def test_rows_pick_the_kernel(monkeypatch):
+    # the defaults: our kernel up to OWN_KERNEL_MAX_ROWS rows where it is on, else
+    # _weight_int8pack_mm up to INT8MM_MAX_ROWS; more rows: the bf16 matmul
+    q8 = int8.Int8Linear.from_float(nn.Linear(64, 32), in_out=False)
+    calls = _spy(monkeypatch)
+    own = int8.OWN_KERNEL
+    with torch.no_grad():
+        for rows in (1, 4, 5, 16, 17):
+            q8(torch.randn(rows, 64).to(torch.bfloat16))
+    want = [("own", r) for r in (1, 4, 5, 16)] if own else [("int8pack", 1), ("int8pack", 4)]
+    assert calls == want
+
+
+def test_plain_product_where_the_kernels_do_not_apply(monkeypatch):
+    # fp32 activations without our kernel, no kernel in this PyTorch, the switch off: the
+    # plain product
+    torch.manual_seed(2)
+    q8 = int8.Int8Linear.from_float(nn.Linear(40, 24), in_out=False)
+    monkeypatch.setattr(int8, "OWN_KERNEL", False)
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        y = q8(x)                                                           # fp32 in
+        assert y.dtype == torch.float32 and calls == []
+        exact = x @ int8.dequantize(q8.weight, q8.scale).t() + q8.bias.float()
+        assert q8.scale.dtype == torch.bfloat16 and q8.bias.dtype == torch.bfloat16
+        torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6)
+        xb = x.to(torch.bfloat16)
+        with int8.disabled():
+            assert torch.equal(q8(xb), int8.plain_int8_linear(xb, q8.weight, q8.scale, q8.bias))
+        # neither our kernel nor _weight_int8pack_mm (an older PyTorch): the bf16 matmul
+        monkeypatch.setattr(int8, "_int8mm_op", lambda: None)
+        torch.testing.assert_close(q8(xb).float(), q8(xb.float()), rtol=2 ** -7, atol=1e-2)
+    assert calls == []
+
+
+def test_a_layer_made_from_an_in_out_weight_computes_the_same_product():
+    # model.Linear stores (in, out): from_float(in_out=True) must transpose it
+    torch.manual_seed(3)
+    lin = nn.Linear(32, 48)
+    blk = nn.Module()
+    blk.weight = nn.Parameter(lin.weight.detach().t().clone())              # (in, out)
+    blk.bias = lin.bias
+    a = int8.Int8Linear.from_float(lin, in_out=False)
+    b = int8.Int8Linear.from_float(blk, in_out=True)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.scale, b.scale)
+    assert a.weight.is_contiguous() and b.weight.is_contiguous()
+
+
+def test_kernel_is_built_once_per_machine_and_missing_compiler_falls_back(monkeypatch, tmp_path):
+    # Built into $GPT2_KERNEL_CACHE under a name that hashes source, compiler and CPU, and
+    # found there the next time; without a compiler own_kernel() says why and gives None.
+    if int8.own_kernel() is None:
+        pytest.skip(f"our int8 kernel cannot be built here: {int8.KERNEL_STATUS}")
+    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(int8, "KERNEL_STATUS", int8.KERNEL_STATUS)    # back afterwards
+    fns = int8._load_kernel()
+    (lib,) = tmp_path.glob("int8_kernel-*.so")
+    stamp = lib.stat().st_mtime_ns
+    assert set(fns) == {torch.bfloat16, torch.float32}
+    int8._load_kernel()
+    assert lib.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setattr(int8, "_KERNEL", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    lib.unlink()
+    assert int8.own_kernel() is None
+    assert int8.KERNEL_STATUS.startswith("unavailable: ") and "no-such-compiler" in \
+        int8.KERNEL_STATUS
+
+
+def test_environment_variable_turns_the_fast_path_off():
+    code = "from engine import int8; print(int8.ENABLED)"
+    env = {**os.environ, "GPT2_INT8_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------
+# A model
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_replaces_every_matrix_and_frees_the_float_copies(tie):
+    model = _pair(tie)
+    matrices = [p.numel() for p in model.trf_blocks.parameters() if p.dim() == 2]
+    fp32_bytes = 4 * (sum(matrices) + model.out_head.weight.numel())
+    assert int8.quantize_(model) is model and int8.is_quantized(model)
+    layers = [m for m in model.modules() if isinstance(m, int8.Int8Linear)]
+    assert len(layers) == 4 * 3 + 1 and model.out_head in layers
+    # nothing float and 2-D is left in the blocks or the head; the rest is in the
+    # activations' dtype, the scales in bf16
+    dtype = int8.activation_dtype()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t.dtype in (dtype, torch.int8) or name.endswith(".scale"), name
+        assert t.dim() != 2 or t.dtype == torch.int8 or name.startswith(("tok_emb", "pos_emb"))
+    assert model.tok_emb.weight.dtype == dtype
+    assert model.tok_emb.weight is not model.out_head.weight
+    # the int8 matrices (+ their bf16 scales) take a quarter of the fp32 bytes and a bit
+    int8_bytes = sum(m.weight.numel() + 2 * m.scale.numel() for m in layers)
+    assert int8_bytes == fp32_bytes // 4 + 2 * sum(m.out_features for m in layers)
+    state = copy.deepcopy(model.state_dict())
+    int8.quantize_(model)                                                   # a no-op now
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_logits_stay_close_to_fp32(tie, dtype):
+    # Random weights (std 0.02, GPT-2's init): the int8 model's logits stay within 5% of the
+    # spread (std) of the fp32 logits from them, 1% on average (measured with bf16
+    # activations: 3.6% and 0.7%, of which bf16 alone, with fp32 weights: 2.5% and 0.4%;
+    # with fp32 activations: 2.0% and 0.5%)
+    model = _pair(tie)
+    idx = torch.randint(0, 211, (3, 25), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(idx)                                                    # (3, 25, 211)
+        q = int8.quantize_(copy.deepcopy(model), dtype)
+        fast = q(idx).float()
+        with int8.disabled():
+            plain = q(idx).float()
+    spread = ref.std().item()
+    assert (fast - ref).abs().max().item() < 0.05 * spread
+    assert (fast - ref).abs().mean().item() < 0.01 * spread
+    # the kernels and the plain product differ in bf16 roundings, which the layers carry on
+    assert (fast - plain).abs().max().item() < 0.05 * spread
+    assert (fast - plain).abs().mean().item() < 0.005 * spread
+
+
+def test_generation_runs_through_the_int8_layers(monkeypatch):
+    # generate_text with the KV cache, batch 3: one fast kernel call per layer and decoding
+    # step; the CPU decoding fast paths (packing) stand aside for int8 layers
+    model = int8.quantize_(_pair())
+    calls = _spy(monkeypatch)
+    idx = torch.randint(0, 211, (3, 6), generator=torch.Generator().manual_seed(4))
+    with cpu_kernels.packed_for_cpu(model, 3, greedy=True) as session:
+        assert session.greedy is None and not cpu_kernels.is_packed(model.out_head)
+    out = generate_text(model, idx, 5, eos_id=None)
+    assert out.shape == (3, 11) and torch.equal(out[:, :6], idx)
+    # the prompt (18 rows) goes through the bf16 matmul, then its last position's head,
+    # then 4 decoding steps x (12 block matrices + the head), 3 rows each
+    assert calls == [("own" if int8.OWN_KERNEL else "int8pack", 3)] * (1 + 4 * 13)
+
+
+# ---------------------------------------------------------------------------------------
+# A trained model: perplexity on held-out text, greedy tokens
+
+class _Bytes:
+    """A tokenizer of UTF-8 bytes (what evaluate_perplexity asks of one)."""
+    n_vocab = 256
+
+    @staticmethod
+    def decode_single_token_bytes(i):
+        return bytes([i])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, held-out byte ids): a 2-layer GPT trained for a few seconds on 90% of the
+    default corpus, read as bytes (vocabulary 256), and the other 10%."""
+    from dataset import default_corpus_text
+    from train_utils import train_model
+
+    data = torch.tensor(list(default_corpus_text().encode()), dtype=torch.long)
+    split = int(len(data) * 0.9)
+    train, held_out = data[:split], data[split:]
+    T = 64
+    n = (len(train) - 1) // T
+    x = train[:n * T].view(n, T)
+    y = train[1:n * T + 1].view(n, T)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, drop_last=True)
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 256, "context_length": T, "emb_dim": 96, "n_heads": 4,
+           "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": True}
+    model = GPTModel(cfg)
+    threads = torch.get_num_threads()           # one thread: see one_thread
+    torch.set_num_threads(1)
+    try:
+        train_model(model, loader, loader, device="cpu", max_steps=150, learning_rate=3e-3,
+                    warmup_steps=15, eval_freq=10**6, eval_iter=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), held_out[:6000]
+
+
+@pytest.fixture
+def one_thread():
+    """A model this small gains nothing from two threads, and loses a lot when the machine
+    is busy (two threads that wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_int8_perplexity_within_2_percent_of_fp32(trained, one_thread):
+    from evaluate import evaluate_perplexity
+
+    model, held_out = trained
+
+    def perplexity(m):
+        return evaluate_perplexity(m, held_out, stride=32, batch_size=64, tokenizer=_Bytes,
+                                   progress=False)["perplexity"]
+
+    fp32 = perplexity(model)
+    assert fp32 < 16.0                     # trained: far below the 256 of a uniform guess
+    for dtype in (torch.float32, torch.bfloat16):      # the activations' precision
+        q = int8.quantize_(copy.deepcopy(model), dtype)
+        fast = perplexity(q)
+        with int8.disabled():
+            plain = perplexity(q)
+        # measured: +0.02% (bf16), +0.01% (fp32)
+        assert abs(fast / fp32 - 1) < 0.02, dtype
+        assert abs(plain / fp32 - 1) < 0.02, dtype
+        assert abs(fast / plain - 1) < 0.005, dtype
+
+
+def test_int8_greedy_tokens_mostly_equal_fp32(trained, one_thread):
+    model, held_out = trained
+    q = int8.quantize_(copy.deepcopy(model))
+    prompts = torch.stack([held_out[i:i + 16] for i in range(0, 4000, 500)])   # (8, 16)
+    ref = generate_text(model, prompts, 32, eos_id=None)[:, 16:]
+    got = generate_text(q, prompts, 32, eos_id=None)[:, 16:]
+    # the first token of each row comes from the same logits up to the quantization; the
+    # later ones may follow a different token once a row has diverged
+    assert float((got[:, 0] == ref[:, 0]).float().mean()) >= 7 / 8
+    assert float((got == ref).float().mean()) >= 0.75
+
+
+# ---------------------------------------------------------------------------------------
+# Where users ask for it: dtype="int8" in the loaders, --dtype int8 on the command lines
+
+def test_the_loaders_and_command_lines_take_int8(tmp_path, tiny_cfg, capsys):
+    import generate
+    from dataset import get_tokenizer
+    from download_weights_hf import load_gpt2_hf
+    from lora import add_lora
+    from model import load_checkpoint, save_checkpoint
+
+    hf = make_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = _pair(tie=True)
+    x = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    expected = int8.quantize_(copy.deepcopy(ours))(x)
+    from_hf = load_gpt2_hf(tmp_path / "hf", dtype="int8")
+    path = save_checkpoint(tmp_path / "m.pth", ours)
+    from_pth = load_checkpoint(path, dtype="int8")
+    for model in (from_hf, from_pth):
+        assert int8.is_quantized(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match="int8 model is for inference"):
+        save_checkpoint(tmp_path / "again.pth", from_pth)
+    with pytest.raises(ValueError, match="load the model in fp32 or bf16, not int8"):
+        add_lora(from_pth, 2)
+    # generate.py --dtype int8: the tokens generate_text gives the quantized model
+    torch.manual_seed(0)
+    tiny = GPTModel(tiny_cfg).eval()
+    path = save_checkpoint(tmp_path / "tiny.pth", tiny)
+    out = generate.main(["--weights", str(path), "--prompt", "Hello", "--dtype", "int8",
+                         "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"])
+    tok = get_tokenizer()
+    ids = generate_text(int8.quantize_(copy.deepcopy(tiny)),
+                        torch.tensor([tok.encode("Hello")]), 6, eos_id=tok.eot_token)
+    assert out == tok.decode(ids[0].tolist()).split("<|endoftext|>")[0]
+    capsys.readouterr()
