@@ -36,7 +36,13 @@ from dataset import (
     split_records,
 )
 from engine.checkpoints import saved_tokenizer
-from engine.devices import barrier, cleanup_distributed, setup_distributed, wrap_model
+from engine.devices import (
+    barrier,
+    cleanup_distributed,
+    setup_distributed,
+    training_precision,
+    wrap_model,
+)
 from engine.download import DownloadError
 from engine.fileio import check_writable
 from engine.records import is_url
@@ -146,7 +152,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
-                   help="bf16 autocast; 'auto' uses it on CUDA GPUs that support it")
+                   help="bf16 autocast; 'auto' uses it where bf16 is native: CPUs with AMX or "
+                        "AVX512-BF16, CUDA GPUs that support it (losses then differ from "
+                        "fp32's in the third digit)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--eval-task", metavar="TASK[:N]", default=None,
                    help="also score a benchmark at every evaluation: hellaswag, lambada or "
@@ -337,6 +345,9 @@ def _train(args, cfg, device, rank, world_size, parallel):
           f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
           f"{tokens_per_step}; {steps} steps on "
           f"{device}{f' with {parallel.upper()}' if parallel else ''}.")
+    precision, why = training_precision(device, args.dtype)
+    print(f"dtype: {'bf16 autocast' if precision == 'bf16' else 'fp32'} ({why}; "
+          f"{'--dtype fp32 for fp32' if precision == 'bf16' else '--dtype bf16 to try bf16'})")
     print_model_params(model)
     if args.activation_checkpointing:
         recompute_activations(model)

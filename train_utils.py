@@ -33,6 +33,7 @@ from engine.devices import (  # get_device, recompute_activations: as the README
     mean_across_processes,
     rank_and_world,
     recompute_activations,  # noqa: F401
+    training_precision,
 )
 from engine.fileio import atomic_write
 from engine.fused_loss import IGNORE_INDEX
@@ -191,12 +192,9 @@ def plan_steps(n_windows, batch_size, grad_accum_steps=1, num_epochs=1, max_step
 # One optimizer step's gradients
 
 def _autocast(device, dtype):
-    """bf16 autocast: matmuls in bfloat16 (half the bytes, faster units), the rest fp32."""
-    use_bf16 = dtype == "bf16"
-    if dtype == "auto":   # on by default only where it is a sure win
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if dtype not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
+    """bf16 autocast: matmuls in bfloat16 (half the bytes, faster units), the rest fp32;
+    "auto": where bf16 is native (engine.devices.training_precision)."""
+    use_bf16 = training_precision(device, dtype)[0] == "bf16"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

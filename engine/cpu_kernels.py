@@ -34,21 +34,9 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from engine import turned_off
+from engine.devices import cpu_vendor
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
-
-
-def _cpu_vendor():
-    """"GenuineIntel", "AuthenticAMD", ... as the CPU reports it ("" where unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    text = platform.processor()     # Windows: "Intel64 Family 6 ..., GenuineIntel"
-    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
 
 
 # PyTorch's fp32 matmuls are Intel's MKL, which runs its best code on Intel CPUs only: on
@@ -57,7 +45,7 @@ def _cpu_vendor():
 # of it for every training product), padded logit rows lost 10% of a bf16 step, and
 # one-row fp32 decoding streamed the weights as fast through MKL as packed, with bf16
 # screening slower than the fp32 head: there only the batched and bf16 decoding paths win.
-_INTEL = _cpu_vendor() == "GenuineIntel"
+_INTEL = cpu_vendor() == "GenuineIntel"
 ONEDNN_FP32 = not _INTEL        # fp32 products through oneDNN (training and evaluation)
 ALIGNED_LOGITS = not _INTEL     # the head's logits in rows padded to 64 (bf16, other CPUs)
 PACKING = True                  # packed weight copies for decoding (one more weight copy)

@@ -1,6 +1,7 @@
 """Where the work runs: one device, or one process per device under torchrun.
 
     get_device()            CUDA, then Apple's MPS, then CPU; or the one asked for
+    training_precision()    bf16 autocast where bf16 is native (AMX, AVX512-BF16, CUDA)
     resolve_dtype("bf16")   the torch dtype of a precision's name
     setup_distributed()     join torchrun's process group: (device, rank, world_size)
     wrap_model(m, "ddp")    DistributedDataParallel, or "fsdp": FSDP2 shards
@@ -11,6 +12,7 @@ first cell), and passed down; the other modules read the device from their input
 
 import contextlib
 import os
+import platform
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,45 @@ def get_device(preferred=None):
         raise ValueError(f"device {str(preferred)!r} was asked for, but MPS (Apple GPU) is not "
                          f"available here; use --device cpu")
     return device
+
+
+def cpu_info(key):
+    """A field of /proc/cpuinfo's first processor ("vendor_id", "flags", "model name"), or
+    "" where there is none (not Linux); Windows' platform.processor() names the vendor."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            block = f.read().split("\n\n", 1)[0]
+    except OSError:
+        return platform.processor() if key == "vendor_id" else ""
+    line = next((ln for ln in block.splitlines() if ln.split(":")[0].strip() == key), ":")
+    return line.split(":", 1)[1].strip()
+
+
+def cpu_vendor():
+    """"GenuineIntel", "AuthenticAMD", ... as the CPU reports it ("" where unknown)."""
+    text = cpu_info("vendor_id")
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), text)
+
+
+def native_bf16(device):
+    """What makes bf16 matrix products native on ``device`` ("AMX", "AVX512-BF16", "CUDA"),
+    or None where bf16 would be emulated (slower than fp32)."""
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    flags = set(cpu_info("flags").split()) if device.type == "cpu" else set()
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def training_precision(device, dtype="auto"):
+    """("bf16" or "fp32", why) for train_model's ``dtype``: "auto" is bf16 autocast where bf16
+    products are native (AMX and AVX512-BF16 CPUs, recent CUDA GPUs), measured 1.5-1.9x an
+    fp32 step on both CPU families (bench/train_speed.py), and fp32 elsewhere."""
+    if dtype not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
+    if dtype != "auto":
+        return dtype, "as asked"
+    why = native_bf16(device)
+    return ("bf16", f"auto: {why}") if why else ("fp32", "auto: no native bf16 here")
 
 
 # The precisions weights can be loaded in, by the names the command lines take

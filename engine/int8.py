@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from engine import turned_off
-from engine.cpu_kernels import _cpu_vendor
+from engine.devices import cpu_info, cpu_vendor
 from engine.fileio import atomic_write
 
 ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
@@ -66,7 +66,7 @@ ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
 # Our own kernel (int8_kernel.c, built here once) for products of up to OWN_KERNEL_MAX_ROWS
 # rows; measured only on AMD (Zen 4), where it beat _weight_int8pack_mm at every row count
 # up to 16: off elsewhere until measured there.
-OWN_KERNEL = _cpu_vendor() == "AuthenticAMD"
+OWN_KERNEL = cpu_vendor() == "AuthenticAMD"
 OWN_KERNEL_MAX_ROWS = 16
 # Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
 # grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
@@ -129,7 +129,7 @@ def _load_kernel():
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), version.encode(),
-                                      _cpu_model().encode(),
+                                      cpu_info("model name").encode(),
                                       " ".join(sorted(flags)).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
                  or Path.home() / ".cache" / "gpt2-from-scratch")
@@ -151,22 +151,8 @@ def _load_kernel():
     return fns
 
 
-def _cpu_info():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read().split("\n\n", 1)[0]      # the first processor's block
-    except OSError:
-        return ""
-
-
 def _cpu_flags():
-    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("flags")), ":")
-    return set(line.split(":", 1)[1].split())
-
-
-def _cpu_model():
-    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), ":")
-    return line.split(":", 1)[1].strip()
+    return set(cpu_info("flags").split())
 
 
 def _own_linear(fn, x2, q, scale, bias):

@@ -40,7 +40,8 @@ PUBLIC = {
     "engine.fileio": ["atomic_write", "atomic_save"],
     "engine.checkpoints": ["read_checkpoint", "write_checkpoint"],
     "engine.gpt2_params": ["gpt2_param_names", "iter_gpt2_weights"],
-    "engine.devices": ["get_device", "setup_distributed", "wrap_model"],
+    "engine.devices": ["get_device", "setup_distributed", "wrap_model", "training_precision"],
+    "engine.int8": ["ENABLED", "disabled", "quantize_", "Int8Linear", "is_quantized"],
     "engine.scoring": ["ENABLED", "disabled", "batched_loglikelihoods"],
     "engine.eval_data": ["TASK_FILES", "task_file", "read_hellaswag", "read_lambada",
                          "read_wikitext"],
@@ -113,7 +114,7 @@ def test_model_py_reaches_the_engine_only_for_kernels_and_files():
     # a learner reads model.py as GPT-2: the kernels, the fused loss and the file plumbing
     # are one call away, and no other textbook module is needed to follow it
     assert _graph()["model"] == {"engine.cpu_kernels", "engine.fused_loss", "engine.devices",
-                                 "engine.checkpoints"}
+                                 "engine.checkpoints", "engine.int8"}
 
 
 def test_converters_and_entry_points_are_untangled():

@@ -146,7 +146,7 @@ def test_checkpoint_loads_in_a_lower_precision(tmp_path, tiny_cfg, dtype):
     assert load_checkpoint(path, dtype="fp32").tok_emb.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", ["int8", "float32", torch.int64, 16])
+@pytest.mark.parametrize("bad", ["int4", "float32", torch.int64, 16])
 def test_unknown_dtype_is_refused_before_loading(tmp_path, bad):
     with pytest.raises(ValueError, match=r"dtype must be None, one of \['fp32', 'bf16', "
                                          r"'fp16'\] or the torch dtype of one"):

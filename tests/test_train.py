@@ -394,3 +394,20 @@ def test_loss_plot_can_show_every_step(tmp_path):
     steps = plot_losses(*args, tmp_path / "steps.png", step_losses=[10.8, 9.0, 7.0, 5.0],
                         tokens_per_step=512).read_bytes()
     assert plain[:4] == steps[:4] == b"\x89PNG" and plain != steps
+
+
+@pytest.mark.parametrize("flags, want", [
+    ("fpu avx2 avx512f avx512_bf16 amx_bf16", ("bf16", "auto: AMX")),
+    ("fpu avx2 avx512f avx512_bf16", ("bf16", "auto: AVX512-BF16")),
+    ("fpu avx2 avx512f", ("fp32", "auto: no native bf16 here")),
+    ("", ("fp32", "auto: no native bf16 here"))])
+def test_dtype_auto_trains_in_bf16_where_bf16_is_native(monkeypatch, flags, want):
+    from engine import devices
+    monkeypatch.setattr(devices, "cpu_info", lambda key: flags if key == "flags" else "")
+    cpu = torch.device("cpu")
+    assert devices.training_precision(cpu) == want
+    assert devices.training_precision(cpu, "fp32") == ("fp32", "as asked")
+    with train_utils._autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") == (want[0] == "bf16")
+    with pytest.raises(ValueError, match="dtype must be 'fp32', 'bf16' or 'auto', got 'fp16'"):
+        devices.training_precision(cpu, "fp16")
