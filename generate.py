@@ -452,9 +452,13 @@ class TextStreamer:
 def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=50,
                        temperature=0.0, top_k=None, top_p=None, eos_id=None, stream=False,
                        generator=None):
-    """Print (and return) the model's continuation of ``start_context`` on one line.
+    """Print (and return) the model's continuation of ``start_context``.
 
-    Used after each training epoch to watch the model learn.
+    Used after each training epoch to watch the model learn: each line of the text is
+    printed after "| ", so the sample's own newlines print as newlines and its empty lines
+    (a young model writes runs of them: the newline is among the commonest tokens of its
+    text) stay visibly part of it, apart from the log's lines around it. With ``stream``
+    the text is printed as it is, token by token as they are drawn.
     """
     gpt = unwrap_model(model)
     idx = text_to_token_ids(start_context, tokenizer, device)
@@ -470,7 +474,7 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
         streamer.finish()
         print()
     else:
-        print(text.replace("\n", "\\n"))      # one line; newlines shown as \n
+        print("\n".join("|" + (" " + line if line else "") for line in text.split("\n")))
     return text
 
 

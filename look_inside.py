@@ -1,7 +1,8 @@
 """Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
 parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints),
 how a run went (``plot_losses``, the PNG every run leaves). The notebooks' pictures come
-from here.
+from here: ``plot_attention``, ``plot_next_token`` (what the sampling filters leave), and
+``token_label``, how a token reads on an axis.
 
 Nothing here changes model.py: the helpers watch the model's own modules with forward
 hooks and recompute what they need from the layers' own weights.
@@ -125,7 +126,8 @@ def print_model_params(model):
 
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png",
-                step_losses=None, tokens_per_step=None, task_scores=None):
+                step_losses=None, tokens_per_step=None, task_scores=None, reference_loss=None,
+                reference_label="reference"):
     """Save a PNG of training and validation loss against tokens seen (epochs on top).
 
     The losses of the evaluations make the two main curves. ``step_losses`` (the history's
@@ -133,7 +135,9 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     what happens between evaluations, the first steps' fall from ~10.8 included; it needs
     ``tokens_per_step`` (global batch x context length) to place the steps. ``task_scores``
     (the history's, with train.py --eval-task) draws the benchmark's headline score on a
-    second axis, on the right.
+    second axis, on the right. ``reference_loss`` draws a dotted horizontal line, labelled
+    ``reference_label`` and its value: ln(vocab_size), say, the loss of a uniform guess,
+    where an untrained model starts.
     """
     if step_losses is not None and not tokens_per_step:
         raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
@@ -149,6 +153,9 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
                 label="Training loss, each step's batch")
     ax.plot(tokens_seen, train_losses, color="tab:blue", label="Training loss")
     ax.plot(tokens_seen, val_losses, color="tab:orange", linestyle="-.", label="Validation loss")
+    if reference_loss is not None:
+        ax.axhline(reference_loss, color="gray", linestyle=":",
+                   label=f"{reference_label}: {reference_loss:.2f}")
     ax.set_xlabel("Tokens seen")
     ax.set_ylabel("Loss")
     lines = ax.get_lines()
@@ -175,18 +182,100 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     return path
 
 
-def plot_attention(weights, labels, heads=(0,), title=""):
+def token_label(tokenizer, token_id, quote=False):
+    """How one token reads on a plot's axis: its text (``repr``-quoted with ``quote``, so
+    that a leading space shows), or its bytes when they are not whole UTF-8 characters.
+
+    Byte-level BPE works on bytes, so a token may hold part of a character: GPT-2's 447 is
+    b'\\xe2\\x80', the first two of the three bytes of U+2019 (the curly apostrophe), and
+    another token holds the third. Decoded alone, such a token is only U+FFFD, the
+    replacement glyph, which says nothing; its bytes say what it is.
+    """
+    data = tokenizer.decode_bytes([int(token_id)])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(data)                               # b'\xe2\x80'
+    return repr(text) if quote else text
+
+
+def plot_attention(weights, labels, heads=(0,), title="", skip_first=True, per_row=False):
     """Heatmaps of one layer's ``weights`` (1, n_heads, T, T) for ``heads``, token labels
-    on both axes (query position down, key position across). Returns the figure."""
+    on both axes (query position down, key position across), one colorbar. Returns the
+    figure.
+
+    ``skip_first`` leaves out row 0: query 0 sees only key 0, so its weight there is always
+    1, and it would set the colour scale that every other row is read on. Keys after the
+    query (the causal mask) are left blank: "cannot see" is not "sees little". The colour
+    scale runs from 0 to the largest weight shown, the same for every head of the figure;
+    ``per_row`` divides each row by its own largest weight instead, so where a row looks
+    stands out even when that row spreads thinly over many keys (the colour is then
+    relative to the row, not a weight).
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    T = weights.shape[-1]
+    first = 1 if skip_first and T > 1 else 0
+    w = weights[0, list(heads), first:].float().cpu()                  # (H, T - first, T)
+    if per_row:
+        w = w / w.amax(dim=-1, keepdim=True)
+    queries = torch.arange(first, T)[:, None]                          # (T - first, 1)
+    hidden = (torch.arange(T)[None, :] > queries).expand_as(w)         # after the query
+    shown = np.ma.masked_array(w.numpy(), mask=hidden.numpy())
+    vmax = 1.0 if per_row else float(shown.max())
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.0 * len(heads) + 1.2, 4.4),
+                             squeeze=False, layout="constrained")
+    for j, (ax, h) in enumerate(zip(axes[0], heads)):
+        image = ax.imshow(shown[j], cmap=cmap, vmin=0, vmax=vmax)
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(T - first), labels[first:], fontsize=7)
+        ax.set_title(f"{title} head {h}".strip(), fontsize=9)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+    axes[0][0].set_ylabel("query (attending)" + (", row 0 left out" if first else ""),
+                          fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
+                 label="weight / the row's largest" if per_row else "attention weight")
+    return fig
+
+
+def plot_next_token(probs, top, labels, panels, title=""):
+    """Bar charts of next-token distributions, with the rest of the vocabulary as one bar.
+
+    ``probs``: {name: probabilities (vocab_size,)}; ``top``: the token ids to show, one
+    group of bars each, labelled ``labels``; ``panels``: {panel title: [names]}, one row
+    of bars per panel. A last group, "rest of the vocabulary", holds each distribution's
+    probability outside ``top``, printed on the bar: where a high temperature sends the
+    probability (the long tail, invisible token by token) and what a filter cuts off (0).
+    Returns the figure.
+    """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 4.2), squeeze=False)
-    for ax, h in zip(axes[0], heads):
-        ax.imshow(weights[0, h].float().cpu(), cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_title(f"{title} head {h}", fontsize=9)
-        ax.set_xlabel("key (attended to)", fontsize=8)
-    axes[0][0].set_ylabel("query (attending)", fontsize=8)
+    top = torch.as_tensor(top)
+    n_rest = len(next(iter(probs.values()))) - len(top)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), sharex=True,
+                             squeeze=False)
+    for ax, (panel, names) in zip(axes[:, 0], panels.items()):
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            p = probs[name].float().cpu()
+            heights = torch.cat([p[top], (1 - p[top].sum()).clamp(min=0)[None]])
+            x = torch.arange(len(top) + 1) + (j - (len(names) - 1) / 2) * width
+            ax.bar(x, heights, width, label=name)
+            ax.text(x[-1], heights[-1], f"{heights[-1]:.0%}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.axvline(len(top) - 0.5, color="gray", linestyle=":", linewidth=1)
+        ax.set_ylim(0, 1.08)
+        ax.set_title(panel)
+        ax.set_ylabel("probability")
+        ax.legend(loc="upper center")
+    axes[-1, 0].set_xticks(range(len(top) + 1),
+                           [*labels, f"rest of the vocabulary\n({n_rest:,} tokens)"], rotation=60,
+                           ha="right", rotation_mode="anchor")
+    axes[-1, 0].set_xlabel("next token (the most likely first)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -43,6 +43,21 @@ def measure(sample, corpus):
             "whitespace": sum(c.isspace() for c in sample) / max(1, len(sample))}
 
 
+def epoch_samples_of(train_out):
+    """The per-epoch samples in train.py's output, less the prompt: each is printed as lines
+    after "| " (generate_and_print), the first beginning with the prompt."""
+    samples, inside = [], False
+    for line in train_out.splitlines():
+        if line.startswith("| " + PROMPT):
+            samples.append(line[2 + len(PROMPT):])
+            inside = True
+        elif inside and (line == "|" or line.startswith("| ")):
+            samples[-1] += "\n" + line[2:]
+        else:
+            inside = False                  # a line of the log: the sample has ended
+    return samples
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sample-only", action="store_true",
@@ -71,16 +86,14 @@ def main(argv=None):
                              env=env, check=True)
     sample = gen.stdout.rstrip("\n")[len(PROMPT):]
     figures = measure(sample, default_corpus_text())
-    epoch_samples = [line.split("\\n", 1)[-1] for line in train_out.splitlines()
-                     if line.startswith(PROMPT)]
+    epoch_samples = epoch_samples_of(train_out)
     print(common.machine_line())
     if train_out:
         print(f"main job: train.py took {seconds:.0f} s; "
               f"{[ln for ln in train_out.splitlines() if ln.startswith('final:')][-1]}")
-        for line in train_out.splitlines():
-            if line.startswith(PROMPT):
-                newlines = line.count("\\n") * 2 / max(1, len(line) - len(PROMPT))
-                print(f"epoch sample ({newlines:.0%} of it newlines): {line[:160]}")
+        for text in epoch_samples:
+            newlines = text.count("\n") / max(1, len(text))
+            print(f"epoch sample ({newlines:.0%} of it newlines): {PROMPT}{text[:160]!r}")
     print(f"sample: {PROMPT}{sample!r}")
     parts = [common.target("words", figures["words"], 30, fmt="{:.0f}")[0],
              common.target("corpus words", figures["corpus_words"], 0.85, fmt="{:.0%}")[0],

@@ -20,13 +20,22 @@ import torch
 nbclient = pytest.importorskip("nbclient")
 
 from conftest import ROOT, make_hf_model  # noqa: E402
-from dataset import create_dataloader, default_corpus_text, get_tokenizer, load_tokens  # noqa: E402
-from generate import generate_text, text_to_token_ids, token_ids_to_text  # noqa: E402
-from model import load_checkpoint, read_checkpoint  # noqa: E402
-from train_utils import calc_loss_loader  # noqa: E402
+from dataset import (  # noqa: E402
+    GPTDataset,
+    create_dataloader,
+    default_corpus_text,
+    get_tokenizer,
+    load_tokens,
+)
+from generate import filtered_probs, generate_text, text_to_token_ids, token_ids_to_text  # noqa: E402
+from look_inside import attention_weights, token_label  # noqa: E402
+from model import GPTModel, load_checkpoint, read_checkpoint  # noqa: E402
+from test_evaluate import hellaswag_records, write_jsonl  # noqa: E402
+from train_utils import calc_loss_batch, calc_loss_loader  # noqa: E402
 
 NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb")
 PROMPT = "The for statement"
+ATTENTION_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 NEW_TOKENS = 8
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}    # the inference defaults
 SEED = 123
@@ -124,17 +133,22 @@ def test_notebooks_are_committed_with_clean_outputs(name):
 # ---------------------------------------------------------------------------------------
 # train.ipynb
 
+TINY_TRAIN = dict(CONTEXT_LENGTH=32, EMB_DIM=32, N_HEADS=2, N_LAYERS=2, DROP_RATE=0.0)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """train.ipynb run on 6 kB of text with a 2-layer, 32-wide model: (folder, cells)."""
+    """train.ipynb run on 6 kB of text with a 2-layer, 32-wide model, scoring 3 HellaSwag
+    examples at each evaluation: (folder, cells)."""
     cwd = tmp_path_factory.mktemp("train")
     data = cwd / "corpus" / "my_text.txt"
     data.parent.mkdir()
     data.write_text(default_corpus_text()[:6_000])
+    hellaswag = write_jsonl(cwd / "hs.jsonl", hellaswag_records(4, seed=5))
     cells = run_notebook(
-        "train.ipynb", cwd, DATA_PATH=str(data), CONTEXT_LENGTH=32, EMB_DIM=32, N_HEADS=2,
-        N_LAYERS=2, DROP_RATE=0.0, NUM_EPOCHS=1, BATCH_SIZE=4, EVAL_FREQ=5, EVAL_ITER=2,
-        MAX_STEPS=20, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS)
+        "train.ipynb", cwd, DATA_PATH=str(data), **TINY_TRAIN, NUM_EPOCHS=1, BATCH_SIZE=4,
+        EVAL_FREQ=5, EVAL_ITER=2, MAX_STEPS=20, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS,
+        EVAL_TASK="hellaswag:3", EVAL_DATA=str(hellaswag))
     return cwd, cells
 
 
@@ -157,7 +171,13 @@ def test_train_notebook(trained):
     assert history["train_loss"][-1] < history["train_loss"][0]       # it learned something
     train_out = stdout(cells["train"])
     assert "Train loss" in train_out and "Val loss" in train_out
-    assert PROMPT in train_out                      # train_model's sample after the epoch
+    # train_model's sample after the epoch: its lines after "| ", newlines as newlines
+    assert any(line.startswith("| " + PROMPT) for line in train_out.splitlines())
+    assert "\\n" not in train_out
+    # EVAL_TASK reached train_model: the benchmark scored at every evaluation
+    assert [t["step"] for t in history["task_scores"]] == history["step"]
+    assert {t["n"] for t in history["task_scores"]} == {3}
+    assert ", hellaswag acc_norm " in train_out
 
     plot = cwd / "model_weights" / "trained_gpt2_loss.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -175,6 +195,61 @@ def test_train_notebook(trained):
 
     assert stdout(cells["generate"]).startswith(PROMPT)
     assert len(stdout(cells["generate"])) > len(PROMPT) + 1
+
+
+def test_train_notebook_by_hand_cells(trained):
+    # The cells that work things out by hand assert their equalities inside the notebook;
+    # here their printed figures are checked against references computed independently.
+    cwd, cells = trained
+    tokenizer = get_tokenizer()
+    corpus = cwd / "corpus"
+    tokens = stdout(cells["tokens"])
+    assert "' for' -> [329]" in tokens and "'for' -> [1640]" in tokens
+    assert "' coroutines' -> [\"' cor'\", \"'out'\", \"'ines'\"]" in tokens
+    assert "'<|endoftext|>' -> [50256]" in tokens and "encode refuses" in tokens
+    text = (corpus / "train.txt").read_text()
+    n_tokens = len(load_tokens(corpus / "train.txt"))
+    assert (f"{len(text):,} characters / {n_tokens:,} tokens = "
+            f"{len(text) / n_tokens:.2f} characters per token") in tokens
+
+    assert "equal to look_inside.attention_weights" in stdout(cells["head"])
+    assert png_count(cells["architecture"]) == 1
+
+    # the first training window, input and target side by side
+    window = GPTDataset(load_tokens(corpus / "train.txt"), None, 32, 32)[0]
+    rows = stdout(cells["window"]).splitlines()[1:11]
+    for t, row in enumerate(rows):
+        assert row == (f"{t:3d}  {token_label(tokenizer, window[0][t], quote=True):<18}"
+                       f"{token_label(tokenizer, window[1][t], quote=True)}")
+
+    # the loss by hand is the untrained model's: the same seed builds the same weights
+    torch.manual_seed(SEED)
+    untrained = GPTModel({**load_checkpoint(cwd / "model_weights" / "trained_gpt2.pth").cfg,
+                          "drop_rate": 0.0}).eval()
+    with torch.no_grad():
+        want = calc_loss_batch(window[0][None], window[1][None], untrained, "cpu").item()
+    match = re.search(r"loss by hand ([\d.]+) = calc_loss_batch ([\d.]+); ln\(50,257\) = "
+                      r"10\.8249", stdout(cells["loss"]))
+    assert match, stdout(cells["loss"])
+    assert float(match[1]) == float(match[2]) == pytest.approx(want, abs=1e-4)
+    assert abs(want - math.log(50257)) < 0.5
+
+    # exercises: the stride's window count, the parameter counts, the previous-token head
+    count = len(GPTDataset(load_tokens(corpus / "train.txt"), None, 32, 8))
+    assert f"stride 8: predicted {count:,}, GPTDataset has {count:,}" in stdout(cells[
+        "answer-stride"])
+    params = stdout(cells["answer-params"])
+    assert re.search(r"GPT-2 small \(124M\), tied +124,439,808 ", params)
+    assert re.search(r"GPT-2 small, untied +163,037,184 ", params)
+    assert re.search(r"GPT_CONFIG_124M as it stands +162,419,712 ", params)
+    trained_model = load_checkpoint(cwd / "model_weights" / "trained_gpt2.pth").eval()
+    val = GPTDataset(load_tokens(corpus / "valid.txt"), None, 32, 32)[0][0][None]
+    scores = {(layer, h): float(w[0, h].diagonal(-1).mean())
+              for layer, w in attention_weights(trained_model, val).items()
+              for h in range(w.shape[1])}
+    layer, head = max(scores, key=scores.get)
+    assert f"the most: layer {layer}, head {head}, {scores[layer, head]:.0%}" in stdout(
+        cells["answer-heads"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,6 +303,30 @@ def test_inference_custom_checkpoint(trained, tmp_path):
     assert counts["top-k = 5"] == "5"
     assert counts["no filter"] == "50,257"
     assert 1 <= int(counts["top-p = 0.5"].replace(",", "")) < 50_257
+    # the "rest of the vocabulary" bar: the probability outside the 10 tokens plotted
+    gpt = load_checkpoint(weights, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = gpt(text_to_token_ids(PROMPT, get_tokenizer()))[:, -1]
+    top = filtered_probs(logits)[0].topk(10).indices
+    rests = dict(re.findall(r"^\s*(.+?): .*the rest of the vocabulary ([\d.]+)%$",
+                            stdout(cells["dist"]), re.M))
+    for name, temperature in (("T = 1", 1.0), ("T = 2", 2.0)):
+        rest = 1 - float(filtered_probs(logits, temperature)[0, top].sum())
+        assert float(rests[name]) == pytest.approx(100 * rest, abs=0.051)
+    assert float(rests["top-k = 5"]) == 0.0
+
+    # the previous-token head the text points at, and the BPE split of the word it shows
+    assert png_count(cells["attention"]) == 2 and png_count(cells["previous"]) == 1
+    ids = text_to_token_ids(ATTENTION_PROMPT, get_tokenizer())
+    scores = {(layer, h): float(w[0, h].float().diagonal(-1).mean())
+              for layer, w in attention_weights(gpt, ids).items() for h in range(w.shape[1])}
+    layer, head = max(scores, key=scores.get)
+    previous = stdout(cells["previous"])
+    assert previous.startswith(f"layer {layer}, head {head} puts {scores[layer, head]:.0%} ")
+    assert "' iterate' is 2 tokens: [\"' iter'\", \"'ate'\"] [11629, 378]" in previous
+    for answer in ("answer-temperature", "answer-penalty", "answer-sink"):
+        assert stdout(cells[answer])            # each answer ran, its asserts held
+    assert "[2.6, -2.6, 0.0] -> [2.0, -3.38, 0.0]" in stdout(cells["answer-penalty"])
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +377,23 @@ def test_inference_hf_load_and_export(tmp_path):
 
     assert (tmp_path / "exported" / "model.safetensors").is_file()
     out = stdout(cells["export"])
+    assert "transformers loaded a GPT2LMHeadModel: n_layer=2, n_head=4, n_embd=32, " in out
     diff = float(re.search(r"logit difference\|, transformers vs\. ours: (\S+)", out)[1])
     assert diff < 1e-4
     assert "same tokens as our greedy decoding: True" in out
+    # the first new tokens side by side, transformers' and ours: the same pieces
+    tokenizer = get_tokenizer()
+    n = len(text_to_token_ids(PROMPT, tokenizer)[0])
+    for t, token in enumerate(hf_greedy(hf)[n:n + NEW_TOKENS]):
+        label = token_label(tokenizer, token, quote=True)
+        assert f"{t:9d}  {label:<20}{label}\n" in out
+    assert "emb_dim = 32     -> n_embd = 32" in stdout(cells["hf-config"])
+    assert "same tokens in transformers and ours: True" in stdout(cells["answer-penalty"])
+    # GPT-2's format has q/k/v biases; this model has them too, and a tied head, stored once
+    assert re.search(r"model.safetensors: ([\d,]+) numbers = \1 parameters \+ 0 zero",
+                     stdout(cells["answer-file"]))
+    assert "transformers [464, 329, 2643], ours [464, 329, 2643]" in stdout(
+        cells["answer-tokenizer"])
 
 
 def test_train_notebook_defaults_are_train_py_defaults():

@@ -1,11 +1,12 @@
 """Run the notebooks with their default parameters and commit-ready outputs, in place.
 
-    python tools/execute_notebooks.py                    # all three, train.ipynb first
+    python tools/execute_notebooks.py                    # all of them, train.ipynb first
     python tools/execute_notebooks.py inference.ipynb    # one (it needs the trained model)
 
 Run it whenever code the notebooks show changes: they are committed with their outputs and
 figures, so that they read on a code-hosting page without being run. The notebooks run in
-a fresh copy of the repository (its own data/ with the default corpus, its own
+a fresh copy of the repository (its own data/ with the default corpus and the files
+committed there, its own
 model_weights/: yours are not touched), on the CPU unless --device says otherwise, with
 progress bars off, and that copy's path is replaced by "." in every output, so the
 committed files hold no machine paths. tests/test_notebooks.py checks that they stay so.
@@ -20,7 +21,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb")   # train first
+# train first: the others start from the model it trains
+NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
+             "tokenizer.ipynb")
 MAX_BYTES = 1_000_000
 
 
@@ -87,6 +90,8 @@ def main(argv=None):
         shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(
             ".git", "data", "model_weights", "__pycache__", ".pytest_cache", ".ruff_cache"))
         (workdir / "data").mkdir()
+        for name in ("README.md", "instructions.jsonl"):      # data/'s committed files
+            shutil.copy2(ROOT / "data" / name, workdir / "data" / name)
         if "train.ipynb" not in args.notebooks and (ROOT / "model_weights").is_dir():
             shutil.copytree(ROOT / "model_weights", workdir / "model_weights")
         sizes = [execute(name, workdir, args.device) for name in args.notebooks]
