@@ -1,8 +1,9 @@
 """Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
 parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints),
 how a run went (``plot_losses``, the PNG every run leaves). The notebooks' pictures come
-from here: ``plot_attention``, ``plot_next_token`` (what the sampling filters leave), and
-``token_label``, how a token reads on an axis.
+from here: ``plot_attention``, ``plot_next_token`` (what the sampling filters leave),
+``plot_token_mask`` (which tokens an instruction-tuning loss scores), and ``token_label``,
+how a token reads on an axis.
 
 Nothing here changes model.py: the helpers watch the model's own modules with forward
 hooks and recompute what they need from the layers' own weights.
@@ -278,4 +279,88 @@ def plot_next_token(probs, top, labels, panels, title=""):
     axes[-1, 0].set_xlabel("next token (the most likely first)")
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Instruction batches: which tokens the loss scores
+
+PROMPT, SCORED, PADDING = 0, 1, 2       # token_roles' codes, plot_token_mask's colours
+
+
+def token_roles(input_ids, targets, pad_id=50256):
+    """What the loss does at each position of an instruction batch (dataset.pad_batch's
+    ``(input_ids, targets)``, (B, L) or (L,)): a tensor of the same shape holding
+
+    * SCORED where the target counts (not -100): there the model learns to predict the
+      answer's tokens and the ``<|endoftext|>`` that ends it;
+    * PADDING in the run of ``pad_id`` inputs with ignored targets that ends a row: the
+      right padding pad_batch adds to rows shorter than the longest;
+    * PROMPT elsewhere: the record's own tokens whose next token is not scored (the
+      headers, the system and user text), read by the model but never predicted.
+    """
+    from engine.fused_loss import IGNORE_INDEX
+
+    input_ids, targets = torch.as_tensor(input_ids), torch.as_tensor(targets)
+    if input_ids.shape != targets.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and targets "
+                         f"{tuple(targets.shape)} must have the same shape")
+    ignored = targets == IGNORE_INDEX
+    pad_like = (input_ids == pad_id) & ignored
+    # a position is padding when it and every position after it in its row look like padding
+    padding = pad_like.flip(-1).long().cumprod(dim=-1).flip(-1).bool()
+    roles = torch.full_like(input_ids, PROMPT)
+    roles[~ignored] = SCORED
+    roles[padding] = PADDING
+    return roles
+
+
+def plot_token_mask(tokenizer, input_ids, targets, pad_id=None, title=""):
+    """The loss mask of an instruction batch as a coloured grid of tokens. Returns the
+    figure.
+
+    Each record takes two rows: its input tokens, and under each one its target (the next
+    token, or -100 where the loss skips it). A column's colour is token_roles' verdict on
+    that position: prompt (read, not scored), answer (scored) or padding. ``pad_id``:
+    the padding token (default: the tokenizer's ``<|endoftext|>``). Token texts are
+    token_label's, quoted so that spaces and newlines show.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    input_ids, targets = torch.as_tensor(input_ids), torch.as_tensor(targets)
+    if input_ids.dim() == 1:
+        input_ids, targets = input_ids[None], targets[None]                 # (1, L)
+    pad_id = tokenizer.eot_token if pad_id is None else pad_id
+    roles = token_roles(input_ids, targets, pad_id)                          # (B, L)
+    B, L = input_ids.shape
+    colours = {PROMPT: ("#c6dbef", "prompt: read, not scored (target -100)"),
+               SCORED: ("#fd8d3c", "answer: scored (target = the next token)"),
+               PADDING: ("#eeeeee", "padding: <|endoftext|> ids, not scored (target -100)")}
+    grid = roles.repeat_interleave(2, dim=0)                     # (2B, L): input, target rows
+    height = 1.1 * B * 2 + 1.3
+    fig, ax = plt.subplots(figsize=(0.4 * L + 2.2, height))
+    ax.imshow(grid.numpy(), cmap=ListedColormap([colours[r][0] for r in sorted(colours)]),
+              vmin=-0.5, vmax=len(colours) - 0.5, aspect="auto", interpolation="nearest")
+    for b in range(B):
+        for t in range(L):
+            padded = roles[b, t] == PADDING
+            shown = {2 * b: "pad" if padded else token_label(tokenizer, input_ids[b, t], True),
+                     2 * b + 1: ("-100" if roles[b, t] != SCORED else
+                                 token_label(tokenizer, targets[b, t], True))}
+            for row, text in shown.items():
+                ax.text(t, row, text, ha="center", va="center", rotation=90, fontsize=7.5,
+                        color="#777777" if text in ("-100", "pad") else "black")
+        if b:
+            ax.axhline(2 * b - 0.5, color="black", linewidth=1.5)     # between records
+    ax.set_xticks(range(0, L, 5))
+    ax.set_xlabel("position t in the row (the target at t is the input's token t + 1)")
+    ax.set_yticks(range(2 * B), [f"record {b}: {what}" for b in range(B)
+                                 for what in ("input", "target")])
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="gray", label=label)
+                        for c, label in colours.values()],
+               loc="lower center", ncol=3, fontsize=9, frameon=False)
+    ax.set_title(title or f"{int((roles == SCORED).sum())} of {B * L} positions scored")
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))       # room for the legend below
     return fig

@@ -33,7 +33,8 @@ from model import GPTModel, load_checkpoint, read_checkpoint  # noqa: E402
 from test_evaluate import hellaswag_records, write_jsonl  # noqa: E402
 from train_utils import calc_loss_batch, calc_loss_loader  # noqa: E402
 
-NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "tokenizer.ipynb")
+NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
+             "tokenizer.ipynb")
 PROMPT = "The for statement"
 ATTENTION_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 NEW_TOKENS = 8
