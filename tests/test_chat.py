@@ -227,6 +227,7 @@ def test_a_turn_then_reset_then_quit(sessions, tiny):
     assert f"gpt> {second}\n" in seen[0]
     os.write(fd, b"/reset\n")
     _read_until(fd, "(conversation forgotten)", seen)
+    _read_until(fd, "you> ", seen)       # the prompt after it may come in a later read
     os.write(fd, b"More\n")
     mark = len(seen[0])
     _read_until(fd, "you> ", seen)
