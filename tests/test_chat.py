@@ -226,8 +226,7 @@ def test_a_turn_then_reset_then_quit(sessions, tiny):
                                    _user("More")], 5)
     assert f"gpt> {second}\n" in seen[0]
     os.write(fd, b"/reset\n")
-    _read_until(fd, "(conversation forgotten)", seen)
-    _read_until(fd, "you> ", seen)       # the prompt after it may come in a later read
+    _read_until(fd, "(conversation forgotten)\nyou> ", seen)    # the notice, then the prompt
     os.write(fd, b"More\n")
     mark = len(seen[0])
     _read_until(fd, "you> ", seen)
