@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs and a random Hugging Face reference model (never downloaded)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A test run started in the background by a script (`pytest &`) inherits SIGINT ignored, and
+# every program it starts would too: the Ctrl-C tests need it delivered. A handler (unlike
+# "ignore") is not inherited across exec, so the programs start with the default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # train.py flags for a 2-layer, 32-wide model on the CPU: seconds per run
 TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",

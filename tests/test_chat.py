@@ -181,9 +181,15 @@ def _read_until(fd, text, seen, timeout=120):
     return seen[0]
 
 
-def _finish(pid, fd, seen):
+def _finish(pid, fd, seen, timeout=120):
     """The exit code, after reading everything the program still prints."""
+    deadline = time.time() + timeout
     while True:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            os.kill(pid, 9)
+            raise AssertionError(f"chat.py did not end within {timeout} s; the terminal "
+                                 f"shows {seen[0]!r}")
         try:
             chunk = os.read(fd, 4096)
         except OSError:
