@@ -93,8 +93,8 @@ def main(argv=None):
               f"{[ln for ln in train_out.splitlines() if ln.startswith('final:')][-1]}")
         for text in epoch_samples:
             newlines = text.count("\n") / max(1, len(text))
-            print(f"epoch sample ({newlines:.0%} of it newlines): {PROMPT}{text[:160]!r}")
-    print(f"sample: {PROMPT}{sample!r}")
+            print(f"epoch sample ({newlines:.0%} of it newlines): {(PROMPT + text)[:160]!r}")
+    print(f"sample: {PROMPT + sample!r}")
     parts = [common.target("words", figures["words"], 30, fmt="{:.0f}")[0],
              common.target("corpus words", figures["corpus_words"], 0.85, fmt="{:.0%}")[0],
              common.target("pairs in corpus", figures["pairs"], 0.5, fmt="{:.0%}")[0],
