@@ -6,9 +6,11 @@ kernels, less memory, files that survive a crash, several processes. Each is rea
 the textbook through one small, named call, and none of them imports a textbook module
 (what they need, a model or a tokenizer, is passed in).
 
-    cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding)
+    cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding,
+                  one-row fp32 products through gemv_kernel.c)
     fused_loss    the output head and cross-entropy without the whole logits tensor
     int8          weight-only int8 inference: Int8Linear, quantize_, its kernels
+    native        the C kernels (int8_kernel.c, gemv_kernel.c), compiled once per machine
     fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
     gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)

@@ -8,8 +8,10 @@ faster kernel applies; each seam returns None where none does, and the plain cod
     GPTModel.logits     -> head_logits(h, weight)  the output head: oneDNN, or rows aligned to 64
     GPTModel.train      -> forget_packed(params)   packed copies are dropped for training
 
-generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)``: the packed copies,
-and a greedy head that reads half the bytes (``screened_argmax``). train_utils calls
+generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)``: the packed copies
+(for one-row fp32 steps, where OWN_GEMV_FP32 is on, plain (out, in) copies that our own
+kernel, gemv_kernel.c, streams), and a greedy head that reads half the bytes
+(``screened_argmax``). train_utils calls
 ``tune_malloc``. None of them changes what is computed, only how fast (up to the last-bit
 rounding in which any two matmul kernels differ); the tests compare each with the plain path.
 An int8 model (engine/int8.py) brings its own layers and kernels: head_logits and
@@ -25,8 +27,10 @@ import contextlib
 import ctypes
 import os
 import platform
+import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,6 +54,10 @@ ONEDNN_FP32 = not _INTEL        # fp32 products through oneDNN (training and eva
 ALIGNED_LOGITS = not _INTEL     # the head's logits in rows padded to 64 (bf16, other CPUs)
 PACKING = True                  # packed weight copies for decoding (one more weight copy)
 PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
+# One-row fp32 decoding through our own kernel (gemv_kernel.c) instead of oneDNN's packed
+# product: on the AMD EPYC (Zen 4) the 124M model's 48 block matrices took 15.0-15.7 ms a
+# token against oneDNN's 20.0-20.1 (interleaved, 2 threads); measured only there.
+OWN_GEMV_FP32 = cpu_vendor() == "AuthenticAMD"
 
 
 def disabled():
@@ -239,6 +247,8 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
     """
     rows = 1 if rows == 1 else 8
     dtype = dtype or weight.dtype
+    if rows == 1 and dtype == torch.float32 and OWN_GEMV_FP32 and own_gemv() is not None:
+        rows = "gemv"           # the copy is a RowMajor for our kernel (the cache key says so)
     key = (*_version_key(weight), rows, dtype)
     # The storage itself is compared too (through a weak reference, which dies with it):
     # after m.to(torch.bfloat16).to(torch.float32) the allocator may give the new storage
@@ -250,7 +260,9 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
         # from a contiguous (out, in) matrix: packing the transposed view directly gave a
         # layout that streamed ~3% slower
         out_in = out_in.to(dtype).contiguous()
-        cached = (key, weakref.ref(storage), torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
+        copy = (RowMajor(out_in) if rows == "gemv"
+                else torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
+        cached = (key, weakref.ref(storage), copy)
         _PACKED[weight] = cached
     return cached[2]
 
@@ -261,11 +273,67 @@ def packed_linear(x, packed, bias=None):
     ``x`` and ``bias`` are brought to the packed copy's dtype first, as autocast would do
     for a linear layer (autocast does not know this oneDNN op, so it converts nothing).
     """
+    if isinstance(packed, RowMajor):
+        return packed(x, bias)
     if x.dtype != packed.dtype:
         x = x.to(packed.dtype)
     if bias is not None and bias.dtype != packed.dtype:
         bias = bias.to(packed.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# ---------------------------------------------------------------------------------------
+# One-row fp32 products through our own kernel
+
+_GEMV = None                # the compiled gemv_f32 once built; False: cannot be built here
+GEMV_STATUS = "not built yet"
+
+
+def own_gemv():
+    """engine/gemv_kernel.c's gemv_f32 (a ctypes function), built once per machine by
+    engine/native.py, or None where it cannot be (the reason in GEMV_STATUS)."""
+    global _GEMV, GEMV_STATUS
+    if _GEMV is None:
+        _GEMV = False
+        try:
+            from engine import native
+            fn = native.build(Path(__file__).with_name("gemv_kernel.c")).gemv_f32
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+            fn.restype = None
+            _GEMV = fn
+            GEMV_STATUS = "on"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            GEMV_STATUS = f"unavailable: {e}"
+    return _GEMV or None
+
+
+class RowMajor:
+    """A matrix kept as a contiguous (out, in) fp32 copy for gemv_kernel.c (packed_weight's
+    copy where one-row fp32 products go through it). Called with x (..., in): one row
+    through the kernel, each output's weights one contiguous run read once; more rows (a
+    prompt) through oneDNN (where ONEDNN_FP32 is on) or PyTorch's product of the same copy."""
+
+    def __init__(self, out_in):
+        self.weight = out_in                                                 # (out, in)
+        self.dtype = out_in.dtype
+
+    def __call__(self, x, bias=None):
+        out, k = self.weight.shape
+        fn = own_gemv() if ENABLED and OWN_GEMV_FP32 else None
+        if fn is None or x.dtype != torch.float32 or x.numel() != k or (
+                bias is not None and bias.dtype != torch.float32):
+            x, bias = x.to(self.dtype), None if bias is None else bias.to(self.dtype)
+            if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, self.weight):
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), self.weight, bias,
+                                                       "none", [], "")
+                return y.view(*x.shape[:-1], out)
+            return torch.nn.functional.linear(x, self.weight, bias)
+        x1 = x.contiguous()
+        b = None if bias is None else bias.contiguous()
+        y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
+        fn(x1.data_ptr(), self.weight.data_ptr(), None if b is None else b.data_ptr(),
+           y.data_ptr(), out, k, torch.get_num_threads())
+        return y
 
 
 def is_packed(layer):

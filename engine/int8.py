@@ -18,7 +18,7 @@ streams the head; the lookup reads one row per token).
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
-                           compiler, see own_kernel): int8 -> fp32 in registers, fp32 sums,
+                           compiler, engine/native.py): int8 -> fp32 in registers, fp32 sums,
                            the scale on the finished sum, the next rows of q prefetched
     CPU, bf16 x, <= 4 rows torch.ops.aten._weight_int8pack_mm (PyTorch's kernel)
     CPU, bf16 x, more      q converted to bf16 (exact: |q| <= 127) and one bf16 matmul,
@@ -45,21 +45,16 @@ nn.Linear, (vocab, C)).
 """
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from engine import turned_off
-from engine.devices import cpu_info, cpu_vendor
-from engine.fileio import atomic_write
+from engine import native, turned_off
+from engine.devices import cpu_vendor
 
 ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
 
@@ -96,11 +91,8 @@ def own_kernel():
     """{activation dtype: the compiled product (a ctypes function)} for bf16 and fp32, or
     None where it cannot be had.
 
-    It needs Linux on x86-64 with AVX-512 (F and BW), PyTorch's OpenMP (libgomp, which the
-    kernel shares: one thread pool) and a C compiler (``$CC``, cc or gcc). The library is
-    built with ``-march=native`` into ``$GPT2_KERNEL_CACHE`` (default
-    ~/.cache/gpt2-from-scratch), named by a hash of the source, the compiler and the CPU, so
-    that a change of any of them builds it anew. Any failure: None, and the reason in
+    engine/native.py builds it once per machine (it needs Linux on x86-64 with AVX-512,
+    PyTorch's libgomp and a C compiler). Any failure: None, and the reason in
     KERNEL_STATUS; the layers then use PyTorch's kernels.
     """
     global _KERNEL, KERNEL_STATUS
@@ -115,44 +107,12 @@ def own_kernel():
 
 
 def _load_kernel():
-    flags = _cpu_flags()
-    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
-            and {"avx512f", "avx512bw"} <= flags):
-        raise RuntimeError("needs Linux on an x86-64 CPU with AVX-512 (F, BW)")
-    if "libgomp" not in Path("/proc/self/maps").read_text():
-        # with another OpenMP (Intel's, in conda builds) the kernel would bring a second
-        # thread pool, and the two would fight over the cores
-        raise RuntimeError("this PyTorch does not run on GNU OpenMP (libgomp)")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc, gcc or $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), version.encode(),
-                                      cpu_info("model name").encode(),
-                                      " ".join(sorted(flags)).encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
-                 or Path.home() / ".cache" / "gpt2-from-scratch")
-    lib_path = cache / f"int8_kernel-{key}.so"
-    if not lib_path.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            built = Path(tmp) / "int8_kernel.so"
-            proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                                   str(_SOURCE), "-o", str(built)],
-                                  capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-            atomic_write(lib_path, lambda f: f.write(built.read_bytes()))
-    lib = ctypes.CDLL(str(lib_path))
+    lib = native.build(_SOURCE)
     fns = {torch.bfloat16: lib.int8_linear_bf16, torch.float32: lib.int8_linear_f32}
     for fn in fns.values():
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
         fn.restype = ctypes.c_int
     return fns
-
-
-def _cpu_flags():
-    return set(cpu_info("flags").split())
 
 
 def _own_linear(fn, x2, q, scale, bias):

@@ -32,7 +32,7 @@ def every_cpu_fast_path_on(monkeypatch):
     """Every fast path of cpu_kernels on, whatever this CPU's defaults: each is tested
     against the plain code (cpu_kernels.ENABLED = False) on every machine the tests run on."""
     from engine import cpu_kernels
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1"):
+    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV_FP32"):
         monkeypatch.setattr(cpu_kernels, flag, True)
 
 

@@ -435,3 +435,30 @@ def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
     assert out.tolist() == ref.tolist()
     generate_text(model, idx, 3, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert cpu_kernels._PACKED.get(head)[2].dtype == torch.float32
+
+
+@needs_packing
+def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
+    # engine/gemv_kernel.c: the one-row fp32 products of batch-1 decoding (where it builds)
+    if cpu_kernels.own_gemv() is None:
+        pytest.skip(f"our gemv kernel cannot be built here: {cpu_kernels.GEMV_STATUS}")
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((48, 211), (37, 5), (768, 2304), (100, 17)):   # tails of 8 rows, of 16 sums
+        w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)   # W (in, out)
+        x = torch.randn(1, 1, k, generator=g)
+        rows = cpu_kernels.RowMajor(w.t().contiguous())
+        torch.testing.assert_close(rows(x, b), x @ w + b, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(rows(x, None), x @ w, atol=1e-4, rtol=1e-5)
+        more = torch.randn(3, k, generator=g)                       # a prompt: PyTorch's product
+        torch.testing.assert_close(rows(more, b), more @ w + b, atol=1e-4, rtol=1e-5)
+    # batch-1 decoding multiplies with these copies, and the tokens are the plain ones
+    model = _small_model()
+    idx = torch.randint(0, 211, (1, 5), generator=torch.Generator().manual_seed(3))
+    out = generate_text(model, idx, 8, 40, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert isinstance(cpu_kernels._PACKED.get(model.trf_blocks[0].att.qkv.weight)[2],
+                      cpu_kernels.RowMajor)
+    with cpu_kernels.disabled():
+        ref = generate_text(model, idx, 8, 40, temperature=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == ref.tolist()

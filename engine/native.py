@@ -1,0 +1,63 @@
+"""The engine's C kernels: compiled once per machine, called through ctypes.
+
+``build(source)`` compiles one C file of this folder with the machine's C compiler
+(``$CC``, cc or gcc; ``-O3 -march=native -fopenmp``) into ``$GPT2_KERNEL_CACHE`` (default
+~/.cache/gpt2-from-scratch), named by a hash of the source, the compiler and the CPU, so
+that a change of any of them builds it anew, and loads it. Where that cannot be done it
+raises OSError, RuntimeError or SubprocessError saying why; the callers then keep
+PyTorch's kernels. Two files use it: int8_kernel.c (engine/int8.py) and gemv_kernel.c
+(engine/cpu_kernels.py).
+
+The kernels need Linux on x86-64 with AVX-512 (F and BW) and PyTorch's OpenMP (libgomp),
+whose thread pool they share.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.devices import cpu_info
+from engine.fileio import atomic_write
+
+
+def cpu_flags():
+    return set(cpu_info("flags").split())
+
+
+def build(source):
+    """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module."""
+    flags = cpu_flags()
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
+            and {"avx512f", "avx512bw"} <= flags):
+        raise RuntimeError("needs Linux on an x86-64 CPU with AVX-512 (F, BW)")
+    if "libgomp" not in Path("/proc/self/maps").read_text():
+        # with another OpenMP (Intel's, in conda builds) the kernel would bring a second
+        # thread pool, and the two would fight over the cores
+        raise RuntimeError("this PyTorch does not run on GNU OpenMP (libgomp)")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(),
+                                      cpu_info("model name").encode(),
+                                      " ".join(sorted(flags)).encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
+                 or Path.home() / ".cache" / "gpt2-from-scratch")
+    lib_path = cache / f"{source.stem}-{key}.so"
+    if not lib_path.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            built = Path(tmp) / f"{source.stem}.so"
+            proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+                                   str(source), "-o", str(built)],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            atomic_write(lib_path, lambda f: f.write(built.read_bytes()))
+    return ctypes.CDLL(str(lib_path))
