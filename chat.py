@@ -27,7 +27,13 @@ import sys
 import torch
 
 from dataset import fit_conversation, get_tokenizer
-from generate import TextStreamer, check_sampling_args, generate_text
+from generate import (
+    SAMPLING_FLAGS,
+    TextStreamer,
+    add_sampling_flags,
+    check_sampling_args,
+    generate_text,
+)
 from model import DTYPES, unwrap_model
 
 
@@ -113,23 +119,6 @@ def chat_loop(chat, out=None):
 
 # ---------------------------------------------------------------------------------------
 # The command line
-
-SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                  "no_repeat_ngram_size")
-
-
-def add_sampling_flags(parser):
-    """generate.py's sampling flags, with its defaults."""
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = off (all tokens)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    parser.add_argument("--min-p", type=float, default=None,
-                        help="keep tokens at least this times as likely as the top one")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="> 1 makes tokens already in the text less likely (1 = off)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                        help="never repeat an n-gram of this size (0 = off)")
-
 
 def main(argv=None):
     """Run the chat (or answer --message and return the reply)."""

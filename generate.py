@@ -478,6 +478,23 @@ def generate_and_print(model, tokenizer, device, start_context, max_new_tokens=5
     return text
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                  "no_repeat_ngram_size")
+
+
+def add_sampling_flags(parser):
+    """The sampling flags (generate.py's, and chat.py's), named as SAMPLING_FLAGS."""
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = off (all tokens)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--min-p", type=float, default=None,
+                        help="keep tokens at least this times as likely as the top one")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens already in the text less likely (1 = off)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="never repeat an n-gram of this size (0 = off)")
+
+
 def main(argv=None):
     from model_sources import SOURCES_HELP
 
@@ -491,15 +508,7 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=1,
                         help="continuations of each prompt, generated together in one batch")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = off (all tokens)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    parser.add_argument("--min-p", type=float, default=None,
-                        help="keep tokens at least this times as likely as the top one")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="> 1 makes tokens already in the text less likely (1 = off)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                        help="never repeat an n-gram of this size (0 = off)")
+    add_sampling_flags(parser)
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="end a continuation right after this text (repeatable)")
     parser.add_argument("--seed", type=int, default=123)

@@ -8,7 +8,6 @@ files (with their known size and sha256); download_weights_hf.py leaves the Hub'
 huggingface_hub.
 """
 
-import hashlib
 import os
 import socket
 import sys
@@ -18,6 +17,8 @@ from urllib.parse import urlparse
 
 import requests
 from tqdm import tqdm
+
+from engine.fileio import file_sha256
 
 
 class DownloadError(RuntimeError):
@@ -129,13 +130,10 @@ def _download_attempt(url, part, desc, timeout, chunk_size, expected_size=None,
 
 def _check_sha256(part, sha256):
     """Delete ``part`` and start again (_StartAgain) unless its sha256 is ``sha256``."""
-    digest = hashlib.sha256()
-    with open(part, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != sha256.lower():
+    digest = file_sha256(part)
+    if digest != sha256.lower():
         part.unlink()
-        raise _StartAgain(f"its sha256 is {digest.hexdigest()}, not the expected {sha256}")
+        raise _StartAgain(f"its sha256 is {digest}, not the expected {sha256}")
 
 
 def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),

@@ -10,6 +10,7 @@ checkpoint is engine/checkpoints.py's ``read_checkpoint``.)
 import contextlib
 import errno
 import glob
+import hashlib
 import os
 import secrets
 import shutil
@@ -78,6 +79,15 @@ def atomic_write(path, write, by_path=False, size_hint=None, previous=None):
         raise
     _fsync_folder(path.parent)      # so that the rename itself survives a power cut
     return path
+
+
+def file_sha256(path):
+    """The sha256 (hex) of a file's bytes, read a few MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_save(obj, path, previous=None):

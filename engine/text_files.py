@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 # the one atomic file writer (temp file + fsync + rename), and its error for a read-only folder
-from engine.fileio import NotWritableError, atomic_write
+from engine.fileio import NotWritableError, atomic_write, file_sha256
 
 # ---------------------------------------------------------------------------------------------
 # Reading text and splitting it into train / validation / test
@@ -299,7 +299,7 @@ def _same_text(path, stat, record, record_path, prefix=""):
         return False
     if (record.get(mtime), record.get(ctime)) == (stat.st_mtime_ns, stat.st_ctime_ns):
         return True
-    if _file_sha256(path) != record.get(sha256):
+    if file_sha256(path) != record.get(sha256):
         return False
     try:
         _atomic_write(record_path, json.dumps(
@@ -419,12 +419,3 @@ def prepare_splits(input_path="data/input.txt", auto_split=True, use_default_cor
         # Half a split set is not worth keeping: write all three afresh.
         split_train_val_test(input_path, overwrite=True)
     return paths
-
-
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, file_sha256
 from engine.text_files import (
     _atomic_write,
     _missing_file_error,
@@ -164,18 +164,10 @@ def _tokenizer_id(tokenizer):
             "n_vocab": getattr(tokenizer, "n_vocab", None)}
 
 
-def _ids_sha256(u16_path):
-    h = hashlib.sha256()
-    with open(u16_path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ids_are_intact(u16_path, meta_path, meta):
     """Whether the ids file still has the sha256 recorded when it was written; a cache from
     before that was recorded is trusted once and gets it now (as it was trusted before)."""
-    digest = _ids_sha256(u16_path)
+    digest = file_sha256(u16_path)
     if "ids_sha256" not in meta:
         meta = _read_json(meta_path) or meta     # as _same_text may have just rewritten it
         try:

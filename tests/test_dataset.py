@@ -231,8 +231,8 @@ def test_load_tokens_missing_and_empty(tmp_path, tok):
 
 def test_token_cache_written_reused_rebuilt(tmp_path, tok, monkeypatch):
     hashed = []                                          # files re-hashed to check the cache
-    real_sha256 = text_files._file_sha256
-    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files.file_sha256
+    monkeypatch.setattr(text_files, "file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     p = tmp_path / "train.txt"
     p.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n" * 20)
@@ -323,8 +323,8 @@ def test_token_cache_without_ctime_is_hashed_once_not_rebuilt(tmp_path, tok, mon
     del meta["source_ctime_ns"]
     meta_path.write_text(json.dumps(meta))
     hashed = []
-    real_sha256 = text_files._file_sha256
-    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files.file_sha256
+    monkeypatch.setattr(text_files, "file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     spy = CountingTokenizer(tok)
     assert np.array_equal(load_tokens(p, spy), first)
@@ -428,7 +428,7 @@ def test_split_writes_stamp_last_and_drops_the_old_one_first(tmp_path, monkeypat
     st = src.stat()
     assert stamp.pop("splits").keys() == {"train.txt", "valid.txt", "test.txt"}
     assert stamp == {"input": "input.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                     "ctime_ns": st.st_ctime_ns, "sha256": text_files._file_sha256(src)}
+                     "ctime_ns": st.st_ctime_ns, "sha256": text_files.file_sha256(src)}
 
     # A crash after train.txt is rewritten: no stamp may vouch for the mixed split files.
     src.write_text(make_lines(seed=2))
@@ -587,8 +587,8 @@ def test_prepare_splits_touched_input_is_hashed_not_resplit(tmp_path, monkeypatc
     later = written + 10**10
     os.utime(inp, ns=(later, later))                      # newer mtime, same text
     hashed = []
-    real_sha256 = text_files._file_sha256
-    monkeypatch.setattr(text_files, "_file_sha256", lambda path: hashed.append(path) or
+    real_sha256 = text_files.file_sha256
+    monkeypatch.setattr(text_files, "file_sha256", lambda path: hashed.append(path) or
                         real_sha256(path))
     capsys.readouterr()
     prepare_splits(inp)
