@@ -315,7 +315,10 @@ class RowMajor:
 
     def __init__(self, out_in):
         self.weight = out_in                                                 # (out, in)
-        self.dtype = out_in.dtype
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
 
     def __call__(self, x, bias=None):
         out, k = self.weight.shape
