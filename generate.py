@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import cpu_kernels
+from engine import decoder
 from model import DTYPES, unwrap_model
 
 
@@ -272,9 +272,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
     try:
         # fast path on x86 CPUs: every matmul of the loop reads oneDNN-packed weight copies,
         # 1.4x faster to stream, and plain greedy decoding reads half of the output head
-        # (cpu_kernels.packed_for_cpu); elsewhere ``head.logits`` is gpt.logits.
+        # (cpu_kernels.packed_for_cpu), and one token of one row goes through every block
+        # in one C call (engine/decoder.py); elsewhere ``head.logits`` is gpt.logits.
         plain_greedy = temperature == 0.0 and not sampling.looks_back()
-        with cpu_kernels.packed_for_cpu(gpt, idx.shape[0], greedy=plain_greedy) as head:
+        with decoder.decoding(gpt, idx.shape[0], greedy=plain_greedy) as head:
             for next_id in _sampling_loop(gpt, head, idx, mask, max_new_tokens, context_size,
                                           sampling, history, eos_id, fill, use_cache):
                 # The caller's code runs while we wait at the yield, and may train the

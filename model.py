@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import cpu_kernels, fused_loss
+from engine import cpu_kernels, decoder, fused_loss
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (as before)
 from engine.int8 import is_quantized, quantize_
@@ -83,8 +83,7 @@ def validate_config(cfg):
         raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
     out = {**_OPTIONAL_DEFAULTS, **cfg}
     if missing := [key for key in (*_INT_KEYS, "drop_rate", *_BOOL_KEYS) if key not in out]:
-        raise ValueError(f"config key {missing[0]!r} is missing; see GPT_CONFIG_124M for an "
-                         f"example")
+        raise ValueError(f"config key {missing[0]!r} is missing; see GPT_CONFIG_124M for one")
     for key in _INT_KEYS:
         value = out[key]
         # bool is a subclass of int in Python, so True would otherwise pass as 1
@@ -96,9 +95,8 @@ def validate_config(cfg):
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"config key 'drop_rate' must be a number in [0, 1), got {rate!r}")
     if out["emb_dim"] % out["n_heads"]:
-        raise ValueError(
-            f"config key 'emb_dim' ({out['emb_dim']}) must be divisible by "
-            f"'n_heads' ({out['n_heads']}) so that every head gets the same width")
+        raise ValueError(f"config key 'emb_dim' ({out['emb_dim']}) must be divisible by "
+                         f"'n_heads' ({out['n_heads']}) so that every head gets the same width")
     return out
 
 
@@ -298,6 +296,8 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"the KV cache holds {limit} positions (its max_len), and {start} are filled: "
                 f"{T} more do not fit; make the cache with a larger max_len, or reset() it")
+        if (h := decoder.one_token(self, idx, cache, attention_mask)) is not None:
+            return h    # fast path: one token of one row, all blocks in one C call (1, 1, C)
         pos = torch.arange(start, start + T, device=idx.device)                 # (T,)
         mask = None             # plain causal attention
         if attention_mask is not None or (start > 0 and T > 1):

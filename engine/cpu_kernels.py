@@ -8,10 +8,10 @@ faster kernel applies; each seam returns None where none does, and the plain cod
     GPTModel.logits     -> head_logits(h, weight)  the output head: oneDNN, or rows aligned to 64
     GPTModel.train      -> forget_packed(params)   packed copies are dropped for training
 
-generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)``: the packed copies
-(for one-row fp32 steps, where OWN_GEMV_FP32 is on, plain (out, in) copies that our own
-kernel, gemv_kernel.c, streams), and a greedy head that reads half the bytes
-(``screened_argmax``). train_utils calls
+generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)`` (through
+engine/decoder.py's ``decoding``): the packed copies (for one-row fp32 steps, where
+OWN_GEMV is on, ``OneRow`` copies that our own kernels, decode_kernel.c, stream), and a
+greedy head that reads half the bytes (``screened_argmax``). train_utils calls
 ``tune_malloc``. None of them changes what is computed, only how fast (up to the last-bit
 rounding in which any two matmul kernels differ); the tests compare each with the plain path.
 An int8 model (engine/int8.py) brings its own layers and kernels: head_logits and
@@ -30,14 +30,13 @@ import platform
 import subprocess
 import sys
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from engine import turned_off
+from engine import native, turned_off
 from engine.devices import cpu_vendor
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
@@ -54,10 +53,11 @@ ONEDNN_FP32 = not _INTEL        # fp32 products through oneDNN (training and eva
 ALIGNED_LOGITS = not _INTEL     # the head's logits in rows padded to 64 (bf16, other CPUs)
 PACKING = True                  # packed weight copies for decoding (one more weight copy)
 PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
-# One-row fp32 decoding through our own kernel (gemv_kernel.c) instead of oneDNN's packed
-# product: on the AMD EPYC (Zen 4) the 124M model's 48 block matrices took 15.0-15.7 ms a
-# token against oneDNN's 20.0-20.1 (interleaved, 2 threads); measured only there.
-OWN_GEMV_FP32 = cpu_vendor() == "AuthenticAMD"
+# One-row fp32 and bf16 decoding through our own kernels (decode_kernel.c) instead of
+# oneDNN's packed product: on the AMD EPYC (Zen 4) the 124M model's 48 block matrices took
+# 15.0-15.7 ms a token in fp32 against oneDNN's 20.0-20.1 (interleaved, 2 threads) with
+# plain rows, less in the blocked layout (bench/README.md); measured only there.
+OWN_GEMV = cpu_vendor() == "AuthenticAMD"
 
 
 def disabled():
@@ -79,9 +79,9 @@ def linear(x, layer):
 
     Inside packed_for_cpu: the layer's packed copy. Elsewhere, fp32 on an x86 CPU: oneDNN.
     """
-    entry = _IN_USE.get(id(layer))
-    if entry is not None and entry[1].active:
-        return packed_linear(x, entry[0], layer.bias)                       # (..., out)
+    copy = packed_copy(layer)
+    if copy is not None:
+        return packed_linear(x, copy, layer.bias)                           # (..., out)
     if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, layer.weight):
         y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
         return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
@@ -247,8 +247,9 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
     """
     rows = 1 if rows == 1 else 8
     dtype = dtype or weight.dtype
-    if rows == 1 and dtype == torch.float32 and OWN_GEMV_FP32 and own_gemv() is not None:
-        rows = "gemv"           # the copy is a RowMajor for our kernel (the cache key says so)
+    if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV
+            and own_gemv() is not None):
+        rows = "gemv"           # the copy is a OneRow for our kernel (the cache key says so)
     key = (*_version_key(weight), rows, dtype)
     # The storage itself is compared too (through a weak reference, which dies with it):
     # after m.to(torch.bfloat16).to(torch.float32) the allocator may give the new storage
@@ -259,9 +260,8 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
         out_in = weight.detach().t() if in_out else weight.detach()
         # from a contiguous (out, in) matrix: packing the transposed view directly gave a
         # layout that streamed ~3% slower
-        out_in = out_in.to(dtype).contiguous()
-        copy = (RowMajor(out_in) if rows == "gemv"
-                else torch.ops.mkldnn._reorder_linear_weight(out_in, rows))
+        copy = (OneRow(out_in, dtype) if rows == "gemv"
+                else torch.ops.mkldnn._reorder_linear_weight(out_in.to(dtype).contiguous(), rows))
         cached = (key, weakref.ref(storage), copy)
         _PACKED[weight] = cached
     return cached[2]
@@ -273,7 +273,7 @@ def packed_linear(x, packed, bias=None):
     ``x`` and ``bias`` are brought to the packed copy's dtype first, as autocast would do
     for a linear layer (autocast does not know this oneDNN op, so it converts nothing).
     """
-    if isinstance(packed, RowMajor):
+    if isinstance(packed, OneRow):
         return packed(x, bias)
     if x.dtype != packed.dtype:
         x = x.to(packed.dtype)
@@ -283,60 +283,68 @@ def packed_linear(x, packed, bias=None):
 
 
 # ---------------------------------------------------------------------------------------
-# One-row fp32 products through our own kernel
+# One-row fp32 and bf16 products through our own kernels
 
-_GEMV = None                # the compiled gemv_f32 once built; False: cannot be built here
+_GEMV = None                # {dtype: compiled product} once built; False: cannot be built here
 GEMV_STATUS = "not built yet"
 
 
 def own_gemv():
-    """engine/gemv_kernel.c's gemv_f32 (a ctypes function), built once per machine by
-    engine/native.py, or None where it cannot be (the reason in GEMV_STATUS)."""
+    """engine/decode_kernel.c's one-row products {torch.float32: gemv_f32, torch.bfloat16:
+    gemv_bf16} (ctypes functions), built once per machine by engine/native.py, or None where
+    they cannot be (the reason in GEMV_STATUS)."""
     global _GEMV, GEMV_STATUS
     if _GEMV is None:
         _GEMV = False
         try:
-            from engine import native
-            fn = native.build(Path(__file__).with_name("gemv_kernel.c")).gemv_f32
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-            fn.restype = None
-            _GEMV = fn
+            lib = native.decode_kernels()
+            _GEMV = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}
             GEMV_STATUS = "on"
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             GEMV_STATUS = f"unavailable: {e}"
     return _GEMV or None
 
 
-class RowMajor:
-    """A matrix kept as a contiguous (out, in) fp32 copy for gemv_kernel.c (packed_weight's
-    copy where one-row fp32 products go through it). Called with x (..., in): one row
-    through the kernel, each output's weights one contiguous run read once; more rows (a
-    prompt) through oneDNN (where ONEDNN_FP32 is on) or PyTorch's product of the same copy."""
+class OneRow:
+    """A matrix kept for one-row products through decode_kernel.c (packed_weight's copy of an
+    fp32 or bf16 matrix where OWN_GEMV is on): the (out, in) matrix in ``dtype``, in the
+    kernels' blocked layout (native.blocked), read front to back. Called with x (..., in):
+    one row through the kernel (x and bias taken in fp32; in bf16 x is rounded to bf16, as a
+    bf16 matmul or autocast would, the sums in fp32), the result in ``dtype``; more rows (a
+    prompt) multiply with ``plain``, the (out, in) view of the weight it was made from (no
+    copy), through oneDNN where ONEDNN_FP32 applies."""
 
-    def __init__(self, out_in):
-        self.weight = out_in                                                 # (out, in)
-
-    @property
-    def dtype(self):
-        return self.weight.dtype
+    def __init__(self, out_in, dtype=torch.float32):
+        self.plain = out_in                                                  # (out, in)
+        self.dtype = dtype
+        self.out_features, self.in_features = out_in.shape
+        self.weight = native.blocked(out_in.to(dtype))      # (groups, pieces, 8, 64 bytes)
 
     def __call__(self, x, bias=None):
-        out, k = self.weight.shape
-        fn = own_gemv() if ENABLED and OWN_GEMV_FP32 else None
-        if fn is None or x.dtype != torch.float32 or x.numel() != k or (
-                bias is not None and bias.dtype != torch.float32):
-            x, bias = x.to(self.dtype), None if bias is None else bias.to(self.dtype)
-            if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, self.weight):
-                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), self.weight, bias,
+        out, k = self.out_features, self.in_features
+        fn = own_gemv()[self.dtype] if ENABLED and OWN_GEMV and own_gemv() else None
+        if fn is None or x.numel() != k or not x.is_floating_point():
+            x = x.to(self.dtype)
+            w = self.plain.to(self.dtype)
+            bias = None if bias is None else bias.to(self.dtype)
+            if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, w):
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), w, bias,
                                                        "none", [], "")
                 return y.view(*x.shape[:-1], out)
-            return torch.nn.functional.linear(x, self.weight, bias)
-        x1 = x.contiguous()
-        b = None if bias is None else bias.contiguous()
+            return torch.nn.functional.linear(x, w, bias)
+        x1 = x.float().contiguous()
+        b = None if bias is None else bias.float().contiguous()
         y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
-        fn(x1.data_ptr(), self.weight.data_ptr(), None if b is None else b.data_ptr(),
-           y.data_ptr(), out, k, torch.get_num_threads())
-        return y
+        if fn(x1.data_ptr(), self.weight.data_ptr(), None if b is None else b.data_ptr(),
+              y.data_ptr(), out, k, torch.get_num_threads()) != 0:
+            raise MemoryError("one-row product: out of memory for a copy of the row")
+        return y.to(self.dtype)                                             # (..., out)
+
+
+def packed_copy(layer):
+    """The copy ``layer`` multiplies with right now (inside packed_for_cpu), or None."""
+    entry = _IN_USE.get(id(layer))
+    return entry[0] if entry is not None and entry[1].active else None
 
 
 def is_packed(layer):

@@ -5,8 +5,8 @@
 ~/.cache/gpt2-from-scratch), named by a hash of the source, the compiler and the CPU, so
 that a change of any of them builds it anew, and loads it. Where that cannot be done it
 raises OSError, RuntimeError or SubprocessError saying why; the callers then keep
-PyTorch's kernels. Two files use it: int8_kernel.c (engine/int8.py) and gemv_kernel.c
-(engine/cpu_kernels.py).
+PyTorch's kernels. Two files use it: int8_kernel.c (engine/int8.py) and decode_kernel.c
+(``decode_kernels()``: engine/decoder.py, engine/cpu_kernels.py and engine/int8.py).
 
 The kernels need Linux on x86-64 with AVX-512 (F and BW) and PyTorch's OpenMP (libgomp),
 whose thread pool they share.
@@ -61,3 +61,42 @@ def build(source):
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
             atomic_write(lib_path, lambda f: f.write(built.read_bytes()))
     return ctypes.CDLL(str(lib_path))
+
+
+_DECODE = None      # decode_kernel.c once loaded; an exception: it cannot be built here
+
+
+def decode_kernels():
+    """decode_kernel.c built and loaded once per process, its functions' signatures set
+    (gemv_f32, gemv_bf16, gemv_q8, decode_token, has_vnni); raises as build() does."""
+    global _DECODE
+    if _DECODE is None:
+        try:
+            lib = build(Path(__file__).with_name("decode_kernel.c"))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _DECODE = e
+            raise
+        ptr, num = ctypes.c_void_p, ctypes.c_int
+        for name in ("gemv_f32", "gemv_bf16"):
+            getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
+            getattr(lib, name).restype = num
+        lib.gemv_q8.argtypes, lib.gemv_q8.restype = [ptr] * 5 + [num] * 3, num
+        lib.has_vnni.argtypes, lib.has_vnni.restype = [], num
+        lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
+                                     ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]
+        lib.decode_token.restype = num
+        _DECODE = lib
+    if isinstance(_DECODE, Exception):
+        raise _DECODE
+    return _DECODE
+
+
+def blocked(w):
+    """A matrix (N, K) laid out as decode_kernel.c's products read it: rows in groups of 8
+    (zero rows after the last), each row in 64-byte pieces (zeros after K), a group stored
+    piece by piece (piece 0 of its 8 rows, piece 1, ...): (groups, pieces, 8, per piece)."""
+    per_piece = 64 // w.element_size()
+    N, K = w.shape
+    padded = w.new_zeros(-(-N // 8) * 8, -(-K // per_piece) * per_piece)
+    padded[:N, :K] = w
+    return padded.view(padded.shape[0] // 8, 8, -1, per_piece).transpose(1, 2).contiguous()

@@ -29,11 +29,14 @@ TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads":
 
 @pytest.fixture(autouse=True)
 def every_cpu_fast_path_on(monkeypatch):
-    """Every fast path of cpu_kernels on, whatever this CPU's defaults: each is tested
-    against the plain code (cpu_kernels.ENABLED = False) on every machine the tests run on."""
-    from engine import cpu_kernels
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV_FP32"):
+    """Every CPU fast path on, whatever this CPU's defaults: each is tested against the plain
+    code (cpu_kernels.ENABLED = False, ...) on every machine the tests run on."""
+    from engine import cpu_kernels, decoder, int8
+    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
         monkeypatch.setattr(cpu_kernels, flag, True)
+    # batch-1 steps in one call, and one-row int8 products through gemv_q8 (where they build)
+    monkeypatch.setattr(decoder, "ONE_CALL", True)
+    monkeypatch.setattr(int8, "ONE_ROW_Q8", True)
 
 
 @pytest.fixture

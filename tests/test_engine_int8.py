@@ -28,6 +28,7 @@ def own_kernel_on_where_it_builds(monkeypatch):
     """Our compiled kernel on wherever it can be built, whatever this CPU's default: it is
     tested against the plain product on every machine that has what it needs."""
     monkeypatch.setattr(int8, "OWN_KERNEL", int8.own_kernel() is not None)
+    monkeypatch.setattr(int8, "ONE_ROW_Q8", int8.one_row_q8() is not None)
 
 
 def _spy(monkeypatch):
@@ -54,6 +55,7 @@ def _use(monkeypatch, kernel):
     if kernel == "int8pack" and int8._int8mm_op() is None:
         pytest.skip("this PyTorch has no _weight_int8pack_mm")
     monkeypatch.setattr(int8, "OWN_KERNEL", kernel == "own")
+    monkeypatch.setattr(int8, "ONE_ROW_Q8", False)      # (tested on its own below)
     monkeypatch.setattr(int8, "OWN_KERNEL_MAX_ROWS", 10**9)
     monkeypatch.setattr(int8, "INT8MM_MAX_ROWS", 10**9 if kernel == "int8pack" else 0)
 
@@ -128,6 +130,57 @@ def test_kernels_equal_the_plain_product(monkeypatch, kernel, shape, bias):
     torch.testing.assert_close(fast.float(), exact, rtol=2 ** -7, atol=1e-2)
     if kernel == "own":      # one rounding of the same fp32 sum: equal but for a few last bits
         assert int((fast != plain).sum()) <= max(1, fast.numel() // 50)
+
+
+def _q8_reference(x, q, scale, bias):
+    """What gemv_q8 computes, in plain PyTorch: x (K,) rounded to int8 in blocks of 32 (scale
+    max |x| / 127 each, to nearest, ties to even), times the int8 weights, in float64."""
+    K = x.numel()
+    blocks = torch.nn.functional.pad(x, (0, -K % 32)).view(-1, 32)         # (K / 32, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))       # fp32, as in C
+    xq = (blocks * inv).round().clamp(-127, 127)
+    x8 = (xq * (amax / 127.0)).flatten()[:K].double()
+    y = (x8 @ q.double().t()) * scale.double()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("out_in", [(130, 96), (130, 40), (7, 200), (2304, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_q8_kernel_equals_its_reference(monkeypatch, out_in, bias):
+    # gemv_q8 (one fp32 row, through decode_kernel.c with AVX512-VNNI) against the same
+    # arithmetic in float64; 130 and 7 outputs (not whole groups of 8), 96, 40, 200 inputs
+    # (not whole 64-input pieces); x with an all-zero block and large and tiny values
+    if int8.one_row_q8() is None:
+        pytest.skip("gemv_q8 needs decode_kernel.c built with AVX512-VNNI")
+    out, k = out_in
+    torch.manual_seed(3)
+    layer = nn.Linear(k, out, bias=bias)
+    q8 = int8.Int8Linear.from_float(layer, in_out=False, dtype=torch.float32)
+    x = torch.randn(1, k) * torch.logspace(-3, 1, k)[torch.randperm(k)]
+    x[0, 32:64] = 0.0
+    x[0, 5] = 40.0                                    # an outlier, as GPT-2's activations have
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        fast = q8(x)
+        with int8.disabled():
+            plain = q8(x)
+    assert calls == [] and fast.shape == (1, out) and fast.dtype == torch.float32
+    ref = _q8_reference(x[0], q8.weight, q8.scale.float(), q8.bias)
+    torch.testing.assert_close(fast[0].double(), ref, rtol=1e-5,
+                               atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(plain, int8.plain_int8_linear(x, q8.weight, q8.scale, q8.bias))
+    # against the weight-only product, for a row of normal numbers: x's own rounding (half
+    # a step of 1/127 of each block's largest number) is all that differs (measured: at
+    # most 1.4-1.7% of the outputs' spread, 0.5% on average)
+    x = torch.randn(1, k)
+    with torch.no_grad():
+        fast = q8(x)
+        with int8.disabled():
+            plain = q8(x)
+    spread = plain.std().item()
+    assert (fast - plain).abs().max().item() < 0.04 * spread
+    assert (fast - plain).abs().mean().item() < 0.01 * spread
 
 
 def test_rows_pick_the_kernel(monkeypatch):
@@ -344,6 +397,43 @@ def test_int8_perplexity_within_2_percent_of_fp32(trained, one_thread):
         assert abs(fast / fp32 - 1) < 0.02, dtype
         assert abs(plain / fp32 - 1) < 0.02, dtype
         assert abs(fast / plain - 1) < 0.005, dtype
+
+
+def test_int8_one_token_decoding_perplexity_within_2_percent_of_fp32(trained, one_thread,
+                                                                    monkeypatch):
+    # Batch-1 decoding quantizes each product's input row to int8 as well (gemv_q8, in the
+    # one-call steps of engine/decoder.py): its perplexity, token by token through the KV
+    # cache as generation computes it, against fp32's
+    if int8.one_row_q8() is None:
+        pytest.skip("gemv_q8 needs decode_kernel.c built with AVX512-VNNI")
+    from engine import decoder
+    model, held_out = trained
+    T = model.cfg["context_length"]
+    steps, call = [], decoder._OneToken.__call__
+    monkeypatch.setattr(decoder._OneToken, "__call__",
+                        lambda self, *args: steps.append(1) or call(self, *args))
+
+    def perplexity(m):
+        total, n = 0.0, 0
+        with torch.inference_mode(), decoder.decoding(m, 1, greedy=False):
+            for start in range(0, 12 * T, T):
+                ids = held_out[start:start + T + 1]
+                cache = m.new_cache(1, max_len=T)
+                for i in range(T):
+                    logits = m(ids[i:i + 1][None], cache)[0, -1].float()
+                    total -= torch.log_softmax(logits, -1)[ids[i + 1]].item()
+                    n += 1
+        return float(torch.exp(torch.tensor(total / n)))
+
+    fp32 = perplexity(model)
+    fp32_steps = len(steps)
+    q = int8.quantize_(copy.deepcopy(model))
+    assert q.tok_emb.weight.dtype == torch.float32       # fp32 activations: the one-row kernel
+    int8_ppl = perplexity(q)
+    assert fp32 < 16.0
+    assert abs(int8_ppl / fp32 - 1) < 0.02          # measured: -0.008%
+    # every token of both went through the one-call steps
+    assert fp32_steps == 12 * T and len(steps) == 2 * 12 * T
 
 
 def test_int8_greedy_tokens_mostly_equal_fp32(trained, one_thread):

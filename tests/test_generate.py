@@ -439,14 +439,14 @@ def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
 
 @needs_packing
 def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
-    # engine/gemv_kernel.c: the one-row fp32 products of batch-1 decoding (where it builds)
+    # engine/decode_kernel.c: the one-row fp32 products of batch-1 decoding (where it builds)
     if cpu_kernels.own_gemv() is None:
         pytest.skip(f"our gemv kernel cannot be built here: {cpu_kernels.GEMV_STATUS}")
     g = torch.Generator().manual_seed(0)
     for k, n in ((48, 211), (37, 5), (768, 2304), (100, 17)):   # tails of 8 rows, of 16 sums
         w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)   # W (in, out)
         x = torch.randn(1, 1, k, generator=g)
-        rows = cpu_kernels.RowMajor(w.t().contiguous())
+        rows = cpu_kernels.OneRow(w.t())
         torch.testing.assert_close(rows(x, b), x @ w + b, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(rows(x, None), x @ w, atol=1e-4, rtol=1e-5)
         more = torch.randn(3, k, generator=g)                       # a prompt: PyTorch's product
@@ -457,7 +457,7 @@ def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
     out = generate_text(model, idx, 8, 40, temperature=1.0,
                         generator=torch.Generator().manual_seed(0))
     assert isinstance(cpu_kernels._PACKED.get(model.trf_blocks[0].att.qkv.weight)[2],
-                      cpu_kernels.RowMajor)
+                      cpu_kernels.OneRow)
     with cpu_kernels.disabled():
         ref = generate_text(model, idx, 8, 40, temperature=1.0,
                             generator=torch.Generator().manual_seed(0))

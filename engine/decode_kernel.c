@@ -1,0 +1,442 @@
+/* Batch-1 decoding on AVX-512 CPUs: one token through every block of GPT-2 in one call.
+
+   engine/native.py compiles this file once per machine (gcc -O3 -march=native -fopenmp);
+   engine/decoder.py and engine/cpu_kernels.py call it through ctypes.
+
+   Three pieces, each also exported on its own:
+   gemv_f32     y = x @ W + bias for one fp32 row x; W given transposed, wt (N, K)
+                row-major, so that each output's weights are one contiguous run.
+   gemv_q8      the same for int8 weights q (N, K) with one bf16 scale per output
+                (engine/int8.py's layers). x is quantized to int8 on the fly in blocks of
+                32 (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x int8
+                products are summed in int32 by AVX512-VNNI (vpdpbusd: 64 products per
+                instruction), each 32-block's sum scaled back to fp32.
+   decode_token every block of the model for one new token (LayerNorm, the qkv product,
+                attention over the KV cache, the projection, the MLP with its tanh GELU,
+                both residual adds) and the final LayerNorm, in one OpenMP parallel region:
+                PyTorch would make ~25 calls a block, each with its own overhead and thread
+                wake-up, which cost more than the arithmetic at this size.
+
+   In every product the outputs are split among the threads in blocks of 8 rows of W, each
+   row's 16-wide products summed in a register of its own, the next block's rows
+   prefetched (a row is K numbers, too short a run for the hardware prefetcher to learn),
+   so that the weights stream from memory at close to its speed. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the weights' layout ------------------------------------------------------------- */
+
+/* Every matrix W (N outputs, K inputs) comes "blocked" (engine/native.py's blocked()): its
+   rows in groups of 8 (zero rows after the last), each row cut into 64-byte pieces (16
+   fp32 numbers, or 64 int8 ones) with zeros after K, and a group stored piece by piece:
+   piece 0 of its 8 rows, then piece 1 of the same 8 rows, and so on. A group is then one
+   contiguous run that the CPU reads front to back, which its hardware prefetcher follows:
+   with plain rows (one run per row, 768 bytes for an int8 row of the 124M model) one core
+   read the int8 weights at 8-9 GB/s, blocked at 18.6 GB/s, about what it reads memory at
+   (Zen 4, one thread). */
+
+#define ROWS 8                                 /* rows in a group */
+
+static int pieces(int K, int per_piece) { return (K + per_piece - 1) / per_piece; }
+
+/* ---- fp32 weights --------------------------------------------------------------------- */
+
+/* the 8 sums of one group times x (fp32, zeros after K up to the last piece) */
+static void group_f32(const float *x, const float *w, int n_pieces, float *out) {
+    __m512 acc[ROWS];
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
+    for (int j = 0; j < n_pieces; j++) {
+        __m512 xv = _mm512_loadu_ps(x + (size_t)j * 16);
+        const float *piece = w + (size_t)j * ROWS * 16;
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < ROWS; c++)
+            acc[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(piece + c * 16), acc[c]);
+    }
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
+/* ---- int8 weights, int8 activations -------------------------------------------------- */
+
+/* A product's input x as its kind of matrix wants it. Q8: q (K rounded up to 64, zeros
+   after K), lane (K / 4 rounded up to 16: the scale of each group of 4 inputs, which is its
+   32-block's), corr (see quantize). BF16: bf (x rounded to bf16, zeros after K). */
+typedef struct {
+    int8_t *q;
+    float *lane;
+    float corr;
+    uint16_t *bf;
+} QAct;
+
+static int padded64(int K) { return (K + 63) / 64 * 64; }
+
+/* x (K,) -> a QAct: in each block of 32, scale = max |x| / 127, q = round(x / scale)
+   (to nearest, ties to even). vpdpbusd multiplies unsigned by signed bytes, so the weights
+   enter as q_w + 128 (their top bit flipped): each 32-block's sum is then
+   sum(q_w q_x) + 128 sum(q_x), and corr = 128 * sum over blocks of scale_b * sum(q_x in b)
+   is taken off the scaled total. */
+static void quantize(const float *x, int K, QAct *a) {
+    int Kp = padded64(K);
+    double corr = 0.0;
+    for (int b = 0; b < Kp; b += 32) {
+        int n0 = K - b >= 16 ? 16 : (K - b > 0 ? K - b : 0);
+        int n1 = K - b - 16 >= 16 ? 16 : (K - b - 16 > 0 ? K - b - 16 : 0);
+        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)((1u << n0) - 1u), x + b);
+        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)((1u << n1) - 1u), x + b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(a->q + b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(a->q + b + 16), _mm512_cvtsepi32_epi8(q1));
+        _mm256_storeu_ps(a->lane + b / 4, _mm256_set1_ps(scale));
+        corr += (double)scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    a->corr = (float)(128.0 * corr);
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#ifdef __AVX512VNNI__
+/* the 8 sums of one group of int8 rows times the quantized x, before corr and the rows'
+   scales: over 64-input pieces, lane scale * int32 sum of 4 products */
+static void group_q8(const QAct *a, const int8_t *w, int n_pieces, float *out) {
+    __m512 acc[ROWS];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
+    for (int j = 0; j < n_pieces; j++) {
+        __m512i xv = _mm512_loadu_si512(a->q + (size_t)j * 64);
+        __m512 ls = _mm512_loadu_ps(a->lane + (size_t)j * 16);
+        const int8_t *piece = w + (size_t)j * ROWS * 64;
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < ROWS; c++) {
+            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(piece + c * 64), flip);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls, acc[c]);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+}
+int has_vnni(void) { return 1; }
+#else
+/* no AVX512-VNNI: never called (engine/decoder.py and engine/int8.py ask has_vnni first) */
+static void group_q8(const QAct *a, const int8_t *w, int n_pieces, float *out) {
+    (void)a; (void)w; (void)n_pieces; (void)out;
+    abort();
+}
+int has_vnni(void) { return 0; }
+#endif
+
+/* ---- bf16 weights ---------------------------------------------------------------------- */
+
+/* x (K,) -> bf (bf16, zeros after K up to a whole 32-piece) */
+static void to_bf16(const float *x, int K, uint16_t *bf) {
+    int Kp = (K + 31) / 32 * 32;
+    for (int k = 0; k < Kp; k++) bf[k] = k < K ? f32_to_bf16(x[k]) : 0;
+}
+
+/* the 8 sums of one group of bf16 rows times x in bf16: products exact in fp32, fp32 sums */
+static void group_bf16(const uint16_t *x, const uint16_t *w, int n_pieces, float *out) {
+    __m512 acc[ROWS];
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
+    for (int j = 0; j < n_pieces; j++) {
+        __m512i xv = _mm512_loadu_si512(x + (size_t)j * 32);
+        const uint16_t *piece = w + (size_t)j * ROWS * 32;
+#ifdef __AVX512BF16__
+        /* vdpbf16ps: each fp32 lane += the two products of its pair of bf16 numbers */
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < ROWS; c++)
+            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(piece + c * 32),
+                                      (__m512bh)xv);
+#else
+        /* bf16 is the top half of an fp32 number: the even and odd halves, widened */
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
+        __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
+        __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xv, hi));
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < ROWS; c++) {
+            __m512i wv = _mm512_loadu_si512(piece + c * 32);
+            acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), xe, acc[c]);
+            acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)), xo, acc[c]);
+        }
+#endif
+    }
+    _Pragma("GCC unroll 8")
+    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
+/* ---- one product, inside a parallel region -------------------------------------------- */
+
+enum { F32 = 0, Q8 = 1, BF16 = 2 };            /* a matrix's kind */
+enum { STORE = 0, ADD = 1 };                   /* y = result, or y += result (residual) */
+
+typedef struct {
+    int kind, n, k;                 /* n outputs, k inputs */
+    const void *w;                  /* blocked (see the layout above): float, int8 or bf16 */
+    const uint16_t *scale;          /* Q8: (n,) bf16 */
+    const float *bias;              /* (n,) or NULL */
+} Mat;
+
+/* a's form of x for m's kind (single-threaded: call it in an omp single) */
+static void prepare(const Mat *m, const float *x, QAct *a) {
+    if (m->kind == Q8) quantize(x, m->k, a);
+    else if (m->kind == BF16) to_bf16(x, m->k, a->bf);
+}
+
+/* y (n,) = x @ W + bias (x fp32, zeros after K up to the last piece, for F32; a's form of
+   it for Q8 and BF16, prepared), the groups of 8 outputs shared among the threads of the
+   enclosing parallel region (an orphaned omp for) */
+static void product(const Mat *m, const float *x, const QAct *a, float *y, int mode) {
+    int N = m->n, groups = (N + ROWS - 1) / ROWS;
+    #pragma omp for schedule(static)
+    for (int g = 0; g < groups; g++) {
+        int n0 = g * ROWS, n1 = n0 + ROWS < N ? n0 + ROWS : N;
+        float out[ROWS];
+        if (m->kind == F32) {
+            int np = pieces(m->k, 16);
+            group_f32(x, (const float *)m->w + (size_t)g * np * ROWS * 16, np, out);
+        } else if (m->kind == BF16) {
+            int np = pieces(m->k, 32);
+            group_bf16(a->bf, (const uint16_t *)m->w + (size_t)g * np * ROWS * 32, np, out);
+        } else {
+            int np = pieces(m->k, 64);
+            group_q8(a, (const int8_t *)m->w + (size_t)g * np * ROWS * 64, np, out);
+            for (int n = n0; n < n1; n++)
+                out[n - n0] = (out[n - n0] - a->corr) * bf16_to_f32(m->scale[n]);
+        }
+        for (int n = n0; n < n1; n++) {
+            float v = out[n - n0] + (m->bias ? m->bias[n] : 0.0f);
+            y[n] = mode == ADD ? y[n] + v : v;
+        }
+    }
+}
+
+static int alloc_qact(QAct *a, int K) {
+    int Kp = padded64(K);
+    a->q = (int8_t *)aligned_alloc(64, (size_t)Kp);
+    a->lane = (float *)aligned_alloc(64, (size_t)Kp);         /* Kp / 4 floats = Kp bytes */
+    a->bf = (uint16_t *)aligned_alloc(64, (size_t)Kp * 2);
+    return a->q && a->lane && a->bf ? 0 : -1;
+}
+
+static void free_qact(QAct *a) { free(a->q); free(a->lane); free(a->bf); }
+
+/* y = x @ W + bias for one fp32 row x and a blocked fp32 W (N, K); returns 0, or -1 when
+   out of memory */
+int gemv_f32(const float *x, const float *w, const float *bias, float *y, int N, int K,
+             int threads) {
+    int Kp = pieces(K, 16) * 16;
+    float *xp = (float *)aligned_alloc(64, (size_t)Kp * 4);
+    if (!xp) return -1;
+    memcpy(xp, x, (size_t)K * 4);
+    memset(xp + K, 0, (size_t)(Kp - K) * 4);
+    Mat m = {F32, N, K, w, NULL, bias};
+    #pragma omp parallel num_threads(threads)
+    product(&m, xp, NULL, y, STORE);
+    free(xp);
+    return 0;
+}
+
+/* the same for a blocked int8 W (N, K) with bf16 scales (N,); returns 0, or -1 when out of
+   memory */
+int gemv_q8(const float *x, const int8_t *q, const uint16_t *scale, const float *bias,
+            float *y, int N, int K, int threads) {
+    QAct a = {NULL, NULL, 0.0f, NULL};
+    if (alloc_qact(&a, K)) { free_qact(&a); return -1; }
+    quantize(x, K, &a);
+    Mat m = {Q8, N, K, q, scale, bias};
+    #pragma omp parallel num_threads(threads)
+    product(&m, NULL, &a, y, STORE);
+    free_qact(&a);
+    return 0;
+}
+
+/* the same for a blocked bf16 W (N, K), x rounded to bf16; returns 0, or -1 when out of
+   memory */
+int gemv_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int N, int K,
+              int threads) {
+    QAct a = {NULL, NULL, 0.0f, NULL};
+    if (alloc_qact(&a, K)) { free_qact(&a); return -1; }
+    Mat m = {BF16, N, K, w, NULL, bias};
+    prepare(&m, x, &a);
+    #pragma omp parallel num_threads(threads)
+    product(&m, NULL, &a, y, STORE);
+    free_qact(&a);
+    return 0;
+}
+
+/* ---- one token through the model ------------------------------------------------------ */
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float eps1, eps2;
+    Mat qkv, proj, fc, fc2;
+} Block;
+
+/* y = (x - mean) / sqrt(var + eps) * w + b over C numbers (the variance biased, as torch) */
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int C,
+                       float *y) {
+    double sum = 0.0, sq = 0.0;
+    for (int i = 0; i < C; i++) sum += x[i];
+    float mean = (float)(sum / C);
+    for (int i = 0; i < C; i++) { double d = x[i] - mean; sq += d * d; }
+    float inv = 1.0f / sqrtf((float)(sq / C) + eps);
+    for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* number i of a cache row: fp32, or bf16 when bf16 is set */
+static inline float kv(const void *row, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* softmax(q k^T / sqrt(d)) v for one head and one query over keys 0..n-1 (rows of d, fp32
+   or bf16) */
+static void attend(const float *q, const void *k, const void *v, int bf16, int n, int d,
+                   float *scores, float *out) {
+    float scale = 1.0f / sqrtf((float)d), best = -INFINITY, total = 0.0f;
+    for (int p = 0; p < n; p++) {
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int i = 0; i < d; i++) s += q[i] * kv(k, bf16, (size_t)p * d + i);
+        scores[p] = s * scale;
+        best = fmaxf(best, scores[p]);
+    }
+    for (int p = 0; p < n; p++) { scores[p] = expf(scores[p] - best); total += scores[p]; }
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int p = 0; p < n; p++) {
+        float wgt = scores[p] / total;
+        #pragma omp simd
+        for (int i = 0; i < d; i++) out[i] += wgt * kv(v, bf16, (size_t)p * d + i);
+    }
+}
+
+/* the cache row of layer l, head h, position p (fp32 or bf16 numbers) */
+static inline void *cache_row(void *c, int bf16, int l, int H, int h, int max_len, int p,
+                              int d) {
+    size_t at = (((size_t)l * H + h) * max_len + p) * d;
+    return bf16 ? (void *)((uint16_t *)c + at) : (void *)((float *)c + at);
+}
+
+/* row ``i`` (C numbers, fp32 or bf16) of an embedding table, as fp32 */
+static inline float emb(const void *table, int bf16, size_t i) { return kv(table, bf16, i); }
+
+/* e^x for 16 floats (about 1 ulp): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in
+   two parts, so r is exact), e^r by its Taylor polynomial to r^7 (|r| <= ln 2 / 2) */
+static inline __m512 exp16(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);                  /* p * 2^n; 0 or inf out of range */
+}
+
+/* GPT-2's GELU (torch's approximate="tanh") of y[0..n-1] in place:
+   0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), written x / (1 + e^(-2u)) */
+static void gelu_tanh(float *y, int n) {
+    const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 x = _mm512_maskz_loadu_ps(m, y + i);
+        __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), _mm512_mul_ps(x, x), x));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(x, _mm512_add_ps(one, exp16(u))));
+    }
+}
+
+/* Token ``token`` at position ``pos``: x = tok_emb[token] + pos_emb[pos] through every
+   block, keys and values written into the caches kc, vc (n_layers, n_heads, max_len, d)
+   at ``pos``, the final LayerNorm into out (C,). The embeddings and the caches hold bf16
+   numbers when bf16 is set, else fp32; everything else is fp32. Returns 0, or -1 when out
+   of memory. */
+int decode_token(const Block *blocks, int n_layers, int C, int H, const void *tok_emb,
+                 const void *pos_emb, long token, int pos, const float *lnf_w,
+                 const float *lnf_b, float lnf_eps, void *kc, void *vc, int max_len, int bf16,
+                 float *out, int threads) {
+    int d = C / H, n = pos + 1, c16 = pieces(C, 16) * 16, h16 = pieces(4 * C, 16) * 16;
+    /* x, xn, qkv, att, hid: each zero after its length up to a whole piece (product() reads
+       whole pieces of x); then the attention scores of every head */
+    size_t floats = (size_t)3 * c16 + pieces(3 * C, 16) * 16 + h16 + (size_t)H * max_len;
+    float *buf = (float *)aligned_alloc(64, (floats * 4 + 63) / 64 * 64);
+    QAct a = {NULL, NULL, 0.0f, NULL};
+    if (!buf || alloc_qact(&a, 4 * C)) { free(buf); free_qact(&a); return -1; }
+    memset(buf, 0, floats * 4);
+    float *x = buf, *xn = x + c16, *qkv = xn + c16, *att = qkv + pieces(3 * C, 16) * 16,
+          *hid = att + c16, *scores = hid + h16;
+    for (int i = 0; i < C; i++)
+        x[i] = emb(tok_emb, bf16, (size_t)token * C + i) + emb(pos_emb, bf16, (size_t)pos * C + i);
+    #pragma omp parallel num_threads(threads)
+    for (int l = 0; l < n_layers; l++) {
+        const Block *bl = &blocks[l];
+        #pragma omp single
+        {
+            layer_norm(x, bl->ln1_w, bl->ln1_b, bl->eps1, C, xn);
+            prepare(&bl->qkv, xn, &a);
+        }
+        product(&bl->qkv, xn, &a, qkv, STORE);
+        #pragma omp for schedule(static)
+        for (int h = 0; h < H; h++) {
+            void *kr = cache_row(kc, bf16, l, H, h, max_len, pos, d);
+            void *vr = cache_row(vc, bf16, l, H, h, max_len, pos, d);
+            for (int i = 0; i < d; i++) {
+                if (bf16) {
+                    ((uint16_t *)kr)[i] = f32_to_bf16(qkv[C + h * d + i]);
+                    ((uint16_t *)vr)[i] = f32_to_bf16(qkv[2 * C + h * d + i]);
+                } else {
+                    ((float *)kr)[i] = qkv[C + h * d + i];
+                    ((float *)vr)[i] = qkv[2 * C + h * d + i];
+                }
+            }
+            attend(qkv + h * d, cache_row(kc, bf16, l, H, h, max_len, 0, d),
+                   cache_row(vc, bf16, l, H, h, max_len, 0, d), bf16, n, d,
+                   scores + (size_t)h * max_len, att + h * d);
+        }
+        #pragma omp single
+        prepare(&bl->proj, att, &a);
+        product(&bl->proj, att, &a, x, ADD);
+        #pragma omp single
+        {
+            layer_norm(x, bl->ln2_w, bl->ln2_b, bl->eps2, C, xn);
+            prepare(&bl->fc, xn, &a);
+        }
+        product(&bl->fc, xn, &a, hid, STORE);
+        #pragma omp for schedule(static)
+        for (int i = 0; i < 4 * C; i += 256) gelu_tanh(hid + i, 4 * C - i < 256 ? 4 * C - i : 256);
+        #pragma omp single
+        prepare(&bl->fc2, hid, &a);
+        product(&bl->fc2, hid, &a, x, ADD);
+    }
+    layer_norm(x, lnf_w, lnf_b, lnf_eps, C, out);
+    free(buf);
+    free_qact(&a);
+    return 0;
+}

@@ -1,0 +1,190 @@
+"""Batch-1 decoding in one call: a new token through every block of GPT-2 at once, on CPU.
+
+Generating one token at batch 1 is a small amount of arithmetic spread over many calls:
+each block of model.py makes ~25 PyTorch calls (LayerNorm, the qkv product, the split and
+transposes, the cache write, attention, the projection, the MLP, the adds), ~300 a token at
+124M, and each costs a few microseconds of Python and dispatch plus a wake-up of the
+threads. On the 2-core AMD EPYC (Zen 4) these figures come from, that overhead was ~40% of
+a decoding step's time once the weights streamed at full speed. decode_kernel.c's
+``decode_token`` does the same arithmetic for one token, every block and the final
+LayerNorm, in one C call with the threads kept busy inside one parallel region; the
+output head stays in PyTorch (generate.py's greedy or sampling head).
+
+model.py's ``hidden_states`` asks ``one_token(model, idx, cache, mask)`` first; it answers
+None (and the plain code runs) unless all of these hold: inside ``decoding()`` (which
+generate.py decodes in), one token of one row, a KV cache in fp32 with room left, no
+padding mask, no gradients or autocast, the fast path on (ENABLED, ONE_CALL,
+cpu_kernels.ENABLED), and every block multiplies either with a one-row copy of our own
+kernels (cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
+(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.ONE_ROW_Q8 is on),
+with no hooks on any module and GPT-2's GELU. In an int8 model the products quantize
+their one-row activations to int8 in blocks of 32 (llama.cpp's q8_0 does the same), so
+that the CPU sums int8 products 64 at a time; fp32 models compute exactly what the plain
+path does, up to the order of the fp32 sums. The tests compare both with the plain path.
+
+Switch: ``ENABLED = False`` (or ``GPT2_ONE_CALL_DECODING=0`` before Python starts), or a
+``disabled()`` block; ``cpu_kernels.ENABLED = False`` turns it off with the other fast paths.
+``ONE_CALL`` says whether it is on for this CPU (where measured: AMD).
+"""
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+
+from engine import cpu_kernels, int8, native, turned_off
+from engine.devices import cpu_vendor
+
+ENABLED = os.environ.get("GPT2_ONE_CALL_DECODING", "1") != "0"     # the switch
+# On where measured (AMD, Zen 4): 124M fp32 decoding 39 -> ~xx tokens/s, int8 xx -> xx.
+ONE_CALL = cpu_vendor() == "AuthenticAMD"
+
+_F32, _Q8, _BF16 = 0, 1, 2  # decode_kernel.c's kinds of matrix
+_STEPS = {}                 # id(model) -> its _OneToken, while inside decoding()
+
+
+def disabled():
+    """Within this block one-token steps take model.py's plain code."""
+    return turned_off(sys.modules[__name__])
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
+                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p),
+                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
+                ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+                ("qkv", _Mat), ("proj", _Mat), ("fc", _Mat), ("fc2", _Mat)]
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+@contextlib.contextmanager
+def decoding(model, batch_size=8, greedy=False):
+    """cpu_kernels.packed_for_cpu(model, batch_size, greedy) (its PackedSession is yielded),
+    plus, for batch 1, one-token steps in one call where they apply (see the module)."""
+    with cpu_kernels.packed_for_cpu(model, batch_size, greedy) as session:
+        step = _OneToken.make(model, session) if batch_size == 1 else None
+        if step is not None:
+            _STEPS[id(model)] = step
+        try:
+            yield session
+        finally:
+            if step is not None and _STEPS.get(id(model)) is step:
+                del _STEPS[id(model)]
+
+
+def one_token(model, idx, cache, mask):
+    """The final-normed vectors (1, 1, C) of token ids ``idx`` (1, 1) after the ``cache.pos``
+    tokens in ``cache`` (whose keys and values get this token's, and whose pos advances),
+    computed in one call; or None where that does not apply (then: model.py's code)."""
+    step = _STEPS.get(id(model))
+    if (step is None or not step.session.active or cache is None or mask is not None
+            or idx.shape != (1, 1) or not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
+            or cache.pos >= cache.max_len or torch.is_grad_enabled() or model.training
+            or torch.is_autocast_enabled("cpu") or cache.k.dtype != step.dtype
+            or cache.k.shape[1] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous())
+            or cache.k.device.type != "cpu"
+            or not 0 <= int(idx[0, 0]) < model.tok_emb.weight.shape[0]):
+        return None
+    return step(model, idx, cache)
+
+
+class _OneToken:
+    """The table of one model's weights that decode_token reads, built once per decoding()
+    (the weights do not change while the session is active)."""
+
+    @classmethod
+    def make(cls, model, session):
+        """An _OneToken for ``model``, or None where one-token steps do not apply to it."""
+        if (not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
+                or model.tok_emb.weight.device.type != "cpu"):
+            return None
+        try:
+            lib = native.decode_kernels()
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            return None
+        try:
+            return cls(model, session, lib)
+        except _DoesNotApply:
+            return None
+
+    def __init__(self, model, session, lib):
+        self.session, self.lib = session, lib
+        # the embeddings and the KV cache: fp32, or bf16 (a bf16 model); all else is fp32
+        self.dtype = model.tok_emb.weight.dtype
+        if (any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+                or self.dtype not in (torch.float32, torch.bfloat16)
+                or any(t.dtype != self.dtype or not t.is_contiguous()
+                       for t in (model.tok_emb.weight, model.pos_emb.weight))):
+            raise _DoesNotApply
+        self.keep = []                        # every tensor the table points into
+        blocks = (_Block * len(model.trf_blocks))()
+        for entry, block in zip(blocks, model.trf_blocks):
+            gelu = getattr(block.ff, "gelu", None)
+            if not (isinstance(gelu, nn.GELU) and gelu.approximate == "tanh"):
+                raise _DoesNotApply
+            for name, norm in (("1", block.norm1), ("2", block.norm2)):
+                if not isinstance(norm, nn.LayerNorm):
+                    raise _DoesNotApply
+                setattr(entry, "ln" + name + "_w", self._fp32(norm.weight))
+                setattr(entry, "ln" + name + "_b", self._fp32(norm.bias))
+                setattr(entry, "eps" + name, norm.eps)
+            for name, layer in (("qkv", block.att.qkv), ("proj", block.att.out_proj),
+                                ("fc", block.ff.fc), ("fc2", block.ff.proj)):
+                setattr(entry, name, self._matrix(layer, lib))
+        self.blocks = blocks
+        self.heads = model.cfg["n_heads"]
+        norm = model.final_norm
+        self.final = (self._fp32(norm.weight), self._fp32(norm.bias), norm.eps)
+
+    def _fp32(self, t):
+        """A pointer to ``t`` in fp32 (a copy, kept, for a bf16 model's small vectors)."""
+        if t is None or not t.is_floating_point():
+            raise _DoesNotApply
+        t = t.detach().float().contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _matrix(self, layer, lib):
+        bias = getattr(layer, "bias", None)
+        bias = None if bias is None else self._fp32(bias)
+        if isinstance(layer, int8.Int8Linear):
+            if not (int8.ENABLED and int8.ONE_ROW_Q8 and lib.has_vnni()):
+                raise _DoesNotApply
+            q = layer.blocked()                                          # blocked int8
+            self.keep += [q, layer.scale]
+            return _Mat(_Q8, layer.out_features, layer.in_features, q.data_ptr(),
+                        layer.scale.data_ptr(), bias)
+        copy = cpu_kernels.packed_copy(layer)
+        if not isinstance(copy, cpu_kernels.OneRow):
+            raise _DoesNotApply
+        self.keep.append(copy.weight)                                    # blocked fp32 or bf16
+        kind = _BF16 if copy.dtype == torch.bfloat16 else _F32
+        return _Mat(kind, copy.out_features, copy.in_features, copy.weight.data_ptr(), None,
+                    bias)
+
+    def __call__(self, model, idx, cache):
+        C = model.cfg["emb_dim"]
+        out = torch.empty(1, 1, C)
+        if self.lib.decode_token(
+                self.blocks, len(self.blocks), C, self.heads, model.tok_emb.weight.data_ptr(),
+                model.pos_emb.weight.data_ptr(), int(idx[0, 0]), cache.pos, *self.final,
+                cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len,
+                int(self.dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError("one-token decoding: out of memory for its buffers")
+        cache.pos += 1
+        return out.to(self.dtype)
+
+
+class _DoesNotApply(Exception):
+    pass

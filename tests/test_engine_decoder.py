@@ -1,0 +1,233 @@
+"""engine/decoder.py: one token of one row through every block in one C call, against
+model.py's plain code (hidden states, the KV cache, generated tokens), and where it stands
+aside."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from engine import cpu_kernels, decoder, int8, native
+from generate import generate_text
+from model import GPTModel
+
+try:
+    native.decode_kernels()
+    VNNI = bool(native.decode_kernels().has_vnni())
+except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    pytest.skip(f"decode_kernel.c cannot be built here: {e}", allow_module_level=True)
+
+
+CONFIGS = {
+    # 48 wide, 4 heads of 12; untied, biases on q/k/v
+    "48": {"vocab_size": 211, "context_length": 40, "emb_dim": 48, "n_heads": 4,
+           "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True},
+    # 40 wide (not a whole number of the kernels' 16- and 64-wide pieces), 5 heads of 8,
+    # tied, no q/k/v biases
+    "40": {"vocab_size": 97, "context_length": 24, "emb_dim": 40, "n_heads": 5,
+           "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False, "tie_embeddings": True},
+}
+
+
+def _model(name, seed=0, scale=3.0):
+    """A random model; its matrices scaled up from GPT-2's init (std 0.02) so that
+    attention and the GELU see numbers of all sizes, not only ones near zero."""
+    torch.manual_seed(seed)
+    model = GPTModel(CONFIGS[name]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)      # LayerNorms and biases away from 1, 0
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """A list that gets the cache position of every one-call step."""
+    seen, step = [], decoder._OneToken.__call__
+
+    def counted(self, model, idx, cache):
+        seen.append(cache.pos)
+        return step(self, model, idx, cache)
+    monkeypatch.setattr(decoder._OneToken, "__call__", counted)
+    return seen
+
+
+def _steps(model, prompt, tokens, plain):
+    """Hidden states (one per token, each (1, 1, C)) and the cache, after the prompt and then
+    ``tokens`` one at a time, inside decoding() as generate.py runs; ``plain``: with the
+    one-call steps off."""
+    with torch.inference_mode(), decoder.decoding(model, 1, greedy=True):
+        cache = model.new_cache(1, max_len=prompt.shape[1] + len(tokens))
+        model.hidden_states(prompt, cache)
+        if plain:
+            with decoder.disabled():
+                out = [model.hidden_states(torch.tensor([[t]]), cache) for t in tokens]
+        else:
+            out = [model.hidden_states(torch.tensor([[t]]), cache) for t in tokens]
+        return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_token_steps_equal_the_plain_forward(name, calls):
+    model = _model(name)
+    vocab = model.cfg["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (1, 5), generator=g)
+    tokens = torch.randint(0, vocab, (12,), generator=g).tolist()
+    fast, fast_cache = _steps(model, prompt, tokens, plain=False)
+    assert calls == list(range(5, 17))               # every step went through the C call
+    plain, plain_cache = _steps(model, prompt, tokens, plain=True)
+    assert len(calls) == 12
+    assert fast.shape == plain.shape == (1, 12, model.cfg["emb_dim"])
+    assert fast.dtype == torch.float32 and fast_cache.pos == plain_cache.pos == 17
+    # the same fp32 arithmetic, summed in another order (and exp, tanh by other formulas)
+    # (measured: 8e-7 at most, on numbers of spread 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_cache.k, plain_cache.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_cache.v, plain_cache.v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, calls):
+    # A bf16 model: the same bf16 weights, KV cache and embeddings; the C steps keep every
+    # activation in fp32 where the plain path rounds each to bf16 (8 significant bits), so
+    # they land closer to the fp32 model's numbers than the plain bf16 path does
+    model = _model(name)
+    vocab = model.cfg["vocab_size"]
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, vocab, (1, 5), generator=g)
+    tokens = torch.randint(0, vocab, (10,), generator=g).tolist()
+    exact, _ = _steps(model, prompt, tokens, plain=True)        # fp32 weights, plain code
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    fast, fast_cache = _steps(bf16, prompt, tokens, plain=False)
+    assert len(calls) == 10 and fast.dtype == fast_cache.k.dtype == torch.bfloat16
+    plain, plain_cache = _steps(bf16, prompt, tokens, plain=True)
+    assert len(calls) == 10
+    fast_err = (fast.float() - exact).abs().mean().item()
+    plain_err = (plain.float() - exact).abs().mean().item()
+    spread = exact.std().item()
+    # measured: mean error 0.26-0.28% of the spread against 0.42-0.45% for the plain path;
+    # fast and plain 1.5-2.2% apart at most (0.7% in the cache)
+    assert fast_err < plain_err and fast_err < 0.005 * spread
+    assert (fast.float() - plain.float()).abs().max().item() < 0.05 * spread
+    assert (fast_cache.k.float() - plain_cache.k.float()).abs().max().item() < 0.03 * spread
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8 steps need AVX512-VNNI")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_int8_one_token_steps_equal_the_plain_int8_forward(name, calls):
+    # Both quantize each one-row product's input to int8 (gemv_q8); LayerNorm and attention
+    # round differently in C and PyTorch, and a number next to a rounding boundary of the
+    # quantization can land on the other side: close, not equal.
+    model = int8.quantize_(_model(name))
+    vocab = model.cfg["vocab_size"]
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, vocab, (1, 4), generator=g)
+    tokens = torch.randint(0, vocab, (10,), generator=g).tolist()
+    fast, fast_cache = _steps(model, prompt, tokens, plain=False)
+    assert len(calls) == 10
+    plain, plain_cache = _steps(model, prompt, tokens, plain=True)
+    spread = plain.std().item()          # (measured: 1.2e-6 of the spread at most)
+    assert (fast - plain).abs().max().item() < 1e-3 * spread
+    assert (fast_cache.k - plain_cache.k)[:, :, :, :14].abs().max().item() < 1e-3 * spread
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_generation_through_one_call_steps_gives_the_plain_tokens(dtype, calls):
+    if dtype == "int8" and not VNNI:
+        pytest.skip("the int8 steps need AVX512-VNNI")
+    model = _model("48", seed=3)
+    if dtype == "int8":
+        model = int8.quantize_(model)
+    prompt = torch.randint(0, 211, (1, 6), generator=torch.Generator().manual_seed(4))
+    sample = {"temperature": 1.0, "top_k": 50}
+    greedy = generate_text(model, prompt, 20, eos_id=None)
+    sampled = generate_text(model, prompt, 20, generator=torch.Generator().manual_seed(5),
+                            **sample)
+    assert len(calls) == 2 * 19                   # every token after the prompt's first
+    with decoder.disabled():
+        plain_greedy = generate_text(model, prompt, 20, eos_id=None)
+        plain_sampled = generate_text(model, prompt, 20,
+                                      generator=torch.Generator().manual_seed(5), **sample)
+    assert len(calls) == 2 * 19
+    assert greedy.tolist() == plain_greedy.tolist()
+    assert sampled.tolist() == plain_sampled.tolist()
+
+
+def test_where_one_call_steps_stand_aside(monkeypatch, calls):
+    model = _model("48")
+    prompt = torch.randint(0, 211, (2, 6), generator=torch.Generator().manual_seed(6))
+    generate_text(model, prompt, 4)                                 # batch 2
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    generate_text(model, prompt[:1], 4, attention_mask=mask)        # left padding
+    generate_text(model, prompt[:1], 4, use_cache=False)            # no cache
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate_text(model, prompt[:1], 4)                         # autocast
+    handle = model.trf_blocks[0].register_forward_hook(lambda *args: None)
+    generate_text(model, prompt[:1], 4)                             # a hook to honour
+    handle.remove()
+    with cpu_kernels.disabled():                                    # every fast path off
+        generate_text(model, prompt[:1], 4)
+    with decoder.disabled():                                        # this one off
+        generate_text(model, prompt[:1], 4)
+    monkeypatch.setattr(decoder, "ONE_CALL", False)                 # off for this CPU
+    generate_text(model, prompt[:1], 4)
+    assert calls == []
+    monkeypatch.setattr(decoder, "ONE_CALL", True)
+    generate_text(model, prompt[:1], 4)
+    assert calls == [6, 7, 8]
+    # outside decoding() (a plain forward with a cache) the model's own code runs
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(prompt[:1], cache)
+        model(prompt[:1, :1], cache)
+    assert calls == [6, 7, 8]
+
+
+def test_a_paused_generation_sees_weight_changes_through_the_plain_code(calls):
+    # generate_tokens is a generator: while it waits at a yield the caller may change the
+    # weights; the one-call table points at the old copies, so it must stand aside then
+    model = _model("48")
+    prompt = torch.randint(0, 211, (1, 4), generator=torch.Generator().manual_seed(7))
+    from generate import generate_tokens
+    steps = generate_tokens(model, prompt, 5)
+    next(steps)
+    next(steps)
+    assert calls == [4]
+    assert decoder.one_token(model, prompt[:, :1], model.new_cache(1), None) is None
+
+
+def test_environment_variable_turns_it_off():
+    code = "from engine import decoder; print(decoder.ENABLED)"
+    env = {**os.environ, "GPT2_ONE_CALL_DECODING": "0"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_token_outside_the_vocabulary_is_the_plain_codes_error(calls):
+    model = _model("48")
+    with torch.no_grad(), decoder.decoding(model, 1):
+        cache = model.new_cache(1)
+        model(torch.tensor([[3]]), cache)                           # a step in C
+        with pytest.raises(IndexError):
+            model(torch.tensor([[211]]), cache)                     # PyTorch's lookup
+    assert calls == [0]
+
+
+def test_the_int8_table_keeps_the_quantized_model_unchanged():
+    if not VNNI:
+        pytest.skip("the int8 steps need AVX512-VNNI")
+    model = int8.quantize_(_model("40"))
+    before = copy.deepcopy(model.state_dict())
+    generate_text(model, torch.tensor([[1, 2, 3]]), 5)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
