@@ -306,42 +306,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
-/* number i of a cache row: fp32, or bf16 when bf16 is set */
-static inline float kv(const void *row, int bf16, size_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
-/* softmax(q k^T / sqrt(d)) v for one head and one query over keys 0..n-1 (rows of d, fp32
-   or bf16) */
-static void attend(const float *q, const void *k, const void *v, int bf16, int n, int d,
-                   float *scores, float *out) {
-    float scale = 1.0f / sqrtf((float)d), best = -INFINITY, total = 0.0f;
-    for (int p = 0; p < n; p++) {
-        float s = 0.0f;
-        #pragma omp simd reduction(+:s)
-        for (int i = 0; i < d; i++) s += q[i] * kv(k, bf16, (size_t)p * d + i);
-        scores[p] = s * scale;
-        best = fmaxf(best, scores[p]);
-    }
-    for (int p = 0; p < n; p++) { scores[p] = expf(scores[p] - best); total += scores[p]; }
-    for (int i = 0; i < d; i++) out[i] = 0.0f;
-    for (int p = 0; p < n; p++) {
-        float wgt = scores[p] / total;
-        #pragma omp simd
-        for (int i = 0; i < d; i++) out[i] += wgt * kv(v, bf16, (size_t)p * d + i);
-    }
-}
-
-/* the cache row of layer l, head h, position p (fp32 or bf16 numbers) */
-static inline void *cache_row(void *c, int bf16, int l, int H, int h, int max_len, int p,
-                              int d) {
-    size_t at = (((size_t)l * H + h) * max_len + p) * d;
-    return bf16 ? (void *)((uint16_t *)c + at) : (void *)((float *)c + at);
-}
-
-/* row ``i`` (C numbers, fp32 or bf16) of an embedding table, as fp32 */
-static inline float emb(const void *table, int bf16, size_t i) { return kv(table, bf16, i); }
-
 /* e^x for 16 floats (about 1 ulp): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in
    two parts, so r is exact), e^r by its Taylor polynomial to r^7 (|r| <= ln 2 / 2) */
 static inline __m512 exp16(__m512 x) {
@@ -359,6 +323,74 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);                  /* p * 2^n; 0 or inf out of range */
 }
+
+/* number i of a cache row: fp32, or bf16 when bf16 is set */
+static inline float kv(const void *row, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* 16 numbers of a cache row from number i on, as fp32 */
+static inline __m512 kv16(const void *row, int bf16, size_t i) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i))), 16));
+    return _mm512_loadu_ps((const float *)row + i);
+}
+
+/* softmax(q k^T / sqrt(d)) v for one head and one query over keys 0..n-1 (rows of d, fp32
+   or bf16) */
+static void attend(const float *q, const void *k, const void *v, int bf16, int n, int d,
+                   float *scores, float *out) {
+    float scale = 1.0f / sqrtf((float)d), best = -INFINITY, total = 0.0f;
+    if (d % 16 || d > 256) {                        /* any width: plain loops */
+        for (int p = 0; p < n; p++) {
+            float s = 0.0f;
+            for (int i = 0; i < d; i++) s += q[i] * kv(k, bf16, (size_t)p * d + i);
+            scores[p] = s * scale;
+            best = fmaxf(best, scores[p]);
+        }
+        for (int p = 0; p < n; p++) { scores[p] = expf(scores[p] - best); total += scores[p]; }
+        for (int i = 0; i < d; i++) out[i] = 0.0f;
+        for (int p = 0; p < n; p++)
+            for (int i = 0; i < d; i++) out[i] += scores[p] / total * kv(v, bf16, (size_t)p * d + i);
+        return;
+    }
+    for (int p = 0; p < n; p++) {                   /* scores, 16 numbers of a row at a time */
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < d; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv16(k, bf16, (size_t)p * d + i), acc);
+        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+        best = fmaxf(best, scores[p]);
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int p = 0; p < n; p += 16) {               /* e^(score - best), 16 at a time */
+        __mmask16 m = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), _mm512_set1_ps(best)));
+        e = _mm512_maskz_mov_ps(m, e);
+        _mm512_mask_storeu_ps(scores + p, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+    __m512 acc[16];                                 /* out, d / 16 registers */
+    for (int j = 0; j < d / 16; j++) acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        __m512 wgt = _mm512_set1_ps(scores[p]);
+        for (int j = 0; j < d / 16; j++)
+            acc[j] = _mm512_fmadd_ps(wgt, kv16(v, bf16, (size_t)p * d + j * 16), acc[j]);
+    }
+    for (int j = 0; j < d / 16; j++)
+        _mm512_storeu_ps(out + j * 16, _mm512_div_ps(acc[j], _mm512_set1_ps(total)));
+}
+
+/* the cache row of layer l, head h, position p (fp32 or bf16 numbers) */
+static inline void *cache_row(void *c, int bf16, int l, int H, int h, int max_len, int p,
+                              int d) {
+    size_t at = (((size_t)l * H + h) * max_len + p) * d;
+    return bf16 ? (void *)((uint16_t *)c + at) : (void *)((float *)c + at);
+}
+
+/* row ``i`` (C numbers, fp32 or bf16) of an embedding table, as fp32 */
+static inline float emb(const void *table, int bf16, size_t i) { return kv(table, bf16, i); }
 
 /* GPT-2's GELU (torch's approximate="tanh") of y[0..n-1] in place:
    0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), written x / (1 + e^(-2u)) */

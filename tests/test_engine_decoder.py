@@ -23,9 +23,12 @@ except (OSError, RuntimeError, subprocess.SubprocessError) as e:
 
 
 CONFIGS = {
-    # 48 wide, 4 heads of 12; untied, biases on q/k/v
+    # 48 wide, 4 heads of 12 (attention in plain loops); untied, biases on q/k/v
     "48": {"vocab_size": 211, "context_length": 40, "emb_dim": 48, "n_heads": 4,
            "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True},
+    # 64 wide, 2 heads of 32 (attention 16 numbers at a time), untied, 4 layers
+    "64": {"vocab_size": 150, "context_length": 48, "emb_dim": 64, "n_heads": 2,
+           "n_layers": 4, "drop_rate": 0.0, "qkv_bias": True},
     # 40 wide (not a whole number of the kernels' 16- and 64-wide pieces), 5 heads of 8,
     # tied, no q/k/v biases
     "40": {"vocab_size": 97, "context_length": 24, "emb_dim": 40, "n_heads": 5,
