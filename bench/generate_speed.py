@@ -16,8 +16,9 @@ is reported. fp32 greedy tokens must be identical to HF's, or the script fails.
 Decoding one token reads every weight once (the embedding tables aside: one row each), so
 its speed is bounded by the memory's read bandwidth: the ceiling is ``batch x bandwidth /
 bytes of the weights read per step``, with the bandwidth measured here, in the same run (the
-best sum over a 512 MiB tensor, with the threads the models use), and the bytes from the
-weights' sizes in each dtype. "decode tokens/s" counts from the first new token to the last
+best sum over a 512 MiB tensor, with the threads the models use; the median of measurements
+before the runs and after each batch size), and the bytes from the weights' sizes in each
+dtype. "decode tokens/s" counts from the first new token to the last
 (the prompt's forward pass left out), as the ceiling assumes; "tokens/s" is the whole call.
 """
 
@@ -136,8 +137,10 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
     import torch
 
     from engine.int8 import quantize_
-    bandwidth = read_bandwidth()
-    log(f"memory read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MiB, "
+    # measured before and after the runs (this VM's varied by up to 2x from minute to
+    # minute); the ceilings use the median of the measurements
+    bandwidths = [read_bandwidth()]
+    log(f"memory read bandwidth: {bandwidths[0]:.1f} GB/s (sum over 512 MiB, "
         f"{torch.get_num_threads()} threads)")
     ours, hf = common.build_pair(shape, seed)
     # "plain": the same model with the fast paths off, to see what they are worth here
@@ -159,8 +162,7 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
     if int8:
         step_bytes["int8"] = bytes_per_step(models["ours int8"])
     for d, b in step_bytes.items():
-        log(f"{d}: {b / 1e6:.1f} MB of weights read per decoding step -> ceiling "
-            f"{bandwidth * 1e9 / b:.1f} steps/s")
+        log(f"{d}: {b / 1e6:.1f} MB of weights read per decoding step")
 
     def contender(name, idx, n):
         model = models[name]
@@ -169,7 +171,7 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
         return lambda: run_ours(model, idx, n, autocast="autocast" in name,
                                 plain="plain" in name)
 
-    results = []
+    results, measured = [], []
     for batch in batches:
         idx = make_prompt(batch, prompt_len, common.GPT2_VOCAB, seed)
         # Warm up every path once (thread pools, first-call allocations) on a short run.
@@ -188,6 +190,11 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
             raise AssertionError(
                 f"batch {batch}: our greedy tokens differ from transformers' ({n_diff} "
                 f"positions): the two models do not compute the same function")
+        bandwidths.append(read_bandwidth())
+        log(f"memory read bandwidth after batch {batch}: {bandwidths[-1]:.1f} GB/s")
+        measured.append((batch, runs, outputs))
+    bandwidth = common.median(bandwidths)
+    for batch, runs, outputs in measured:
         hf_s = common.median([t for t, _, _ in runs["HF fp32"]])
         for name, r in runs.items():
             times = [t for t, _, _ in r]

@@ -24,8 +24,9 @@ same way for all: the 16-token prompt is processed untimed, then 128 tokens are 
 at a time (greedy; llama-bench feeds its own tokens: ``-p 0 -d 16 -n 128``, its "tg128 @
 d16"), from the first new token on. Each process times ``--repeats`` decodes after one
 warm-up and reports their median; the table shows the median over rounds. The ceiling is
-``read bandwidth / bytes of the weights read per token``, the bandwidth measured in this run
-(generate_speed.read_bandwidth, in its own process), ours' bytes from the model and the
+``read bandwidth / bytes of the weights read per token``, the bandwidth measured at the start
+of every round (generate_speed.read_bandwidth, in its own process) and its median taken, ours'
+bytes from the model and the
 peers' from their model files (which hold the embedding tables too: their share is a
 slight underestimate).
 """
@@ -292,11 +293,15 @@ def bench_peers(workdir, contenders=tuple(CONTENDERS), rounds=3, repeats=3, thre
     llamacpp_root = llamacpp_root or os.environ.get("LLAMAPEER_ROOT", "/tmp/llamapeer")
     skipped, paths = prepare(workdir, seed, contenders, llamacpp_root, log)
     live = [c for c in contenders if c not in skipped]
-    bandwidth = common.run_child([__file__, "--child", "bandwidth", "--threads",
-                                  str(threads)])[0]["gb_s"]
-    log(f"memory read bandwidth: {bandwidth:.1f} GB/s ({threads} threads)")
+    # The bandwidth is measured at the start of every round (this VM's varied from minute to
+    # minute by up to 2x); the ceilings use the median, the same statistic as the tokens/s.
+    bandwidths = []
     runs = {c: [] for c in live}
     for r in range(rounds):
+        bandwidths.append(common.run_child([__file__, "--child", "bandwidth", "--threads",
+                                            str(threads)])[0]["gb_s"])
+        log(f"  [round {r + 1}/{rounds}] memory read bandwidth: {bandwidths[-1]:.1f} GB/s "
+            f"({threads} threads)")
         order = live if r % 2 == 0 else live[::-1]
         for c in order:
             t0 = time.perf_counter()
@@ -304,6 +309,9 @@ def bench_peers(workdir, contenders=tuple(CONTENDERS), rounds=3, repeats=3, thre
             runs[c].append(res)
             print(f"  [round {r + 1}/{rounds}] {c}: {common.median(res['tok_s']):.1f} tok/s "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    bandwidth = common.median(bandwidths)
+    log(f"memory read bandwidth: {bandwidth:.1f} GB/s, the median of "
+        f"{', '.join(f'{b:.1f}' for b in bandwidths)}")
     results = {}
     for c, rs in runs.items():
         per_round = [common.median(r["tok_s"]) for r in rs]
