@@ -7,10 +7,11 @@ the textbook through one small, named call, and none of them imports a textbook 
 (what they need, a model or a tokenizer, is passed in).
 
     cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding,
-                  one-row fp32 products through gemv_kernel.c)
+                  one-row fp32 and bf16 products through decode_kernel.c)
+    decoder       batch-1 decoding: a new token through every block in one C call
     fused_loss    the output head and cross-entropy without the whole logits tensor
-    int8          weight-only int8 inference: Int8Linear, quantize_, its kernels
-    native        the C kernels (int8_kernel.c, gemv_kernel.c), compiled once per machine
+    int8          int8 inference: Int8Linear, quantize_, its kernels
+    native        the C kernels (int8_kernel.c, decode_kernel.c), compiled once per machine
     fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
     gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)

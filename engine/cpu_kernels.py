@@ -55,8 +55,8 @@ PACKING = True                  # packed weight copies for decoding (one more we
 PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
 # One-row fp32 and bf16 decoding through our own kernels (decode_kernel.c) instead of
 # oneDNN's packed product: on the AMD EPYC (Zen 4) the 124M model's 48 block matrices took
-# 15.0-15.7 ms a token in fp32 against oneDNN's 20.0-20.1 (interleaved, 2 threads) with
-# plain rows, less in the blocked layout (bench/README.md); measured only there.
+# 15.0-15.7 ms a token in fp32 against oneDNN's 20.0-20.1 (interleaved, 2 threads), and
+# less since (bench/README.md); measured only there.
 OWN_GEMV = cpu_vendor() == "AuthenticAMD"
 
 
@@ -307,8 +307,9 @@ def own_gemv():
 
 class OneRow:
     """A matrix kept for one-row products through decode_kernel.c (packed_weight's copy of an
-    fp32 or bf16 matrix where OWN_GEMV is on): the (out, in) matrix in ``dtype``, in the
-    kernels' blocked layout (native.blocked), read front to back. Called with x (..., in):
+    fp32 or bf16 matrix where OWN_GEMV is on): the (out, in) matrix in ``dtype``, contiguous,
+    each output's weights one run (the matrix itself where it already is one: the output
+    head in its own dtype). Called with x (..., in):
     one row through the kernel (x and bias taken in fp32; in bf16 x is rounded to bf16, as a
     bf16 matmul or autocast would, the sums in fp32), the result in ``dtype``; more rows (a
     prompt) multiply with ``plain``, the (out, in) view of the weight it was made from (no
@@ -318,7 +319,7 @@ class OneRow:
         self.plain = out_in                                                  # (out, in)
         self.dtype = dtype
         self.out_features, self.in_features = out_in.shape
-        self.weight = native.blocked(out_in.to(dtype))      # (groups, pieces, 8, 64 bytes)
+        self.weight = out_in.to(dtype).contiguous()                         # (out, in)
 
     def __call__(self, x, bias=None):
         out, k = self.out_features, self.in_features

@@ -1,14 +1,16 @@
 /* Batch-1 decoding on AVX-512 CPUs: one token through every block of GPT-2 in one call.
 
    engine/native.py compiles this file once per machine (gcc -O3 -march=native -fopenmp);
-   engine/decoder.py and engine/cpu_kernels.py call it through ctypes.
+   engine/decoder.py, engine/cpu_kernels.py and engine/int8.py call it through ctypes.
 
-   Three pieces, each also exported on its own:
-   gemv_f32     y = x @ W + bias for one fp32 row x; W given transposed, wt (N, K)
-                row-major, so that each output's weights are one contiguous run.
+   Four pieces, the first three also exported on their own:
+   gemv_f32     y = x @ W.T + bias for one fp32 row x and an fp32 W (N, K) row-major (each
+                output's weights one contiguous run).
+   gemv_bf16    the same for a bf16 W: x rounded to bf16, products exact in fp32, fp32 sums
+                (vdpbf16ps, AVX512-BF16, where the CPU has it).
    gemv_q8      the same for int8 weights q (N, K) with one bf16 scale per output
-                (engine/int8.py's layers). x is quantized to int8 on the fly in blocks of
-                32 (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x int8
+                (engine/int8.py's layers). x is rounded to int8 on the fly in blocks of 32
+                (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x int8
                 products are summed in int32 by AVX512-VNNI (vpdpbusd: 64 products per
                 instruction), each 32-block's sum scaled back to fp32.
    decode_token every block of the model for one new token (LayerNorm, the qkv product,
@@ -17,10 +19,11 @@
                 PyTorch would make ~25 calls a block, each with its own overhead and thread
                 wake-up, which cost more than the arithmetic at this size.
 
-   In every product the outputs are split among the threads in blocks of 8 rows of W, each
-   row's 16-wide products summed in a register of its own, the next block's rows
-   prefetched (a row is K numbers, too short a run for the hardware prefetcher to learn),
-   so that the weights stream from memory at close to its speed. */
+   In every product the outputs are split among the threads in contiguous ranges of rows,
+   and a thread reads its rows one after another: one run of memory front to back, which
+   the hardware prefetcher follows. Reading eight rows side by side instead (eight short
+   runs of 768 bytes for an int8 row of the 124M model) one core read the int8 weights at
+   8-9 GB/s; one run at a time, 17-23 GB/s, about what it reads memory at (Zen 4). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -29,76 +32,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- the weights' layout ------------------------------------------------------------- */
+static int padded(int K, int step) { return (K + step - 1) / step * step; }
 
-/* Every matrix W (N outputs, K inputs) comes "blocked" (engine/native.py's blocked()): its
-   rows in groups of 8 (zero rows after the last), each row cut into 64-byte pieces (16
-   fp32 numbers, or 64 int8 ones) with zeros after K, and a group stored piece by piece:
-   piece 0 of its 8 rows, then piece 1 of the same 8 rows, and so on. A group is then one
-   contiguous run that the CPU reads front to back, which its hardware prefetcher follows:
-   with plain rows (one run per row, 768 bytes for an int8 row of the 124M model) one core
-   read the int8 weights at 8-9 GB/s, blocked at 18.6 GB/s, about what it reads memory at
-   (Zen 4, one thread). */
-
-#define ROWS 8                                 /* rows in a group */
-
-static int pieces(int K, int per_piece) { return (K + per_piece - 1) / per_piece; }
-
-/* ---- fp32 weights --------------------------------------------------------------------- */
-
-/* the 8 sums of one group times x (fp32, zeros after K up to the last piece) */
-static void group_f32(const float *x, const float *w, int n_pieces, float *out) {
-    __m512 acc[ROWS];
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
-    for (int j = 0; j < n_pieces; j++) {
-        __m512 xv = _mm512_loadu_ps(x + (size_t)j * 16);
-        const float *piece = w + (size_t)j * ROWS * 16;
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < ROWS; c++)
-            acc[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(piece + c * 16), acc[c]);
-    }
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
-}
-
-/* ---- int8 weights, int8 activations -------------------------------------------------- */
-
-/* A product's input x as its kind of matrix wants it. Q8: q (K rounded up to 64, zeros
-   after K), lane (K / 4 rounded up to 16: the scale of each group of 4 inputs, which is its
-   32-block's), corr (see quantize). BF16: bf (x rounded to bf16, zeros after K). */
-typedef struct {
-    int8_t *q;
-    float *lane;
-    float corr;
-    uint16_t *bf;
-} QAct;
-
-static int padded64(int K) { return (K + 63) / 64 * 64; }
-
-/* x (K,) -> a QAct: in each block of 32, scale = max |x| / 127, q = round(x / scale)
-   (to nearest, ties to even). vpdpbusd multiplies unsigned by signed bytes, so the weights
-   enter as q_w + 128 (their top bit flipped): each 32-block's sum is then
-   sum(q_w q_x) + 128 sum(q_x), and corr = 128 * sum over blocks of scale_b * sum(q_x in b)
-   is taken off the scaled total. */
-static void quantize(const float *x, int K, QAct *a) {
-    int Kp = padded64(K);
-    double corr = 0.0;
-    for (int b = 0; b < Kp; b += 32) {
-        int n0 = K - b >= 16 ? 16 : (K - b > 0 ? K - b : 0);
-        int n1 = K - b - 16 >= 16 ? 16 : (K - b - 16 > 0 ? K - b - 16 : 0);
-        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)((1u << n0) - 1u), x + b);
-        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)((1u << n1) - 1u), x + b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i *)(a->q + b), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(a->q + b + 16), _mm512_cvtsepi32_epi8(q1));
-        _mm256_storeu_ps(a->lane + b / 4, _mm256_set1_ps(scale));
-        corr += (double)scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    }
-    a->corr = (float)(128.0 * corr);
+static inline __mmask16 mask16(int left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
 }
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -116,175 +53,189 @@ static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even,
     return (uint16_t)(u >> 16);
 }
 
-#ifdef __AVX512VNNI__
-/* the 8 sums of one group of int8 rows times the quantized x, before corr and the rows'
-   scales: over 64-input pieces, lane scale * int32 sum of 4 products */
-static void group_q8(const QAct *a, const int8_t *w, int n_pieces, float *out) {
-    __m512 acc[ROWS];
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
-    for (int j = 0; j < n_pieces; j++) {
-        __m512i xv = _mm512_loadu_si512(a->q + (size_t)j * 64);
-        __m512 ls = _mm512_loadu_ps(a->lane + (size_t)j * 16);
-        const int8_t *piece = w + (size_t)j * ROWS * 64;
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < ROWS; c++) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(piece + c * 64), flip);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls, acc[c]);
-        }
+/* A product's input x as each kind of matrix reads it:
+   f32   x (fp32, zeros after K up to a multiple of 64)
+   bf    x rounded to bf16 (zeros after K up to a multiple of 64)
+   q     x rounded to int8 (zeros after K up to a multiple of 64); lane: the scale of each
+         group of 4 inputs, which is its 32-block's; corr: see quantize */
+typedef struct {
+    float *f32;
+    uint16_t *bf;
+    int8_t *q;
+    float *lane;
+    float corr;
+} Act;
+
+/* ---- one row of each kind ---------------------------------------------------------------- */
+
+/* sum_k x[k] w[k] for an fp32 row w of K numbers */
+static float row_f32(const float *x, const float *w, int K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
     }
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+    for (; k < K; k += 16)
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_maskz_loadu_ps(mask16(K - k), w + k), a0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* the same for a bf16 row, with x in bf16 */
+static float row_bf16(const uint16_t *x, const uint16_t *w, int K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        __m512i xv = _mm512_loadu_si512(x + k);         /* zeros after K */
+        __m512i wv = K - k >= 32 ? _mm512_loadu_si512(w + k)
+                                 : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (K - k)) - 1), w + k);
+#ifdef __AVX512BF16__
+        /* vdpbf16ps: each fp32 lane += the two products of its pair of bf16 numbers */
+        if ((k / 32) & 1) a1 = _mm512_dpbf16_ps(a1, (__m512bh)wv, (__m512bh)xv);
+        else a0 = _mm512_dpbf16_ps(a0, (__m512bh)wv, (__m512bh)xv);
+#else
+        /* bf16 is the top half of an fp32 number: the even and odd halves, widened */
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
+                             _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)),
+                             _mm512_castsi512_ps(_mm512_and_si512(xv, hi)), a1);
+#endif
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+#ifdef __AVX512VNNI__
+/* the scaled sum of an int8 row times the quantized x, before corr and the row's scale:
+   over 64-input pieces, lane scale * int32 sum of 4 products. vpdpbusd multiplies unsigned
+   by signed bytes, so the weights enter as q_w + 128 (their top bit flipped) */
+static float row_q8(const Act *a, const int8_t *w, int K) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 64) {
+        __m512i wv = K - k >= 64 ? _mm512_loadu_si512(w + k)
+                                 : _mm512_maskz_loadu_epi8((1ull << (K - k)) - 1, w + k);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(wv, flip),
+                                        _mm512_loadu_si512(a->q + k));
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(a->lane + k / 4));
+        if ((k / 64) & 1) a1 = _mm512_add_ps(a1, v);
+        else a0 = _mm512_add_ps(a0, v);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 int has_vnni(void) { return 1; }
 #else
 /* no AVX512-VNNI: never called (engine/decoder.py and engine/int8.py ask has_vnni first) */
-static void group_q8(const QAct *a, const int8_t *w, int n_pieces, float *out) {
-    (void)a; (void)w; (void)n_pieces; (void)out;
-    abort();
-}
+static float row_q8(const Act *a, const int8_t *w, int K) { (void)a; (void)w; (void)K; abort(); }
 int has_vnni(void) { return 0; }
 #endif
 
-/* ---- bf16 weights ---------------------------------------------------------------------- */
+/* ---- the input of a product ---------------------------------------------------------- */
 
-/* x (K,) -> bf (bf16, zeros after K up to a whole 32-piece) */
-static void to_bf16(const float *x, int K, uint16_t *bf) {
-    int Kp = (K + 31) / 32 * 32;
-    for (int k = 0; k < Kp; k++) bf[k] = k < K ? f32_to_bf16(x[k]) : 0;
-}
-
-/* the 8 sums of one group of bf16 rows times x in bf16: products exact in fp32, fp32 sums */
-static void group_bf16(const uint16_t *x, const uint16_t *w, int n_pieces, float *out) {
-    __m512 acc[ROWS];
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) acc[c] = _mm512_setzero_ps();
-    for (int j = 0; j < n_pieces; j++) {
-        __m512i xv = _mm512_loadu_si512(x + (size_t)j * 32);
-        const uint16_t *piece = w + (size_t)j * ROWS * 32;
-#ifdef __AVX512BF16__
-        /* vdpbf16ps: each fp32 lane += the two products of its pair of bf16 numbers */
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < ROWS; c++)
-            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(piece + c * 32),
-                                      (__m512bh)xv);
-#else
-        /* bf16 is the top half of an fp32 number: the even and odd halves, widened */
-        const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
-        __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
-        __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xv, hi));
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < ROWS; c++) {
-            __m512i wv = _mm512_loadu_si512(piece + c * 32);
-            acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), xe, acc[c]);
-            acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)), xo, acc[c]);
-        }
-#endif
+/* x (K,) -> a->q, a->lane, a->corr: in each block of 32, scale = max |x| / 127,
+   q = round(x / scale) (to nearest, ties to even). With the weights entering as q_w + 128,
+   each 32-block's sum is sum(q_w q_x) + 128 sum(q_x); corr = 128 * the sum over blocks of
+   scale_b * sum(q_x in b), taken off the scaled total */
+static void quantize(const float *x, int K, Act *a) {
+    double corr = 0.0;
+    for (int b = 0; b < padded(K, 64); b += 32) {
+        int left = K - b > 0 ? K - b : 0;
+        __m512 v0 = _mm512_maskz_loadu_ps(mask16(left), x + b);
+        __m512 v1 = _mm512_maskz_loadu_ps(mask16(left > 16 ? left - 16 : 0), x + b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(a->q + b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(a->q + b + 16), _mm512_cvtsepi32_epi8(q1));
+        _mm256_storeu_ps(a->lane + b / 4, _mm256_set1_ps(scale));
+        corr += (double)scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
-    _Pragma("GCC unroll 8")
-    for (int c = 0; c < ROWS; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+    a->corr = (float)(128.0 * corr);
 }
-
-/* ---- one product, inside a parallel region -------------------------------------------- */
 
 enum { F32 = 0, Q8 = 1, BF16 = 2 };            /* a matrix's kind */
 enum { STORE = 0, ADD = 1 };                   /* y = result, or y += result (residual) */
 
 typedef struct {
     int kind, n, k;                 /* n outputs, k inputs */
-    const void *w;                  /* blocked (see the layout above): float, int8 or bf16 */
+    const void *w;                  /* (n, k) row-major: float, int8 or bf16 */
     const uint16_t *scale;          /* Q8: (n,) bf16 */
     const float *bias;              /* (n,) or NULL */
 } Mat;
 
-/* a's form of x for m's kind (single-threaded: call it in an omp single) */
-static void prepare(const Mat *m, const float *x, QAct *a) {
-    if (m->kind == Q8) quantize(x, m->k, a);
-    else if (m->kind == BF16) to_bf16(x, m->k, a->bf);
-}
-
-/* y (n,) = x @ W + bias (x fp32, zeros after K up to the last piece, for F32; a's form of
-   it for Q8 and BF16, prepared), the groups of 8 outputs shared among the threads of the
-   enclosing parallel region (an orphaned omp for) */
-static void product(const Mat *m, const float *x, const QAct *a, float *y, int mode) {
-    int N = m->n, groups = (N + ROWS - 1) / ROWS;
-    #pragma omp for schedule(static)
-    for (int g = 0; g < groups; g++) {
-        int n0 = g * ROWS, n1 = n0 + ROWS < N ? n0 + ROWS : N;
-        float out[ROWS];
-        if (m->kind == F32) {
-            int np = pieces(m->k, 16);
-            group_f32(x, (const float *)m->w + (size_t)g * np * ROWS * 16, np, out);
-        } else if (m->kind == BF16) {
-            int np = pieces(m->k, 32);
-            group_bf16(a->bf, (const uint16_t *)m->w + (size_t)g * np * ROWS * 32, np, out);
-        } else {
-            int np = pieces(m->k, 64);
-            group_q8(a, (const int8_t *)m->w + (size_t)g * np * ROWS * 64, np, out);
-            for (int n = n0; n < n1; n++)
-                out[n - n0] = (out[n - n0] - a->corr) * bf16_to_f32(m->scale[n]);
-        }
-        for (int n = n0; n < n1; n++) {
-            float v = out[n - n0] + (m->bias ? m->bias[n] : 0.0f);
-            y[n] = mode == ADD ? y[n] + v : v;
-        }
+/* a's form of x (K,) for m's kind (single-threaded: call it in an omp single) */
+static void prepare(const Mat *m, const float *x, Act *a) {
+    int K = m->k, Kp = padded(K, 64);
+    if (m->kind == Q8) {
+        quantize(x, K, a);
+    } else if (m->kind == BF16) {
+        for (int k = 0; k < Kp; k++) a->bf[k] = k < K ? f32_to_bf16(x[k]) : 0;
+    } else {
+        memcpy(a->f32, x, (size_t)K * 4);
+        memset(a->f32 + K, 0, (size_t)(Kp - K) * 4);
     }
 }
 
-static int alloc_qact(QAct *a, int K) {
-    int Kp = padded64(K);
-    a->q = (int8_t *)aligned_alloc(64, (size_t)Kp);
-    a->lane = (float *)aligned_alloc(64, (size_t)Kp);         /* Kp / 4 floats = Kp bytes */
-    a->bf = (uint16_t *)aligned_alloc(64, (size_t)Kp * 2);
-    return a->q && a->lane && a->bf ? 0 : -1;
+/* y (n,) = x @ W.T + bias from a's prepared x, the rows shared among the threads of the
+   enclosing parallel region in contiguous ranges (an orphaned omp for) */
+static void product(const Mat *m, const Act *a, float *y, int mode) {
+    int K = m->k;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < m->n; n++) {
+        float v;
+        if (m->kind == F32) {
+            v = row_f32(a->f32, (const float *)m->w + (size_t)n * K, K);
+        } else if (m->kind == BF16) {
+            v = row_bf16(a->bf, (const uint16_t *)m->w + (size_t)n * K, K);
+        } else {
+            v = (row_q8(a, (const int8_t *)m->w + (size_t)n * K, K) - a->corr)
+                * bf16_to_f32(m->scale[n]);
+        }
+        if (m->bias) v += m->bias[n];
+        y[n] = mode == ADD ? y[n] + v : v;
+    }
 }
 
-static void free_qact(QAct *a) { free(a->q); free(a->lane); free(a->bf); }
-
-/* y = x @ W + bias for one fp32 row x and a blocked fp32 W (N, K); returns 0, or -1 when
-   out of memory */
-int gemv_f32(const float *x, const float *w, const float *bias, float *y, int N, int K,
-             int threads) {
-    int Kp = pieces(K, 16) * 16;
-    float *xp = (float *)aligned_alloc(64, (size_t)Kp * 4);
-    if (!xp) return -1;
-    memcpy(xp, x, (size_t)K * 4);
-    memset(xp + K, 0, (size_t)(Kp - K) * 4);
-    Mat m = {F32, N, K, w, NULL, bias};
-    #pragma omp parallel num_threads(threads)
-    product(&m, xp, NULL, y, STORE);
-    free(xp);
-    return 0;
+static int alloc_act(Act *a, int K) {
+    size_t Kp = (size_t)padded(K, 64);
+    a->f32 = (float *)aligned_alloc(64, Kp * 4);
+    a->bf = (uint16_t *)aligned_alloc(64, Kp * 2);
+    a->q = (int8_t *)aligned_alloc(64, Kp);
+    a->lane = (float *)aligned_alloc(64, Kp);                 /* Kp / 4 floats = Kp bytes */
+    return a->f32 && a->bf && a->q && a->lane ? 0 : -1;
 }
 
-/* the same for a blocked int8 W (N, K) with bf16 scales (N,); returns 0, or -1 when out of
-   memory */
-int gemv_q8(const float *x, const int8_t *q, const uint16_t *scale, const float *bias,
-            float *y, int N, int K, int threads) {
-    QAct a = {NULL, NULL, 0.0f, NULL};
-    if (alloc_qact(&a, K)) { free_qact(&a); return -1; }
-    quantize(x, K, &a);
-    Mat m = {Q8, N, K, q, scale, bias};
-    #pragma omp parallel num_threads(threads)
-    product(&m, NULL, &a, y, STORE);
-    free_qact(&a);
-    return 0;
-}
+static void free_act(Act *a) { free(a->f32); free(a->bf); free(a->q); free(a->lane); }
 
-/* the same for a blocked bf16 W (N, K), x rounded to bf16; returns 0, or -1 when out of
-   memory */
-int gemv_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int N, int K,
-              int threads) {
-    QAct a = {NULL, NULL, 0.0f, NULL};
-    if (alloc_qact(&a, K)) { free_qact(&a); return -1; }
-    Mat m = {BF16, N, K, w, NULL, bias};
+/* one product on its own; returns 0, or -1 when out of memory */
+static int gemv(int kind, const float *x, const void *w, const uint16_t *scale,
+                const float *bias, float *y, int N, int K, int threads) {
+    Act a = {NULL, NULL, NULL, NULL, 0.0f};
+    if (alloc_act(&a, K)) { free_act(&a); return -1; }
+    Mat m = {kind, N, K, w, scale, bias};
     prepare(&m, x, &a);
     #pragma omp parallel num_threads(threads)
-    product(&m, NULL, &a, y, STORE);
-    free_qact(&a);
+    product(&m, &a, y, STORE);
+    free_act(&a);
     return 0;
+}
+
+/* y = x @ W.T + bias for one fp32 row x: W fp32 (N, K) */
+int gemv_f32(const float *x, const float *w, const float *bias, float *y, int N, int K,
+             int threads) {
+    return gemv(F32, x, w, NULL, bias, y, N, K, threads);
+}
+
+/* W bf16 (N, K) */
+int gemv_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int N, int K,
+              int threads) {
+    return gemv(BF16, x, w, NULL, bias, y, N, K, threads);
+}
+
+/* W int8 (N, K) with bf16 scales (N,) */
+int gemv_q8(const float *x, const int8_t *q, const uint16_t *scale, const float *bias,
+            float *y, int N, int K, int threads) {
+    return gemv(Q8, x, q, scale, bias, y, N, K, threads);
 }
 
 /* ---- one token through the model ------------------------------------------------------ */
@@ -414,16 +365,14 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
                  const void *pos_emb, long token, int pos, const float *lnf_w,
                  const float *lnf_b, float lnf_eps, void *kc, void *vc, int max_len, int bf16,
                  float *out, int threads) {
-    int d = C / H, n = pos + 1, c16 = pieces(C, 16) * 16, h16 = pieces(4 * C, 16) * 16;
-    /* x, xn, qkv, att, hid: each zero after its length up to a whole piece (product() reads
-       whole pieces of x); then the attention scores of every head */
-    size_t floats = (size_t)3 * c16 + pieces(3 * C, 16) * 16 + h16 + (size_t)H * max_len;
+    int d = C / H, n = pos + 1;
+    /* x, xn, qkv, att, hid; then the attention scores of every head */
+    size_t floats = (size_t)10 * C + (size_t)H * max_len;
     float *buf = (float *)aligned_alloc(64, (floats * 4 + 63) / 64 * 64);
-    QAct a = {NULL, NULL, 0.0f, NULL};
-    if (!buf || alloc_qact(&a, 4 * C)) { free(buf); free_qact(&a); return -1; }
-    memset(buf, 0, floats * 4);
-    float *x = buf, *xn = x + c16, *qkv = xn + c16, *att = qkv + pieces(3 * C, 16) * 16,
-          *hid = att + c16, *scores = hid + h16;
+    Act a = {NULL, NULL, NULL, NULL, 0.0f};
+    if (!buf || alloc_act(&a, 4 * C)) { free(buf); free_act(&a); return -1; }
+    float *x = buf, *xn = x + C, *qkv = xn + C, *att = qkv + 3 * C, *hid = att + C,
+          *scores = hid + 4 * C;
     for (int i = 0; i < C; i++)
         x[i] = emb(tok_emb, bf16, (size_t)token * C + i) + emb(pos_emb, bf16, (size_t)pos * C + i);
     #pragma omp parallel num_threads(threads)
@@ -434,7 +383,7 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
             layer_norm(x, bl->ln1_w, bl->ln1_b, bl->eps1, C, xn);
             prepare(&bl->qkv, xn, &a);
         }
-        product(&bl->qkv, xn, &a, qkv, STORE);
+        product(&bl->qkv, &a, qkv, STORE);
         #pragma omp for schedule(static)
         for (int h = 0; h < H; h++) {
             void *kr = cache_row(kc, bf16, l, H, h, max_len, pos, d);
@@ -454,21 +403,21 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
         }
         #pragma omp single
         prepare(&bl->proj, att, &a);
-        product(&bl->proj, att, &a, x, ADD);
+        product(&bl->proj, &a, x, ADD);
         #pragma omp single
         {
             layer_norm(x, bl->ln2_w, bl->ln2_b, bl->eps2, C, xn);
             prepare(&bl->fc, xn, &a);
         }
-        product(&bl->fc, xn, &a, hid, STORE);
+        product(&bl->fc, &a, hid, STORE);
         #pragma omp for schedule(static)
         for (int i = 0; i < 4 * C; i += 256) gelu_tanh(hid + i, 4 * C - i < 256 ? 4 * C - i : 256);
         #pragma omp single
         prepare(&bl->fc2, hid, &a);
-        product(&bl->fc2, hid, &a, x, ADD);
+        product(&bl->fc2, &a, x, ADD);
     }
     layer_norm(x, lnf_w, lnf_b, lnf_eps, C, out);
     free(buf);
-    free_qact(&a);
+    free_act(&a);
     return 0;
 }

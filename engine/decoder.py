@@ -3,24 +3,28 @@
 Generating one token at batch 1 is a small amount of arithmetic spread over many calls:
 each block of model.py makes ~25 PyTorch calls (LayerNorm, the qkv product, the split and
 transposes, the cache write, attention, the projection, the MLP, the adds), ~300 a token at
-124M, and each costs a few microseconds of Python and dispatch plus a wake-up of the
-threads. On the 2-core AMD EPYC (Zen 4) these figures come from, that overhead was ~40% of
-a decoding step's time once the weights streamed at full speed. decode_kernel.c's
-``decode_token`` does the same arithmetic for one token, every block and the final
-LayerNorm, in one C call with the threads kept busy inside one parallel region; the
-output head stays in PyTorch (generate.py's greedy or sampling head).
+124M, each with a few microseconds of Python and dispatch and a wake-up of the threads. On
+the 2-core AMD EPYC (Zen 4) these figures come from, that was ~40% of an int8 decoding
+step once the weights streamed at full speed. decode_kernel.c's ``decode_token`` does the
+same arithmetic for one token, every block and the final LayerNorm, in one C call, the
+threads kept inside one parallel region; the output head stays in PyTorch (generate.py's
+greedy or sampling head, itself through the one-row kernels).
 
 model.py's ``hidden_states`` asks ``one_token(model, idx, cache, mask)`` first; it answers
 None (and the plain code runs) unless all of these hold: inside ``decoding()`` (which
-generate.py decodes in), one token of one row, a KV cache in fp32 with room left, no
-padding mask, no gradients or autocast, the fast path on (ENABLED, ONE_CALL,
-cpu_kernels.ENABLED), and every block multiplies either with a one-row copy of our own
-kernels (cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
-(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.ONE_ROW_Q8 is on),
-with no hooks on any module and GPT-2's GELU. In an int8 model the products quantize
-their one-row activations to int8 in blocks of 32 (llama.cpp's q8_0 does the same), so
-that the CPU sums int8 products 64 at a time; fp32 models compute exactly what the plain
-path does, up to the order of the fp32 sums. The tests compare both with the plain path.
+generate.py decodes in), one token of one row, a KV cache in the embeddings' dtype with
+room left, no padding mask, no gradients or autocast, the fast path on (ENABLED, ONE_CALL,
+cpu_kernels.ENABLED), every block multiplying either with a one-row copy for our kernels
+(cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
+(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.ONE_ROW_Q8 is on), no
+hooks on any module, GPT-2's GELU.
+
+What it computes, against the plain path (the tests compare them):
+    fp32 model   the same, up to the order of the fp32 sums (and e^x by a polynomial)
+    bf16 model   the same bf16 weights, embeddings and KV cache, but every activation in
+                 fp32 where the plain path rounds each to bf16: closer to the fp32 model
+    int8 model   each product's input row rounded to int8 in blocks of 32 (llama.cpp's q8_0
+                 does the same), so that the CPU sums int8 products 64 at a time (VNNI)
 
 Switch: ``ENABLED = False`` (or ``GPT2_ONE_CALL_DECODING=0`` before Python starts), or a
 ``disabled()`` block; ``cpu_kernels.ENABLED = False`` turns it off with the other fast paths.
@@ -40,7 +44,7 @@ from engine import cpu_kernels, int8, native, turned_off
 from engine.devices import cpu_vendor
 
 ENABLED = os.environ.get("GPT2_ONE_CALL_DECODING", "1") != "0"     # the switch
-# On where measured (AMD, Zen 4): 124M fp32 decoding 39 -> ~xx tokens/s, int8 xx -> xx.
+# On where measured (AMD, Zen 4; bench/README.md has the figures)
 ONE_CALL = cpu_vendor() == "AuthenticAMD"
 
 _F32, _Q8, _BF16 = 0, 1, 2  # decode_kernel.c's kinds of matrix
@@ -161,14 +165,14 @@ class _OneToken:
         if isinstance(layer, int8.Int8Linear):
             if not (int8.ENABLED and int8.ONE_ROW_Q8 and lib.has_vnni()):
                 raise _DoesNotApply
-            q = layer.blocked()                                          # blocked int8
+            q = layer.weight                                             # (out, in) int8
             self.keep += [q, layer.scale]
             return _Mat(_Q8, layer.out_features, layer.in_features, q.data_ptr(),
                         layer.scale.data_ptr(), bias)
         copy = cpu_kernels.packed_copy(layer)
         if not isinstance(copy, cpu_kernels.OneRow):
             raise _DoesNotApply
-        self.keep.append(copy.weight)                                    # blocked fp32 or bf16
+        self.keep.append(copy.weight)                                    # (out, in)
         kind = _BF16 if copy.dtype == torch.bfloat16 else _F32
         return _Mat(kind, copy.out_features, copy.in_features, copy.weight.data_ptr(), None,
                     bias)

@@ -1,4 +1,4 @@
-"""Weight-only int8 inference: every matrix of GPT-2 in 8 bits, the activations in fp32 or bf16.
+"""int8 inference: every matrix of GPT-2 in 8 bits, the activations in fp32 or bf16.
 
 Generating a token reads every weight once, so on a CPU decoding runs at the speed at which
 the weights stream from memory: a quarter of fp32's bytes is up to four times the tokens/s
@@ -17,6 +17,10 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
+    CPU, one fp32 row      decode_kernel.c's gemv_q8 (AVX512-VNNI; where ONE_ROW_Q8 is on):
+                           the row rounded to int8 too, in blocks of 32 with a scale each
+                           (llama.cpp's q8_0 does the same), int8 products summed in int32
+                           64 at a time, each thread reading its rows one after another
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
                            compiler, engine/native.py): int8 -> fp32 in registers, fp32 sums,
                            the scale on the finished sum, the next rows of q prefetched
@@ -35,7 +39,8 @@ And a decoding step in bf16 spent 4x longer in attention on the KV cache than in
 with our kernel the activations stay fp32: 1.75x the tokens/s of bf16 activations there.
 
 The kernels equal the plain product up to the order of the fp32 sums (and bf16 rounding of
-the output, for bf16 x); the tests compare them. ``ENABLED = False`` (or
+the output, for bf16 x); gemv_q8 also rounds x (half a step of 1/127 of its block's largest
+number: 0.5% of the outputs' spread on average); the tests compare them. ``ENABLED = False`` (or
 ``GPT2_INT8_KERNELS=0`` before Python starts), or a ``disabled()`` block, makes every layer
 take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` is our kernel's
 own flag (on where measured: AMD). The engine finds the layers by their shape, not their
@@ -63,14 +68,14 @@ ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
 # up to 16: off elsewhere until measured there.
 OWN_KERNEL = cpu_vendor() == "AuthenticAMD"
 OWN_KERNEL_MAX_ROWS = 16
-# One fp32 row (batch-1 decoding) through decode_kernel.c's gemv_q8 instead: the row
-# quantized to int8 too (blocks of 32), int8 products summed by AVX512-VNNI, the weights read
-# from a blocked copy (Int8Linear.blocked). On the AMD EPYC (Zen 4): the 124M model's output
-# head (38.6 MB) in ~1.0-2.1 ms against ~2.9 with the kernel above; measured only there.
-ONE_ROW_Q8 = cpu_vendor() == "AuthenticAMD"
 # Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
 # grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
 INT8MM_MAX_ROWS = 4
+# One fp32 row (batch-1 decoding) through decode_kernel.c's gemv_q8 instead: the row
+# rounded to int8 too (blocks of 32), int8 products summed by AVX512-VNNI. On the AMD EPYC
+# (Zen 4): the 124M model's output head (38.6 MB) in ~1.0-2.1 ms against ~2.9 with the
+# kernel above; measured only there.
+ONE_ROW_Q8 = cpu_vendor() == "AuthenticAMD"
 
 QMAX = 127      # symmetric: -127..127, so that -q is always representable
 
@@ -125,7 +130,7 @@ _Q8 = None     # decode_kernel.c's gemv_q8 once looked up; False: not here
 
 def one_row_q8():
     """decode_kernel.c's gemv_q8 (one fp32 row, quantized to int8 in blocks of 32, times
-    blocked int8 weights, AVX512-VNNI), or None where it cannot be built or the CPU has no
+    the int8 weights, AVX512-VNNI), or None where it cannot be built or the CPU has no
     VNNI."""
     global _Q8
     if _Q8 is None:
@@ -265,7 +270,7 @@ class Int8Linear(nn.Module):
             # one row (batch-1 decoding): x in int8 too, through our VNNI kernel
             y = torch.empty(*x.shape[:-1], self.out_features)
             b = None if self.bias is None else self.bias.data_ptr()
-            if one_row_q8()(x.contiguous().data_ptr(), self.blocked().data_ptr(),
+            if one_row_q8()(x.contiguous().data_ptr(), self.weight.data_ptr(),
                             self.scale.data_ptr(), b, y.data_ptr(), self.out_features,
                             self.in_features, torch.get_num_threads()) != 0:
                 raise MemoryError("int8 kernel: out of memory for the row's int8 copy")
@@ -280,15 +285,6 @@ class Int8Linear(nn.Module):
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled())
                 and one_row_q8() is not None)
-
-    def blocked(self):
-        """The weights in decode_kernel.c's blocked layout (native.blocked), made on first
-        use and kept (a second copy of the int8 matrix) until the weights change."""
-        key = (self.weight.data_ptr(),
-               None if self.weight.is_inference() else self.weight._version)
-        if getattr(self, "_blocked", (None, None))[0] != key:
-            self._blocked = (key, native.blocked(self.weight))
-        return self._blocked[1]
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -30,8 +30,9 @@ def cpu_flags():
     return set(cpu_info("flags").split())
 
 
-def build(source):
-    """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module."""
+def build(source, options=()):
+    """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module.
+    ``options``: more compiler options (the tests build without some CPU features)."""
     flags = cpu_flags()
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
             and {"avx512f", "avx512bw"} <= flags):
@@ -46,7 +47,7 @@ def build(source):
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(),
-                                      cpu_info("model name").encode(),
+                                      *map(str.encode, options), cpu_info("model name").encode(),
                                       " ".join(sorted(flags)).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
                  or Path.home() / ".cache" / "gpt2-from-scratch")
@@ -54,8 +55,8 @@ def build(source):
     if not lib_path.exists():
         with tempfile.TemporaryDirectory() as tmp:
             built = Path(tmp) / f"{source.stem}.so"
-            proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                                   str(source), "-o", str(built)],
+            proc = subprocess.run([cc, "-O3", "-march=native", *options, "-fopenmp", "-shared",
+                                   "-fPIC", str(source), "-o", str(built)],
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
@@ -90,13 +91,3 @@ def decode_kernels():
         raise _DECODE
     return _DECODE
 
-
-def blocked(w):
-    """A matrix (N, K) laid out as decode_kernel.c's products read it: rows in groups of 8
-    (zero rows after the last), each row in 64-byte pieces (zeros after K), a group stored
-    piece by piece (piece 0 of its 8 rows, piece 1, ...): (groups, pieces, 8, per piece)."""
-    per_piece = 64 // w.element_size()
-    N, K = w.shape
-    padded = w.new_zeros(-(-N // 8) * 8, -(-K // per_piece) * per_piece)
-    padded[:N, :K] = w
-    return padded.view(padded.shape[0] // 8, 8, -1, per_piece).transpose(1, 2).contiguous()

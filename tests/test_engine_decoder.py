@@ -234,3 +234,24 @@ def test_the_int8_table_keeps_the_quantized_model_unchanged():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_kernels_without_vnni_and_bf16_instructions(tmp_path, monkeypatch):
+    # decode_kernel.c built as for an AVX-512 CPU without AVX512-BF16 and AVX512-VNNI: its
+    # bf16 products widen to fp32 instead (same sums), and it says it has no int8 product
+    import ctypes
+    from pathlib import Path
+    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
+    lib = native.build(Path(native.__file__).with_name("decode_kernel.c"),
+                       ("-mno-avx512bf16", "-mno-avx512vnni"))
+    assert lib.has_vnni() == 0
+    fn = lib.gemv_bf16
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, ctypes.c_int
+    g = torch.Generator().manual_seed(9)
+    for n, k in ((211, 48), (5, 37), (33, 100)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
+        y = torch.empty(n)
+        assert fn(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, k, 1) == 0
+        exact = w.float() @ x.bfloat16().float() + b
+        torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)

@@ -462,3 +462,26 @@ def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
         ref = generate_text(model, idx, 8, 40, temperature=1.0,
                             generator=torch.Generator().manual_seed(0))
     assert out.tolist() == ref.tolist()
+
+
+@needs_packing
+def test_one_row_bf16_products_through_our_kernel_equal_a_bf16_product():
+    # gemv_bf16: x rounded to bf16, bf16 weights, fp32 sums, the result rounded to bf16, as
+    # a bf16 matmul (or autocast) gives it; the copy made from fp32 or bf16 weights
+    if cpu_kernels.own_gemv() is None:
+        pytest.skip(f"our gemv kernel cannot be built here: {cpu_kernels.GEMV_STATUS}")
+    g = torch.Generator().manual_seed(1)
+    for k, n in ((48, 211), (37, 5), (768, 2304), (100, 17), (64, 33)):
+        w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)   # W (in, out)
+        x = torch.randn(1, k, generator=g)
+        exact = x.bfloat16().float() @ w.bfloat16().float() + b.bfloat16().float()
+        for source in (w, w.bfloat16()):
+            rows = cpu_kernels.OneRow(source.t(), torch.bfloat16)
+            y = rows(x, b.bfloat16())
+            assert y.dtype == torch.bfloat16 and y.shape == (1, n)
+            # one rounding of (nearly) the same fp32 sum to bf16: 2^-8 relative at most
+            torch.testing.assert_close(y.float(), exact, rtol=2 ** -8, atol=1e-3)
+            more = torch.randn(3, k, generator=g).bfloat16()          # a prompt: PyTorch's
+            torch.testing.assert_close(rows(more, b.bfloat16()).float(),
+                                       (more @ w.bfloat16() + b.bfloat16()).float(),
+                                       rtol=2 ** -7, atol=1e-2)
