@@ -8,11 +8,12 @@
                 output's weights one contiguous run).
    gemv_bf16    the same for a bf16 W: x rounded to bf16, products exact in fp32, fp32 sums
                 (vdpbf16ps, AVX512-BF16, where the CPU has it).
-   gemv_q8      the same for int8 weights q (N, K) with one bf16 scale per output
-                (engine/int8.py's layers). x is rounded to int8 on the fly in blocks of 32
-                (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x int8
-                products are summed in int32 by AVX512-VNNI (vpdpbusd: 64 products per
-                instruction), each 32-block's sum scaled back to fp32.
+   gemm_q8      the same for up to 16 rows x and int8 weights q (N, K) with one bf16 scale
+                per output (engine/int8.py's layers). x is rounded to int8 on the fly in
+                blocks of 32 (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x
+                int8 products are summed in int32 by AVX512-VNNI (vpdpbusd: 64 products per
+                instruction), each 32-block's sum scaled back to fp32; each row of q is read
+                once for all rows of x.
    decode_token every block of the model for one new token (LayerNorm, the qkv product,
                 attention over the KV cache, the projection, the MLP with its tanh GELU,
                 both residual adds) and the final LayerNorm, in one OpenMP parallel region:
@@ -53,17 +54,20 @@ static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even,
     return (uint16_t)(u >> 16);
 }
 
-/* A product's input x as each kind of matrix reads it:
-   f32   x (fp32, zeros after K up to a multiple of 64)
-   bf    x rounded to bf16 (zeros after K up to a multiple of 64)
-   q     x rounded to int8 (zeros after K up to a multiple of 64); lane: the scale of each
-         group of 4 inputs, which is its 32-block's; corr: see quantize */
+#define MAX_ROWS 16                            /* rows of x a Q8 product takes at once */
+
+/* A product's input x as each kind of matrix reads it (Kp: K rounded up to 64, zeros after
+   K), one row for F32 and BF16, up to MAX_ROWS for Q8:
+   f32   x (fp32, Kp)
+   bf    x rounded to bf16 (Kp)
+   q     row r of x rounded to int8 at q + r Kp; lane + r Kp / 4: the scale of each group
+         of 4 of its inputs, which is its 32-block's; corr[r]: see quantize */
 typedef struct {
     float *f32;
     uint16_t *bf;
     int8_t *q;
     float *lane;
-    float corr;
+    float corr[MAX_ROWS];
 } Act;
 
 /* ---- one row of each kind ---------------------------------------------------------------- */
@@ -105,39 +109,61 @@ static float row_bf16(const uint16_t *x, const uint16_t *w, int K) {
 }
 
 #ifdef __AVX512VNNI__
-/* the scaled sum of an int8 row times the quantized x, before corr and the row's scale:
-   over 64-input pieces, lane scale * int32 sum of 4 products. vpdpbusd multiplies unsigned
-   by signed bytes, so the weights enter as q_w + 128 (their top bit flipped) */
-static float row_q8(const Act *a, const int8_t *w, int K) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 64) {
-        __m512i wv = K - k >= 64 ? _mm512_loadu_si512(w + k)
-                                 : _mm512_maskz_loadu_epi8((1ull << (K - k)) - 1, w + k);
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(wv, flip),
-                                        _mm512_loadu_si512(a->q + k));
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(a->lane + k / 4));
-        if ((k / 64) & 1) a1 = _mm512_add_ps(a1, v);
-        else a0 = _mm512_add_ps(a0, v);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+/* rows r0 .. r0+R-1 of the quantized x times one int8 row w, into out[0..R-1], before corr
+   and the row's scale: over 64-input pieces, lane scale * int32 sum of 4 products. vpdpbusd
+   multiplies unsigned by signed bytes, so the weights enter as q_w + 128 (top bit flipped),
+   loaded once for the R rows */
+#define DEFINE_ROWS_Q8(R)                                                               \
+static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
+    const __m512i flip = _mm512_set1_epi8((char)0x80);                                  \
+    size_t Kp = (size_t)padded(K, 64);                                                  \
+    __m512 acc[R];              /* in registers: the loops over r are unrolled */       \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                           \
+    for (int k = 0; k < K; k += 64) {                                                   \
+        __m512i wv = K - k >= 64 ? _mm512_loadu_si512(w + k)                            \
+                                 : _mm512_maskz_loadu_epi8((1ull << (K - k)) - 1, w + k); \
+        wv = _mm512_xor_si512(wv, flip);                                                \
+        _Pragma("GCC unroll 4")                                                         \
+        for (int r = 0; r < R; r++) {                                                   \
+            size_t row = (size_t)(r0 + r);                                              \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv,                 \
+                                            _mm512_loadu_si512(a->q + row * Kp + k));   \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),                             \
+                                     _mm512_loadu_ps(a->lane + row * Kp / 4 + k / 4), acc[r]); \
+        }                                                                               \
+    }                                                                                   \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                  \
 }
+DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
 int has_vnni(void) { return 1; }
 #else
 /* no AVX512-VNNI: never called (engine/decoder.py and engine/int8.py ask has_vnni first) */
-static float row_q8(const Act *a, const int8_t *w, int K) { (void)a; (void)w; (void)K; abort(); }
+static void rows_q8_1(const Act *a, int r0, const int8_t *w, int K, float *out) {
+    (void)a; (void)r0; (void)w; (void)K; (void)out;
+    abort();
+}
+#define rows_q8_2 rows_q8_1
+#define rows_q8_3 rows_q8_1
+#define rows_q8_4 rows_q8_1
 int has_vnni(void) { return 0; }
 #endif
+typedef void (*rows_q8_fn)(const Act *, int, const int8_t *, int, float *);
+static const rows_q8_fn ROWS_Q8[5] = {0, rows_q8_1, rows_q8_2, rows_q8_3, rows_q8_4};
 
 /* ---- the input of a product ---------------------------------------------------------- */
 
-/* x (K,) -> a->q, a->lane, a->corr: in each block of 32, scale = max |x| / 127,
-   q = round(x / scale) (to nearest, ties to even). With the weights entering as q_w + 128,
-   each 32-block's sum is sum(q_w q_x) + 128 sum(q_x); corr = 128 * the sum over blocks of
+/* row r of x (K,) -> a's row r: in each block of 32, scale = max |x| / 127, q = round(x /
+   scale) (to nearest, ties to even). With the weights entering as q_w + 128, each
+   32-block's sum is sum(q_w q_x) + 128 sum(q_x); corr[r] = 128 * the sum over blocks of
    scale_b * sum(q_x in b), taken off the scaled total */
-static void quantize(const float *x, int K, Act *a) {
+static void quantize(const float *x, int K, Act *a, int r) {
+    int Kp = padded(K, 64);
+    int8_t *q = a->q + (size_t)r * Kp;
+    float *lane = a->lane + (size_t)r * Kp / 4;
     double corr = 0.0;
-    for (int b = 0; b < padded(K, 64); b += 32) {
+    for (int b = 0; b < Kp; b += 32) {
         int left = K - b > 0 ? K - b : 0;
         __m512 v0 = _mm512_maskz_loadu_ps(mask16(left), x + b);
         __m512 v1 = _mm512_maskz_loadu_ps(mask16(left > 16 ? left - 16 : 0), x + b + 16);
@@ -145,12 +171,12 @@ static void quantize(const float *x, int K, Act *a) {
         float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i *)(a->q + b), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(a->q + b + 16), _mm512_cvtsepi32_epi8(q1));
-        _mm256_storeu_ps(a->lane + b / 4, _mm256_set1_ps(scale));
+        _mm_storeu_si128((__m128i *)(q + b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + b + 16), _mm512_cvtsepi32_epi8(q1));
+        _mm256_storeu_ps(lane + b / 4, _mm256_set1_ps(scale));
         corr += (double)scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
-    a->corr = (float)(128.0 * corr);
+    a->corr[r] = (float)(128.0 * corr);
 }
 
 enum { F32 = 0, Q8 = 1, BF16 = 2 };            /* a matrix's kind */
@@ -163,11 +189,12 @@ typedef struct {
     const float *bias;              /* (n,) or NULL */
 } Mat;
 
-/* a's form of x (K,) for m's kind (single-threaded: call it in an omp single) */
-static void prepare(const Mat *m, const float *x, Act *a) {
+/* a's form of the rows of x (rows x K; one row but for Q8) for m's kind (single-threaded:
+   call it in an omp single) */
+static void prepare(const Mat *m, const float *x, int rows, Act *a) {
     int K = m->k, Kp = padded(K, 64);
     if (m->kind == Q8) {
-        quantize(x, K, a);
+        for (int r = 0; r < rows; r++) quantize(x + (size_t)r * K, K, a, r);
     } else if (m->kind == BF16) {
         for (int k = 0; k < Kp; k++) a->bf[k] = k < K ? f32_to_bf16(x[k]) : 0;
     } else {
@@ -176,46 +203,54 @@ static void prepare(const Mat *m, const float *x, Act *a) {
     }
 }
 
-/* y (n,) = x @ W.T + bias from a's prepared x, the rows shared among the threads of the
-   enclosing parallel region in contiguous ranges (an orphaned omp for) */
-static void product(const Mat *m, const Act *a, float *y, int mode) {
-    int K = m->k;
+/* y (rows, n) = x @ W.T + bias from a's prepared rows of x, the rows of W shared among the
+   threads of the enclosing parallel region in contiguous ranges (an orphaned omp for) */
+static void product(const Mat *m, const Act *a, int rows, float *y, int mode) {
+    int K = m->k, N = m->n;
     #pragma omp for schedule(static)
-    for (int n = 0; n < m->n; n++) {
-        float v;
+    for (int n = 0; n < N; n++) {
+        float v[MAX_ROWS];
         if (m->kind == F32) {
-            v = row_f32(a->f32, (const float *)m->w + (size_t)n * K, K);
+            v[0] = row_f32(a->f32, (const float *)m->w + (size_t)n * K, K);
         } else if (m->kind == BF16) {
-            v = row_bf16(a->bf, (const uint16_t *)m->w + (size_t)n * K, K);
+            v[0] = row_bf16(a->bf, (const uint16_t *)m->w + (size_t)n * K, K);
         } else {
-            v = (row_q8(a, (const int8_t *)m->w + (size_t)n * K, K) - a->corr)
-                * bf16_to_f32(m->scale[n]);
+            for (int r0 = 0; r0 < rows; r0 += 4) {
+                int R = rows - r0 < 4 ? rows - r0 : 4;
+                ROWS_Q8[R](a, r0, (const int8_t *)m->w + (size_t)n * K, K, v + r0);
+            }
+            for (int r = 0; r < rows; r++) v[r] = (v[r] - a->corr[r]) * bf16_to_f32(m->scale[n]);
         }
-        if (m->bias) v += m->bias[n];
-        y[n] = mode == ADD ? y[n] + v : v;
+        for (int r = 0; r < rows; r++) {
+            float out = v[r] + (m->bias ? m->bias[n] : 0.0f);
+            size_t at = (size_t)r * N + n;
+            y[at] = mode == ADD ? y[at] + out : out;
+        }
     }
 }
 
-static int alloc_act(Act *a, int K) {
+static int alloc_act(Act *a, int K, int rows) {
     size_t Kp = (size_t)padded(K, 64);
     a->f32 = (float *)aligned_alloc(64, Kp * 4);
     a->bf = (uint16_t *)aligned_alloc(64, Kp * 2);
-    a->q = (int8_t *)aligned_alloc(64, Kp);
-    a->lane = (float *)aligned_alloc(64, Kp);                 /* Kp / 4 floats = Kp bytes */
+    a->q = (int8_t *)aligned_alloc(64, Kp * rows);
+    a->lane = (float *)aligned_alloc(64, Kp * rows);          /* Kp / 4 floats a row */
     return a->f32 && a->bf && a->q && a->lane ? 0 : -1;
 }
 
 static void free_act(Act *a) { free(a->f32); free(a->bf); free(a->q); free(a->lane); }
 
-/* one product on its own; returns 0, or -1 when out of memory */
-static int gemv(int kind, const float *x, const void *w, const uint16_t *scale,
-                const float *bias, float *y, int N, int K, int threads) {
-    Act a = {NULL, NULL, NULL, NULL, 0.0f};
-    if (alloc_act(&a, K)) { free_act(&a); return -1; }
+/* one product on its own (rows of x: 1, or up to MAX_ROWS for Q8); returns 0, or -1 when
+   out of memory or asked for more rows */
+static int gemm(int kind, const float *x, const void *w, const uint16_t *scale,
+                const float *bias, float *y, int M, int N, int K, int threads) {
+    if (M < 1 || M > (kind == Q8 ? MAX_ROWS : 1)) return -1;
+    Act a = {NULL, NULL, NULL, NULL, {0}};
+    if (alloc_act(&a, K, M)) { free_act(&a); return -1; }
     Mat m = {kind, N, K, w, scale, bias};
-    prepare(&m, x, &a);
+    prepare(&m, x, M, &a);
     #pragma omp parallel num_threads(threads)
-    product(&m, &a, y, STORE);
+    product(&m, &a, M, y, STORE);
     free_act(&a);
     return 0;
 }
@@ -223,19 +258,19 @@ static int gemv(int kind, const float *x, const void *w, const uint16_t *scale,
 /* y = x @ W.T + bias for one fp32 row x: W fp32 (N, K) */
 int gemv_f32(const float *x, const float *w, const float *bias, float *y, int N, int K,
              int threads) {
-    return gemv(F32, x, w, NULL, bias, y, N, K, threads);
+    return gemm(F32, x, w, NULL, bias, y, 1, N, K, threads);
 }
 
 /* W bf16 (N, K) */
 int gemv_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int N, int K,
               int threads) {
-    return gemv(BF16, x, w, NULL, bias, y, N, K, threads);
+    return gemm(BF16, x, w, NULL, bias, y, 1, N, K, threads);
 }
 
-/* W int8 (N, K) with bf16 scales (N,) */
-int gemv_q8(const float *x, const int8_t *q, const uint16_t *scale, const float *bias,
-            float *y, int N, int K, int threads) {
-    return gemv(Q8, x, q, scale, bias, y, N, K, threads);
+/* x (M, K) fp32, M <= 16; W int8 (N, K) with bf16 scales (N,); y (M, N) */
+int gemm_q8(const float *x, const int8_t *q, const uint16_t *scale, const float *bias,
+            float *y, int M, int N, int K, int threads) {
+    return gemm(Q8, x, q, scale, bias, y, M, N, K, threads);
 }
 
 /* ---- one token through the model ------------------------------------------------------ */
@@ -369,8 +404,8 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
     /* x, xn, qkv, att, hid; then the attention scores of every head */
     size_t floats = (size_t)10 * C + (size_t)H * max_len;
     float *buf = (float *)aligned_alloc(64, (floats * 4 + 63) / 64 * 64);
-    Act a = {NULL, NULL, NULL, NULL, 0.0f};
-    if (!buf || alloc_act(&a, 4 * C)) { free(buf); free_act(&a); return -1; }
+    Act a = {NULL, NULL, NULL, NULL, {0}};
+    if (!buf || alloc_act(&a, 4 * C, 1)) { free(buf); free_act(&a); return -1; }
     float *x = buf, *xn = x + C, *qkv = xn + C, *att = qkv + 3 * C, *hid = att + C,
           *scores = hid + 4 * C;
     for (int i = 0; i < C; i++)
@@ -381,9 +416,9 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
         #pragma omp single
         {
             layer_norm(x, bl->ln1_w, bl->ln1_b, bl->eps1, C, xn);
-            prepare(&bl->qkv, xn, &a);
+            prepare(&bl->qkv, xn, 1, &a);
         }
-        product(&bl->qkv, &a, qkv, STORE);
+        product(&bl->qkv, &a, 1, qkv, STORE);
         #pragma omp for schedule(static)
         for (int h = 0; h < H; h++) {
             void *kr = cache_row(kc, bf16, l, H, h, max_len, pos, d);
@@ -402,19 +437,19 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
                    scores + (size_t)h * max_len, att + h * d);
         }
         #pragma omp single
-        prepare(&bl->proj, att, &a);
-        product(&bl->proj, &a, x, ADD);
+        prepare(&bl->proj, att, 1, &a);
+        product(&bl->proj, &a, 1, x, ADD);
         #pragma omp single
         {
             layer_norm(x, bl->ln2_w, bl->ln2_b, bl->eps2, C, xn);
-            prepare(&bl->fc, xn, &a);
+            prepare(&bl->fc, xn, 1, &a);
         }
-        product(&bl->fc, &a, hid, STORE);
+        product(&bl->fc, &a, 1, hid, STORE);
         #pragma omp for schedule(static)
         for (int i = 0; i < 4 * C; i += 256) gelu_tanh(hid + i, 4 * C - i < 256 ? 4 * C - i : 256);
         #pragma omp single
-        prepare(&bl->fc2, hid, &a);
-        product(&bl->fc2, &a, x, ADD);
+        prepare(&bl->fc2, hid, 1, &a);
+        product(&bl->fc2, &a, 1, x, ADD);
     }
     layer_norm(x, lnf_w, lnf_b, lnf_eps, C, out);
     free(buf);

@@ -16,7 +16,7 @@ generate.py decodes in), one token of one row, a KV cache in the embeddings' dty
 room left, no padding mask, no gradients or autocast, the fast path on (ENABLED, ONE_CALL,
 cpu_kernels.ENABLED), every block multiplying either with a one-row copy for our kernels
 (cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
-(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.ONE_ROW_Q8 is on), no
+(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.DYNAMIC_Q8 is on), no
 hooks on any module, GPT-2's GELU.
 
 What it computes, against the plain path (the tests compare them):
@@ -163,7 +163,7 @@ class _OneToken:
         bias = getattr(layer, "bias", None)
         bias = None if bias is None else self._fp32(bias)
         if isinstance(layer, int8.Int8Linear):
-            if not (int8.ENABLED and int8.ONE_ROW_Q8 and lib.has_vnni()):
+            if not (int8.ENABLED and int8.DYNAMIC_Q8 and lib.has_vnni()):
                 raise _DoesNotApply
             q = layer.weight                                             # (out, in) int8
             self.keep += [q, layer.scale]

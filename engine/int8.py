@@ -17,10 +17,10 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
-    CPU, one fp32 row      decode_kernel.c's gemv_q8 (AVX512-VNNI; where ONE_ROW_Q8 is on):
-                           the row rounded to int8 too, in blocks of 32 with a scale each
+    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX512-VNNI; where DYNAMIC_Q8 is on):
+                           the rows rounded to int8 too, in blocks of 32 with a scale each
                            (llama.cpp's q8_0 does the same), int8 products summed in int32
-                           64 at a time, each thread reading its rows one after another
+                           64 at a time, each row of q read once for all the rows of x
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
                            compiler, engine/native.py): int8 -> fp32 in registers, fp32 sums,
                            the scale on the finished sum, the next rows of q prefetched
@@ -39,7 +39,7 @@ And a decoding step in bf16 spent 4x longer in attention on the KV cache than in
 with our kernel the activations stay fp32: 1.75x the tokens/s of bf16 activations there.
 
 The kernels equal the plain product up to the order of the fp32 sums (and bf16 rounding of
-the output, for bf16 x); gemv_q8 also rounds x (half a step of 1/127 of its block's largest
+the output, for bf16 x); gemm_q8 also rounds x (half a step of 1/127 of its block's largest
 number: 0.5% of the outputs' spread on average); the tests compare them. ``ENABLED = False`` (or
 ``GPT2_INT8_KERNELS=0`` before Python starts), or a ``disabled()`` block, makes every layer
 take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` is our kernel's
@@ -71,11 +71,15 @@ OWN_KERNEL_MAX_ROWS = 16
 # Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
 # grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
 INT8MM_MAX_ROWS = 4
-# One fp32 row (batch-1 decoding) through decode_kernel.c's gemv_q8 instead: the row
-# rounded to int8 too (blocks of 32), int8 products summed by AVX512-VNNI. On the AMD EPYC
-# (Zen 4): the 124M model's output head (38.6 MB) in ~1.0-2.1 ms against ~2.9 with the
-# kernel above; measured only there.
-ONE_ROW_Q8 = cpu_vendor() == "AuthenticAMD"
+# fp32 products of up to DYNAMIC_Q8_MAX_ROWS rows (decoding at batch 1 and 2) through
+# decode_kernel.c's gemm_q8 instead: the rows rounded to int8 too (blocks of 32), int8
+# products summed by AVX512-VNNI, each row of q read once for all of them. On the AMD EPYC
+# (Zen 4), the 124M model's 49 products of one decoding step, 2 threads: 1 row 5.2-5.5 ms
+# against 8.7-9.0 with the kernel above, 2 rows 6.1-7.0 against 7.1-7.9; from 4 rows on the
+# two were even (4: 9.4-10.4 against 8.5-8.7; 8: 15.5-16.4 against 15.3-15.8), the int8
+# sums there being bound by the CPU's vector units. Measured only there.
+DYNAMIC_Q8 = cpu_vendor() == "AuthenticAMD"
+DYNAMIC_Q8_MAX_ROWS = 2     # gemm_q8 takes up to 16
 
 QMAX = 127      # symmetric: -127..127, so that -q is always representable
 
@@ -125,18 +129,18 @@ def _load_kernel():
     return fns
 
 
-_Q8 = None     # decode_kernel.c's gemv_q8 once looked up; False: not here
+_Q8 = None     # decode_kernel.c's gemm_q8 once looked up; False: not here
 
 
-def one_row_q8():
-    """decode_kernel.c's gemv_q8 (one fp32 row, quantized to int8 in blocks of 32, times
+def q8_kernel():
+    """decode_kernel.c's gemm_q8 (up to 16 fp32 rows, rounded to int8 in blocks of 32, times
     the int8 weights, AVX512-VNNI), or None where it cannot be built or the CPU has no
     VNNI."""
     global _Q8
     if _Q8 is None:
         try:
             lib = native.decode_kernels()
-            _Q8 = lib.gemv_q8 if lib.has_vnni() else False
+            _Q8 = lib.gemm_q8 if lib.has_vnni() else False
         except (OSError, RuntimeError, subprocess.SubprocessError):
             _Q8 = False
     return _Q8 or None
@@ -266,25 +270,27 @@ class Int8Linear(nn.Module):
         return cls(q, scale, None if bias is None else bias.detach().to(dtype).clone())
 
     def forward(self, x):                                                   # x (..., in)
-        if self.one_row(x):
-            # one row (batch-1 decoding): x in int8 too, through our VNNI kernel
+        if self.dynamic_q8(x):
+            # one or two fp32 rows (decoding): x in int8 too, through our VNNI kernel
+            rows = x.numel() // self.in_features
             y = torch.empty(*x.shape[:-1], self.out_features)
             b = None if self.bias is None else self.bias.data_ptr()
-            if one_row_q8()(x.contiguous().data_ptr(), self.weight.data_ptr(),
-                            self.scale.data_ptr(), b, y.data_ptr(), self.out_features,
-                            self.in_features, torch.get_num_threads()) != 0:
-                raise MemoryError("int8 kernel: out of memory for the row's int8 copy")
+            if q8_kernel()(x.contiguous().data_ptr(), self.weight.data_ptr(),
+                           self.scale.data_ptr(), b, y.data_ptr(), rows, self.out_features,
+                           self.in_features, torch.get_num_threads()) != 0:
+                raise MemoryError("int8 kernel: out of memory for the rows' int8 copy")
             return y                                                        # (..., out)
         return int8_linear(x, self.weight, self.scale, self.bias)
 
-    def one_row(self, x):
-        """Whether x @ W goes through gemv_q8: one fp32 row on the CPU, fp32 bias, the
-        kernel on (ENABLED, ONE_ROW_Q8) and built with VNNI."""
-        return (ENABLED and ONE_ROW_Q8 and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.numel() == self.in_features and self.in_features > 0
+    def dynamic_q8(self, x):
+        """Whether x @ W goes through gemm_q8: 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows on the CPU,
+        fp32 bias, the kernel on (ENABLED, DYNAMIC_Q8) and built with VNNI."""
+        k = self.in_features
+        return (ENABLED and DYNAMIC_Q8 and x.device.type == "cpu" and x.dtype == torch.float32
+                and k > 0 and 0 < x.numel() <= DYNAMIC_Q8_MAX_ROWS * k
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled())
-                and one_row_q8() is not None)
+                and q8_kernel() is not None)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -69,7 +69,7 @@ _DECODE = None      # decode_kernel.c once loaded; an exception: it cannot be bu
 
 def decode_kernels():
     """decode_kernel.c built and loaded once per process, its functions' signatures set
-    (gemv_f32, gemv_bf16, gemv_q8, decode_token, has_vnni); raises as build() does."""
+    (gemv_f32, gemv_bf16, gemm_q8, decode_token, has_vnni); raises as build() does."""
     global _DECODE
     if _DECODE is None:
         try:
@@ -81,7 +81,7 @@ def decode_kernels():
         for name in ("gemv_f32", "gemv_bf16"):
             getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
             getattr(lib, name).restype = num
-        lib.gemv_q8.argtypes, lib.gemv_q8.restype = [ptr] * 5 + [num] * 3, num
+        lib.gemm_q8.argtypes, lib.gemm_q8.restype = [ptr] * 5 + [num] * 4, num
         lib.has_vnni.argtypes, lib.has_vnni.restype = [], num
         lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
                                      ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]

@@ -34,9 +34,9 @@ def every_cpu_fast_path_on(monkeypatch):
     from engine import cpu_kernels, decoder, int8
     for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
         monkeypatch.setattr(cpu_kernels, flag, True)
-    # batch-1 steps in one call, and one-row int8 products through gemv_q8 (where they build)
+    # batch-1 steps in one call, and int8 products of few rows through gemm_q8 (where built)
     monkeypatch.setattr(decoder, "ONE_CALL", True)
-    monkeypatch.setattr(int8, "ONE_ROW_Q8", True)
+    monkeypatch.setattr(int8, "DYNAMIC_Q8", True)
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, c
 @pytest.mark.skipif(not VNNI, reason="the int8 steps need AVX512-VNNI")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_int8_one_token_steps_equal_the_plain_int8_forward(name, calls):
-    # Both quantize each one-row product's input to int8 (gemv_q8); LayerNorm and attention
+    # Both quantize each one-row product's input to int8 (gemm_q8); LayerNorm and attention
     # round differently in C and PyTorch, and a number next to a rounding boundary of the
     # quantization can land on the other side: close, not equal.
     model = int8.quantize_(_model(name))

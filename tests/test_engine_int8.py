@@ -28,12 +28,18 @@ def own_kernel_on_where_it_builds(monkeypatch):
     """Our compiled kernel on wherever it can be built, whatever this CPU's default: it is
     tested against the plain product on every machine that has what it needs."""
     monkeypatch.setattr(int8, "OWN_KERNEL", int8.own_kernel() is not None)
-    monkeypatch.setattr(int8, "ONE_ROW_Q8", int8.one_row_q8() is not None)
+    monkeypatch.setattr(int8, "DYNAMIC_Q8", int8.q8_kernel() is not None)
 
 
 def _spy(monkeypatch):
-    """A list that gets ("own" | "int8pack", rows) for every call of a fast int8 kernel."""
-    calls, op, own = [], int8._int8mm_op(), int8._own_linear
+    """A list that gets ("own" | "int8pack" | "q8", rows) for every call of a fast int8
+    kernel."""
+    calls, op, own, q8 = [], int8._int8mm_op(), int8._own_linear, int8.q8_kernel()
+
+    def counted_q8(x, q, scale, bias, y, rows, *args):
+        calls.append(("q8", rows))
+        return q8(x, q, scale, bias, y, rows, *args)
+    monkeypatch.setattr(int8, "q8_kernel", lambda: None if q8 is None else counted_q8)
 
     def counted_op(*args):
         calls.append(("int8pack", args[0].shape[0]))
@@ -55,7 +61,7 @@ def _use(monkeypatch, kernel):
     if kernel == "int8pack" and int8._int8mm_op() is None:
         pytest.skip("this PyTorch has no _weight_int8pack_mm")
     monkeypatch.setattr(int8, "OWN_KERNEL", kernel == "own")
-    monkeypatch.setattr(int8, "ONE_ROW_Q8", False)      # (tested on its own below)
+    monkeypatch.setattr(int8, "DYNAMIC_Q8", False)      # (tested on its own below)
     monkeypatch.setattr(int8, "OWN_KERNEL_MAX_ROWS", 10**9)
     monkeypatch.setattr(int8, "INT8MM_MAX_ROWS", 10**9 if kernel == "int8pack" else 0)
 
@@ -133,47 +139,52 @@ def test_kernels_equal_the_plain_product(monkeypatch, kernel, shape, bias):
 
 
 def _q8_reference(x, q, scale, bias):
-    """What gemv_q8 computes, in plain PyTorch: x (K,) rounded to int8 in blocks of 32 (scale
-    max |x| / 127 each, to nearest, ties to even), times the int8 weights, in float64."""
-    K = x.numel()
-    blocks = torch.nn.functional.pad(x, (0, -K % 32)).view(-1, 32)         # (K / 32, 32)
+    """What gemm_q8 computes, in plain PyTorch: each row of x (..., K) rounded to int8 in
+    blocks of 32 (scale max |x| / 127 each, to nearest, ties to even), times the int8
+    weights, in float64."""
+    K = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.reshape(-1, K), (0, -K % 32)).view(-1, 32)
     amax = blocks.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))       # fp32, as in C
     xq = (blocks * inv).round().clamp(-127, 127)
-    x8 = (xq * (amax / 127.0)).flatten()[:K].double()
+    x8 = (xq * (amax / 127.0)).view(-1, K - K % -32)[:, :K].double()        # (rows, K)
     y = (x8 @ q.double().t()) * scale.double()
-    return y if bias is None else y + bias.double()
+    return (y if bias is None else y + bias.double()).view(*x.shape[:-1], -1)
 
 
 @pytest.mark.parametrize("out_in", [(130, 96), (130, 40), (7, 200), (2304, 768)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_row_q8_kernel_equals_its_reference(monkeypatch, out_in, bias):
-    # gemv_q8 (one fp32 row, through decode_kernel.c with AVX512-VNNI) against the same
-    # arithmetic in float64; 130 and 7 outputs (not whole groups of 8), 96, 40, 200 inputs
-    # (not whole 64-input pieces); x with an all-zero block and large and tiny values
-    if int8.one_row_q8() is None:
-        pytest.skip("gemv_q8 needs decode_kernel.c built with AVX512-VNNI")
+def test_q8_kernel_equals_its_reference(monkeypatch, out_in, rows, bias):
+    # gemm_q8 (1 to 16 fp32 rows, through decode_kernel.c with AVX512-VNNI) against the same
+    # arithmetic in float64; 130 and 7 outputs, 96, 40, 200 inputs (not whole 64-input
+    # pieces), 3 rows (not a whole 4 a pass); x with an all-zero block and large and tiny
+    # values
+    if int8.q8_kernel() is None:
+        pytest.skip("gemm_q8 needs decode_kernel.c built with AVX512-VNNI")
+    monkeypatch.setattr(int8, "DYNAMIC_Q8_MAX_ROWS", 16)       # all it takes (default: 2)
     out, k = out_in
     torch.manual_seed(3)
     layer = nn.Linear(k, out, bias=bias)
     q8 = int8.Int8Linear.from_float(layer, in_out=False, dtype=torch.float32)
-    x = torch.randn(1, k) * torch.logspace(-3, 1, k)[torch.randperm(k)]
-    x[0, 32:64] = 0.0
+    x = torch.randn(rows, k) * torch.logspace(-3, 1, k)[torch.randperm(k)]
+    x[:, 32:64] = 0.0
     x[0, 5] = 40.0                                    # an outlier, as GPT-2's activations have
     calls = _spy(monkeypatch)
     with torch.no_grad():
         fast = q8(x)
         with int8.disabled():
             plain = q8(x)
-    assert calls == [] and fast.shape == (1, out) and fast.dtype == torch.float32
-    ref = _q8_reference(x[0], q8.weight, q8.scale.float(), q8.bias)
-    torch.testing.assert_close(fast[0].double(), ref, rtol=1e-5,
+    assert calls == [("q8", rows)] and fast.shape == (rows, out)
+    assert fast.dtype == torch.float32
+    ref = _q8_reference(x, q8.weight, q8.scale.float(), q8.bias)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5,
                                atol=1e-5 * ref.abs().max().item())
     assert torch.equal(plain, int8.plain_int8_linear(x, q8.weight, q8.scale, q8.bias))
-    # against the weight-only product, for a row of normal numbers: x's own rounding (half
+    # against the weight-only product, for rows of normal numbers: x's own rounding (half
     # a step of 1/127 of each block's largest number) is all that differs (measured: at
     # most 1.4-1.7% of the outputs' spread, 0.5% on average)
-    x = torch.randn(1, k)
+    x = torch.randn(rows, k)
     with torch.no_grad():
         fast = q8(x)
         with int8.disabled():
@@ -181,6 +192,10 @@ def test_one_row_q8_kernel_equals_its_reference(monkeypatch, out_in, bias):
     spread = plain.std().item()
     assert (fast - plain).abs().max().item() < 0.04 * spread
     assert (fast - plain).abs().mean().item() < 0.01 * spread
+    # 17 rows: the other kernels
+    with torch.no_grad():
+        q8(torch.randn(17, k))
+    assert ("q8", 17) not in calls
 
 
 def test_rows_pick_the_kernel(monkeypatch):
@@ -323,7 +338,13 @@ def test_generation_runs_through_the_int8_layers(monkeypatch):
     assert out.shape == (3, 11) and torch.equal(out[:, :6], idx)
     # the prompt (18 rows) goes through the bf16 matmul, then its last position's head,
     # then 4 decoding steps x (12 block matrices + the head), 3 rows each
-    assert calls == [("own" if int8.OWN_KERNEL else "int8pack", 3)] * (1 + 4 * 13)
+    kernel = "own" if int8.OWN_KERNEL else "int8pack"
+    assert calls == [(kernel, 3)] * (1 + 4 * 13)
+    # two rows: the prompt (12 rows) as before, then through gemm_q8 where it is built
+    calls.clear()
+    generate_text(model, idx[:2], 5, eos_id=None)
+    prompt = [(kernel, 12)] * 12 if int8.OWN_KERNEL else []
+    assert calls == prompt + [("q8" if int8.q8_kernel() else kernel, 2)] * (1 + 4 * 13)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,11 +422,11 @@ def test_int8_perplexity_within_2_percent_of_fp32(trained, one_thread):
 
 def test_int8_one_token_decoding_perplexity_within_2_percent_of_fp32(trained, one_thread,
                                                                     monkeypatch):
-    # Batch-1 decoding quantizes each product's input row to int8 as well (gemv_q8, in the
+    # Batch-1 decoding quantizes each product's input row to int8 as well (gemm_q8, in the
     # one-call steps of engine/decoder.py): its perplexity, token by token through the KV
     # cache as generation computes it, against fp32's
-    if int8.one_row_q8() is None:
-        pytest.skip("gemv_q8 needs decode_kernel.c built with AVX512-VNNI")
+    if int8.q8_kernel() is None:
+        pytest.skip("gemm_q8 needs decode_kernel.c built with AVX512-VNNI")
     from engine import decoder
     model, held_out = trained
     T = model.cfg["context_length"]
@@ -462,7 +483,8 @@ def test_the_loaders_and_command_lines_take_int8(tmp_path, tiny_cfg, capsys):
     hf.save_pretrained(tmp_path / "hf")
     ours = _pair(tie=True)
     x = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    expected = int8.quantize_(copy.deepcopy(ours))(x)
+    with torch.no_grad():
+        expected = int8.quantize_(copy.deepcopy(ours))(x)
     from_hf = load_gpt2_hf(tmp_path / "hf", dtype="int8")
     path = save_checkpoint(tmp_path / "m.pth", ours)
     from_pth = load_checkpoint(path, dtype="int8")
