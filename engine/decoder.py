@@ -13,7 +13,7 @@ greedy or sampling head, itself through the one-row kernels).
 model.py's ``hidden_states`` asks ``one_token(model, idx, cache, mask)`` first; it answers
 None (and the plain code runs) unless all of these hold: inside ``decoding()`` (which
 generate.py decodes in), one token of one row, a KV cache in the embeddings' dtype with
-room left, no padding mask, no gradients or autocast, the fast path on (ENABLED, ONE_CALL,
+room left, no padding mask, no gradients, the fast path on (ENABLED, ONE_CALL,
 cpu_kernels.ENABLED), every block multiplying either with a one-row copy for our kernels
 (cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
 (engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.DYNAMIC_Q8 is on), no
@@ -23,6 +23,8 @@ What it computes, against the plain path (the tests compare them):
     fp32 model   the same, up to the order of the fp32 sums (and e^x by a polynomial)
     bf16 model   the same bf16 weights, embeddings and KV cache, but every activation in
                  fp32 where the plain path rounds each to bf16: closer to the fp32 model
+    autocast     (an fp32 model under bf16 autocast, whose copies are bf16) the products
+                 in bf16 as autocast makes them, everything else in fp32
     int8 model   each product's input row rounded to int8 in blocks of 32 (llama.cpp's q8_0
                  does the same), so that the CPU sums int8 products 64 at a time (VNNI)
 
@@ -95,7 +97,7 @@ def one_token(model, idx, cache, mask):
     if (step is None or not step.session.active or cache is None or mask is not None
             or idx.shape != (1, 1) or not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
             or cache.pos >= cache.max_len or torch.is_grad_enabled() or model.training
-            or torch.is_autocast_enabled("cpu") or cache.k.dtype != step.dtype
+            or cache.k.dtype != step.dtype
             or cache.k.shape[1] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous())
             or cache.k.device.type != "cpu"
             or not 0 <= int(idx[0, 0]) < model.tok_emb.weight.shape[0]):
