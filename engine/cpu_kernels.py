@@ -309,11 +309,13 @@ class OneRow:
     """A matrix kept for one-row products through decode_kernel.c (packed_weight's copy of an
     fp32 or bf16 matrix where OWN_GEMV is on): the (out, in) matrix in ``dtype``, contiguous,
     each output's weights one run (the matrix itself where it already is one: the output
-    head in its own dtype). Called with x (..., in):
-    one row through the kernel (x and bias taken in fp32; in bf16 x is rounded to bf16, as a
-    bf16 matmul or autocast would, the sums in fp32), the result in ``dtype``; more rows (a
-    prompt) multiply with ``plain``, the (out, in) view of the weight it was made from (no
-    copy), through oneDNN where ONEDNN_FP32 applies."""
+    head in its own dtype).
+
+    Called with x (..., in): one row through the kernel (x and bias taken in fp32; in bf16 x
+    is rounded to bf16, as a bf16 matmul or autocast would, the sums in fp32), the result in
+    ``dtype``; more rows (a prompt) multiply with ``plain``, the (out, in) view of the weight
+    it was made from (no copy), through oneDNN where ONEDNN_FP32 applies.
+    """
 
     def __init__(self, out_in, dtype=torch.float32):
         self.plain = out_in                                                  # (out, in)

@@ -70,10 +70,6 @@ class _Block(ctypes.Structure):
                 ("qkv", _Mat), ("proj", _Mat), ("fc", _Mat), ("fc2", _Mat)]
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
-
-
 @contextlib.contextmanager
 def decoding(model, batch_size=8, greedy=False):
     """cpu_kernels.packed_for_cpu(model, batch_size, greedy) (its PackedSession is yielded),
@@ -97,8 +93,8 @@ def one_token(model, idx, cache, mask):
     if (step is None or not step.session.active or cache is None or mask is not None
             or idx.shape != (1, 1) or not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
             or cache.pos >= cache.max_len or torch.is_grad_enabled() or model.training
-            or cache.k.dtype != step.dtype
-            or cache.k.shape[1] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous())
+            or cache.k.dtype != step.dtype or cache.k.shape != step.cache_shape(cache)
+            or not (cache.k.is_contiguous() and cache.v.is_contiguous())
             or cache.k.device.type != "cpu"
             or not 0 <= int(idx[0, 0]) < model.tok_emb.weight.shape[0]):
         return None
@@ -150,6 +146,7 @@ class _OneToken:
                 setattr(entry, name, self._matrix(layer, lib))
         self.blocks = blocks
         self.heads = model.cfg["n_heads"]
+        self.head_dim = model.cfg["emb_dim"] // self.heads
         norm = model.final_norm
         self.final = (self._fp32(norm.weight), self._fp32(norm.bias), norm.eps)
 
@@ -178,6 +175,10 @@ class _OneToken:
         kind = _BF16 if copy.dtype == torch.bfloat16 else _F32
         return _Mat(kind, copy.out_features, copy.in_features, copy.weight.data_ptr(), None,
                     bias)
+
+    def cache_shape(self, cache):
+        """The shape a KV cache of one row for this model has (C reads it by that shape)."""
+        return (len(self.blocks), 1, self.heads, cache.max_len, self.head_dim)
 
     def __call__(self, model, idx, cache):
         C = model.cfg["emb_dim"]

@@ -212,6 +212,16 @@ def test_where_one_call_steps_stand_aside(monkeypatch, calls):
     assert calls == [6, 7, 8]
 
 
+def test_a_cache_of_another_shape_goes_to_the_plain_code(calls):
+    model = _model("48")
+    other = _model("64")
+    with torch.no_grad(), decoder.decoding(model, 1):
+        cache = other.new_cache(1)                  # 4 layers of 2 heads of 32, not 2 of 4 x 12
+        with pytest.raises(RuntimeError):
+            model(torch.tensor([[3]]), cache)       # PyTorch's own shape error
+    assert calls == []
+
+
 def test_a_paused_generation_sees_weight_changes_through_the_plain_code(calls):
     # generate_tokens is a generator: while it waits at a yield the caller may change the
     # weights; the one-call table points at the old copies, so it must stand aside then
