@@ -33,25 +33,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 static int padded(int K, int step) { return (K + step - 1) / step * step; }
 
 static inline __mmask16 mask16(int left) {
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-}
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even, as torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 #define MAX_ROWS 16                            /* rows of x a Q8 product takes at once */
@@ -310,7 +297,7 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);                  /* p * 2^n; 0 or inf out of range */
 }
 
-/* number i of a cache row: fp32, or bf16 when bf16 is set */
+/* number i of a cache row or an embedding table: fp32, or bf16 when bf16 is set */
 static inline float kv(const void *row, int bf16, size_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
@@ -350,7 +337,7 @@ static void attend(const float *q, const void *k, const void *v, int bf16, int n
     }
     __m512 sum = _mm512_setzero_ps();
     for (int p = 0; p < n; p += 16) {               /* e^(score - best), 16 at a time */
-        __mmask16 m = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
+        __mmask16 m = mask16(n - p);
         __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), _mm512_set1_ps(best)));
         e = _mm512_maskz_mov_ps(m, e);
         _mm512_mask_storeu_ps(scores + p, m, e);
@@ -375,16 +362,13 @@ static inline void *cache_row(void *c, int bf16, int l, int H, int h, int max_le
     return bf16 ? (void *)((uint16_t *)c + at) : (void *)((float *)c + at);
 }
 
-/* row ``i`` (C numbers, fp32 or bf16) of an embedding table, as fp32 */
-static inline float emb(const void *table, int bf16, size_t i) { return kv(table, bf16, i); }
-
 /* GPT-2's GELU (torch's approximate="tanh") of y[0..n-1] in place:
    0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), written x / (1 + e^(-2u)) */
 static void gelu_tanh(float *y, int n) {
     const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __mmask16 m = mask16(n - i);
         __m512 x = _mm512_maskz_loadu_ps(m, y + i);
         __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), _mm512_mul_ps(x, x), x));
         _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(x, _mm512_add_ps(one, exp16(u))));
@@ -409,7 +393,7 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
     float *x = buf, *xn = x + C, *qkv = xn + C, *att = qkv + 3 * C, *hid = att + C,
           *scores = hid + 4 * C;
     for (int i = 0; i < C; i++)
-        x[i] = emb(tok_emb, bf16, (size_t)token * C + i) + emb(pos_emb, bf16, (size_t)pos * C + i);
+        x[i] = kv(tok_emb, bf16, (size_t)token * C + i) + kv(pos_emb, bf16, (size_t)pos * C + i);
     #pragma omp parallel num_threads(threads)
     for (int l = 0; l < n_layers; l++) {
         const Block *bl = &blocks[l];

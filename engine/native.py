@@ -2,11 +2,12 @@
 
 ``build(source)`` compiles one C file of this folder with the machine's C compiler
 (``$CC``, cc or gcc; ``-O3 -march=native -fopenmp``) into ``$GPT2_KERNEL_CACHE`` (default
-~/.cache/gpt2-from-scratch), named by a hash of the source, the compiler and the CPU, so
-that a change of any of them builds it anew, and loads it. Where that cannot be done it
-raises OSError, RuntimeError or SubprocessError saying why; the callers then keep
-PyTorch's kernels. Two files use it: int8_kernel.c (engine/int8.py) and decode_kernel.c
-(``decode_kernels()``: engine/decoder.py, engine/cpu_kernels.py and engine/int8.py).
+~/.cache/gpt2-from-scratch), named by a hash of the source and the headers beside it
+(bf16.h), the compiler and the CPU, so that a change of any of them builds it anew, and
+loads it. Where that cannot be done it raises OSError, RuntimeError or SubprocessError
+saying why; the callers then keep PyTorch's kernels. Two files use it: int8_kernel.c
+(engine/int8.py) and decode_kernel.c (``decode_kernels()``: engine/decoder.py,
+engine/cpu_kernels.py and engine/int8.py).
 
 The kernels need Linux on x86-64 with AVX-512 (F and BW) and PyTorch's OpenMP (libgomp),
 whose thread pool they share.
@@ -46,7 +47,8 @@ def build(source, options=()):
         raise RuntimeError("no C compiler (cc, gcc or $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, version.encode(),
                                       *map(str.encode, options), cpu_info("model name").encode(),
                                       " ".join(sorted(flags)).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
