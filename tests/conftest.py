@@ -83,6 +83,14 @@ def hf_pair():
     return hf, ours.eval()
 
 
+def flag_in_a_fresh_process(module, flag, **environment):
+    """``engine.<module>.<flag>`` as printed by a new Python process started with
+    ``environment`` added (the fast paths' switches are read when their module loads)."""
+    code = f"from engine import {module}; print({module}.{flag})"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **environment},
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def signal_at_first_save(cmd, path, sig, timeout=240):
     """Run ``cmd`` and send it ``sig`` as soon as ``path`` exists (a run's first checkpoint,
     maybe mid-write); returns (return code, stdout, stderr)."""

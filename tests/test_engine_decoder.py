@@ -2,21 +2,19 @@
 model.py's plain code (hidden states, the KV cache, generated tokens), and where it stands
 aside."""
 
+import contextlib
 import copy
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import flag_in_a_fresh_process
 from engine import cpu_kernels, decoder, int8, native
 from generate import generate_text
 from model import GPTModel
 
 try:
-    native.decode_kernels()
     VNNI = bool(native.decode_kernels().has_vnni())
 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     pytest.skip(f"decode_kernel.c cannot be built here: {e}", allow_module_level=True)
@@ -69,21 +67,23 @@ def _steps(model, prompt, tokens, plain):
     with torch.inference_mode(), decoder.decoding(model, 1, greedy=True):
         cache = model.new_cache(1, max_len=prompt.shape[1] + len(tokens))
         model.hidden_states(prompt, cache)
-        if plain:
-            with decoder.disabled():
-                out = [model.hidden_states(torch.tensor([[t]]), cache) for t in tokens]
-        else:
+        with decoder.disabled() if plain else contextlib.nullcontext():
             out = [model.hidden_states(torch.tensor([[t]]), cache) for t in tokens]
         return torch.cat(out, dim=1), cache
+
+
+def _ids(model, seed, prompt_len, n):
+    """A random prompt (1, prompt_len) and n more token ids (a list) for ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.cfg["vocab_size"]
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    return prompt, torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_one_token_steps_equal_the_plain_forward(name, calls):
     model = _model(name)
-    vocab = model.cfg["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, vocab, (1, 5), generator=g)
-    tokens = torch.randint(0, vocab, (12,), generator=g).tolist()
+    prompt, tokens = _ids(model, 1, 5, 12)
     fast, fast_cache = _steps(model, prompt, tokens, plain=False)
     assert calls == list(range(5, 17))               # every step went through the C call
     plain, plain_cache = _steps(model, prompt, tokens, plain=True)
@@ -103,10 +103,7 @@ def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, c
     # activation in fp32 where the plain path rounds each to bf16 (8 significant bits), so
     # they land closer to the fp32 model's numbers than the plain bf16 path does
     model = _model(name)
-    vocab = model.cfg["vocab_size"]
-    g = torch.Generator().manual_seed(8)
-    prompt = torch.randint(0, vocab, (1, 5), generator=g)
-    tokens = torch.randint(0, vocab, (10,), generator=g).tolist()
+    prompt, tokens = _ids(model, 8, 5, 10)
     exact, _ = _steps(model, prompt, tokens, plain=True)        # fp32 weights, plain code
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     fast, fast_cache = _steps(bf16, prompt, tokens, plain=False)
@@ -127,9 +124,7 @@ def test_under_autocast_the_products_are_bf16_and_the_rest_fp32(calls):
     # An fp32 model decoding under bf16 autocast multiplies with bf16 copies; the C steps do
     # too, and keep the rest in fp32 (autocast's products also round their outputs to bf16)
     model = _model("64")
-    g = torch.Generator().manual_seed(10)
-    prompt = torch.randint(0, 150, (1, 5), generator=g)
-    tokens = torch.randint(0, 150, (10,), generator=g).tolist()
+    prompt, tokens = _ids(model, 10, 5, 10)
     exact, _ = _steps(model, prompt, tokens, plain=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast, fast_cache = _steps(model, prompt, tokens, plain=False)
@@ -150,10 +145,7 @@ def test_int8_one_token_steps_equal_the_plain_int8_forward(name, calls):
     # round differently in C and PyTorch, and a number next to a rounding boundary of the
     # quantization can land on the other side: close, not equal.
     model = int8.quantize_(_model(name))
-    vocab = model.cfg["vocab_size"]
-    g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, vocab, (1, 4), generator=g)
-    tokens = torch.randint(0, vocab, (10,), generator=g).tolist()
+    prompt, tokens = _ids(model, 2, 4, 10)
     fast, fast_cache = _steps(model, prompt, tokens, plain=False)
     assert len(calls) == 10
     plain, plain_cache = _steps(model, prompt, tokens, plain=True)
@@ -236,11 +228,7 @@ def test_a_paused_generation_sees_weight_changes_through_the_plain_code(calls):
 
 
 def test_environment_variable_turns_it_off():
-    code = "from engine import decoder; print(decoder.ENABLED)"
-    env = {**os.environ, "GPT2_ONE_CALL_DECODING": "0"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert flag_in_a_fresh_process("decoder", "ENABLED", GPT2_ONE_CALL_DECODING="0") == "False"
 
 
 def test_a_token_outside_the_vocabulary_is_the_plain_codes_error(calls):

@@ -2,16 +2,13 @@
 model against its fp32 original (logits, greedy tokens, perplexity of a trained model)."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ROOT, cfg_from_hf, make_hf_model
+from conftest import cfg_from_hf, flag_in_a_fresh_process, make_hf_model
 from engine import cpu_kernels, int8
 from generate import generate_text
 from model import GPTModel
@@ -269,11 +266,7 @@ def test_kernel_is_built_once_per_machine_and_missing_compiler_falls_back(monkey
 
 
 def test_environment_variable_turns_the_fast_path_off():
-    code = "from engine import int8; print(int8.ENABLED)"
-    env = {**os.environ, "GPT2_INT8_KERNELS": "0"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert flag_in_a_fresh_process("int8", "ENABLED", GPT2_INT8_KERNELS="0") == "False"
 
 
 # ---------------------------------------------------------------------------------------
