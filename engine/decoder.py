@@ -53,6 +53,10 @@ _F32, _Q8, _BF16 = 0, 1, 2  # decode_kernel.c's kinds of matrix
 _STEPS = {}                 # id(model) -> its _OneToken, while inside decoding()
 
 
+def _on():
+    return ENABLED and ONE_CALL and cpu_kernels.ENABLED
+
+
 def disabled():
     """Within this block one-token steps take model.py's plain code."""
     return turned_off(sys.modules[__name__])
@@ -91,14 +95,14 @@ def one_token(model, idx, cache, mask):
     computed in one call; or None where that does not apply (then: model.py's code)."""
     step = _STEPS.get(id(model))
     if (step is None or not step.session.active or cache is None or mask is not None
-            or idx.shape != (1, 1) or not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
+            or idx.shape != (1, 1) or not _on()
             or cache.pos >= cache.max_len or torch.is_grad_enabled() or model.training
             or cache.k.dtype != step.dtype or cache.k.shape != step.cache_shape(cache)
             or not (cache.k.is_contiguous() and cache.v.is_contiguous())
             or cache.k.device.type != "cpu"
-            or not 0 <= int(idx[0, 0]) < model.tok_emb.weight.shape[0]):
+            or not 0 <= (token := int(idx[0, 0])) < model.tok_emb.weight.shape[0]):
         return None
-    return step(model, idx, cache)
+    return step(model, token, cache)
 
 
 class _OneToken:
@@ -108,8 +112,7 @@ class _OneToken:
     @classmethod
     def make(cls, model, session):
         """An _OneToken for ``model``, or None where one-token steps do not apply to it."""
-        if (not (ENABLED and ONE_CALL and cpu_kernels.ENABLED)
-                or model.tok_emb.weight.device.type != "cpu"):
+        if not _on() or model.tok_emb.weight.device.type != "cpu":
             return None
         try:
             lib = native.decode_kernels()
@@ -180,12 +183,12 @@ class _OneToken:
         """The shape a KV cache of one row for this model has (C reads it by that shape)."""
         return (len(self.blocks), 1, self.heads, cache.max_len, self.head_dim)
 
-    def __call__(self, model, idx, cache):
+    def __call__(self, model, token, cache):
         C = model.cfg["emb_dim"]
         out = torch.empty(1, 1, C)
         if self.lib.decode_token(
                 self.blocks, len(self.blocks), C, self.heads, model.tok_emb.weight.data_ptr(),
-                model.pos_emb.weight.data_ptr(), int(idx[0, 0]), cache.pos, *self.final,
+                model.pos_emb.weight.data_ptr(), token, cache.pos, *self.final,
                 cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len,
                 int(self.dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("one-token decoding: out of memory for its buffers")

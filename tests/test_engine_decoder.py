@@ -53,9 +53,9 @@ def calls(monkeypatch):
     """A list that gets the cache position of every one-call step."""
     seen, step = [], decoder._OneToken.__call__
 
-    def counted(self, model, idx, cache):
+    def counted(self, model, token, cache):
         seen.append(cache.pos)
-        return step(self, model, idx, cache)
+        return step(self, model, token, cache)
     monkeypatch.setattr(decoder._OneToken, "__call__", counted)
     return seen
 
