@@ -99,9 +99,8 @@ def _is_int(value):
 def greedy_tokens(logits):
     """logits (B, vocab_size) -> each row's most likely token, (B, 1); ties to the lowest id.
 
-    .float() first: argmax over bfloat16 has no vectorized CPU kernel (it took 180 us for
-    one row of GPT-2's logits, 3% of a bf16 decoding step); the conversion is exact, so the
-    same token comes out, ties included, in 60 us.
+    .float() first: argmax over bfloat16 has no vectorized CPU kernel; the conversion is
+    exact, so the same token comes out, ties included, sooner (bench/README.md).
     """
     return logits.float().argmax(dim=-1, keepdim=True)
 
@@ -271,7 +270,7 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
     model.eval()
     try:
         # fast path on x86 CPUs: every matmul of the loop reads oneDNN-packed weight copies,
-        # 1.4x faster to stream, and plain greedy decoding reads half of the output head
+        # faster to stream, and plain greedy decoding reads half of the output head
         # (cpu_kernels.packed_for_cpu), and one token of one row goes through every block
         # in one C call (engine/decoder.py); elsewhere ``head.logits`` is gpt.logits.
         plain_greedy = temperature == 0.0 and not sampling.looks_back()
@@ -322,7 +321,7 @@ def _sampling_loop(gpt, head, idx, mask, max_new_tokens, context_size, sampling,
     if mask is not None:
         mask = mask[:, -context_size:]
     # Room for the prompt and the new tokens, at most the context: allocating all 1024
-    # positions of GPT-2 for a short answer cost 0.16 s at batch 8.
+    # positions of GPT-2 for a short answer would cost more than the answer.
     cache_len = min(context_size, seq.shape[1] + max_new_tokens)
     cache = gpt.new_cache(B, max_len=cache_len) if use_cache else None
     next_id = next_tokens(seq, cache, mask)                                       # (B, 1)

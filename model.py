@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 from engine import cpu_kernels, decoder, fused_loss
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
-from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (as before)
+from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (model.<name> too)
 from engine.int8 import is_quantized, quantize_
 
-# The default for training from scratch (the original project's values, as in Raschka's
-# book). A 256-token context keeps attention cheap; qkv_bias=False because biases on Q/K/V
-# add little when training anew.
+# The default for training from scratch (the values of Raschka's book). A 256-token context
+# keeps attention cheap; qkv_bias=False because biases on Q/K/V add little when training anew.
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2's BPE vocabulary
     "context_length": 256,   # longest sequence the model sees (positions 0..255)
@@ -125,9 +124,9 @@ class Linear(nn.Module):
     The weight layout, once for the whole project: the block matrices are (in, out), which
     is nn.Linear's matrix transposed. It is the layout of OpenAI's GPT-2 ("Conv1D", copied
     by Hugging Face), so pretrained weights copy in as they are, and when decoding (one row
-    times every matrix) ``x @ W`` read an (in, out) W 1.3-1.7x faster on CPU than nn.Linear's
-    ``x @ W.T``. The output head alone is an nn.Linear, (vocab, C): the shape of the token
-    embedding, so that GPT-2 can tie the two into one matrix.
+    times every matrix) ``x @ W`` streams an (in, out) W faster on CPU than nn.Linear's
+    ``x @ W.T`` (bench/README.md). The output head alone is an nn.Linear, (vocab, C): the
+    shape of the token embedding, so that GPT-2 can tie the two into one matrix.
     """
 
     def __init__(self, in_features, out_features, bias=True):
@@ -136,7 +135,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):                                                   # x (..., in)
-        # fast path: oneDNN on x86 CPUs, ~2x MKL's fp32 speed (cpu_kernels.linear)
+        # fast path: oneDNN on x86 CPUs where it beats MKL's fp32 (cpu_kernels.linear)
         y = cpu_kernels.linear(x, self)
         if y is not None:
             return y                                                        # (..., out)
@@ -226,7 +225,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg = validate_config(cfg)
         V, T, C = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
         # On the "meta" device (loaders: shapes only) nn.Embedding's init would import
-        # torch._dynamo (~1 s) for nothing; elsewhere it draws as always (same seeded runs).
+        # torch._dynamo (slow) for nothing; elsewhere it draws as always (same seeded runs).
         meta = torch.empty(0).is_meta
         self.tok_emb = nn.Embedding(V, C, _weight=torch.empty(V, C) if meta else None)
         self.pos_emb = nn.Embedding(T, C, _weight=torch.empty(T, C) if meta else None)
@@ -237,8 +236,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(C, V, bias=False, device="meta" if tied else None)  # (V, C)
         if tied:
             # Weight tying, as in OpenAI's GPT-2: the head that scores tokens *is* the embedding
-            # that made their vectors (38.6M fewer weights at 124M). Off from scratch, as in the
-            # original project (GPT_CONFIG_124M).
+            # that made their vectors (38.6M fewer weights at 124M). Off by default from
+            # scratch, as in Raschka's book (GPT_CONFIG_124M).
             self.tie_weights()
         if self.tok_emb.weight.is_meta:
             return          # a loader fills in real weights next: nothing to initialise

@@ -139,8 +139,8 @@ def make_optimizer(model, learning_rate=4e-4, weight_decay=0.1, betas=(0.9, 0.95
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused=True does AdamW's whole update in one pass over each parameter instead of a
-    # dozen whole-tensor operations: 62 ms instead of 190 ms per step for the 124M model
-    # on CPU. PyTorch has it for CPU and CUDA; elsewhere (MPS) keep its default.
+    # dozen whole-tensor operations (bench/README.md has the figures). PyTorch has it for
+    # CPU and CUDA; elsewhere (MPS) keep its default.
     params = decay + no_decay
     fused = True if not params or params[0].device.type in ("cpu", "cuda") else None
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
