@@ -1,5 +1,6 @@
 """Look inside a GPTModel: attention weights, the shapes of a forward pass, where the
 parameters are (``parameter_counts``, and ``print_model_params``, which train.py prints),
+what a training step costs (``flops_per_token``, as bench/train_speed.py counts MFU),
 how a run went (``plot_losses``, the PNG every run leaves). The notebooks' pictures come
 from here: ``plot_attention``, ``plot_next_token`` (what the sampling filters leave),
 ``plot_token_mask`` (which tokens an instruction-tuning loss scores), and ``token_label``,
@@ -107,6 +108,27 @@ def parameter_counts(model):
     counts["output head (tied)" if tied else "output head"] = (
         0 if tied else model.out_head.weight.numel())
     return counts
+
+
+def flops_per_token(model, context):
+    """Training FLOPs per token of a GPTModel at ``context`` tokens: (total, N_nonemb).
+
+    A weight does one multiply-add (2 FLOPs) per token forward and two backward (the
+    gradients of the input and of the weight): 6 per weight, for the N_nonemb weights of the
+    blocks and the final norm. Attention adds products that have no weights: q.k and the
+    weighted sum of values, 2 x 2 x context x C per layer forward, halved by the causal mask
+    (position t reads t + 1 keys), times 3 with backward: 6 x n_layers x context x C. The
+    head is a C x vocab product, 6 C V (counted once even when tied to the embedding, whose
+    lookup costs nothing). MFU divides (this x tokens per second) by the hardware's peak.
+    """
+    cfg = unwrap_model(model).cfg
+    n_all = sum(p.numel() for p in model.parameters())   # a tied head is counted once
+    n_emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    if not cfg["tie_embeddings"]:
+        n_emb += model.out_head.weight.numel()           # the head has its own term
+    n_nonemb = n_all - n_emb
+    C, L, V = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
+    return 6 * n_nonemb + 6 * L * context * C + 6 * C * V, n_nonemb
 
 
 def print_model_params(model):

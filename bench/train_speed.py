@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
+from look_inside import flops_per_token  # noqa: E402  (the formula below, in one place)
 
 # name: (shape, context, batch)
 CONFIGS = {"S": ("S", 256, 8), "M": ("124M", 1024, 1), "tiny": ("tiny", 64, 2)}
@@ -48,18 +49,6 @@ NANOGPT_TARGET = 1.0   # ours bf16 autocast / nanoGPT bf16 autocast tokens/s
 STATS = {"median": common.median, "min": min}
 FLOPS_FORMULA = ("model FLOPs/token = 6*N_nonemb + 6*n_layers*context*emb (attention) + "
                  "6*emb*vocab (head); N_nonemb = parameters without wte and wpe")
-
-
-def flops_per_token(model, context):
-    """The formula above for a GPTModel (tied or untied head)."""
-    cfg = model.cfg
-    n_all = sum(p.numel() for p in model.parameters())   # a tied head is counted once
-    n_emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
-    if not cfg["tie_embeddings"]:
-        n_emb += model.out_head.weight.numel()           # the head has its own term
-    n_nonemb = n_all - n_emb
-    C, L, V = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
-    return 6 * n_nonemb + 6 * L * context * C + 6 * C * V, n_nonemb
 
 
 def matmul_peak(dtype_name, n=2048, reps=3):

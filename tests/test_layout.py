@@ -32,7 +32,7 @@ PUBLIC = {
                  "wikitext_score", "loglikelihoods", "encode_pair"],
     "chat": ["Chat", "chat_loop", "main"],
     "tokenizer": ["BPETokenizer"],
-    "look_inside": ["attention_weights", "forward_shapes", "parameter_counts",
+    "look_inside": ["attention_weights", "forward_shapes", "parameter_counts", "flops_per_token",
                     "plot_attention"],
     "engine.cpu_kernels": ["ENABLED", "disabled", "packed_for_cpu", "screened_argmax",
                            "tune_malloc", "linear", "head_logits"],
