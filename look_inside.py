@@ -165,11 +165,12 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     if step_losses is not None and not tokens_per_step:
         raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
                          "processes x context_length) to place each step on the tokens axis")
-    import matplotlib
-    matplotlib.use("Agg")   # no window: works headless, in CI and in notebooks alike
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: no window and no backend to choose, so it works
+    # headless, and a notebook's inline figures after it still show
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if step_losses is not None:
         step_tokens = [tokens_per_step * (i + 1) for i in range(len(step_losses))]
         ax.plot(step_tokens, step_losses, color="tab:blue", alpha=0.3, linewidth=0.8,
@@ -198,11 +199,7 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
                                                    lambda e: e / per_token))
         top.set_xlabel("Epochs")
     fig.tight_layout()
-    try:
-        path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), by_path=True)
-    finally:
-        plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), by_path=True)
 
 
 def token_label(tokenizer, token_id, quote=False):
