@@ -3,6 +3,8 @@ no import cycles, and textbook modules short enough to read."""
 
 import ast
 import importlib
+import json
+import re
 
 import pytest
 
@@ -132,3 +134,29 @@ def test_the_top_level_stays_a_short_textbook():
     tree = ast.parse((ROOT / "train_utils.py").read_text())
     loop = next(n for n in tree.body if getattr(n, "name", None) == "train_model")
     assert loop.end_lineno - loop.lineno + 1 <= 100
+
+
+# History and one machine's timings belong in git log and bench/README.md, not in what a
+# learner reads: "as before" of what? "2x faster" on which CPU?
+HISTORY_OR_TIMING = re.compile(
+    r"original project|as before|\b\d+(\.\d+)?\s?(ms|us|µs)\b|\b\d+(\.\d+)?(-\d+(\.\d+)?)?x "
+    r"(faster|slower|MKL)|~\d+(\.\d+)?x\b|\b\d+\.\d+ s\b", re.IGNORECASE)
+
+
+def _prose(path):
+    """A module's whole text; a notebook's markdown and the comments of its code cells."""
+    if path.suffix != ".ipynb":
+        return path.read_text()
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join(
+        "".join(c["source"]) if c["cell_type"] == "markdown" else
+        "\n".join(line[line.index("#"):] for line in "".join(c["source"]).splitlines()
+                  if "#" in line)
+        for c in cells)
+
+
+@pytest.mark.parametrize("path", ["model.py", "dataset.py", "generate.py", "train_utils.py",
+                                  *sorted(p.name for p in ROOT.glob("*.ipynb"))])
+def test_the_textbook_says_what_and_why_not_history_or_one_machines_timings(path):
+    found = [m.group(0) for m in HISTORY_OR_TIMING.finditer(_prose(ROOT / path))]
+    assert not found, f"{path}: {found}"

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import threading
+from collections import Counter
 
 import nbformat
 import pytest
@@ -33,8 +34,8 @@ from model import GPTModel, load_checkpoint, read_checkpoint  # noqa: E402
 from test_evaluate import hellaswag_records, write_jsonl  # noqa: E402
 from train_utils import calc_loss_batch, calc_loss_loader  # noqa: E402
 
-NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
-             "tokenizer.ipynb")
+NOTEBOOKS = ("build.ipynb", "train.ipynb", "inference.ipynb", "inference_hf.ipynb",
+             "instruct.ipynb", "tokenizer.ipynb")
 PROMPT = "The for statement"
 ATTENTION_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 NEW_TOKENS = 8
@@ -108,6 +109,8 @@ def test_notebooks_are_committed_with_clean_outputs(name):
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    # the first cell says what the notebook teaches and where it sits in the learning path
+    assert "**Read before:**" in nb.cells[0].source, f"{name}: say what to read before it"
     assert nb.cells[1] is parameters_cell(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not run in order"
@@ -149,8 +152,16 @@ def trained(tmp_path_factory):
     cells = run_notebook(
         "train.ipynb", cwd, DATA_PATH=str(data), **TINY_TRAIN, NUM_EPOCHS=1, BATCH_SIZE=4,
         EVAL_FREQ=5, EVAL_ITER=2, MAX_STEPS=20, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS,
-        EVAL_TASK="hellaswag:3", EVAL_DATA=str(hellaswag))
+        EVAL_TASK="hellaswag:3", EVAL_DATA=str(hellaswag), **tiny_finetune(cwd))
     return cwd, cells
+
+
+def tiny_finetune(cwd):
+    """Section 8's parameters for a few steps on the start of the shipped second text."""
+    text = cwd / "second" / "docstrings.txt"
+    text.parent.mkdir()
+    text.write_text((ROOT / "data" / "docstrings" / "docstrings.txt").read_text()[:8_000])
+    return dict(FT_DATA_PATH=str(text), FT_STEPS=4, FT_EVAL_FREQ=2, FT_LORA_RANK=4)
 
 
 def test_train_notebook(trained):
@@ -235,7 +246,7 @@ def test_train_notebook_by_hand_cells(trained):
     assert float(match[1]) == float(match[2]) == pytest.approx(want, abs=1e-4)
     assert abs(want - math.log(50257)) < 0.5
 
-    # exercises: the stride's window count, the parameter counts, the previous-token head
+    # exercises: the stride's window count, the parameter counts, the loss's baselines
     count = len(GPTDataset(load_tokens(corpus / "train.txt"), None, 32, 8))
     assert f"stride 8: predicted {count:,}, GPTDataset has {count:,}" in stdout(cells[
         "answer-stride"])
@@ -243,14 +254,57 @@ def test_train_notebook_by_hand_cells(trained):
     assert re.search(r"GPT-2 small \(124M\), tied +124,439,808 ", params)
     assert re.search(r"GPT-2 small, untied +163,037,184 ", params)
     assert re.search(r"GPT_CONFIG_124M as it stands +162,419,712 ", params)
+    # a unigram model with add-one counts, from the training split's tokens
+    train_counts = Counter(load_tokens(corpus / "train.txt").tolist())
+    n_train, vocab = sum(train_counts.values()), 50257
+    val_tokens = load_tokens(corpus / "valid.txt").tolist()
+    unigram = -sum(math.log((train_counts[t] + 1) / (n_train + vocab)) for t in val_tokens)
     trained_model = load_checkpoint(cwd / "model_weights" / "trained_gpt2.pth").eval()
-    val = GPTDataset(load_tokens(corpus / "valid.txt"), None, 32, 32)[0][0][None]
-    scores = {(layer, h): float(w[0, h].diagonal(-1).mean())
-              for layer, w in attention_weights(trained_model, val).items()
-              for h in range(w.shape[1])}
-    layer, head = max(scores, key=scores.get)
-    assert f"the most: layer {layer}, head {head}, {scores[layer, head]:.0%}" in stdout(
-        cells["answer-heads"])
+    val_loader = create_dataloader(val_tokens, 4, 32, 32, shuffle=False, drop_last=False)
+    with torch.no_grad():
+        model_loss = calc_loss_loader(val_loader, trained_model, "cpu")
+    assert (f"validation loss: uniform 10.825, unigram {unigram / len(val_tokens):.3f}, the "
+            f"trained model {model_loss:.3f}") in stdout(cells["answer-baselines"])
+
+
+def test_train_notebook_fine_tunes_on_a_second_text(trained):
+    # section 8: the trained model fine-tuned on the second text, every weight and LoRA
+    cwd, cells = trained
+    weights = cwd / "model_weights"
+    second = cwd / "second"
+    val = create_dataloader(load_tokens(second / "valid.txt"), 4, 32, 32, shuffle=False,
+                            drop_last=False)
+    base = load_checkpoint(weights / "trained_gpt2.pth")
+    with torch.no_grad():
+        before = calc_loss_loader(val, base, "cpu")
+    assert f"the second text's validation split: loss {before:.3f}" in stdout(cells["ft-data"])
+
+    table = stdout(cells["ft-runs"])
+    total = sum(p.numel() for p in base.parameters())
+    # LoRA of rank 4 on the 32-wide blocks: r (in + out) for qkv, out_proj, fc and proj
+    lora_params = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    for name, trainable, path in (("full", total, "finetuned_full.pth"),
+                                  ("LoRA", lora_params, "finetuned_lora.pth")):
+        ckpt = read_checkpoint(weights / path)
+        assert ckpt["step"] == 4 and ckpt["history"]["step"][0] == 0     # evaluated at step 0
+        with torch.no_grad():
+            after = calc_loss_loader(val, load_checkpoint(weights / path), "cpu")
+        assert re.search(rf"^{name} +{trainable:,} +{100 * trainable / total:.2f}% +"
+                         rf"{before:.3f} -> {after:.3f} ", table, re.M), table
+    assert read_checkpoint(weights / "finetuned_lora.pth")["lora"]["rank"] == 4
+    assert png_count(cells["ft-runs"]) == 1
+
+    # the samples: the same seed and prompt, through the saved weights
+    tokenizer = get_tokenizer()
+    samples = stdout(cells["ft-samples"]).splitlines()
+    for line, path in zip(samples[:2], ("trained_gpt2.pth", "finetuned_full.pth")):
+        torch.manual_seed(SEED)
+        out = generate_text(load_checkpoint(weights / path), text_to_token_ids(
+            "Return the", tokenizer), 30, temperature=0.8, top_k=50, eos_id=tokenizer.eot_token)
+        assert line.endswith(f": {token_ids_to_text(out, tokenizer)!r}")
+    assert [line.split(":")[0] for line in samples] == ["before", "after, full", "after, LoRA"]
+    assert "8 adapted matrices, rank 4, alpha 16: each merged weight = W + 4 A B" in stdout(
+        cells["ft-merge"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,9 +482,58 @@ def test_train_notebook_fine_tunes_with_lora(tmp_path):
     cells = run_notebook(
         "train.ipynb", tmp_path, DATA_PATH=str(data), INIT_FROM=str(folder), LORA_RANK=4,
         CONTEXT_LENGTH=32, NUM_EPOCHS=1, BATCH_SIZE=4, EVAL_FREQ=5, EVAL_ITER=2,
-        MAX_STEPS=6, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS, LEARNING_RATE=1e-2)
+        MAX_STEPS=6, START_CONTEXT=PROMPT, MAX_NEW_TOKENS=NEW_TOKENS, LEARNING_RATE=1e-2,
+        **tiny_finetune(tmp_path))
     assert "Trainable parameters: 4,096 (" in stdout(cells["build"])
     assert "Ep 0 (Step 000000): Train loss" in stdout(cells["train"])
     ckpt = read_checkpoint(tmp_path / "model_weights" / "trained_gpt2.pth")
     assert ckpt["lora"]["rank"] == 4 and ckpt["history"]["step"][0] == 0
     assert ckpt["config"]["context_length"] == 32 and ckpt["config"]["tie_embeddings"]
+
+
+def _tools():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_notebooks",
+                                                  ROOT / "tools" / "execute_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_notebooks_that_show_the_trained_model_show_the_same_one():
+    # tools/execute_notebooks.py runs them in one pass: each records the sha256 of the
+    # checkpoint it loaded, train.ipynb that of the one it saved
+    tools = _tools()
+    nbs = {n: nbformat.read(ROOT / n, as_version=4)
+           for n in ("train.ipynb", *tools.SHOWS_TRAINED)}
+    shas = {n: nb.metadata.get(tools.METADATA_KEY) for n, nb in nbs.items()}
+    assert shas["train.ipynb"] and len(set(shas.values())) == 1, shas
+    # so where two of them decode greedily from the same prompt, they print the same tokens
+    shown = []
+    for name in ("inference.ipynb", "inference_hf.ipynb"):
+        cells = {c.id: c for c in nbs[name].cells}
+        values = {node.targets[0].id: ast.literal_eval(node.value)
+                  for node in ast.parse(cells["parameters"].source).body}
+        shown.append(((values["PROMPT"], values["MAX_NEW_TOKENS"]), stdout(cells["greedy"])))
+    assert shown[0][0] == shown[1][0] and shown[0][1] == shown[1][1] != ""
+
+
+def test_execute_notebooks_refuses_a_checkpoint_the_outputs_did_not_come_from(tmp_path):
+    tools = _tools()
+    checkpoint = tmp_path / tools.CHECKPOINT
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"the weights train.ipynb saved")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata[tools.METADATA_KEY] = tools.sha256(checkpoint)
+    nbformat.write(nb, tmp_path / "train.ipynb")
+    assert tools.stale_checkpoint(["inference.ipynb", "instruct.ipynb"], tmp_path) is None
+    assert tools.stale_checkpoint(["tokenizer.ipynb"], tmp_path) is None    # needs no model
+    checkpoint.write_bytes(b"weights trained since")
+    assert tools.stale_checkpoint(["inference.ipynb"], tmp_path) == (
+        "inference.ipynb shows the model train.ipynb trains, but model_weights/trained_gpt2.pth "
+        "is not the one train.ipynb's committed outputs were made with: run them with "
+        "train.ipynb (python tools/execute_notebooks.py runs all, in one pass)")
+    assert tools.stale_checkpoint(["train.ipynb", "inference.ipynb"], tmp_path) is None
+    checkpoint.unlink()
+    assert "trained_gpt2.pth is missing" in tools.stale_checkpoint(["instruct.ipynb"], tmp_path)

@@ -1,6 +1,6 @@
 """Run the notebooks with their default parameters and commit-ready outputs, in place.
 
-    python tools/execute_notebooks.py                    # all of them, train.ipynb first
+    python tools/execute_notebooks.py                    # all of them, in the learning path's order
     python tools/execute_notebooks.py inference.ipynb    # one (it needs the trained model)
 
 Run it whenever code the notebooks show changes: they are committed with their outputs and
@@ -10,9 +10,16 @@ committed there, its own
 model_weights/: yours are not touched), on the CPU unless --device says otherwise, with
 progress bars off, and that copy's path is replaced by "." in every output, so the
 committed files hold no machine paths. tests/test_notebooks.py checks that they stay so.
+
+inference.ipynb, inference_hf.ipynb and instruct.ipynb show the model train.ipynb trains, so
+they must run against the checkpoint whose training train.ipynb's committed outputs show:
+each records that checkpoint's sha256 in its metadata, and a notebook of theirs run alone
+(without train.ipynb) is refused unless model_weights/trained_gpt2.pth is that checkpoint.
+Run them all in one pass after a change to training.
 """
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -21,10 +28,42 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# train first: the others start from the model it trains
-NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
-             "tokenizer.ipynb")
+# the learning path's order; train.ipynb before the notebooks that load the model it trains
+NOTEBOOKS = ("build.ipynb", "train.ipynb", "inference.ipynb", "inference_hf.ipynb",
+             "instruct.ipynb", "tokenizer.ipynb")
+CHECKPOINT = "model_weights/trained_gpt2.pth"      # what train.ipynb saves
+SHOWS_TRAINED = ("inference.ipynb", "inference_hf.ipynb", "instruct.ipynb")
+METADATA_KEY = "trained_checkpoint_sha256"
+# data/'s committed files, which the notebooks read (the rest of data/ is made by them)
+COMMITTED_DATA = ("README.md", "instructions.jsonl", "docstrings/docstrings.txt")
 MAX_BYTES = 1_000_000
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stale_checkpoint(names, root):
+    """Why running ``names`` from ``root`` would show another model than train.ipynb's
+    committed outputs do (a message), or None."""
+    if "train.ipynb" in names or not set(names) & set(SHOWS_TRAINED):
+        return None
+    import nbformat
+
+    trained = nbformat.read(root / "train.ipynb", as_version=4).metadata.get(METADATA_KEY)
+    checkpoint = root / CHECKPOINT
+    if checkpoint.is_file() and trained == sha256(checkpoint):
+        return None
+    shown = [n for n in names if n in SHOWS_TRAINED]
+    state = ("is missing" if not checkpoint.is_file() else
+             "is not the one train.ipynb's committed outputs were made with")
+    return (f"{', '.join(shown)} {'shows' if len(shown) == 1 else 'show'} the model "
+            f"train.ipynb trains, but {CHECKPOINT} {state}: run them with train.ipynb "
+            f"(python tools/execute_notebooks.py runs all, in one pass)")
 
 
 def scrub(text, workdir):
@@ -59,6 +98,8 @@ def execute(name, workdir, device):
                                      resources={"metadata": {"path": str(workdir)}})
     client.execute()
     params.source = original
+    if name == "train.ipynb" or name in SHOWS_TRAINED:     # the model they showed
+        nb.metadata[METADATA_KEY] = sha256(workdir / CHECKPOINT)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
@@ -83,14 +124,18 @@ def main(argv=None):
     p.add_argument("notebooks", nargs="*", default=list(NOTEBOOKS))
     p.add_argument("--device", default="cpu", help="the notebooks' DEVICE (default cpu)")
     args = p.parse_args(argv)
+    args.notebooks = sorted(args.notebooks, key=lambda n: NOTEBOOKS.index(n)
+                            if n in NOTEBOOKS else len(NOTEBOOKS))      # train.ipynb first
+    if problem := stale_checkpoint(args.notebooks, ROOT):
+        p.error(problem)
     os.environ["TQDM_DISABLE"] = "1"            # no progress-bar debris in the outputs
     os.environ.pop("MPLBACKEND", None)          # inline figures
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp) / "repo"
         shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(
             ".git", "data", "model_weights", "__pycache__", ".pytest_cache", ".ruff_cache"))
-        (workdir / "data").mkdir()
-        for name in ("README.md", "instructions.jsonl"):      # data/'s committed files
+        for name in COMMITTED_DATA:
+            (workdir / "data" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / "data" / name, workdir / "data" / name)
         if "train.ipynb" not in args.notebooks and (ROOT / "model_weights").is_dir():
             shutil.copytree(ROOT / "model_weights", workdir / "model_weights")
