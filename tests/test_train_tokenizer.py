@@ -73,8 +73,8 @@ def test_resume_is_exact_and_refuses_another_tokenizer(run, tmp_path):
     resumed = main([*flags, "--out", str(cut), "--resume"])
     assert resumed["step_loss"] == whole["step_loss"]
     gpt2 = [a if a != "train:512" else "gpt2" for a in flags]
-    with pytest.raises(ValueError, match="trained with its own tokenizer, not with "
-                                         "--tokenizer gpt2"):
+    with pytest.raises(ValueError, match=r"trained with its own tokenizer \(input-512, 512 "
+                                         r"tokens\), not with --tokenizer gpt2"):
         main([*gpt2, "--out", str(cut), "--resume", "--max-steps", "8"])
     other = BPETokenizer.train(default_corpus_text()[:20_000], 400).save(tmp_path / "o.json")
     with pytest.raises(ValueError, match="not with --tokenizer"):
@@ -103,7 +103,10 @@ def test_bad_tokenizer_flags_and_files_are_one_line(run, tmp_path):
     out = ["--out", str(tmp_path / "m.pth")]
     with pytest.raises(ValueError, match="give a vocabulary size in 257..65536"):
         main([*[a if a != "train:512" else "train:100" for a in flags], *out])
-    with pytest.raises(ValueError, match="pretrained weights come with their tokenizer"):
+    with pytest.raises(ValueError, match=(
+            rf"^--tokenizer train:512 with --init-from {folder / 'run.pth'}: the weights come "
+            rf"with its own tokenizer \(input-512, 512 tokens\) \(their embeddings are rows of "
+            rf"its tokens\); leave --tokenizer out, and it comes along$")):
         main(["--data", str(folder / "input.txt"), "--init-from", str(folder / "run.pth"),
               "--tokenizer", "train:512", *out])
     bad = tmp_path / "bad.json"
