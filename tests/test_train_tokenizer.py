@@ -82,6 +82,22 @@ def test_resume_is_exact_and_refuses_another_tokenizer(run, tmp_path):
               "--resume", "--max-steps", "8"])
 
 
+def test_resume_with_another_size_is_refused_before_it_writes_a_thing(run):
+    """Issue 34: --resume --tokenizer train:300 on a train:512 run first wrote a new tokenizer
+    over <out>_tokenizer.json, then refused: the run could no longer resume."""
+    folder, flags, _ = run
+    own = [folder / name for name in ("run.pth", "run.pth.prev", "run_tokenizer.json",
+                                      "run_metrics.jsonl", "run_history.json")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in own}
+    with pytest.raises(ValueError, match=(
+            rf"^--resume: the run at {folder / 'run.pth'} was trained with its own tokenizer "
+            rf"\(input-512, 512 tokens\), not with --tokenizer train:300; resume with the same "
+            rf"tokenizer \(leave --tokenizer out\), or train into a new --out$")):
+        main([*[a if a != "train:512" else "train:300" for a in flags], "--out",
+              str(folder / "run.pth"), "--resume", "--max-steps", "8"])
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in own} == before
+
+
 def test_the_hugging_face_export_carries_it(run, tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
