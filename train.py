@@ -309,7 +309,7 @@ def main(argv=None):
 
 
 def _run(args, cfg, device, rank, world_size, parallel):
-    _check_outputs(args)                # before any long work, not after it
+    _check_outputs(args, rank)          # before any long work, not after it
     with run_lock(args.out):            # one run per --out at a time (rank 0 holds it)
         return _train(args, cfg, device, rank, world_size, parallel)
 
@@ -559,11 +559,12 @@ def _prepare_splits(args, rank, world_size):
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
 
 
-def _check_outputs(args):
-    """--out, the files written beside it, and --tensorboard: each writable, and none a file
-    the run reads (the --init-from weights: the first checkpoint would overwrite the source,
-    and a LoRA resume would add the adapters onto weights that hold them already; the --data
-    text and its split files; the --tokenizer and --eval-data files)."""
+def _check_outputs(args, rank):
+    """--out, the files written beside it, and --tensorboard: each writable (rank 0 writes
+    them all), and none a file the run reads (the --init-from weights: the first checkpoint
+    would overwrite the source, and a LoRA resume would add the adapters onto weights that
+    hold them already; the --data text and its split files; the --tokenizer and --eval-data
+    files)."""
     out = Path(args.out)
     beside = [out.with_name(out.stem + end) for end in
               ("_history.json", "_loss.png", "_metrics.jsonl")] + [previous_path(out)]
@@ -574,9 +575,9 @@ def _check_outputs(args):
     if args.tokenizer != "gpt2" and not args.tokenizer.startswith("train:"):
         reads.append(("--tokenizer", args.tokenizer))
     check_output(args.out, reads, "--out", also=beside,
-                 example=out.with_name(out.stem + "_tuned.pth"))
+                 example=out.with_name(out.stem + "_tuned.pth"), writable=rank == 0)
     if args.tensorboard is not None:
-        check_output(args.tensorboard, reads, "--tensorboard", folder=True)
+        check_output(args.tensorboard, reads, "--tensorboard", folder=True, writable=rank == 0)
 
 
 def _resumed_source(args):

@@ -205,7 +205,7 @@ MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer_config
                       "pytorch_model*.bin")
 
 
-def check_output(path, inputs, flag, *, also=(), folder=False, example=None):
+def check_output(path, inputs, flag, *, also=(), folder=False, example=None, writable=True):
     """Refuse, before any work, an output that cannot be written or would replace an input.
 
     Every command that writes calls this first, so that a long job never ends in an error
@@ -219,7 +219,8 @@ def check_output(path, inputs, flag, *, also=(), folder=False, example=None):
     name: a hard link), or that lies in an input folder as one of the files a model folder is
     read from (MODEL_FOLDER_FILES). ``example``: another value to suggest for ``flag``.
     Refused with OSError (check_writable): a folder where a file is meant or the other way
-    round, a place where nothing can be created. Returns ``Path(path)``.
+    round, a place where nothing can be created; ``writable=False`` skips that (the other
+    processes of a torchrun job, which write nothing). Returns ``Path(path)``.
     """
     shown, path = os.fspath(path), Path(path)      # the flag's value, as it was given
     written = ([] if folder else [path]) + [Path(p) for p in also]
@@ -242,7 +243,8 @@ def check_output(path, inputs, flag, *, also=(), folder=False, example=None):
                     f"{flag} {shown} would write {target.name} into {source}, the model folder "
                     f"it reads as {read_flag}, where {target.name} is one of the folder's own "
                     f"files; {instead} (outside {source})")
-    check_writable(shown, flag, folder)
+    if writable:
+        check_writable(shown, flag, folder)
     return path
 
 
