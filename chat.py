@@ -68,7 +68,12 @@ class Chat:
             self.history = self.history[2 * dropped:]
             print(f"(the oldest {dropped} exchange(s) no longer fit the {context}-token "
                   f"context: forgotten)", file=self.notices)
-        if cut:
+        encode = self.tokenizer.encode_ordinary
+        if cut and len(encode(self.system or "")) > len(encode(text)):    # the system's fault
+            print(f"(the system message is longer than the {context - room} tokens the "
+                  f"context leaves the prompt: the prompt's middle was left out; shorten "
+                  f"the system message (--system))", file=self.notices)
+        elif cut:
             print(f"(the message is longer than the {context - room} tokens the context "
                   f"leaves it: its middle was left out)", file=self.notices)
         device = next(self.model.parameters()).device

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from engine.bpe_files import gpt2_bpe_files
 from engine.checkpoints import TOKENIZER_FILE, read_checkpoint, saved_tokenizer, tensors_sha256
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, check_output
 from engine.gpt2_params import HF_BLOCK, check_block_count, gpt2_param_names, iter_gpt2_weights
 from engine.int8 import quantize_
 from lora import merge
@@ -581,6 +581,10 @@ def main(argv=None):
     if args.export:
         if not args.out:
             parser.error("--export needs --out DIR")
+        # before any work: a folder that can be written, none of whose files is an input
+        check_output(args.out, [("--export", args.export), ("--config", args.config)], "--out",
+                     folder=True, also=[Path(args.out) / name for name in
+                                        (*EXPORT_FILES, TOKENIZER_FILE)])
         path = _export_checkpoint(parser, args.export, args.config, args.out)
         print(f"wrote {path}; load it with transformers.GPT2LMHeadModel.from_pretrained"
               f"({str(path)!r})")
@@ -589,6 +593,7 @@ def main(argv=None):
             parser.error("--load needs --save PTH")
         if args.config is not None:
             parser.error("--config goes with --export; --load reads the config from config.json")
+        check_output(args.save, [("--load", args.load)], "--save")     # before the download
         path = save_checkpoint(args.save, load_gpt2_hf(args.load, cache_dir=args.cache_dir))
         print(f"saved {path}; load it with model.load_checkpoint({str(path)!r})")
     return path

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from dataset import get_tokenizer, load_tokens
 from engine import eval_data, scoring
 from engine.devices import get_device
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, check_output
 from model import DTYPES
 from model_sources import SOURCES_HELP, load_model_and_tokenizer
 
@@ -95,6 +95,10 @@ def _max_length(model, context_length):
     """The tokens one input may hold: ``context_length`` or the model's whole context."""
     have = model.cfg["context_length"]
     context_length = context_length or have
+    if have < 2:
+        raise ValueError(f"the model has a {have}-token context, and scoring needs at least 2 "
+                         f"(a token, and the one it predicts); train it with --context-length "
+                         f"2 or more")
     if not 1 < context_length <= have:
         raise ValueError(f"context_length must be in 2..{have} (the model's), "
                          f"got {context_length}")
@@ -224,6 +228,26 @@ def loglikelihoods(model, requests, batch_size=8, context_length=None, progress=
     return results
 
 
+# What a task predicts after its context: it must fit the context to be scored at all
+# (a longer context loses its start, as in lm-eval; a longer continuation cannot be cut).
+CONTINUATION = {"hellaswag": "an ending", "lambada": "a last word"}
+
+
+def check_fit(task, examples, requests, max_length):
+    """Raise ValueError naming the first example whose continuation is longer than
+    ``max_length`` tokens, and what to do, before any scoring."""
+    for ex, (_, continuations) in zip(examples, requests):
+        n = max(map(len, continuations))
+        if n > max_length:
+            i = ex["index"]
+            before = f", or score only the examples before it (--limit {i})" if i else ""
+            raise ValueError(
+                f"{task} example {i} (counting from 0) has {CONTINUATION[task]} of {n} "
+                f"tokens, more than the {max_length}-token context holds, so it cannot be "
+                f"scored; use a model with a longer context (or a larger --context-length, "
+                f"up to the model's){before}")
+
+
 # ---------------------------------------------------------------------------------------
 # HellaSwag: which of four endings continues the story?
 
@@ -249,6 +273,15 @@ def _argmax(values):
     return max(range(len(values)), key=values.__getitem__)     # the first of equal ones
 
 
+def hellaswag_requests(examples, tokenizer):
+    """(context ids, [the ids of each ending]) per example: " " + ending after the query."""
+    requests = []
+    for ex in examples:
+        pairs = [encode_pair(tokenizer, ex["query"], " " + c) for c in ex["choices"]]
+        requests.append((pairs[0][0], [cont for _, cont in pairs]))
+    return requests
+
+
 def hellaswag_score(model, examples, tokenizer=None, batch_size=8, progress=True,
                     context_length=None):
     """acc and acc_norm of ``model`` on HellaSwag ``examples`` (from hellaswag_examples).
@@ -257,11 +290,8 @@ def hellaswag_score(model, examples, tokenizer=None, batch_size=8, progress=True
     highest log-likelihood is the label; acc_norm: the highest log-likelihood per character
     of the ending (long endings are not punished for having more tokens).
     """
-    tokenizer = tokenizer or get_tokenizer()
-    requests = []
-    for ex in examples:
-        pairs = [encode_pair(tokenizer, ex["query"], " " + c) for c in ex["choices"]]
-        requests.append((pairs[0][0], [cont for _, cont in pairs]))
+    requests = hellaswag_requests(examples, tokenizer or get_tokenizer())
+    check_fit("hellaswag", examples, requests, _max_length(model, context_length))
     scores = loglikelihoods(model, requests, batch_size, context_length, progress, "hellaswag")
     rows = []
     for ex, score in zip(examples, scores):
@@ -289,15 +319,18 @@ def lambada_examples(texts):
     return out
 
 
+def lambada_requests(examples, tokenizer):
+    """(context ids, [the last word's ids]) per passage."""
+    return [(context, [target]) for context, target in
+            (encode_pair(tokenizer, ex["context"], ex["target"]) for ex in examples)]
+
+
 def lambada_score(model, examples, tokenizer=None, batch_size=8, progress=True,
                   context_length=None):
     """acc (the whole word is the greedy prediction) and perplexity (exp of minus the mean
     log-likelihood of the word) of ``model`` on LAMBADA ``examples`` (lambada_examples)."""
-    tokenizer = tokenizer or get_tokenizer()
-    requests = []
-    for ex in examples:
-        context, target = encode_pair(tokenizer, ex["context"], ex["target"])
-        requests.append((context, [target]))
+    requests = lambada_requests(examples, tokenizer or get_tokenizer())
+    check_fit("lambada", examples, requests, _max_length(model, context_length))
     scores = loglikelihoods(model, requests, batch_size, context_length, progress, "lambada")
     rows = [{"index": ex["index"], "loglikelihood": s[0][0], "greedy": s[0][1]}
             for ex, s in zip(examples, scores)]
@@ -384,6 +417,7 @@ def wikitext_score(model, documents, tokenizer=None, batch_size=8, progress=True
 # Files, the command line
 
 SCORERS = {"hellaswag": hellaswag_score, "lambada": lambada_score, "wikitext": wikitext_score}
+REQUESTS = {"hellaswag": hellaswag_requests, "lambada": lambada_requests}   # wikitext: any fits
 
 
 def load_examples(task, path=None, limit=None, folder="data/eval", url=None):
@@ -409,17 +443,40 @@ def load_examples(task, path=None, limit=None, folder="data/eval", url=None):
 MAIN_METRIC = {"hellaswag": "acc_norm", "lambada": "acc", "wikitext": "word_perplexity"}
 
 
-def task_scorer(spec, tokenizer=None, path=None, batch_size=8):
-    """``"hellaswag:200"`` -> score(model) -> {metric: value} on the task's first 200 examples
-    (HellaSwag and LAMBADA: 200 when no count is given, WikiText: 4 articles), loaded once
-    here (downloaded on first use): what train.py --eval-task runs at every evaluation.
-    ``score.task`` and ``score.main`` name the task and its headline metric."""
+def parse_task(spec):
+    """``"hellaswag:200"`` -> ("hellaswag", 200): train.py's --eval-task (HellaSwag and
+    LAMBADA: 200 examples when no count is given, WikiText: 4 articles)."""
     task, _, count = str(spec).partition(":")
     if task not in SCORERS or (count and not (count.isdigit() and int(count) > 0)):
         raise ValueError(f"--eval-task {spec!r}: give a task of {', '.join(TASKS)}, optionally "
                          f"with the number of examples to score, e.g. hellaswag:200")
-    limit = int(count) if count else (4 if task == "wikitext" else 200)
+    return task, int(count) if count else (4 if task == "wikitext" else 200)
+
+
+def task_scorer(spec, tokenizer=None, path=None, batch_size=8, context_length=None):
+    """``"hellaswag:200"`` -> score(model) -> {metric: value} on the task's first 200 examples
+    (parse_task), loaded once here (downloaded on first use): what train.py --eval-task runs
+    at every evaluation. ``score.task`` and ``score.main`` name the task and its headline
+    metric. With ``context_length`` (the model's), examples that cannot be scored in it are
+    left out here, before any training, with one line saying how many and which first;
+    none left is a ValueError."""
+    task, limit = parse_task(spec)
     examples = load_examples(task, path, limit)
+    if context_length is not None and task in REQUESTS:
+        requests = REQUESTS[task](examples, tokenizer or get_tokenizer())
+        lengths = [max(map(len, continuations)) for _, continuations in requests]
+        long = [i for i, n in enumerate(lengths) if n > context_length]
+        if long:
+            kept = [ex for ex, n in zip(examples, lengths) if n <= context_length]
+            what = (f"{len(long)} of its {len(examples)} examples do not fit the "
+                    f"{context_length}-token context (the first: example "
+                    f"{examples[long[0]]['index']}, with {CONTINUATION[task]} of "
+                    f"{lengths[long[0]]} tokens)")
+            if not kept:
+                raise ValueError(f"--eval-task {spec}: {what}, so none can be scored; use a "
+                                 f"model with a longer context, or another task")
+            print(f"note: --eval-task {spec}: {what} and are left out: {len(kept)} are scored")
+            examples = kept
 
     def score(model):
         result = SCORERS[task](model, examples, tokenizer, batch_size, progress=False)
@@ -508,6 +565,11 @@ def main(argv=None):
     progress = not args.no_progress
     try:
         task = _check_flags(args)
+        if args.json:       # before the scoring, which may take hours, not after it
+            reads = [("--weights", args.weights), ("--data", args.data)]
+            if task != "perplexity" and args.data is None:     # the file downloaded once
+                reads.append((f"--task {task}", eval_data.task_path(task)))
+            check_output(args.json, reads, "--json")
         if task != "perplexity":
             # the file first: a wrong file fails before a big model is loaded
             path = args.data or eval_data.task_file(task, url=args.data_url)
@@ -516,7 +578,7 @@ def main(argv=None):
         model, tokenizer = load_model_and_tokenizer(args.weights, device=device,
                                                     dtype=args.dtype, cfg=args.config)
         if task == "perplexity":
-            tokens = load_tokens(args.data, tokenizer)
+            tokens = load_tokens(args.data, tokenizer, progress=progress)
             result = evaluate_perplexity(model, tokens, args.context_length, args.stride,
                                          args.batch_size or 4, tokenizer, progress=progress)
             line = (f"loss={result['loss']:.6f} perplexity={result['perplexity']:.4f} "
@@ -528,15 +590,18 @@ def main(argv=None):
             result = SCORERS[task](model, examples, tokenizer, args.batch_size or 8,
                                    progress=progress, context_length=args.context_length)
             line, saved = summary_line(result), result
-        if args.json:
-            rest = {k: v for k, v in saved.items() if k != "examples"}
-            data = args.data if task == "perplexity" else str(path)
+    except (ValueError, OSError) as e:
+        p.exit(2, f"error: {e}\n")
+    print(line, flush=True)         # the result stays on screen whatever happens to --json
+    if args.json:
+        rest = {k: v for k, v in saved.items() if k != "examples"}
+        data = args.data if task == "perplexity" else str(path)
+        try:
             write_json({**rest, "weights": str(args.weights), "data": data,
                         **({"examples": saved["examples"]} if "examples" in saved else {})},
                        args.json)
-    except (ValueError, OSError) as e:
-        p.exit(2, f"error: {e}\n")
-    print(line)
+        except OSError as e:
+            p.exit(2, f"error: --json {args.json}: the results above were not written ({e})\n")
     return result
 
 

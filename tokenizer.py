@@ -375,7 +375,11 @@ class BPETokenizer:
 
     @classmethod
     def loads(cls, text, source="the tokenizer"):
-        """A tokenizer from the text of its file (``source`` names it in errors)."""
+        """A tokenizer from the text of its file (``source`` names it in errors), checked
+        whole before it is trusted: the format, every merge (well formed, each making the
+        bytes it says), ``<|endoftext|>`` among the special tokens, and the ids contiguous
+        (bytes, merges, then the special tokens). Wherever the text comes from (a file, a
+        checkpoint, an export), this is the one way in."""
         def bad(problem):
             return _bad_file(source, problem)
         try:
@@ -387,10 +391,18 @@ class BPETokenizer:
         if data.get("version") != 1:
             raise bad(f"version {data.get('version')!r}, this code reads version 1")
         merges = data.get("merges")
-        for i, m in enumerate(merges if isinstance(merges, list) else [None]):
+        if not isinstance(merges, list):
+            raise bad('no "merges" list' if merges is None else
+                      f'"merges" is a {type(merges).__name__}, not a list of [id, id, text]')
+        for i, m in enumerate(merges):
             if not (isinstance(m, list) and len(m) == 3 and all(type(x) is int for x in m[:2])
                     and isinstance(m[2], str)):
                 raise bad(f"merge {i} is {m!r}, not [id, id, text]")
+        specials = data.get("special_tokens")
+        if isinstance(specials, dict) and EOT not in specials:
+            # every model of this project ends a text and an answer with it
+            raise bad(f"its special tokens {specials} lack {EOT}, which ends every document "
+                      f"and every answer (generation stops at it)")
         try:
             tok = cls([m[:2] for m in merges], data["special_tokens"], data["pattern"],
                       data["byte_order"], data["name"])
@@ -496,6 +508,11 @@ def _read_text(parser, path):
 
 
 def cli_train(parser, args):
+    from engine.fileio import check_output
+    try:        # before the training, which may take minutes
+        check_output(args.out, [("--data", args.data)], "--out")
+    except (ValueError, OSError) as e:
+        parser.fail(str(e))
     text = _read_text(parser, args.data)
     print(f"training a {args.vocab_size}-token BPE on {args.data} "
           f"({len(text.encode('utf-8')):,} bytes)", flush=True)

@@ -44,9 +44,11 @@ from engine.devices import (
     wrap_model,
 )
 from engine.download import DownloadError
-from engine.fileio import check_writable
-from engine.records import is_url
-from engine.runs import run_lock, same_source, saved_run, source_id
+from engine.eval_data import task_file
+from engine.fileio import check_output
+from engine.records import copies_across, is_url
+from engine.runs import previous_path, run_lock, same_source, saved_run, source_id
+from evaluate import parse_task
 from lora import DEFAULT_TARGETS, TARGETS, add_lora
 from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
 from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
@@ -133,7 +135,9 @@ def build_parser():
                         "instruct.pth for instruction records)")
     g.add_argument("--stride", type=int, default=None,
                    help="tokens between training windows; None = context_length (no overlap)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimizer steps at most (the run also ends after "
+                        "--num-epochs; the first lines say how many steps it runs)")
     g.add_argument("--grad-accum-steps", type=int, default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size x N)")
     g.add_argument("--warmup-steps", type=int, default=None,
@@ -234,6 +238,9 @@ def parse_args(argv=None):
     if args.init_from is None and (args.lora_rank or args.init_from_tf or args.config):
         parser.error("--lora-rank, --init-from-tf and --config go with --init-from SOURCE: "
                      "LoRA adapts pretrained weights (from a random init, train every weight)")
+    if args.eval_data is not None and args.eval_task is None:
+        parser.error(f"--eval-data {args.eval_data} is the file of an --eval-task; add "
+                     f"--eval-task TASK[:N] to score it at every evaluation, or leave it out")
     if args.init_from is not None and "preset" in args.given:
         parser.error("--preset and --init-from both choose the model; give one of them")
     if not args.lora_rank and args.given & {"lora_targets", "lora_alpha"}:
@@ -280,6 +287,8 @@ def main(argv=None):
     """
     args = parse_args(argv)
     cfg = validate_config({k: getattr(args, k) for k in DEFAULT_CONFIG})
+    if args.eval_task is not None:
+        parse_task(args.eval_task)      # a ValueError naming --eval-task, before any work
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.parallel and not launched:
         raise ValueError(f"--parallel {args.parallel} needs one process per device, started "
@@ -300,9 +309,7 @@ def main(argv=None):
 
 
 def _run(args, cfg, device, rank, world_size, parallel):
-    if rank == 0:
-        check_writable(args.out)        # before any long work, not after it
-    _check_out_is_not_read(args)
+    _check_outputs(args, rank)          # before any long work, not after it
     with run_lock(args.out):            # one run per --out at a time (rank 0 holds it)
         return _train(args, cfg, device, rank, world_size, parallel)
 
@@ -311,6 +318,11 @@ def _train(args, cfg, device, rank, world_size, parallel):
     # what a resumed run must keep besides the flags: the data (it decides the batch
     # order) and the weights it started from (as a resolved path: ./hf and hf are one)
     resumed = _resumed_source(args) if args.resume else None
+    own, vocab_to_train = _tokenizer_choice(args)      # checked before anything is written
+    if args.eval_task and args.eval_data is None:      # its file now, not after training
+        if rank == 0:
+            task_file(parse_task(args.eval_task)[0], file_flag="--eval-data", mirror_flag=None)
+        barrier()
     settings = {"data": args.data if is_url(args.data) else str(Path(args.data).resolve()),
                 "init_from": resumed[0] if resumed else source_id(args.init_from)}
     if args.instruct:       # whole records: read and split them before any long work
@@ -322,12 +334,13 @@ def _train(args, cfg, device, rank, world_size, parallel):
     else:
         train_path, valid_path, test_path = _prepare_splits(args, rank, world_size)
         texts = [read_text(train_path), read_text(valid_path)]
-    tokenizer, own = _run_tokenizer(args, texts, rank)
+    tokenizer, own = _run_tokenizer(args, texts, rank, own, vocab_to_train)
     settings["tokenizer"] = own.fingerprint() if own else "gpt2"
     if own:                 # the model's vocabulary is the tokenizer's
         cfg = validate_config({**cfg, "vocab_size": own.n_vocab})
     if not args.instruct:
-        data = tuple((load_tokens(path, tokenizer), path) for path in (train_path, valid_path))
+        data = tuple((load_tokens(path, tokenizer, progress=not args.no_progress), path)
+                     for path in (train_path, valid_path))
     model = _build_model(args, cfg, device, resumed)
     cfg = model.cfg
     if cfg["vocab_size"] < tokenizer.n_vocab:
@@ -337,9 +350,15 @@ def _train(args, cfg, device, rank, world_size, parallel):
     loaders = _instruction_loaders if args.instruct else _text_loaders
     train_loader, val_loader, start_context, tokens_per_step = loaders(
         args, data, cfg["context_length"], tokenizer, world_size)
-    steps = plan_steps(len(train_loader.dataset), args.batch_size, args.grad_accum_steps,
-                       args.num_epochs, args.max_steps, world_size=world_size,
-                       drop_last=train_loader.drop_last).total_steps
+    plan = plan_steps(len(train_loader.dataset), args.batch_size, args.grad_accum_steps,
+                      args.num_epochs, args.max_steps, world_size=world_size,
+                      drop_last=train_loader.drop_last)
+    steps = plan.total_steps
+    if args.max_steps is not None and args.max_steps > steps:
+        print(f"note: --max-steps {args.max_steps} is more than the {steps} steps of "
+              f"--num-epochs {args.num_epochs} ({plan.steps_per_epoch} steps each): the run ends "
+              f"after its last epoch; for {args.max_steps} steps, add --num-epochs "
+              f"{math.ceil(args.max_steps / plan.steps_per_epoch)}")
     global_batch = args.batch_size * args.grad_accum_steps * world_size
     print(f"Global batch: {args.batch_size} (batch_size) x {args.grad_accum_steps} "
           f"(grad_accum_steps) x {world_size} (processes) = {global_batch} sequences, "
@@ -366,32 +385,82 @@ def _train(args, cfg, device, rank, world_size, parallel):
     return history
 
 
-def _run_tokenizer(args, texts, rank):
-    """(the tiktoken Encoding the run encodes with, its BPETokenizer or None for GPT-2's).
+def _tokenizer_choice(args):
+    """--tokenizer, checked against --init-from and --resume before anything is written:
+    (the run's own BPETokenizer, or None for GPT-2's; the vocabulary size to train, or None).
 
-    --tokenizer train:N trains one on ``texts[0]`` (the training split: nothing of the
-    validation text leaks into the vocabulary) and saves it beside --out; --resume takes the
-    one its checkpoint carries, and refuses another."""
-    saved = saved_tokenizer(args.out) if args.resume else None
-    choice = args.tokenizer
-    if choice != "gpt2" and args.init_from is not None:
-        raise ValueError(f"--tokenizer {choice} with --init-from: pretrained weights come with "
-                         f"their tokenizer (GPT-2's embeddings are rows of GPT-2's tokens); "
-                         f"leave --tokenizer out, or train from scratch")
-    if saved and (choice == "gpt2" and "tokenizer" not in args.given or choice.startswith(
-            "train:") and choice == f"train:{BPETokenizer.loads(saved).n_vocab}"):
-        own = BPETokenizer.loads(saved, f"the tokenizer in {args.out}")   # the run's own
-    elif choice == "gpt2":
-        own = None
-    elif choice.startswith("train:"):
+    Pretrained weights bring their tokenizer (GPT-2's, or the one their checkpoint or export
+    carries: their embeddings are rows of its tokens), and a resumed run keeps its own; a
+    --tokenizer that is another one is refused, naming both."""
+    choice, given = args.tokenizer, "tokenizer" in args.given
+    own, size = None, None
+    if choice.startswith("train:"):
         size = choice.partition(":")[2]
         if not size.isdigit() or not 256 < int(size) <= 65536:
             raise ValueError(f"--tokenizer {choice}: give a vocabulary size in 257..65536 "
                              f"(token ids are stored as uint16), e.g. train:4096")
+        size = int(size)
+    elif choice != "gpt2":
+        own = _tokenizer_file(choice)
+    if args.init_from is not None:
+        theirs = _carried_tokenizer(args.init_from)
+        if given and (size or _fingerprint(own) != _fingerprint(theirs)):
+            raise ValueError(f"--tokenizer {choice} with --init-from {args.init_from}: the "
+                             f"weights come with {_which(theirs)} (their embeddings are rows "
+                             f"of its tokens); leave --tokenizer out, and it comes along")
+        own, size = theirs, None
+    if args.resume:
+        saved = _carried_tokenizer(args.out)
+        if (size and saved and saved.n_vocab == size) or not (given or args.init_from):
+            own, size = saved, None
+        if size or _fingerprint(own) != _fingerprint(saved):
+            now = (f"--tokenizer {choice}" if given else
+                   f"the tokenizer of --init-from {args.init_from}")
+            raise ValueError(f"--resume: the run at {args.out} was trained with "
+                             f"{_which(saved)}, not with {now}; resume with the same "
+                             f"tokenizer (leave --tokenizer out), or train into a new --out")
+    if own and own.n_vocab > 65536:
+        raise ValueError(f"{choice} has {own.n_vocab} tokens; token ids are stored as uint16 "
+                         f"(at most 65536): train a smaller vocabulary")
+    return own, size
+
+
+def _tokenizer_file(path):
+    """--tokenizer FILE, read and checked (tokenizer.BPETokenizer.load), or one line why not."""
+    try:
+        return BPETokenizer.load(path)
+    except OSError as e:
+        raise ValueError(f"--tokenizer {path}: {e.strerror or e}; give gpt2, train:N or a file "
+                         f"written by `python tokenizer.py train`") from None
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {e}") from None
+
+
+def _carried_tokenizer(source):
+    """The tokenizer a checkpoint or export carries (checked whole), or None: GPT-2's."""
+    text = saved_tokenizer(source)
+    return text and BPETokenizer.loads(text, f"the tokenizer of {source}")
+
+
+def _fingerprint(own):
+    return own.fingerprint() if own else "gpt2"
+
+
+def _which(own):
+    return (f"its own tokenizer ({own.name}, {own.n_vocab} tokens)" if own else
+            "GPT-2's tokenizer")
+
+
+def _run_tokenizer(args, texts, rank, own, size):
+    """(the tiktoken Encoding the run encodes with, its BPETokenizer or None for GPT-2's).
+
+    ``size`` (--tokenizer train:N): train one on ``texts[0]`` (the training split: nothing of
+    the validation text leaks into the vocabulary) and save it beside --out."""
+    if size:
         path = Path(args.out).with_name(Path(args.out).stem + "_tokenizer.json")
         if rank == 0:
             started = time.perf_counter()
-            own = BPETokenizer.train(texts[0], int(size), name=f"{Path(args.data).stem}-{size}")
+            own = BPETokenizer.train(texts[0], size, name=f"{Path(args.data).stem}-{size}")
             own.save(path)
             seconds = time.perf_counter() - started
             ours, gpt2 = (_bytes_per_token(enc, texts[-1]) for enc in (own.to_tiktoken(),
@@ -401,16 +470,6 @@ def _run_tokenizer(args, texts, rank):
                   f"text: {ours:.2f} (GPT-2's: {gpt2:.2f})")
         barrier()
         own = BPETokenizer.load(path)
-    else:
-        own = BPETokenizer.load(choice)
-    if args.resume and (own and own.dumps()) != saved:
-        had = "its own tokenizer" if saved else "GPT-2's tokenizer"
-        raise ValueError(f"--resume: the run at {args.out} was trained with {had}, not with "
-                         f"--tokenizer {choice}; resume with the same tokenizer (leave "
-                         f"--tokenizer out), or train into a new --out")
-    if own and own.n_vocab > 65536:
-        raise ValueError(f"{choice} has {own.n_vocab} tokens; token ids are stored as uint16 "
-                         f"(at most 65536): train a smaller vocabulary")
     return (own.to_tiktoken() if own else get_tokenizer()), own
 
 
@@ -472,6 +531,10 @@ def _instruction_loaders(args, data, ctx, tokenizer, world_size):
     print(f"Data: {args.data}: {len(train_records)} training records, {len(valid_records)} held "
           f"out for validation, {cut} shortened to fit the {ctx}-token context; the loss "
           f"counts the answers only.")
+    if copies := copies_across(train_records, valid_records):
+        print(f"note: {copies} of the {len(valid_records)} validation records are copies of a "
+              f"training record ({args.data} repeats it), so the validation loss partly "
+              f"measures memory; remove the repeats for a fair one")
     # the sample after each epoch: the model answering the first held-out instruction
     messages = as_conversation(valid_records[0])[:-1]
     prompt = tokenizer.decode(render_conversation(messages, tokenizer, reply_open=True)[0])
@@ -486,7 +549,7 @@ def _prepare_splits(args, rank, world_size):
                                use_default_corpus=args.data == DEFAULT_DATA)
         for path in paths:
             if path.exists():       # test.txt is optional when you bring your own splits
-                load_tokens(path)
+                load_tokens(path, progress=not args.no_progress)
     barrier()
     return prepare_splits(args.data, auto_split=True, resplit=args.resplit and world_size == 1,
                           use_default_corpus=args.data == DEFAULT_DATA)
@@ -496,25 +559,25 @@ def _prepare_splits(args, rank, world_size):
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
 
 
-def _check_out_is_not_read(args):
-    """Refuse an --out whose files (the checkpoint, its history and plot) would replace a
-    file the run reads: the --init-from weights (the first checkpoint would overwrite the
-    source, and a LoRA resume would add the adapters onto weights that hold them already),
-    or the --data text and its split files."""
+def _check_outputs(args, rank):
+    """--out, the files written beside it, and --tensorboard: each writable (rank 0 writes
+    them all), and none a file the run reads (the --init-from weights: the first checkpoint
+    would overwrite the source, and a LoRA resume would add the adapters onto weights that
+    hold them already; the --data text and its split files; the --tokenizer and --eval-data
+    files)."""
     out = Path(args.out)
-    written = [out, out.with_name(out.stem + "_history.json"),
-               out.with_name(out.stem + "_loss.png")]
-    reads = [("--data", Path(args.data)), *(("--data's split", p) for p in split_paths(args.data))]
-    if args.init_from is not None:
-        reads.insert(0, ("--init-from", Path(args.init_from)))
-    for flag, source in reads:
-        for target in written:
-            if target.resolve() == source.resolve() or (
-                    target.exists() and source.exists() and os.path.samefile(target, source)):
-                raise ValueError(
-                    f"--out {args.out} would make the run write {target}, which is the file "
-                    f"it reads as {flag} ({source}), and replace it at its first checkpoint; "
-                    f"choose another --out, e.g. --out {out.with_name(out.stem + '_tuned.pth')}")
+    beside = [out.with_name(out.stem + end) for end in
+              ("_history.json", "_loss.png", "_metrics.jsonl")] + [previous_path(out)]
+    if args.tokenizer.startswith("train:"):
+        beside.append(out.with_name(out.stem + "_tokenizer.json"))
+    reads = [("--data", args.data), *(("--data's split", p) for p in split_paths(args.data)),
+             ("--init-from", args.init_from), ("--eval-data", args.eval_data)]
+    if args.tokenizer != "gpt2" and not args.tokenizer.startswith("train:"):
+        reads.append(("--tokenizer", args.tokenizer))
+    check_output(args.out, reads, "--out", also=beside,
+                 example=out.with_name(out.stem + "_tuned.pth"), writable=rank == 0)
+    if args.tensorboard is not None:
+        check_output(args.tensorboard, reads, "--tensorboard", folder=True, writable=rank == 0)
 
 
 def _resumed_source(args):
@@ -606,8 +669,8 @@ def _report(args, history, model, test_path, device, rank, tokenizer):
     """Test loss (text runs), the loss plot and history files, and the final lines."""
     ctx = unwrap_model(model).cfg["context_length"]
     out = Path(args.out)
-    test_tokens = (load_tokens(test_path, tokenizer) if test_path and test_path.exists()
-                   else [])
+    test_tokens = (load_tokens(test_path, tokenizer, progress=not args.no_progress)
+                   if test_path and test_path.exists() else [])
     history["test_loss"] = float("nan")
     if len(test_tokens) > ctx:
         test_loader = create_dataloader(test_tokens, args.batch_size, ctx, ctx, shuffle=False,

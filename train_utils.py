@@ -335,7 +335,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     # batches, so the figures do not depend on how many processes share the work.
     eval_loaders = (_in_order(train_loader, batch_size * world_size),
                     _in_order(val_loader, val_loader.batch_size * world_size))
-    task = c.eval_task and task_scorer(c.eval_task, tokenizer, c.eval_data, batch_size)
+    task = c.eval_task and task_scorer(c.eval_task, tokenizer, c.eval_data, batch_size,
+                                       context_length=gpt.cfg["context_length"])
     log = RunLog(c.progress, plan.total_steps, run, c.checkpoint_path,
                  c.checkpoint_path and metrics_path(c.checkpoint_path), c.tensorboard)
 

@@ -12,7 +12,8 @@ the textbook through one small, named call, and none of them imports a textbook 
     fused_loss    the output head and cross-entropy without the whole logits tensor
     int8          int8 inference: Int8Linear, quantize_, its kernels
     native        the C kernels (int8_kernel.c, decode_kernel.c), compiled once per machine
-    fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves
+    fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves, outputs
+                  checked before any work (check_output)
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
     gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)
     bpe_files     GPT-2's tokenizer files, offline and sha256-checked

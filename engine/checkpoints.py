@@ -89,6 +89,9 @@ def read_checkpoint(path, map_location="cpu", verify=True, mmap=False):
             f"download one with download_weights.py")
     with open(path, "rb") as f:
         magic = f.read(4)
+    if not magic:       # a save or copy cut before its first byte: damaged, not foreign
+        raise DamagedFileError(path, "is empty (0 bytes): a save or a copy of it was cut "
+                                     "short", "delete it and save or download it again")
     # torch.save writes a zip archive ("PK\x03\x04"); before PyTorch 1.6, a pickle stream
     # (protocol 2: "\x80\x02"). Anything else is some other file: say so plainly.
     if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):

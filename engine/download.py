@@ -92,7 +92,7 @@ def _download_attempt(url, part, desc, timeout, chunk_size, expected_size=None,
             raise DownloadError(
                 f"{url} was sent with Content-Encoding: {encoding} although we asked for the "
                 f"plain bytes (Accept-Encoding: identity), so its length cannot be checked. "
-                f"Use a server or mirror ({mirror_flag}) that sends the file as it is")
+                f"Use a server or mirror{_named(mirror_flag)} that sends the file as it is")
         if status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
@@ -170,7 +170,7 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
     ``size`` (a short file resumes, a long one starts again); with ``sha256`` the complete
     file is hashed before it takes its name. A wrong file is deleted and downloaded again,
     counted as a start-again like the others. ``mirror_flag`` is the command-line flag the
-    messages suggest for another server.
+    messages suggest for another server (None: a command that has none).
 
     Returns the destination Path. Raises FileNotFoundError on 404 and DownloadError for
     other failures; the .part is kept so that running again resumes.
@@ -195,7 +195,7 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                 raise DownloadError(
                     f"downloading {url} had to start again from zero {restarts} times "
                     f"(last: {e}); the server does not send the file consistently. Try "
-                    f"again later or use another mirror ({mirror_flag})") from None
+                    f"again later or use another mirror{_named(mirror_flag)}") from None
             _pause(f"{destination.name}: {e}; starting again from zero", restarts, retries,
                    backoff * 2 ** (restarts - 1))
             continue
@@ -206,8 +206,8 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
                 host = urlparse(url).hostname
                 raise DownloadError(
                     f"cannot download {url}: the host name {host!r} does not resolve, so this "
-                    f"machine is offline or the name is wrong; connect and run again, or point "
-                    f"{mirror_flag} at a reachable mirror") from None
+                    f"machine is offline or the name is wrong; connect and run again"
+                    f"{_or_point(mirror_flag, 'a reachable mirror')}") from None
             if part.exists() and part.stat().st_size > size_before:
                 failures = 0           # progress: a flaky connection, not a dead one
                 continue
@@ -215,13 +215,21 @@ def download_file(url, destination, *, retries=5, backoff=1.0, timeout=(10, 60),
             if failures > retries:
                 what_now = (f"the partial file {part} is kept, so running again resumes "
                             f"where it stopped" if part.exists() else
-                            f"check the network connection, or point {mirror_flag} at a mirror")
+                            f"check the network connection{_or_point(mirror_flag, 'a mirror')}")
                 raise DownloadError(f"downloading {url} failed {failures} times in a row "
                                     f"({e}); {what_now}") from e
             _pause(f"{destination.name}: {e}", failures, retries, backoff * 2 ** (failures - 1))
             continue
         os.replace(part, destination)
         return destination
+
+
+def _named(mirror_flag):       # " (--base-url)": the flag that names a mirror, when there is one
+    return f" ({mirror_flag})" if mirror_flag else ""
+
+
+def _or_point(mirror_flag, where):
+    return f", or point {mirror_flag} at {where}" if mirror_flag else ""
 
 
 def _name_does_not_resolve(error):

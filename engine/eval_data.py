@@ -1,6 +1,7 @@
 """The benchmark files evaluate.py scores: where they come from, how they are checked and read.
 
     task_file("hellaswag")          data/eval/hellaswag_val.jsonl, downloaded once, checked
+    task_path("hellaswag")          where that file is kept (nothing downloaded)
     read_hellaswag(path)            [{"activity_label", "ctx_a", "ctx_b", "endings", "label"}]
     read_lambada(path)              ["passage text", ...]
     read_wikitext(path)             ["document", ...]   (wiki.test.raw, or the zip holding it)
@@ -62,23 +63,31 @@ TASK_FILES = {
 WIKITEXT_MEMBER = "wikitext-2-raw/wiki.test.raw"        # the test split inside the zip
 
 
-def task_file(task, folder="data/eval", url=None, retries=3, backoff=1.0):
+def task_path(task, folder="data/eval"):
+    """Where ``task``'s file is kept (task_file downloads it there when it is missing)."""
+    return Path(folder) / TASK_FILES[task].name
+
+
+def task_file(task, folder="data/eval", url=None, retries=3, backoff=1.0, *,
+              file_flag="--data", mirror_flag="--data-url"):
     """Path of ``task``'s file in ``folder``, downloaded from its source (or ``url``, a
-    mirror of the same file: it is held to the same size and sha256) if it is not there."""
+    mirror of the same file: it is held to the same size and sha256) if it is not there.
+    ``file_flag`` / ``mirror_flag``: the caller's flags for a file of one's own and for a
+    mirror (None: it has none), which the advice of a failed download names."""
     spec = TASK_FILES[task]
-    destination = Path(folder) / spec.name
+    destination = task_path(task, folder)
     if destination.is_file():
         return destination
     url = url or spec.url
     print(f"downloading {spec.name} ({spec.size / 2**20:.1f} MiB) from {url} into {folder}/")
     try:
         return download_file(url, destination, size=spec.size, sha256=spec.sha256,
-                             retries=retries, backoff=backoff, mirror_flag="--data-url")
+                             retries=retries, backoff=backoff, mirror_flag=mirror_flag)
     except (DownloadError, requests.RequestException) as e:
         # one line: why, and what to do without a network
         raise OSError(f"could not download {spec.name}: {e}. If this machine is offline, "
-                      f"fetch {url} on one that is not and pass it with --data FILE, or put "
-                      f"it at {destination}") from None
+                      f"fetch {url} on one that is not and pass it with {file_flag} FILE, or "
+                      f"put it at {destination}") from None
 
 
 # ---------------------------------------------------------------------------------------

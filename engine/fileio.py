@@ -5,6 +5,9 @@
 A crash, a Ctrl-C or ``kill -9`` at any moment leaves either the old file or the complete new
 one, never half of one that a later run would trust. (The one safe way back in for a
 checkpoint is engine/checkpoints.py's ``read_checkpoint``.)
+
+Before any of that, every command that writes calls ``check_output`` on each output, before
+any work: a place that can be written, and never one of the command's own inputs.
 """
 
 import contextlib
@@ -193,25 +196,84 @@ def _size(n_bytes):
     return f"{n_bytes / 2**20:,.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:,.1f} KB"
 
 
-def check_writable(path):
-    """Raise OSError, before any long work, when a file cannot be written at ``path``."""
+# The files a model folder is read from (by our loader, transformers or a converter): an
+# output inside a folder given as an input may not be one of these, existing or new (a
+# model.safetensors written into a sharded folder would be read instead of the shards).
+MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
+                      "tokenizer.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                      "bpe_tokenizer.json", "model.safetensors.index.json", "model*.safetensors",
+                      "pytorch_model*.bin")
+
+
+def check_output(path, inputs, flag, *, also=(), folder=False, example=None, writable=True):
+    """Refuse, before any work, an output that cannot be written or would replace an input.
+
+    Every command that writes calls this first, so that a long job never ends in an error
+    about its output, and never writes over what it read. ``path``: what the flag ``flag``
+    names, a file (``folder=True``: a folder the command writes into); ``also``: the other
+    files it writes (its history beside a checkpoint, the files of an export folder);
+    ``inputs``: ``(flag, path)`` pairs of what the command reads (a None path: not given).
+
+    Refused with ValueError, in one line naming both flags: a written file that is an input
+    (the same resolved path, through a symbolic link or not, or the same file under another
+    name: a hard link), or that lies in an input folder as one of the files a model folder is
+    read from (MODEL_FOLDER_FILES). ``example``: another value to suggest for ``flag``.
+    Refused with OSError (check_writable): a folder where a file is meant or the other way
+    round, a place where nothing can be created; ``writable=False`` skips that (the other
+    processes of a torchrun job, which write nothing). Returns ``Path(path)``.
+    """
+    shown, path = os.fspath(path), Path(path)      # the flag's value, as it was given
+    written = ([] if folder else [path]) + [Path(p) for p in also]
+    instead = f"choose another {flag}" + (f", e.g. {flag} {example}" if example else "")
+    for read_flag, source in inputs:
+        if source is None:
+            continue
+        source = Path(source)
+        for target in written:
+            same = target.resolve() == source.resolve()
+            if same or (target.exists() and source.exists() and os.path.samefile(target, source)):
+                what = (f"{flag} {shown} is" if target == path else
+                        f"{flag} {shown} would make it write {target}, which is")
+                link = "" if same else " under another name (a hard link)"
+                raise ValueError(f"{what} the file it reads as {read_flag} ({source}){link}, "
+                                 f"and writing would replace it; {instead}")
+            if source.is_dir() and target.resolve().parent == source.resolve() and any(
+                    target.match(name) for name in MODEL_FOLDER_FILES):
+                raise ValueError(
+                    f"{flag} {shown} would write {target.name} into {source}, the model folder "
+                    f"it reads as {read_flag}, where {target.name} is one of the folder's own "
+                    f"files; {instead} (outside {source})")
+    if writable:
+        check_writable(shown, flag, folder)
+    return path
+
+
+def check_writable(path, flag=None, folder=False):
+    """Raise OSError, before any long work, when ``path`` (a file; with ``folder=True`` a
+    folder to write into) cannot be written. Nothing is created: the nearest folder that
+    exists gets a temporary file, removed at once."""
+    named = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
     path = Path(path)
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise NotADirectoryError(f"cannot write {path}: {blocker} is a file, not a folder; "
-                                 f"choose another path")
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot write {named}: it is a file, not a folder; choose "
+                                 f"another {flag or 'folder'}")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"cannot write {named}: it is a folder; give the path of a "
+                                f"file (in it, or elsewhere)")
+    base = path if folder else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"cannot write {named}: {base} is a file, not a folder; "
+                                 f"choose another {flag or 'path'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp, fd = _create_temp_file(path)
+        tmp, fd = _create_temp_file(base / path.name)
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise OSError(f"cannot write {path}: {e.strerror or e}{where}; choose another path "
-                      f"or fix the folder's permissions") from None
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file path, e.g. "
-                                f"{path / 'model.pth'}")
+        raise NotWritableError(f"cannot write {named}: nothing can be created in {base} "
+                               f"({e.strerror or e}); choose a place you can write to, or "
+                               f"make {base} writable") from None
 
 
 def _temp_prefix(path, pid=""):

@@ -4,6 +4,7 @@
                                         a list of records, each checked, with errors that name
                                         the record's line (JSONL) or its index (JSON list)
     split_records(records, 0.1, seed)   -> (train, valid): whole records, decided per record
+    copies_across(train, valid)         validation records that are copies of training ones
     group_by_length(order, lengths, b)  batches of records of similar length (less padding),
     LengthGroupedSampler                and the DataLoader sampler that uses it
     fetch_records(url, folder)          a public set downloaded once (engine/download.py)
@@ -78,7 +79,11 @@ def check_record(record, format=None):
             raise ValueError(f"\"instruction\" must be a non-empty string, got "
                              f"{_short(instruction)}")
         for field, names in ALPACA_FIELDS.items():
-            name = next((n for n in names if n in record), None)
+            both = [n for n in names if n in record]
+            if len(both) > 1:       # one would be dropped without a word
+                raise ValueError(f"it has both \"{both[0]}\" and \"{both[1]}\" (Dolly's name "
+                                 f"for the same field); keep one of them")
+            name = next(iter(both), None)
             if name is None and field == "output":
                 raise ValueError("it has no \"output\" (the answer the model learns to give)")
             if name is not None and not isinstance(record[name], str):
@@ -164,7 +169,18 @@ def check_records(records, format=None, name="records", lines=None):
         except ValueError as e:
             where = f"line {lines[i]}" if lines else f"record {i} (counting from 0)"
             raise ValueError(f"{name} {where}: {e}") from None
+    if not any(answer.strip() for record in records for answer in _answers(record)):
+        raise ValueError(f"{name}: every record's answer (\"output\", or the assistant's "
+                         f"messages) is empty, so a model tuned on it would only learn to stop "
+                         f"at once; fill in the answers")
     return records
+
+
+def _answers(record):
+    """The texts a record teaches the model to say: its output, or the assistant's turns."""
+    if "messages" in record:
+        return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    return [alpaca_fields(record)[2]]
 
 
 def load_records(records, format=None, name=None):
@@ -254,7 +270,8 @@ def split_records(records, valid_fraction=0.1, seed=123):
                          f"{valid_fraction!r}")
     if len(records) < 2:
         raise ValueError(f"{len(records)} record(s) cannot be split into training and "
-                         f"validation: give at least 2, or a validation file of its own")
+                         f"validation: give at least 2 (some are held out to measure the "
+                         f"validation loss on)")
     keys = [_hash_fraction(seed, r) for r in records]
     held = [k < valid_fraction for k in keys]
     if not any(held):
@@ -262,6 +279,18 @@ def split_records(records, valid_fraction=0.1, seed=123):
     if all(held):
         held[keys.index(max(keys))] = False
     return ([r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h])
+
+
+def copies_across(train, valid):
+    """How many ``valid`` records are copies of a ``train`` record. Equal records hash alike,
+    so split_records puts them on one side, except when every record would land on one side
+    (a file of one record repeated): then the validation loss partly measures memory."""
+    seen = {_key(r) for r in train}
+    return sum(_key(r) in seen for r in valid)
+
+
+def _key(record):
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
 def _hash_fraction(seed, record):

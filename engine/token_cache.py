@@ -115,7 +115,7 @@ def _iter_text_chunks(f, chunk_bytes, path, on_bytes):
             pending = pending[cut:]
 
 
-def _encode_file(path, tokenizer, chunk_bytes, sink):
+def _encode_file(path, tokenizer, chunk_bytes, sink, progress=True):
     """Tokenize ``path`` chunk by chunk; hand each uint16 array of ids to ``sink``, in order.
 
     Returns ``(n_tokens, sha256 hex of the bytes)``. Memory stays at a few chunks whatever the
@@ -142,7 +142,7 @@ def _encode_file(path, tokenizer, chunk_bytes, sink):
     size = path.stat().st_size
     with (ThreadPoolExecutor(n_threads) as pool, open(path, "rb") as f,
           tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"tokenizing {path.name}") as bar):
+               desc=f"tokenizing {path.name}", disable=not progress) as bar):
         def on_bytes(data):
             hasher.update(data)
             bar.update(len(data))
@@ -199,7 +199,7 @@ def _cache_is_fresh(path, stat, tokenizer, u16_path, meta_path, meta):
     return _same_text(path, stat, meta, meta_path, prefix="source_")
 
 
-def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES):
+def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES, progress=True):
     """The token ids ``tokenizer`` (a tiktoken Encoding) gives a UTF-8 text file, as a 1-D
     ``uint16`` array.
 
@@ -211,6 +211,7 @@ def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES):
     window asks for it. The cache is rebuilt when the text changes. If the folder is
     read-only, the ids are kept in memory instead. ``<|endoftext|>`` in the file (the usual
     separator between documents) becomes token 50256, exactly as ``GPTDataset(text)`` does.
+    ``progress=False``: no "tokenizing" bar (--no-progress).
     """
     path = Path(path)
     if not path.is_file():
@@ -225,7 +226,7 @@ def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES):
 
     def in_memory():
         parts = []
-        _encode_file(path, tokenizer, chunk_bytes, parts.append)
+        _encode_file(path, tokenizer, chunk_bytes, parts.append, progress)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
     if not cache:
@@ -254,7 +255,7 @@ def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES):
             f.write(ids)
 
         encoded["n_tokens"], encoded["sha256"] = _encode_file(path, tokenizer, chunk_bytes,
-                                                              sink)
+                                                              sink, progress)
         encoded["ids_sha256"] = ids_hash.hexdigest()
 
     try:

@@ -66,12 +66,11 @@ def test_an_out_that_is_a_file_the_run_reads_is_refused_up_front(tmp_path, monke
     (tmp_path / "input.txt").write_text(default_corpus_text()[:20_000])
     for out in ("X.pth", "./X.pth", str(source), "link.pth"):
         with pytest.raises(ValueError, match=(
-                rf"^--out {out} would make the run write \S+, which is the file it reads as "
-                rf"--init-from \(X.pth\), and replace it at its first checkpoint; choose another "
-                rf"--out, e.g. --out .*_tuned.pth$")):
+                rf"^--out {out} is the file it reads as --init-from \(X.pth\), and writing "
+                rf"would replace it; choose another --out, e.g. --out .*_tuned.pth$")):
             main(["--data", "input.txt", "--out", out, "--init-from", "X.pth", "--lora-rank", "4",
                   *FINETUNE])
-    with pytest.raises(ValueError, match=r"^--out input.pth would make the run write "
+    with pytest.raises(ValueError, match=r"^--out input.pth would make it write "
                                          r"input_history.json, which is the file it reads as "
                                          r"--data \(input_history.json\)"):
         main(["--data", "input_history.json", "--out", "input.pth", *TINY_FLAGS])

@@ -322,6 +322,9 @@ def edits(path):
     yield "not a merge", with_(merges=[m[0], "t h", *m[2:]])
     yield "byte order", with_(byte_order=[0] * 256)
     yield "bad pattern", with_(pattern="(")
+    yield "no merges", json.dumps({k: v for k, v in data.items() if k != "merges"})
+    yield "merges not a list", with_(merges={"0": m[0]})
+    yield "no end of text", with_(special_tokens={})
 
 
 def test_corrupt_files_are_refused(tmp_path, trained):

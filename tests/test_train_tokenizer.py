@@ -73,13 +73,29 @@ def test_resume_is_exact_and_refuses_another_tokenizer(run, tmp_path):
     resumed = main([*flags, "--out", str(cut), "--resume"])
     assert resumed["step_loss"] == whole["step_loss"]
     gpt2 = [a if a != "train:512" else "gpt2" for a in flags]
-    with pytest.raises(ValueError, match="trained with its own tokenizer, not with "
-                                         "--tokenizer gpt2"):
+    with pytest.raises(ValueError, match=r"trained with its own tokenizer \(input-512, 512 "
+                                         r"tokens\), not with --tokenizer gpt2"):
         main([*gpt2, "--out", str(cut), "--resume", "--max-steps", "8"])
     other = BPETokenizer.train(default_corpus_text()[:20_000], 400).save(tmp_path / "o.json")
     with pytest.raises(ValueError, match="not with --tokenizer"):
         main([*[a if a != "train:512" else str(other) for a in flags], "--out", str(cut),
               "--resume", "--max-steps", "8"])
+
+
+def test_resume_with_another_size_is_refused_before_it_writes_a_thing(run):
+    """Issue 34: --resume --tokenizer train:300 on a train:512 run first wrote a new tokenizer
+    over <out>_tokenizer.json, then refused: the run could no longer resume."""
+    folder, flags, _ = run
+    own = [folder / name for name in ("run.pth", "run.pth.prev", "run_tokenizer.json",
+                                      "run_metrics.jsonl", "run_history.json")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in own}
+    with pytest.raises(ValueError, match=(
+            rf"^--resume: the run at {folder / 'run.pth'} was trained with its own tokenizer "
+            rf"\(input-512, 512 tokens\), not with --tokenizer train:300; resume with the same "
+            rf"tokenizer \(leave --tokenizer out\), or train into a new --out$")):
+        main([*[a if a != "train:512" else "train:300" for a in flags], "--out",
+              str(folder / "run.pth"), "--resume", "--max-steps", "8"])
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in own} == before
 
 
 def test_the_hugging_face_export_carries_it(run, tmp_path):
@@ -103,7 +119,10 @@ def test_bad_tokenizer_flags_and_files_are_one_line(run, tmp_path):
     out = ["--out", str(tmp_path / "m.pth")]
     with pytest.raises(ValueError, match="give a vocabulary size in 257..65536"):
         main([*[a if a != "train:512" else "train:100" for a in flags], *out])
-    with pytest.raises(ValueError, match="pretrained weights come with their tokenizer"):
+    with pytest.raises(ValueError, match=(
+            rf"^--tokenizer train:512 with --init-from {folder / 'run.pth'}: the weights come "
+            rf"with its own tokenizer \(input-512, 512 tokens\) \(their embeddings are rows of "
+            rf"its tokens\); leave --tokenizer out, and it comes along$")):
         main(["--data", str(folder / "input.txt"), "--init-from", str(folder / "run.pth"),
               "--tokenizer", "train:512", *out])
     bad = tmp_path / "bad.json"

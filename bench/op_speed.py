@@ -1,7 +1,7 @@
 """The single operations behind generation and loading speed, timed one by one.
 
-    python bench/kernels.py            # 124M shapes
-    python bench/kernels.py --quick    # fewer repetitions
+    python bench/op_speed.py           # 124M shapes
+    python bench/op_speed.py --quick   # fewer repetitions
 
 No targets: this is the evidence for the analysis in the README / issue. Sections:
   sgemm     every fp32 matrix product of a training step of configs S and M (forward,
