@@ -13,6 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No timing of fast paths inside the tests, here or in the programs they start (train.py,
+# generate.py, notebooks): each path that can run is on, as the fixture below sets them, and
+# tests/test_engine_tuning.py tests the measurement itself with a clock of its own.
+os.environ["GPT2_FAST_PATHS"] = "on"
 # A test run started in the background by a script (`pytest &`) inherits SIGINT ignored, and
 # every program it starts would too: the Ctrl-C tests need it delivered. A handler (unlike
 # "ignore") is not inherited across exec, so the programs start with the default again.
@@ -29,14 +33,19 @@ TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads":
 
 @pytest.fixture(autouse=True)
 def every_cpu_fast_path_on(monkeypatch):
-    """Every CPU fast path on, whatever this CPU's defaults: each is tested against the plain
-    code (cpu_kernels.ENABLED = False, ...) on every machine the tests run on."""
+    """Every CPU fast path on wherever it can run, whatever the clock would choose on this
+    CPU: each is tested against the plain code (cpu_kernels.ENABLED = False, a flag set
+    False, ...) on every machine the tests run on."""
     from engine import cpu_kernels, decoder, int8
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
+    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
+                 "SCREENED_HEAD"):
         monkeypatch.setattr(cpu_kernels, flag, True)
-    # batch-1 steps in one call, and int8 products of few rows through gemm_q8 (where built)
+    # batch-1 steps in one call; int8 products through our kernels (where built): of few
+    # fp32 rows through gemm_q8, of up to 16 through int8_kernel.c (then the activations
+    # are fp32: int8.activation_dtype)
     monkeypatch.setattr(decoder, "ONE_CALL", True)
     monkeypatch.setattr(int8, "DYNAMIC_Q8", True)
+    monkeypatch.setattr(int8, "OWN_KERNEL", True)
 
 
 @pytest.fixture
