@@ -101,21 +101,27 @@ def aligned_logits(dtype):
 def copy_kind(dtype, rows, need_copy=False):
     """How decoding's products of ``rows`` rows (1, or 8: any batch) in ``dtype`` multiply:
     PLAIN (the model's own weights), PACKED (oneDNN-packed copies) or OWN (OneRow copies for
-    decode_kernel.c, one row of fp32 or bf16). ``need_copy``: a copy is wanted whatever
-    (the screened head's bf16 copy): PACKED or OWN."""
+    decode_kernel.c, one row of fp32 or bf16), the fastest of copy_kinds' here. ``need_copy``:
+    a copy is wanted whatever (the screened head's bf16 copy): PACKED or OWN."""
+    return tuning.pick(f"decoding products ({_dtype_name(dtype)}, {rows} row"
+                       f"{'s' if rows > 1 else ''})", lambda: _time_copies(dtype, rows),
+                       copy_kinds(dtype, rows, need_copy))
+
+
+def copy_kinds(dtype, rows, need_copy=False):
+    """The kinds copy_kind may pick from, as the switches and this machine allow (the
+    baseline first)."""
     copies = PACKING
     if dtype == torch.float32 and rows == 1 and PACKING is not False \
             and PACK_FP32_BATCH_1 is not None:
         copies = PACK_FP32_BATCH_1
     if not (ENABLED and available()) or (copies is False and not need_copy):
-        return PLAIN
+        return [PLAIN]
     kinds = [PACKED]
     if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV is not False
             and own_gemv() is not None):
         kinds = [OWN] if OWN_GEMV else [PACKED, OWN]
-    allowed = kinds if copies or need_copy else [PLAIN, *kinds]
-    return tuning.pick(f"decoding products ({_dtype_name(dtype)}, {rows} row"
-                       f"{'s' if rows > 1 else ''})", lambda: _time_copies(dtype, rows), allowed)
+    return kinds if copies or need_copy else [PLAIN, *kinds]
 
 
 def screened_head(rows):
@@ -432,7 +438,7 @@ class PackedSession:
 
 
 @contextlib.contextmanager
-def packed_for_cpu(model, batch_size=8, greedy=False):
+def packed_for_cpu(model, batch_size=8, greedy=False, kind=None):
     """Within this block the blocks' matmuls read oneDNN-packed weights (inference on CPU).
 
     ``model`` is a GPTModel; ``batch_size`` the rows each step will have (the packing is
@@ -443,7 +449,8 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     then is the model's own head), where screened_head picks it. Where copies are not
     available or not wanted (switched off, not x86, copy_kind picks the plain product, weights
     not on the CPU, gradients on, weights over a quarter of the RAM) nothing changes and
-    ``logits`` is ``model.logits``.
+    ``logits`` is ``model.logits``. ``kind``: the copies to make (PLAIN, PACKED, OWN)
+    instead of copy_kind's pick (engine/decoder.py times one-call steps so).
 
     The copies are reused by later blocks until a weight changes (an in-place edit, an
     optimizer step, load_state_dict, .to()); an edit that autograd does not see (through
@@ -464,7 +471,7 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
               and all(m.weight.is_floating_point() for m in layers)
               and head.is_floating_point()
               and not torch.is_grad_enabled() and _packed_copy_fits(model))
-    kind = copy_kind(dtype, rows) if usable else PLAIN
+    kind = (kind or copy_kind(dtype, rows)) if usable else PLAIN
     if kind == PLAIN:
         yield PackedSession(model.logits)
         return

@@ -11,7 +11,8 @@ decoded), and the answer is kept:
     pick(name, setup, allowed)   -> the label of the candidate that runs here
 
 ``setup()`` returns {label: fn} for every candidate that can run here, the plain code first
-(each fn runs one repeat of its candidate); ``allowed`` the labels the switches leave (a
+(each fn runs one repeat of its candidate), or a context manager giving it (what it holds is
+let go after the timing); ``allowed`` the labels the switches leave (a
 forced flag leaves one: then nothing is timed). Each candidate is called once to warm up,
 then REPEATS times, interleaved (a, b, b, a, ...: a machine that gets busier part-way slows
 both alike), and the median of each is kept. The first allowed label is the baseline: another
@@ -61,6 +62,7 @@ CLOCK = time.perf_counter
 # reads that decoding is bound by.
 WORKING_SET = None
 
+SEEN = {}               # name -> (setup, keep_autocast) of each decision met (bench scripts)
 _PICKED = {}            # (name, threads, allowed) -> label, this process
 _TIMES = {}             # file entry -> {label: seconds} measured on a busy machine, this process
 _NOTED = set()          # notes printed once
@@ -71,6 +73,7 @@ def pick(name, setup, allowed, keep_autocast=False):
     module. ``setup`` is called only when a measurement is needed; ``keep_autocast``: the
     candidates run under the caller's autocast (else with autocast off)."""
     allowed = tuple(allowed)
+    SEEN[name] = (setup, keep_autocast)
     if len(allowed) == 1:
         return allowed[0]
     if MODE not in MODES:
@@ -113,7 +116,9 @@ def timings(name, setup, keep_autocast=False):
             return found, False
         load = busy()
         with _as_measured(keep_autocast):
-            times = measure(setup())
+            made = setup()
+            with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as fns:
+                times = measure(fns)
         if load:
             # timings of a machine whose cores are shared out say little about the CPU
             # (threads that wait for each other lose most): used now, not kept
@@ -182,6 +187,11 @@ def describe(times, chosen=None):
         if others:
             text += f" ({', '.join(others)})"
     return text
+
+
+def picked():
+    """{decision: label} of the choices this process made by the clock."""
+    return {name: label for (name, _, _), label in _PICKED.items()}
 
 
 def summary():

@@ -285,50 +285,90 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
         assert not cpu_kernels.onednn_fp32()
 
 
-@pytest.mark.parametrize("won", [True, False])
-def test_one_call_decoding_is_timed_on_the_model_it_decodes(measuring, monkeypatch, won):
-    from generate import generate_text
+def _tiny_model():
     from model import GPTModel
-    monkeypatch.setattr(decoder, "ONE_CALL", None)
-    times = {"plain": 1.0, "one-call C kernel": 0.5 if won else 0.99}
-    asked = _timed_as(monkeypatch, times)
+    torch.manual_seed(0)
+    return GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 2,
+                     "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
+
+
+@pytest.fixture
+def counted_steps(monkeypatch):
     steps, call = [], decoder._OneToken.__call__
     monkeypatch.setattr(decoder._OneToken, "__call__",
                         lambda self, *args: steps.append(1) or call(self, *args))
-    torch.manual_seed(0)
-    model = GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 2,
-                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
-    prompt = torch.tensor([[1, 2, 3]])
-    out = generate_text(model, prompt, 5, eos_id=None)
-    try:
-        native.decode_kernels()
-    except (OSError, RuntimeError, subprocess.SubprocessError):
-        assert not asked                        # cannot run here: nothing to time
-        return
-    assert asked == ["batch-1 decoding (fp32, 2 x 32)"]
-    assert len(steps) == (4 if won else 0)
-    with decoder.disabled():
-        assert torch.equal(out, generate_text(model, prompt, 5, eos_id=None))
+    return steps
 
 
-def test_one_call_timing_on_a_model_with_the_real_clock(measuring, monkeypatch, capsys):
-    # the candidates decoding() times: both run, on a scratch cache, and the timings are kept
+@pytest.mark.parametrize("products", [cpu_kernels.OWN, cpu_kernels.PACKED])
+@pytest.mark.parametrize("won", [True, False])
+def test_one_call_decoding_is_timed_on_the_model_it_decodes(measuring, monkeypatch,
+                                                            counted_steps, won, products):
+    # the one-call steps need OneRow copies: where the products alone would take others,
+    # whole steps are timed (one-call with OneRow copies against model.py's code with the
+    # others), and the winner's copies are made
     from generate import generate_text
-    from model import GPTModel
     try:
         native.decode_kernels()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pytest.skip(f"decode_kernel.c cannot be built here: {e}")
+    for flag in ("PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV", "SCREENED_HEAD"):
+        monkeypatch.setattr(cpu_kernels, flag, None)
     monkeypatch.setattr(decoder, "ONE_CALL", None)
-    torch.manual_seed(0)
-    model = GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 2,
-                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
-    out = generate_text(model, torch.tensor([[1, 2, 3]]), 5, eos_id=None)
-    assert out.shape == (1, 8)
+    times = {"plain": 1.0, "one-call C kernel": 0.5 if won else 0.99, "fp32 logits": 1.0,
+             "bf16-screened": 2.0, cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.5,
+             cpu_kernels.OWN: 0.4 if products == cpu_kernels.OWN else 0.6}
+    asked = _timed_as(monkeypatch, times)
+    model = _tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    kinds = []
+    packed_for_cpu = cpu_kernels.packed_for_cpu
+
+    def spy(model, batch_size=8, greedy=False, kind=None):
+        kinds.append(kind)
+        return packed_for_cpu(model, batch_size, greedy, kind)
+    monkeypatch.setattr(cpu_kernels, "packed_for_cpu", spy)
+    out = generate_text(model, prompt, 5, eos_id=None)
+    assert "batch-1 decoding (fp32, 2 x 32)" in asked
+    assert len(counted_steps) == (4 if won else 0)
+    # the copies made: copy_kind's, or OneRow ones for the one-call steps that won
+    assert kinds == [cpu_kernels.OWN if won and products != cpu_kernels.OWN else None]
+    monkeypatch.undo()
+    with decoder.disabled():
+        assert torch.equal(out, generate_text(model, prompt, 5, eos_id=None))
+
+
+@pytest.mark.parametrize("products", [cpu_kernels.OWN, cpu_kernels.PACKED])
+def test_one_call_timing_on_a_model_with_the_real_clock(measuring, monkeypatch, capsys,
+                                                        products):
+    # the candidates decoding() times run (on a scratch cache; for PACKED products in two
+    # sessions at once), and the timings are kept
+    from generate import generate_text
+    try:
+        native.decode_kernels()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        pytest.skip(f"decode_kernel.c cannot be built here: {e}")
+    for flag in ("PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
+        monkeypatch.setattr(cpu_kernels, flag, None)
+    monkeypatch.setattr(decoder, "ONE_CALL", None)
+    real = tuning.timings
+
+    def timings(name, setup, keep_autocast=False):     # the products' choice given
+        if name.startswith("decoding products"):
+            return {cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.5,
+                    cpu_kernels.OWN: 0.4 if products == cpu_kernels.OWN else 0.6}, False
+        return real(name, setup, keep_autocast)
+    monkeypatch.setattr(tuning, "timings", timings)
+    model = _tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate_text(model, prompt, 5, eos_id=None)
     assert capsys.readouterr().err.startswith("batch-1 decoding (fp32, 2 x 32): ")
     (entry,) = tuning.summary()
     assert entry.startswith("batch-1 decoding (fp32, 2 x 32) [")
     assert set(tuning.summary()[entry]) == {"plain", "one-call C kernel"}
+    assert not cpu_kernels._IN_USE                  # both sessions closed
+    with decoder.disabled(), cpu_kernels.disabled():
+        assert torch.equal(out, generate_text(model, prompt, 5, eos_id=None))
 
 
 # ---------------------------------------------------------------------------------------
