@@ -23,10 +23,13 @@ os.environ["GPT2_FAST_PATHS"] = "on"
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# train.py flags for a 2-layer, 32-wide model on the CPU: seconds per run
+# The device of the tests marked "device" (and of TINY_FLAGS' runs): the CPU, or what
+# GPT2_TEST_DEVICE names (bench/gpu_check.py runs them on "cuda")
+TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
+# train.py flags for a 2-layer, 32-wide model: seconds per run on the CPU
 TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
-              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
-              "--dtype", "fp32", "--start-context", "The"]
+              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device",
+              TEST_DEVICE, "--dtype", "fp32", "--start-context", "The"]
 TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4,
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
 
@@ -78,6 +81,22 @@ def cfg_from_hf(hf_model):
     return {"vocab_size": c.vocab_size, "context_length": c.n_positions, "emb_dim": c.n_embd,
             "n_heads": c.n_head, "n_layers": c.n_layer, "drop_rate": 0.0, "qkv_bias": True,
             "tie_embeddings": bool(c.tie_word_embeddings)}
+
+
+@pytest.fixture
+def device():
+    """torch.device of the tests marked "device": TEST_DEVICE."""
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture
+def device_pair(hf_pair, device):
+    """hf_pair on ``device`` (copies where it is not the CPU)."""
+    import copy
+    hf, ours = hf_pair
+    if device.type == "cpu":
+        return hf, ours
+    return copy.deepcopy(hf).to(device), copy.deepcopy(ours).to(device)
 
 
 @pytest.fixture(scope="session")
