@@ -124,7 +124,8 @@ def timings(name, setup, keep_autocast=False):
             # (threads that wait for each other lose most): used now, not kept
             _TIMES[entry] = times
             _note(f"note: this machine is busy ({load}): the fast paths are chosen by "
-                  f"timings taken now, for this process only, and timed again next time")
+                  f"timings taken now, for this process only, and timed again next time",
+                  key="busy")
         else:
             _write(path, entry, times)
     return times, True
@@ -276,9 +277,10 @@ def _locked(path):
         os.close(fd)
 
 
-def _note(text):
-    if text not in _NOTED:
-        _NOTED.add(text)
+def _note(text, key=None):
+    """Print ``text`` once a process (once per ``key``, where given)."""
+    if (key or text) not in _NOTED:
+        _NOTED.add(key or text)
         print(text, file=sys.stderr, flush=True)
 
 
