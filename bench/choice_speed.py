@@ -89,8 +89,7 @@ def retime(name, repeats):
     """{label: median seconds} of decision ``name``'s candidates, timed again here."""
     from engine import tuning
     setup, keep_autocast = tuning.SEEN[name]
-    with tuning._as_measured(keep_autocast):
-        return tuning.measure(setup(), repeats=repeats)
+    return tuning.measure_setup(setup, keep_autocast, repeats)
 
 
 def decision_row(name, picked, times):

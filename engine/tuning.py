@@ -115,10 +115,7 @@ def timings(name, setup, keep_autocast=False):
         if found is not None:
             return found, False
         load = busy()
-        with _as_measured(keep_autocast):
-            made = setup()
-            with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as fns:
-                times = measure(fns)
+        times = measure_setup(setup, keep_autocast)
         if load:
             # timings of a machine whose cores are shared out say little about the CPU
             # (threads that wait for each other lose most): used now, not kept
@@ -139,6 +136,15 @@ def busy():
     except (AttributeError, OSError):           # no load average (Windows)
         return ""
     return f"load {load:.1f} on {cpus} CPUs" if load > cpus else ""
+
+
+def measure_setup(setup, keep_autocast=False, repeats=None):
+    """measure() of the candidates ``setup()`` makes (a dict, or a context manager giving
+    one), as a decision is timed: no gradients, autocast off unless ``keep_autocast``."""
+    with _as_measured(keep_autocast):
+        made = setup()
+        with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as fns:
+            return measure(fns, repeats)
 
 
 @contextlib.contextmanager
