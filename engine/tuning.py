@@ -21,9 +21,12 @@ is picked only where it is MARGIN (3%) faster, so that noise cannot switch a pat
 The times are kept in ``choices-<key>.json`` in the cache folder (native.cache_folder():
 ``$GPT2_KERNEL_CACHE`` or ~/.cache/gpt2-from-scratch, beside the compiled kernels), where
 the key hashes the CPU's model name and flags, the torch version and the engine's C sources:
-a change of any of them measures anew. Each decision is kept per thread count. The file is
-written atomically, under a lock file, so that the processes of a torchrun job measure once
-(the others wait, then read); a file that cannot be read is measured anew, never trusted.
+a change of any of them measures anew. Each decision is kept per thread count, and only
+when the machine was not busy (load average above the CPU count) and the repeats agreed (no
+candidate's slowest over 1.5x its fastest): else it is used by this process and timed again
+by the next. The file is written atomically, under a lock file, so that the processes of a
+torchrun job measure once (the others wait, then read); a file that cannot be read is
+measured anew, never trusted.
 When a decision is measured one line says so, on stderr:
 
     batch-1 decoding (fp32, 12 x 768): one-call C kernel, 1.80x plain on this CPU
@@ -115,17 +118,26 @@ def timings(name, setup, keep_autocast=False):
         if found is not None:
             return found, False
         load = busy()
-        times = measure_setup(setup, keep_autocast)
-        if load:
+        runs = measure_setup(setup, keep_autocast, whole=True)
+        times = {label: statistics.median(s) for label, s in runs.items()}
+        why = load or unsteady(runs)
+        if why:
             # timings of a machine whose cores are shared out say little about the CPU
             # (threads that wait for each other lose most): used now, not kept
             _TIMES[entry] = times
-            _note(f"note: this machine is busy ({load}): the fast paths are chosen by "
+            _note(f"note: this machine is busy ({why}): the fast paths are chosen by "
                   f"timings taken now, for this process only, and timed again next time",
                   key="busy")
         else:
             _write(path, entry, times)
     return times, True
+
+
+def unsteady(runs):
+    """'a candidate's repeats 2.1x apart' where one candidate's slowest repeat took over 1.5x
+    its fastest (another job took the cores for part of the time), else ''."""
+    worst = max(max(s) / min(s) if min(s) > 0 else float("inf") for s in runs.values())
+    return f"a candidate's repeats {worst:.1f}x apart" if worst > 1.5 else ""
 
 
 def busy():
@@ -138,13 +150,14 @@ def busy():
     return f"load {load:.1f} on {cpus} CPUs" if load > cpus else ""
 
 
-def measure_setup(setup, keep_autocast=False, repeats=None):
+def measure_setup(setup, keep_autocast=False, repeats=None, whole=False):
     """measure() of the candidates ``setup()`` makes (a dict, or a context manager giving
-    one), as a decision is timed: no gradients, autocast off unless ``keep_autocast``."""
+    one), as a decision is timed: no gradients, autocast off unless ``keep_autocast``.
+    ``whole``: every repeat's seconds (repeats_of), not their medians."""
     with _as_measured(keep_autocast):
         made = setup()
         with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as fns:
-            return measure(fns, repeats)
+            return (repeats_of if whole else measure)(fns, repeats)
 
 
 @contextlib.contextmanager
@@ -157,7 +170,13 @@ def _as_measured(keep_autocast):
 
 
 def measure(candidates, repeats=None, clock=None):
-    """{label: median seconds of one call} of ``candidates`` {label: fn}: one warm-up call
+    """{label: median seconds of one call} of ``candidates`` {label: fn} (repeats_of)."""
+    runs = repeats_of(candidates, repeats, clock)
+    return {label: statistics.median(s) for label, s in runs.items()}
+
+
+def repeats_of(candidates, repeats=None, clock=None):
+    """{label: [seconds of each timed call]} of ``candidates`` {label: fn}: one warm-up call
     each, then ``repeats`` calls each (fewer, at least 3, once BUDGET seconds are spent),
     interleaved, the order reversed every other round."""
     repeats = repeats or REPEATS
@@ -174,7 +193,7 @@ def measure(candidates, repeats=None, clock=None):
             seconds[label].append(clock() - t0)
         if r >= 2 and clock() - start > BUDGET:
             break
-    return {label: statistics.median(s) for label, s in seconds.items()}
+    return seconds
 
 
 def describe(times, chosen=None):

@@ -108,11 +108,18 @@ def test_a_busy_moment_does_not_decide(measuring, monkeypatch):
     # the median of interleaved repeats: a repeat slowed by another job (the 5.0) is outvoted
     clock = FakeClock(monkeypatch, plain=[1.0], fast=[0.9, 0.9, 5.0, 0.9, 0.9, 0.9])
     assert tuning.pick("noisy", clock.candidates, ("plain", "fast")) == "fast"
+    # ... and, the repeats of a candidate 5.6x apart, the timings are used, not kept
+    assert not list(measuring.glob("choices-*.json"))
+    clock = FakeClock(monkeypatch, plain=[1.0, 1.0, 1.0, 1.4], fast=[0.9])    # 1.4x: kept
+    tuning.pick("steady", clock.candidates, ("plain", "fast"))
+    assert list(measuring.glob("choices-*.json"))
     # past the time budget, 3 rounds are enough
     monkeypatch.setattr(tuning, "BUDGET", 2.0)
     clock = FakeClock(monkeypatch, plain=[1.0], fast=[0.5])
     assert tuning.measure(clock.candidates()) == {"plain": 1.0, "fast": 0.5}
     assert len(clock.calls) == 2 + 3 * 2
+    assert tuning.unsteady({"a": [1.0, 1.2], "b": [0.5, 1.1]}) == "a candidate's repeats 2.2x apart"
+    assert tuning.unsteady({"a": [1.0, 1.2], "b": [0.5, 0.6]}) == ""
 
 
 def test_a_busy_machine_measures_for_this_process_only(measuring, monkeypatch, capsys):
@@ -210,7 +217,7 @@ def test_processes_that_race_measure_once(measuring):
     code = f"""
 import sys, time
 from engine import tuning
-tuning.MODE, tuning.busy = "measure", lambda: ""
+tuning.MODE, tuning.busy, tuning.unsteady = "measure", lambda: "", lambda runs: ""
 def setup():
     with open({str(log)!r}, "a") as f:
         f.write("measured\\n")
@@ -351,6 +358,7 @@ def test_one_call_timing_on_a_model_with_the_real_clock(measuring, monkeypatch, 
     for flag in ("PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
         monkeypatch.setattr(cpu_kernels, flag, None)
     monkeypatch.setattr(decoder, "ONE_CALL", None)
+    monkeypatch.setattr(tuning, "unsteady", lambda runs: "")   # a busy machine's timings kept
     real = tuning.timings
 
     def timings(name, setup, keep_autocast=False):     # the products' choice given
