@@ -171,8 +171,9 @@ def maxrss_to_bytes(ru_maxrss):
     return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
 
 
-def run_child(argv, timeout=None):
+def run_child(argv, timeout=None, env=None):
     """Run ``python argv...`` in a fresh process; return (its JSON result, peak RSS bytes, wall s).
+    ``env``: variables to add to this process's environment for the child.
 
     The child prints one JSON object as its last stdout line. The peak RSS comes from the
     kernel's accounting of exactly that child (os.wait4's rusage, the per-child form of
@@ -181,7 +182,7 @@ def run_child(argv, timeout=None):
     with tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=err,
-                                text=True, cwd=ROOT)
+                                text=True, cwd=ROOT, env={**os.environ, **(env or {})})
         try:
             out = proc.stdout.read()
             _, status, usage = os.wait4(proc.pid, 0)

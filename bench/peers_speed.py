@@ -112,7 +112,8 @@ def _prompt(seed, n):
     return torch.randint(0, common.GPT2_VOCAB, (1, n), generator=g)
 
 
-def child_ours(workdir, variant, threads, prompt_len, new_tokens, repeats, seed):
+def child_ours(workdir, variant, threads, prompt_len, new_tokens, repeats, seed, extra=None):
+    """Ours decoding in this process; ``extra()``: more values for the report."""
     import torch
 
     from download_weights_hf import load_gpt2_hf
@@ -143,7 +144,7 @@ def child_ours(workdir, variant, threads, prompt_len, new_tokens, repeats, seed)
         t, ids = decode(new_tokens)
         times.append(t)
     common.child_report(tok_s=[new_tokens / t for t in times], ids=ids,
-                        step_bytes=generate_speed.bytes_per_step(model))
+                        step_bytes=generate_speed.bytes_per_step(model), **(extra or dict)())
 
 
 def child_ct2(workdir, variant, threads, prompt_len, new_tokens, repeats, seed):

@@ -93,11 +93,12 @@ def hf_logits_module(hf):
     return HFLogits(hf)
 
 
-def make_step(model, batch, dtype, plain=False):
+def make_step(model, batch, dtype, plain=False, device="cpu"):
     """A function doing one full optimizer step; returns (seconds, loss).
 
     ``plain``: with every fast path off (cpu_kernels.disabled, fused_loss.disabled), the
-    plain PyTorch code.
+    plain PyTorch code. ``device``: where the model and batch are (bench/gpu_check.py: a GPU,
+    whose work is waited for before the clock is read).
     """
     import contextlib
 
@@ -106,7 +107,7 @@ def make_step(model, batch, dtype, plain=False):
     from engine import cpu_kernels, fused_loss
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
-    device = torch.device("cpu")
+    device = torch.device(device)
 
     def step():
         t0 = time.perf_counter()
@@ -118,9 +119,17 @@ def make_step(model, batch, dtype, plain=False):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
         return time.perf_counter() - t0, loss
 
     return step
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously); nothing on the CPU."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,38 +312,39 @@ def build_nanogpt(module, hf, context):
     return model.train()
 
 
-def make_nanogpt_step(model, batch, dtype):
+def make_nanogpt_step(model, batch, dtype, device="cpu"):
     """nanoGPT's training step (its train.py: forward with targets, backward, clip 1.0,
     step, zero_grad(set_to_none=True)) with the optimizer its configure_optimizers makes
     (on CPU: AdamW, not fused). Its train.py uses no autocast on CPU; "bf16" here is what
     it does on CUDA, autocast around the forward pass. Returns (step, what
     configure_optimizers printed)."""
     import torch
+    kind = torch.device(device).type
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         opt = model.configure_optimizers(weight_decay=0.1, learning_rate=4e-4,
-                                         betas=(0.9, 0.95), device_type="cpu")
+                                         betas=(0.9, 0.95), device_type=kind)
     x, y = batch
 
     def step():
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.item()
+        value = loss.item()             # (waits for the device)
         return time.perf_counter() - t0, value
 
     return step, out.getvalue().strip().splitlines()
 
 
-def make_compiled_step(model, batch):
+def make_compiled_step(model, batch, device="cpu"):
     """make_step of torch.compile(model) under bf16 autocast, already compiled: returns
     (step, seconds of the first call, which compiles the forward and backward graphs)."""
     import torch
-    step = make_step(torch.compile(model), batch, "bf16")
+    step = make_step(torch.compile(model), batch, "bf16", device=device)
     first, _ = step()
     return step, first
 

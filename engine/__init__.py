@@ -12,6 +12,9 @@ the textbook through one small, named call, and none of them imports a textbook 
     fused_loss    the output head and cross-entropy without the whole logits tensor
     int8          int8 inference: Int8Linear, quantize_, its kernels
     native        the C kernels (int8_kernel.c, decode_kernel.c), compiled once per machine
+    tuning        which fast path runs here: each timed once per machine against the code it
+                  replaces (what the CPU can do says whether it can run; the clock, whether
+                  it does), the timings kept beside the compiled kernels
     fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves, outputs
                   checked before any work (check_output)
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
@@ -27,7 +30,8 @@ the textbook through one small, named call, and none of them imports a textbook 
     scoring       many log-likelihoods at once: evaluate.py's batched fast path
 
 Every fast path has one switch (``ENABLED``, an environment variable, and a ``disabled()``
-block) and a test against the plain code it replaces.
+block) and a test against the plain code it replaces; where it can lose on some CPU, the clock
+chooses it where it runs (engine/tuning.py).
 """
 
 import contextlib

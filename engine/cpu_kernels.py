@@ -9,18 +9,20 @@ faster kernel applies; each seam returns None where none does, and the plain cod
     GPTModel.train      -> forget_packed(params)   packed copies are dropped for training
 
 generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)`` (through
-engine/decoder.py's ``decoding``): the packed copies (for one-row fp32 steps, where
-OWN_GEMV is on, ``OneRow`` copies that our own kernels, decode_kernel.c, stream), and a
-greedy head that reads half the bytes (``screened_argmax``). train_utils calls
-``tune_malloc``. None of them changes what is computed, only how fast (up to the last-bit
-rounding in which any two matmul kernels differ); the tests compare each with the plain path.
+engine/decoder.py's ``decoding``): weight copies for decoding (oneDNN-packed, or for one-row
+fp32 and bf16 steps ``OneRow`` copies that our own kernels, decode_kernel.c, stream:
+``copy_kind`` says which), and a greedy head that reads half the bytes (``screened_argmax``).
+train_utils calls ``tune_malloc``. None of them changes what is computed, only how fast (up
+to the last-bit rounding in which any two matmul kernels differ); the tests compare each with
+the plain path.
 An int8 model (engine/int8.py) brings its own layers and kernels: head_logits and
 packed_for_cpu stand aside for its int8 matrices.
 
 One switch turns all of them off: ``cpu_kernels.ENABLED = False`` (or the environment
 variable ``GPT2_CPU_KERNELS=0`` before Python starts). The flags below it say which path is
-on for this CPU: each only where it was measured to beat the plain code (the "fast/plain"
-lines of bench/train_speed.py and bench/generate_speed.py), and each can be set by hand.
+on: None (the default), chosen by the clock on the machine where it runs, the first time it
+is needed (engine/tuning.py: each timed against the code it replaces, the answer kept per
+CPU); True, on wherever it can run; False, off. bench/choice_speed.py shows each choice.
 """
 
 import contextlib
@@ -36,28 +38,28 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from engine import native, turned_off
-from engine.devices import cpu_vendor
+from engine import native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
 
 
-# PyTorch's fp32 matmuls are Intel's MKL, which runs its best code on Intel CPUs only: on
-# the AMD EPYC (Zen 5) it ran at 184-214 GFLOP/s, oneDNN at 315-488, and there every path
-# here won. On a 2-core Intel Xeon (AVX-512, AMX) MKL was the faster one (oneDNN 0.43-0.95x
-# of it for every training product), padded logit rows lost 10% of a bf16 step, and
-# one-row fp32 decoding streamed the weights as fast through MKL as packed, with bf16
-# screening slower than the fp32 head: there only the batched and bf16 decoding paths win.
-_INTEL = cpu_vendor() == "GenuineIntel"
-ONEDNN_FP32 = not _INTEL        # fp32 products through oneDNN (training and evaluation)
-ALIGNED_LOGITS = not _INTEL     # the head's logits in rows padded to 64 (bf16, other CPUs)
-PACKING = True                  # packed weight copies for decoding (one more weight copy)
-PACK_FP32_BATCH_1 = not _INTEL  # ... also for one-row fp32 decoding (then: screened head)
-# One-row fp32 and bf16 decoding through our own kernels (decode_kernel.c) instead of
-# oneDNN's packed product: on the AMD EPYC (Zen 4) the 124M model's 48 block matrices took
-# 15.0-15.7 ms a token in fp32 against oneDNN's 20.0-20.1 (interleaved, 2 threads), and
-# less since (bench/README.md); measured only there.
-OWN_GEMV = cpu_vendor() == "AuthenticAMD"
+# Each path can lose somewhere, so the clock decides (None; engine/tuning.py). PyTorch's
+# fp32 matmuls are Intel's MKL, which runs its best code on Intel CPUs only: on an AMD EPYC
+# (Zen 5) it ran at 184-214 GFLOP/s, oneDNN at 315-488; on a 2-core Intel Xeon (AVX-512,
+# AMX) oneDNN ran at 0.43-0.95x of MKL, and there padded logit rows lost 10% of a bf16 step.
+ONEDNN_FP32 = None          # fp32 products through oneDNN (training and evaluation)
+ALIGNED_LOGITS = None       # the head's logits in rows padded to 64 (where oneDNN is not used)
+PACKING = None              # weight copies for decoding (one more copy of the weights)
+PACK_FP32_BATCH_1 = None    # ... for one-row fp32 decoding (None: as PACKING's choice)
+# One-row fp32 and bf16 copies for our own kernels (decode_kernel.c) rather than oneDNN's
+# packed layout: on an AMD EPYC (Zen 4) the 124M model's 48 block matrices took 15.0-15.7 ms
+# a token in fp32 against oneDNN's 20.0-20.1 (interleaved, 2 threads)
+OWN_GEMV = None
+# Greedy fp32 decoding's argmax through a bf16 copy of the output head (screened_argmax)
+SCREENED_HEAD = None
+
+# the candidates' names, as engine/tuning.py prints them
+PLAIN, PACKED, OWN = "x @ W", "oneDNN-packed copy", "own C kernel (decode_kernel.c)"
 
 
 def disabled():
@@ -66,9 +68,70 @@ def disabled():
 
 
 def available():
-    """True where these kernels exist and pay off: PyTorch with oneDNN, on x86."""
+    """True where these kernels can run: PyTorch with oneDNN, on x86."""
     return (torch.backends.mkldnn.is_available()
             and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+def _dtype_name(dtype):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Which path runs: the flag where it is set, else the clock (engine/tuning.py)
+
+def onednn_fp32():
+    """Whether fp32 products (training, evaluation, prompts) go through oneDNN here."""
+    if not ENABLED or ONEDNN_FP32 is False or not available():
+        return False
+    return ONEDNN_FP32 or tuning.pick("fp32 products (training)", _time_fp32_products,
+                                      ("torch.mm", "oneDNN")) == "oneDNN"
+
+
+def aligned_logits(dtype):
+    """Whether the output head writes its ``dtype`` logits into rows padded to 64 here."""
+    if not ENABLED or ALIGNED_LOGITS is False:
+        return False
+    return ALIGNED_LOGITS or tuning.pick(
+        f"output head logits ({_dtype_name(dtype)}, training)",
+        lambda: _time_head_rows(dtype), ("rows of 50257", "rows padded to 64")) != \
+        "rows of 50257"
+
+
+def copy_kind(dtype, rows, need_copy=False):
+    """How decoding's products of ``rows`` rows (1, or 8: any batch) in ``dtype`` multiply:
+    PLAIN (the model's own weights), PACKED (oneDNN-packed copies) or OWN (OneRow copies for
+    decode_kernel.c, one row of fp32 or bf16), the fastest of copy_kinds' here. ``need_copy``:
+    a copy is wanted whatever (the screened head's bf16 copy): PACKED or OWN."""
+    return tuning.pick(f"decoding products ({_dtype_name(dtype)}, {rows} row"
+                       f"{'s' if rows > 1 else ''})", lambda: _time_copies(dtype, rows),
+                       copy_kinds(dtype, rows, need_copy))
+
+
+def copy_kinds(dtype, rows, need_copy=False):
+    """The kinds copy_kind may pick from, as the switches and this machine allow (the
+    baseline first)."""
+    copies = PACKING
+    if dtype == torch.float32 and rows == 1 and PACKING is not False \
+            and PACK_FP32_BATCH_1 is not None:
+        copies = PACK_FP32_BATCH_1
+    if not (ENABLED and available()) or (copies is False and not need_copy):
+        return [PLAIN]
+    kinds = [PACKED]
+    if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV is not False
+            and own_gemv() is not None):
+        kinds = [OWN] if OWN_GEMV else [PACKED, OWN]
+    return kinds if copies or need_copy else [PLAIN, *kinds]
+
+
+def screened_head(rows):
+    """Whether greedy fp32 decoding of ``rows`` rows takes its argmax through screened_argmax
+    (a bf16 copy of the head read, a few rows in fp32) rather than all fp32 logits."""
+    if not ENABLED or SCREENED_HEAD is False:
+        return False
+    return SCREENED_HEAD or tuning.pick(
+        f"greedy head (fp32, {rows} row{'s' if rows > 1 else ''})",
+        lambda: _time_screened_head(rows), ("fp32 logits", "bf16-screened")) != "fp32 logits"
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,7 +145,7 @@ def linear(x, layer):
     copy = packed_copy(layer)
     if copy is not None:
         return packed_linear(x, copy, layer.bias)                           # (..., out)
-    if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, layer.weight):
+    if onednn_fp32_applies(x, layer.weight) and onednn_fp32():
         y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
         return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
     return None
@@ -97,14 +160,14 @@ def head_logits(h, weight):
     if (not ENABLED or h.device.type != "cpu" or torch.compiler.is_compiling()
             or not weight.is_floating_point()):     # an int8 head (engine/int8.py) has its own
         return None
-    if ONEDNN_FP32 and onednn_fp32_applies(h, weight):
+    if onednn_fp32_applies(h, weight) and onednn_fp32():
         out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
         return out.view(*h.shape[:-1], weight.shape[0])                     # (..., vocab)
-    if not ALIGNED_LOGITS or weight.shape[0] % 64 == 0:
-        return None
     # what autocast would do for the head: multiply in its low-precision dtype (the casts
     # do nothing outside autocast)
     dtype = cpu_matmul_dtype(weight)
+    if weight.shape[0] % 64 == 0 or not aligned_logits(dtype):
+        return None
     h, weight = h.to(dtype), weight.to(dtype)
     out = _AlignedLogits.apply(h.reshape(-1, h.shape[-1]), weight)           # (N, vocab)
     return out.view(*h.shape[:-1], weight.shape[0])
@@ -235,7 +298,7 @@ def cpu_matmul_dtype(weight):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
 
 
-def packed_weight(weight, rows=8, in_out=False, dtype=None):
+def packed_weight(weight, rows=8, in_out=False, dtype=None, kind=None):
     """The oneDNN-packed copy of ``weight`` (cached until the weight changes).
 
     ``weight`` is (out, in) like nn.Linear's, or (in, out) like our Linear's with
@@ -243,12 +306,12 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None):
     tiling for it. Packed for 1 row, one-token steps ran ~5% faster than with the 8-row
     packing, while 8-row steps ran 1.7x slower with the 1-row one; 8 served every batch
     from 2 to 16. ``dtype`` (default: the weight's) is the precision of the copy: bfloat16
-    for fp32 weights under autocast.
+    for fp32 weights under autocast. ``kind``: PACKED or OWN (a OneRow for our one-row
+    kernels); default: copy_kind's pick.
     """
     rows = 1 if rows == 1 else 8
     dtype = dtype or weight.dtype
-    if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV
-            and own_gemv() is not None):
+    if (kind or copy_kind(dtype, rows, need_copy=True)) == OWN and rows == 1:
         rows = "gemv"           # the copy is a OneRow for our kernel (the cache key says so)
     key = (*_version_key(weight), rows, dtype)
     # The storage itself is compared too (through a weak reference, which dies with it):
@@ -307,7 +370,7 @@ def own_gemv():
 
 class OneRow:
     """A matrix kept for one-row products through decode_kernel.c (packed_weight's copy of an
-    fp32 or bf16 matrix where OWN_GEMV is on): the (out, in) matrix in ``dtype``, contiguous,
+    fp32 or bf16 matrix where copy_kind picks OWN): the (out, in) matrix in ``dtype``, contiguous,
     each output's weights one run (the matrix itself where it already is one: the output
     head in its own dtype).
 
@@ -325,12 +388,12 @@ class OneRow:
 
     def __call__(self, x, bias=None):
         out, k = self.out_features, self.in_features
-        fn = own_gemv()[self.dtype] if ENABLED and OWN_GEMV and own_gemv() else None
+        fn = own_gemv()[self.dtype] if ENABLED and OWN_GEMV is not False and own_gemv() else None
         if fn is None or x.numel() != k or not x.is_floating_point():
             x = x.to(self.dtype)
             w = self.plain.to(self.dtype)
             bias = None if bias is None else bias.to(self.dtype)
-            if ENABLED and ONEDNN_FP32 and onednn_fp32_applies(x, w):
+            if onednn_fp32_applies(x, w) and onednn_fp32():
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), w, bias,
                                                        "none", [], "")
                 return y.view(*x.shape[:-1], out)
@@ -375,7 +438,7 @@ class PackedSession:
 
 
 @contextlib.contextmanager
-def packed_for_cpu(model, batch_size=8, greedy=False):
+def packed_for_cpu(model, batch_size=8, greedy=False, kind=None):
     """Within this block the blocks' matmuls read oneDNN-packed weights (inference on CPU).
 
     ``model`` is a GPTModel; ``batch_size`` the rows each step will have (the packing is
@@ -383,10 +446,11 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     bfloat16 (cast once, not at every step as autocast would). ``greedy=True`` (only the
     argmax will be asked for) packs an fp32 head as a bfloat16 copy for screened_argmax:
     greedy tokens exactly as fp32 picks them, with half the head's bytes read (``logits``
-    then is the model's own head). Where packing is not available or not wanted (switched
-    off, not x86, one-row fp32 products where PACK_FP32_BATCH_1 is off, weights not on the
-    CPU, gradients on, weights over a quarter of the RAM) nothing changes and ``logits`` is
-    ``model.logits``.
+    then is the model's own head), where screened_head picks it. Where copies are not
+    available or not wanted (switched off, not x86, copy_kind picks the plain product, weights
+    not on the CPU, gradients on, weights over a quarter of the RAM) nothing changes and
+    ``logits`` is ``model.logits``. ``kind``: the copies to make (PLAIN, PACKED, OWN)
+    instead of copy_kind's pick (engine/decoder.py times one-call steps so).
 
     The copies are reused by later blocks until a weight changes (an in-place edit, an
     optimizer step, load_state_dict, .to()); an edit that autograd does not see (through
@@ -399,29 +463,30 @@ def packed_for_cpu(model, batch_size=8, greedy=False):
     layers = [m for m in model.trf_blocks.modules()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
     head = model.out_head.weight                                             # (vocab, C)
-    usable = (ENABLED and PACKING and available() and w.device.type == "cpu"
-              and (PACK_FP32_BATCH_1 or batch_size > 1 or dtype != torch.float32)
+    rows = 1 if batch_size == 1 else 8
+    usable = (ENABLED and available() and w.device.type == "cpu"
               and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
               and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
               # int8 layers (engine/int8.py) read their own int8 matrices: nothing to pack
               and all(m.weight.is_floating_point() for m in layers)
               and head.is_floating_point()
               and not torch.is_grad_enabled() and _packed_copy_fits(model))
-    if not usable:
+    kind = (kind or copy_kind(dtype, rows)) if usable else PLAIN
+    if kind == PLAIN:
         yield PackedSession(model.logits)
         return
-    if greedy and dtype == torch.float32:
+    if greedy and dtype == torch.float32 and screened_head(rows):
         head_bf16 = packed_weight(head, batch_size, dtype=torch.bfloat16)
         norms = head.detach().norm(dim=1)                                    # (vocab,)
         session = PackedSession(model.logits,
                                 lambda h: screened_argmax(h, head, head_bf16, norms))
     else:
-        packed_head = packed_weight(head, batch_size, dtype=dtype)
+        packed_head = packed_weight(head, batch_size, dtype=dtype, kind=kind)
         session = PackedSession(lambda h: packed_linear(h, packed_head))
     try:
         for m in layers:
-            _IN_USE[id(m)] = (packed_weight(m.weight, batch_size, in_out=True, dtype=dtype),
-                              session)
+            _IN_USE[id(m)] = (packed_weight(m.weight, batch_size, in_out=True, dtype=dtype,
+                                            kind=kind), session)
         yield session
     finally:
         for m in layers:
@@ -503,3 +568,57 @@ def tune_malloc():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # from glibc's <malloc.h>
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# ---------------------------------------------------------------------------------------
+# What engine/tuning.py times for each choice: {candidate: one repeat}, the plain code first,
+# on GPT-2 124M's shapes
+
+def _time_fp32_products():
+    # a training step's products at 128 rows: the MLP's two forward and a weight gradient
+    # (x.T @ grad), as linear() and _OneDNNLinear make them
+    (C, hidden), g = tuning.BLOCK_124M[2], torch.Generator().manual_seed(0)
+    x, hid, w1, w2 = (tuning.filled(shape, torch.float32, g)
+                      for shape in ((128, C), (128, hidden), (C, hidden), (hidden, C)))
+    return {"torch.mm": lambda: (torch.mm(x, w1), torch.mm(hid, w2), torch.mm(x.t(), hid)),
+            "oneDNN": lambda: (onednn_mm(x, w1), onednn_mm(hid, w2), onednn_mm(x.t(), hid))}
+
+
+def _time_head_rows(dtype, rows=32):
+    # GPT-2's head (50257 x 768) on 32 rows, its logits in rows of 50257 or padded to 64
+    g = torch.Generator().manual_seed(0)
+    h = tuning.filled((rows, tuning.HEAD_124M[1]), dtype, g)
+    weight = tuning.filled(tuning.HEAD_124M, dtype, g)
+    return {"rows of 50257": lambda: torch.mm(h, weight.t()),
+            "rows padded to 64": lambda: _AlignedLogits.apply(h, weight)}
+
+
+def _time_copies(dtype, rows):
+    # one decoding step's block products (124M, working_set() bytes of weights), each way
+    mats = tuning.block_matrices(dtype)                                     # (in, out) each
+    out_in = [w.t().contiguous() for w in mats]          # the same matrices, as copies hold them
+    g = torch.Generator().manual_seed(1)
+    xs = {k: tuning.filled((rows, k), dtype, g) for k in {w.shape[0] for w in mats}}
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in out_in]
+    out = {PLAIN: lambda: [xs[w.shape[0]] @ w for w in mats],
+           PACKED: lambda: [packed_linear(xs[w.shape[1]], p) for w, p in zip(out_in, packed)]}
+    if rows == 1 and dtype in (torch.float32, torch.bfloat16) and own_gemv() is not None:
+        own = [OneRow(w, dtype) for w in out_in]                            # no copy made
+        out[OWN] = lambda: [o(xs[o.in_features]) for o in own]
+    return out
+
+
+def _time_screened_head(rows):
+    # greedy's argmax over GPT-2's head (50257 x 768, fp32) for ``rows`` rows: the logits in
+    # fp32 (as the model's head computes them), or screened through a bf16 copy
+    g = torch.Generator().manual_seed(2)
+    weight = tuning.filled(tuning.HEAD_124M, torch.float32, g)
+    h = tuning.filled((rows, tuning.HEAD_124M[1]), torch.float32, g) * 20   # final-normed size
+    copy = packed_weight(weight, rows, dtype=torch.bfloat16)
+    norms = weight.norm(dim=1)
+
+    def plain():
+        logits = head_logits(h, weight)
+        return (h @ weight.t() if logits is None else logits).argmax(dim=-1, keepdim=True)
+    return {"fp32 logits": plain,
+            "bf16-screened": lambda: screened_argmax(h, weight, copy, norms)}

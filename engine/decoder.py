@@ -15,9 +15,12 @@ None (and the plain code runs) unless all of these hold: inside ``decoding()`` (
 generate.py decodes in), one token of one row, a KV cache in the embeddings' dtype with
 room left, no padding mask, no gradients, the fast path on (ENABLED, ONE_CALL,
 cpu_kernels.ENABLED), every block multiplying either with a one-row copy for our kernels
-(cpu_kernels.OneRow: fp32 and bf16 models where OWN_GEMV is on) or with int8 weights
-(engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and int8.DYNAMIC_Q8 is on), no
-hooks on any module, GPT-2's GELU.
+(cpu_kernels.OneRow: fp32 and bf16 models where cpu_kernels.copy_kind picks them) or with
+int8 weights (engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and
+int8.DYNAMIC_Q8 is not off), no hooks on any module, GPT-2's GELU; and the one-call steps
+faster than model.py's code on this machine for this kind of model (fp32, bf16, int8,
+under autocast) and shape: timed once, on the model itself, when ``decoding()`` first meets
+it (engine/tuning.py), unless ONE_CALL says.
 
 What it computes, against the plain path (the tests compare them):
     fp32 model   the same, up to the order of the fp32 sums (and e^x by a polynomial)
@@ -30,7 +33,8 @@ What it computes, against the plain path (the tests compare them):
 
 Switch: ``ENABLED = False`` (or ``GPT2_ONE_CALL_DECODING=0`` before Python starts), or a
 ``disabled()`` block; ``cpu_kernels.ENABLED = False`` turns it off with the other fast paths.
-``ONE_CALL`` says whether it is on for this CPU (where measured: AMD).
+``ONE_CALL``: None (the default), chosen by the clock; True (or ``GPT2_ONE_CALL_DECODING=1``),
+on wherever it applies; False, off.
 """
 
 import contextlib
@@ -42,19 +46,18 @@ import sys
 import torch
 import torch.nn as nn
 
-from engine import cpu_kernels, int8, native, turned_off
-from engine.devices import cpu_vendor
+from engine import cpu_kernels, int8, native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_ONE_CALL_DECODING", "1") != "0"     # the switch
-# On where measured (AMD, Zen 4; bench/README.md has the figures)
-ONE_CALL = cpu_vendor() == "AuthenticAMD"
+# None: on where it beats model.py's code, timed where it runs (bench/README.md has figures)
+ONE_CALL = True if os.environ.get("GPT2_ONE_CALL_DECODING") == "1" else None
 
 _F32, _Q8, _BF16 = 0, 1, 2  # decode_kernel.c's kinds of matrix
 _STEPS = {}                 # id(model) -> its _OneToken, while inside decoding()
 
 
 def _on():
-    return ENABLED and ONE_CALL and cpu_kernels.ENABLED
+    return ENABLED and ONE_CALL is not False and cpu_kernels.ENABLED
 
 
 def disabled():
@@ -78,8 +81,10 @@ class _Block(ctypes.Structure):
 def decoding(model, batch_size=8, greedy=False):
     """cpu_kernels.packed_for_cpu(model, batch_size, greedy) (its PackedSession is yielded),
     plus, for batch 1, one-token steps in one call where they apply (see the module)."""
-    with cpu_kernels.packed_for_cpu(model, batch_size, greedy) as session:
-        step = _OneToken.make(model, session) if batch_size == 1 else None
+    kind = _one_call_copies(model, greedy) if batch_size == 1 else None
+    with cpu_kernels.packed_for_cpu(model, batch_size, greedy, kind=kind) as session:
+        step = (_OneToken.make(model, session, decided=kind is not None) if batch_size == 1
+                else None)
         if step is not None:
             _STEPS[id(model)] = step
         try:
@@ -87,6 +92,52 @@ def decoding(model, batch_size=8, greedy=False):
         finally:
             if step is not None and _STEPS.get(id(model)) is step:
                 del _STEPS[id(model)]
+
+
+def _one_call_copies(model, greedy):
+    """cpu_kernels.OWN where batch-1 decoding of this fp32 or bf16 model takes the one-call
+    steps although cpu_kernels.copy_kind would pick other copies for model.py's code (the
+    steps need OneRow copies): then whole steps are timed, the one-call ones with OneRow
+    copies against model.py's code with copy_kind's; else None (copy_kind's copies, and
+    _OneToken.make decides)."""
+    w = model.tok_emb.weight
+    dtype = cpu_kernels.cpu_matmul_dtype(w)
+    if (not _on() or int8.is_quantized(model) or w.device.type != "cpu"
+            or dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
+            or cpu_kernels.OWN not in cpu_kernels.copy_kinds(dtype, 1)):
+        return None
+    best = cpu_kernels.copy_kind(dtype, 1)
+    if best == cpu_kernels.OWN:
+        return None
+    if ONE_CALL:
+        return cpu_kernels.OWN
+    won = tuning.pick(_decision(model, dtype), lambda: _against(model, greedy, best),
+                      ("plain", "one-call C kernel"), keep_autocast=True)
+    return cpu_kernels.OWN if won != "plain" else None
+
+
+def _decision(model, dtype):
+    """The name of the one-call decision for this kind of model and shape."""
+    cfg = model.cfg
+    kind = ("int8" if int8.is_quantized(model) else
+            "fp32 under bf16 autocast" if torch.is_autocast_enabled("cpu")
+            and dtype == torch.float32 else cpu_kernels._dtype_name(dtype))
+    return f"batch-1 decoding ({kind}, {cfg['n_layers']} x {cfg['emb_dim']})"
+
+
+@contextlib.contextmanager
+def _against(model, greedy, best):
+    # two sessions at once: model.py's code reads copy_kind's copies (``best``), put back
+    # in place before each of its runs, the one-call steps their OneRow copies
+    with cpu_kernels.packed_for_cpu(model, 1, greedy, kind=best) as plain_session:
+        theirs = {k: v for k, v in cpu_kernels._IN_USE.items() if v[1] is plain_session}
+        with cpu_kernels.packed_for_cpu(model, 1, greedy, kind=cpu_kernels.OWN) as session:
+            try:
+                step = _OneToken(model, session, native.decode_kernels())
+            except _DoesNotApply:
+                yield {"plain": lambda: None}
+                return
+            yield step.candidates(model, lambda: cpu_kernels._IN_USE.update(theirs))
 
 
 def one_token(model, idx, cache, mask):
@@ -110,8 +161,9 @@ class _OneToken:
     (the weights do not change while the session is active)."""
 
     @classmethod
-    def make(cls, model, session):
-        """An _OneToken for ``model``, or None where one-token steps do not apply to it."""
+    def make(cls, model, session, decided=False):
+        """An _OneToken for ``model``, or None where one-token steps do not apply to it or
+        lose to model.py's code here (``decided``: already timed, they won)."""
         if not _on() or model.tok_emb.weight.device.type != "cpu":
             return None
         try:
@@ -119,9 +171,10 @@ class _OneToken:
         except (OSError, RuntimeError, subprocess.SubprocessError):
             return None
         try:
-            return cls(model, session, lib)
+            step = cls(model, session, lib)
         except _DoesNotApply:
             return None
+        return step if ONE_CALL or decided or step.wins(model) else None
 
     def __init__(self, model, session, lib):
         self.session, self.lib = session, lib
@@ -165,7 +218,7 @@ class _OneToken:
         bias = getattr(layer, "bias", None)
         bias = None if bias is None else self._fp32(bias)
         if isinstance(layer, int8.Int8Linear):
-            if not (int8.ENABLED and int8.DYNAMIC_Q8 and lib.has_vnni()):
+            if not (int8.ENABLED and int8.DYNAMIC_Q8 is not False and lib.has_vnni()):
                 raise _DoesNotApply
             q = layer.weight                                             # (out, in) int8
             self.keep += [q, layer.scale]
@@ -178,6 +231,37 @@ class _OneToken:
         kind = _BF16 if copy.dtype == torch.bfloat16 else _F32
         return _Mat(kind, copy.out_features, copy.in_features, copy.weight.data_ptr(), None,
                     bias)
+
+    def wins(self, model):
+        """Whether this model's one-token steps run faster in one call than through model.py's
+        code here (engine/tuning.py: timed once per kind of model and shape, kept)."""
+        dtype = cpu_kernels.cpu_matmul_dtype(model.tok_emb.weight)
+        return tuning.pick(_decision(model, dtype), lambda: self.candidates(model),
+                           ("plain", "one-call C kernel"), keep_autocast=True) != "plain"
+
+    def candidates(self, model, before_plain=None, tokens=2):
+        """{"plain": fn, "one-call C kernel": fn} for engine/tuning.py: ``tokens`` steps each
+        way after a cache of up to 32 positions (zeros), the plain ones through model.py
+        (this step is not registered, so one_token stands aside), each after
+        ``before_plain()`` where given."""
+        max_len = min(model.cfg["context_length"], 32 + tokens)
+        cache = model.new_cache(1, max_len=max_len)
+        cache.k.zero_(), cache.v.zero_()
+        start = max_len - tokens
+        ids = torch.tensor([[1]])
+
+        def plain():
+            if before_plain is not None:
+                before_plain()
+            cache.pos = start
+            for _ in range(tokens):
+                model.hidden_states(ids, cache)
+
+        def one_call():
+            cache.pos = start
+            for _ in range(tokens):
+                self(model, 1, cache)
+        return {"plain": plain, "one-call C kernel": one_call}
 
     def cache_shape(self, cache):
         """The shape a KV cache of one row for this model has (C reads it by that shape)."""

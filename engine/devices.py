@@ -55,12 +55,6 @@ def cpu_info(key):
     return line.split(":", 1)[1].strip()
 
 
-def cpu_vendor():
-    """"GenuineIntel", "AuthenticAMD", ... as the CPU reports it ("" where unknown)."""
-    text = cpu_info("vendor_id")
-    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), text)
-
-
 def native_bf16(device):
     """What makes bf16 matrix products native on ``device`` ("AMX", "AVX512-BF16", "CUDA"),
     or None where bf16 would be emulated (slower than fp32)."""

@@ -17,12 +17,13 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
-    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX512-VNNI; where DYNAMIC_Q8 is on):
+    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX512-VNNI; where dynamic_q8_on()):
                            the rows rounded to int8 too, in blocks of 32 with a scale each
                            (llama.cpp's q8_0 does the same), int8 products summed in int32
                            64 at a time, each row of q read once for all the rows of x
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
-                           compiler, engine/native.py): int8 -> fp32 in registers, fp32 sums,
+                           compiler, engine/native.py; where own_kernel_on()): int8 -> fp32
+                           in registers, fp32 sums,
                            the scale on the finished sum, the next rows of q prefetched
     CPU, bf16 x, <= 4 rows torch.ops.aten._weight_int8pack_mm (PyTorch's kernel)
     CPU, bf16 x, more      q converted to bf16 (exact: |q| <= 127) and one bf16 matmul,
@@ -42,8 +43,10 @@ The kernels equal the plain product up to the order of the fp32 sums (and bf16 r
 the output, for bf16 x); gemm_q8 also rounds x (half a step of 1/127 of its block's largest
 number: 0.5% of the outputs' spread on average); the tests compare them. ``ENABLED = False`` (or
 ``GPT2_INT8_KERNELS=0`` before Python starts), or a ``disabled()`` block, makes every layer
-take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` is our kernel's
-own flag (on where measured: AMD). The engine finds the layers by their shape, not their
+take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` and
+``DYNAMIC_Q8`` are the two kernels' own flags: None (the default), each chosen by the clock
+where it runs (engine/tuning.py, against the kernels it replaces); True on, False off. The
+engine finds the layers by their shape, not their
 class: each module with a 2-D floating ``weight`` inside ``model.trf_blocks`` (model.Linear,
 whose weight is stored (in, out); an nn.Linear's is (out, in)) and ``model.out_head`` (an
 nn.Linear, (vocab, C)).
@@ -58,15 +61,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine import native, turned_off
-from engine.devices import cpu_vendor
+from engine import native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
 
 # Our own kernel (int8_kernel.c, built here once) for products of up to OWN_KERNEL_MAX_ROWS
-# rows; measured only on AMD (Zen 4), where it beat _weight_int8pack_mm at every row count
-# up to 16: off elsewhere until measured there.
-OWN_KERNEL = cpu_vendor() == "AuthenticAMD"
+# rows; on the AMD EPYC (Zen 4) it beat _weight_int8pack_mm at every row count up to 16.
+# None: chosen by the clock (own_kernel_on).
+OWN_KERNEL = None
 OWN_KERNEL_MAX_ROWS = 16
 # Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
 # grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
@@ -77,8 +79,8 @@ INT8MM_MAX_ROWS = 4
 # (Zen 4), the 124M model's 49 products of one decoding step, 2 threads: 1 row 5.2-5.5 ms
 # against 8.7-9.0 with the kernel above, 2 rows 6.1-7.0 against 7.1-7.9; from 4 rows on the
 # two were even (4: 9.4-10.4 against 8.5-8.7; 8: 15.5-16.4 against 15.3-15.8), the int8
-# sums there being bound by the CPU's vector units. Measured only there.
-DYNAMIC_Q8 = cpu_vendor() == "AuthenticAMD"
+# sums there being bound by the CPU's vector units. None: chosen by the clock (dynamic_q8_on).
+DYNAMIC_Q8 = None
 DYNAMIC_Q8_MAX_ROWS = 2     # gemm_q8 takes up to 16
 
 QMAX = 127      # symmetric: -127..127, so that -q is always representable
@@ -91,6 +93,23 @@ def disabled():
 
 def _int8mm_op():
     return getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+
+
+def own_kernel_on():
+    """Whether products of up to OWN_KERNEL_MAX_ROWS rows go through int8_kernel.c here."""
+    if not ENABLED or OWN_KERNEL is False or own_kernel() is None:
+        return False
+    return OWN_KERNEL or tuning.pick("int8 products (bf16 rows: 1, 4)", _time_own_kernel,
+                                     ("PyTorch's int8 kernels", "int8_kernel.c")) != \
+        "PyTorch's int8 kernels"
+
+
+def dynamic_q8_on():
+    """Whether 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows go through gemm_q8 (rounded to int8) here."""
+    if not ENABLED or DYNAMIC_Q8 is False or q8_kernel() is None:
+        return False
+    return DYNAMIC_Q8 or tuning.pick("int8 products (fp32 rows: 1, 2)", _time_dynamic_q8,
+                                     ("weight-only int8", "gemm_q8")) == "gemm_q8"
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +228,7 @@ def int8_linear(x, q, scale, bias=None):
         return plain_int8_linear(x, q, scale, bias)
     x2 = x.reshape(rows, x.shape[-1])                                        # (N, in)
     scale = scale.to(torch.bfloat16)               # a no-op for Int8Linear's own scales
-    fns = own_kernel() if OWN_KERNEL and rows <= OWN_KERNEL_MAX_ROWS else None
+    fns = own_kernel() if rows <= OWN_KERNEL_MAX_ROWS and own_kernel_on() else None
     op = _int8mm_op()
     if fns is not None:
         b = None if bias is None else bias.to(x.dtype).contiguous()
@@ -284,13 +303,13 @@ class Int8Linear(nn.Module):
 
     def dynamic_q8(self, x):
         """Whether x @ W goes through gemm_q8: 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows on the CPU,
-        fp32 bias, the kernel on (ENABLED, DYNAMIC_Q8) and built with VNNI."""
+        fp32 bias, the kernel built with VNNI and chosen here (dynamic_q8_on)."""
         k = self.in_features
-        return (ENABLED and DYNAMIC_Q8 and x.device.type == "cpu" and x.dtype == torch.float32
+        return (x.device.type == "cpu" and x.dtype == torch.float32
                 and k > 0 and 0 < x.numel() <= DYNAMIC_Q8_MAX_ROWS * k
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled())
-                and q8_kernel() is not None)
+                and dynamic_q8_on())
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -308,7 +327,7 @@ def activation_dtype(device="cpu"):
     positions: 34 us a layer against 147 in bf16, Zen 4) and more exact. bf16 elsewhere,
     as PyTorch's int8 kernel wants it.
     """
-    own = torch.device(device).type == "cpu" and OWN_KERNEL and own_kernel() is not None
+    own = torch.device(device).type == "cpu" and own_kernel_on()
     return torch.float32 if own else torch.bfloat16
 
 
@@ -370,3 +389,54 @@ def weight_bytes(model):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# What engine/tuning.py times for the two choices: {candidate: one repeat}, the kernels
+# replaced first, on GPT-2 124M's block matrices (working_set() bytes of int8 weights)
+
+def _int8_block(rows, dtype):
+    q = tuning.block_matrices(torch.int8, out_in=True)                      # (out, in) each
+    scales = [torch.full((w.shape[0],), 2 ** -10, dtype=torch.bfloat16) for w in q]
+    g = torch.Generator().manual_seed(3)
+    xs = {r: {k: tuning.filled((r, k), dtype, g) for k in {w.shape[1] for w in q}}
+          for r in rows}
+    return q, scales, xs
+
+
+def _time_own_kernel():
+    # bf16 rows, 1 and 4 (decoding a batch): ours against what int8_linear takes without
+    # it, _weight_int8pack_mm (or, where that cannot run, the bf16 matmul of the converted
+    # weights)
+    q, scales, xs = _int8_block((1, 4), torch.bfloat16)
+    fn, op = own_kernel()[torch.bfloat16], _int8mm_op()
+
+    def theirs(x, w, s):
+        if op is not None and w.shape[1] % 16 == 0:
+            return op(x, w, s)
+        return torch.mm(x, w.to(torch.bfloat16).t()).mul_(s)
+    return {"PyTorch's int8 kernels": lambda: [theirs(xs[r][w.shape[1]], w, s)
+                                               for w, s in zip(q, scales) for r in (1, 4)],
+            "int8_kernel.c": lambda: [_own_linear(fn, xs[r][w.shape[1]], w, s, None)
+                                      for w, s in zip(q, scales) for r in (1, 4)]}
+
+
+def _time_dynamic_q8():
+    # fp32 rows, 1 and 2 (decoding): gemm_q8 against the weight-only product that runs
+    # without it (ours where own_kernel_on, else the plain dequantized one)
+    q, scales, xs = _int8_block((1, 2), torch.float32)
+    own = own_kernel()[torch.float32] if own_kernel_on() else None
+    q8 = q8_kernel()
+
+    def weight_only(x, w, s):
+        return plain_int8_linear(x, w, s) if own is None else _own_linear(own, x, w, s, None)
+
+    def dynamic(x, w, s):
+        y = torch.empty(x.shape[0], w.shape[0])
+        q8(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), x.shape[0],
+           w.shape[0], w.shape[1], torch.get_num_threads())
+        return y
+    return {"weight-only int8": lambda: [weight_only(xs[r][w.shape[1]], w, s)
+                                         for w, s in zip(q, scales) for r in (1, 2)],
+            "gemm_q8": lambda: [dynamic(xs[r][w.shape[1]], w, s)
+                                for w, s in zip(q, scales) for r in (1, 2)]}

@@ -31,6 +31,13 @@ def cpu_flags():
     return set(cpu_info("flags").split())
 
 
+def cache_folder():
+    """Where the compiled kernels (and engine/tuning.py's timings) are kept:
+    ``$GPT2_KERNEL_CACHE``, default ~/.cache/gpt2-from-scratch."""
+    return Path(os.environ.get("GPT2_KERNEL_CACHE")
+                or Path.home() / ".cache" / "gpt2-from-scratch")
+
+
 def build(source, options=()):
     """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module.
     ``options``: more compiler options (the tests build without some CPU features)."""
@@ -51,9 +58,7 @@ def build(source, options=()):
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, version.encode(),
                                       *map(str.encode, options), cpu_info("model name").encode(),
                                       " ".join(sorted(flags)).encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("GPT2_KERNEL_CACHE")
-                 or Path.home() / ".cache" / "gpt2-from-scratch")
-    lib_path = cache / f"{source.stem}-{key}.so"
+    lib_path = cache_folder() / f"{source.stem}-{key}.so"
     if not lib_path.exists():
         with tempfile.TemporaryDirectory() as tmp:
             built = Path(tmp) / f"{source.stem}.so"

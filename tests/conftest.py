@@ -13,30 +13,42 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No timing of fast paths inside the tests, here or in the programs they start (train.py,
+# generate.py, notebooks): each path that can run is on, as the fixture below sets them, and
+# tests/test_engine_tuning.py tests the measurement itself with a clock of its own.
+os.environ["GPT2_FAST_PATHS"] = "on"
 # A test run started in the background by a script (`pytest &`) inherits SIGINT ignored, and
 # every program it starts would too: the Ctrl-C tests need it delivered. A handler (unlike
 # "ignore") is not inherited across exec, so the programs start with the default again.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# train.py flags for a 2-layer, 32-wide model on the CPU: seconds per run
+# The device of the tests marked "device" (and of TINY_FLAGS' runs): the CPU, or what
+# GPT2_TEST_DEVICE names (bench/gpu_check.py runs them on "cuda")
+TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
+# train.py flags for a 2-layer, 32-wide model: seconds per run on the CPU
 TINY_FLAGS = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32",
-              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
-              "--dtype", "fp32", "--start-context", "The"]
+              "--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device",
+              TEST_DEVICE, "--dtype", "fp32", "--start-context", "The"]
 TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4,
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
 
 
 @pytest.fixture(autouse=True)
 def every_cpu_fast_path_on(monkeypatch):
-    """Every CPU fast path on, whatever this CPU's defaults: each is tested against the plain
-    code (cpu_kernels.ENABLED = False, ...) on every machine the tests run on."""
+    """Every CPU fast path on wherever it can run, whatever the clock would choose on this
+    CPU: each is tested against the plain code (cpu_kernels.ENABLED = False, a flag set
+    False, ...) on every machine the tests run on."""
     from engine import cpu_kernels, decoder, int8
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
+    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
+                 "SCREENED_HEAD"):
         monkeypatch.setattr(cpu_kernels, flag, True)
-    # batch-1 steps in one call, and int8 products of few rows through gemm_q8 (where built)
+    # batch-1 steps in one call; int8 products through our kernels (where built): of few
+    # fp32 rows through gemm_q8, of up to 16 through int8_kernel.c (then the activations
+    # are fp32: int8.activation_dtype)
     monkeypatch.setattr(decoder, "ONE_CALL", True)
     monkeypatch.setattr(int8, "DYNAMIC_Q8", True)
+    monkeypatch.setattr(int8, "OWN_KERNEL", True)
 
 
 @pytest.fixture
@@ -69,6 +81,22 @@ def cfg_from_hf(hf_model):
     return {"vocab_size": c.vocab_size, "context_length": c.n_positions, "emb_dim": c.n_embd,
             "n_heads": c.n_head, "n_layers": c.n_layer, "drop_rate": 0.0, "qkv_bias": True,
             "tie_embeddings": bool(c.tie_word_embeddings)}
+
+
+@pytest.fixture
+def device():
+    """torch.device of the tests marked "device": TEST_DEVICE."""
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture
+def device_pair(hf_pair, device):
+    """hf_pair on ``device`` (copies where it is not the CPU)."""
+    import copy
+    hf, ours = hf_pair
+    if device.type == "cpu":
+        return hf, ours
+    return copy.deepcopy(hf).to(device), copy.deepcopy(ours).to(device)
 
 
 @pytest.fixture(scope="session")

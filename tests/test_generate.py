@@ -27,16 +27,18 @@ def test_text_round_trip_and_special_token():
     assert token_ids_to_text(batch, tok) == ["Hello,", " world!"]
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("batch", [1, 4])
-def test_kv_cache_generation_equals_full_recompute(hf_pair, batch):
-    _, ours = hf_pair
+def test_kv_cache_generation_equals_full_recompute(device_pair, device, batch):
+    _, ours = device_pair
     prompt = torch.randint(0, 211, (batch, 6), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
     # 50 new tokens run past the 40-token context, so the sliding-window path is covered too.
     for kwargs in ({}, {"temperature": 1.3, "top_k": 20, "top_p": 0.9}):
         with_cache = generate_text(ours, prompt, 50, 40, use_cache=True,
-                                   generator=torch.Generator().manual_seed(7), **kwargs)
+                                   generator=torch.Generator(device).manual_seed(7), **kwargs)
         without = generate_text(ours, prompt, 50, 40, use_cache=False,
-                                generator=torch.Generator().manual_seed(7), **kwargs)
+                                generator=torch.Generator(device).manual_seed(7), **kwargs)
         assert with_cache.shape == (batch, 56)
         assert with_cache.tolist() == without.tolist()
 

@@ -44,6 +44,7 @@ PUBLIC = {
     "engine.gpt2_params": ["gpt2_param_names", "iter_gpt2_weights"],
     "engine.devices": ["get_device", "setup_distributed", "wrap_model", "training_precision"],
     "engine.int8": ["ENABLED", "disabled", "quantize_", "Int8Linear", "is_quantized"],
+    "engine.tuning": ["MODE", "pick", "timings", "measure", "summary"],
     "engine.scoring": ["ENABLED", "disabled", "batched_loglikelihoods"],
     "engine.eval_data": ["TASK_FILES", "task_file", "read_hellaswag", "read_lambada",
                          "read_wikitext"],

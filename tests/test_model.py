@@ -18,18 +18,20 @@ from model import (
 )
 
 
-def test_logits_match_hugging_face(hf_pair):
-    hf, ours = hf_pair
-    idx = torch.randint(0, 211, (3, 25), generator=torch.Generator().manual_seed(1))
+@pytest.mark.device
+def test_logits_match_hugging_face(device_pair, device):
+    hf, ours = device_pair
+    idx = torch.randint(0, 211, (3, 25), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_tokens_match_hugging_face(hf_pair):
+@pytest.mark.device
+def test_greedy_tokens_match_hugging_face(device_pair, device):
     from generate import generate_text
 
-    hf, ours = hf_pair
-    prompt = torch.tensor([[5, 17, 42, 99, 3]])
+    hf, ours = device_pair
+    prompt = torch.tensor([[5, 17, 42, 99, 3]], device=device)
     with torch.no_grad():
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=20, pad_token_id=0)
@@ -37,10 +39,12 @@ def test_greedy_tokens_match_hugging_face(hf_pair):
     assert mine.tolist() == theirs.tolist()
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("batch", [1, 4])
-def test_cached_decoding_equals_full_forward(hf_pair, batch):
-    _, ours = hf_pair
+def test_cached_decoding_equals_full_forward(device_pair, device, batch):
+    _, ours = device_pair
     idx = torch.randint(0, 211, (batch, 30), generator=torch.Generator().manual_seed(batch))
+    idx = idx.to(device)
     with torch.no_grad():
         full = ours(idx)
         cache = ours.new_cache(batch)

@@ -134,6 +134,7 @@ def _final_line(out):
     return [line for line in out.splitlines() if line.startswith("final:")][-1]
 
 
+@pytest.mark.device
 def test_train_py_end_to_end(tmp_path, capsys):
     data = tmp_path / "input.txt"
     data.write_text(default_corpus_text()[:30_000])
@@ -180,6 +181,7 @@ def _train_cmd(tmp_path, *extra):
             "--checkpoint-every", "5", "--drop-rate", "0.1", *TINY_FLAGS, *extra]
 
 
+@pytest.mark.device
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     (tmp_path / "input.txt").write_text(default_corpus_text()[:60_000])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,69 @@
+"""bench/choice_speed.py's bookkeeping: the old vendor table it compares with, whether a pick
+agrees with a re-timing, every decision met, and its SUMMARY (the timings need a quiet
+machine: the script, not the tests)."""
+
+import sys
+
+import pytest
+import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
+
+from conftest import ROOT
+from engine import cpu_kernels, decoder, int8, tuning
+
+_path = list(sys.path)
+sys.path.insert(0, str(ROOT / "bench"))
+import choice_speed  # noqa: E402
+
+sys.path[:] = _path
+
+
+def test_the_vendor_table_it_compares_with():
+    amd = choice_speed.vendor_table("AuthenticAMD")
+    intel = choice_speed.vendor_table("GenuineIntel")
+    other = choice_speed.vendor_table("")
+    assert all(amd.values())
+    assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
+                                                  ("cpu_kernels", "SCREENED_HEAD")}
+    assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
+    # every flag it sets exists, and is left to the clock by default
+    modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder}
+    for module, flag in amd:
+        assert hasattr(modules[module], flag)
+
+
+def test_a_pick_agrees_when_it_is_the_fastest_within_the_margin():
+    row = choice_speed.decision_row("d", "fast", {"plain": 1.0, "fast": 0.5})
+    assert row["agrees"] and row["fastest"] == "fast" and row["pick_vs_plain"] == 2.0
+    assert choice_speed.decision_row("d", "plain", {"plain": 1.0, "fast": 0.98})["agrees"]
+    assert not choice_speed.decision_row("d", "plain", {"plain": 1.0, "fast": 0.9})["agrees"]
+
+
+def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
+    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
+                 "SCREENED_HEAD"):
+        monkeypatch.setattr(cpu_kernels, flag, None)
+    monkeypatch.setattr(int8, "OWN_KERNEL", None)
+    monkeypatch.setattr(int8, "DYNAMIC_Q8", None)
+    monkeypatch.setattr(tuning, "MODE", "measure")
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    monkeypatch.setattr(tuning, "timings", lambda name, setup, keep=False: (
+        {label: 1.0 + i for i, label in enumerate(
+            ["torch.mm", "oneDNN", "rows of 50257", "rows padded to 64", cpu_kernels.PLAIN,
+             cpu_kernels.PACKED, cpu_kernels.OWN, "fp32 logits", "bf16-screened",
+             "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8"])},
+        False))
+    picked = choice_speed.meet_every_decision()
+    if not cpu_kernels.available():
+        pytest.skip("oneDNN on x86 is not available here")
+    assert {"fp32 products (training)", "output head logits (bf16, training)",
+            "decoding products (fp32, 1 row)", "decoding products (bf16, 8 rows)",
+            "greedy head (fp32, 1 row)", "greedy head (fp32, 8 rows)"} <= set(picked)
+    assert picked["fp32 products (training)"] == "torch.mm"      # the faster here
+
+
+def test_the_summary_line():
+    rows = [{"agrees": True}, {"agrees": False}]
+    results = {("fp32", "measured"): {"tok_s": 60.0}, ("fp32", "before"): {"tok_s": 60.5}}
+    line = choice_speed.summarize(rows, results, ["fp32"], quick=False)
+    assert line == ("SUMMARY choice_speed: decisions picking the faster 1/2; b1 fp32 60.0 tok/s "
+                    "= measured/before 0.99x (>= 0.97x PASS); 1/2 targets met")
