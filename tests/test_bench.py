@@ -6,9 +6,10 @@ script's folder first on sys.path, as `python bench/<script>.py` has it.
 folder leading sys.path is what broke them: transformers 5 imports the `kernels` package when
 one is installed, and a bench/kernels.py was found first.)"""
 
-import importlib.util
+import importlib.machinery
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,13 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_no_bench_script_is_named_like_an_installed_package(name):
-    # found without bench/ on sys.path: some installed package has this name, and any
-    # library that imports it would import the script instead when a script runs
-    assert importlib.util.find_spec(name) is None, (
+    # found on sys.path without bench/ (other tests put it there to import the scripts):
+    # some installed package has this name, and any library that imports it would import
+    # the script instead when a script runs
+    bench = (ROOT / "bench").resolve()
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != bench]
+    assert name not in sys.builtin_module_names and importlib.machinery.PathFinder.find_spec(
+        name, elsewhere) is None, (
         f"bench/{name}.py hides the installed package {name!r}; rename the script")
 
 
