@@ -11,20 +11,14 @@ read_records, split_records, ...).
 """
 
 import functools
-import os
 
 import numpy as np
-import tiktoken
-import tiktoken.load
 import torch
-
-# GPT-2's pre-split regex (contractions, words, numbers, punctuation, spaces), as tiktoken has it
-from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader, Dataset
 
 from engine import records as record_files
 from engine import text_files, token_cache
-from engine.bpe_files import gpt2_bpe_files
+from engine.bpe_files import gpt2_bpe_files, gpt2_encoding  # noqa: F401  (the files: public)
 from engine.checkpoints import saved_tokenizer
 from tokenizer import BPETokenizer
 
@@ -34,44 +28,11 @@ def get_tokenizer(source=None):
     or a run's own vocabulary: ``source`` is a tokenizer file (tokenizer.py), or a checkpoint
     or export folder trained with one (it carries the file; any other source is GPT-2's)."""
     own = saved_tokenizer(source)
-    return BPETokenizer.loads(own, str(source)).to_tiktoken() if own else _gpt2()
-
-
-@functools.lru_cache(maxsize=1)
-def _gpt2():
-    encoder_json, vocab_bpe = gpt2_bpe_files()
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    return BPETokenizer.loads(own, str(source)).to_tiktoken() if own else gpt2_encoding()
 
 
 # ---------------------------------------------------------------------------------------
 # Sliding windows over the ids, and the DataLoader
-
-def _as_token_array(txt, tokenizer):
-    """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
-    if isinstance(txt, str):
-        txt = (tokenizer or get_tokenizer()).encode(txt, allowed_special={"<|endoftext|>"})
-    elif isinstance(txt, (bytes, os.PathLike)):
-        raise TypeError(f"pass the text itself (str) or its token ids, not {type(txt).__name__}; "
-                        f"for a file use load_tokens(path) or read_text(path)")
-    if isinstance(txt, torch.Tensor):
-        txt = txt.detach().cpu().numpy()
-    if isinstance(txt, np.ndarray) and txt.dtype == np.uint16:
-        tokens = txt                # keep a memmap a memmap: no copy, no RAM
-    else:
-        arr = np.asarray(txt)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 16):
-            raise ValueError(f"token ids must lie in [0, 65535] (GPT-2 uses 0..50256), got "
-                             f"{arr.min()}..{arr.max()}")
-        tokens = arr.astype(np.uint16)
-    if tokens.ndim != 1:
-        raise ValueError(f"token ids must be 1-D (one long sequence), got shape {tokens.shape}")
-    return tokens
-
 
 class GPTDataset(Dataset):
     """Next-token training pairs cut from one long sequence of token ids.
@@ -83,10 +44,8 @@ class GPTDataset(Dataset):
     text, each token seen in several contexts). If the last full window stops short of the
     end, one more window ending exactly at the last token is added so the tail is trained on.
 
-    Only the ids are stored (2 bytes each, or a memmap of them); windows are sliced out when
-    asked for. Keeping an int64 input and target tensor per window instead costs
-    ``16 * max_length / stride`` bytes per token: 32 at ``stride = max_length / 2``, so about
-    8 GB instead of 0.5 GB for a 1 GB text (~250M tokens).
+    Only the ids are stored (2 bytes each), windows sliced out when asked for: an int64 input
+    and target per window would take 8 GB, not 0.5, for 1 GB of text (context 256, stride 128).
 
     ``name`` (say, the file's path) only goes into error messages, so that "valid.txt has
     126 tokens" tells you which of several texts is too short.
@@ -96,7 +55,9 @@ class GPTDataset(Dataset):
         for arg, value in (("max_length", max_length), ("stride", stride)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        self.tokens = _as_token_array(txt, tokenizer)                  # (n_tokens,) uint16
+        if isinstance(txt, str):    # else ids: a tensor, an array or memmap, a list of ints
+            txt = (tokenizer or get_tokenizer()).encode(txt, allowed_special={"<|endoftext|>"})
+        self.tokens = token_cache.as_token_array(txt)     # (n_tokens,) uint16; a memmap stays one
         self.max_length, self.stride = int(max_length), int(stride)
         n = len(self.tokens)
         if n < self.max_length + 1:
