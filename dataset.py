@@ -5,6 +5,7 @@
     windows --create_dataloader--> batches (B, T)
     record --render_conversation--> ids + which are scored     one template (second half)
     records --create_instruction_dataloader--> batches (B, the longest record)
+    preference pairs --(the same, preferences=True)--> (2B, longest): chosen, then rejected
 
 File plumbing lives in the engine, re-exported at the end (prepare_splits, load_tokens,
 read_records, split_records, ...).
@@ -217,22 +218,58 @@ def pad_batch(samples, pad_id=50256):
     return inputs, targets
 
 
+# Preference pairs (DPO, train_utils.dpo_objective): one prompt, two answers, each rendered
+# in the template above; the targets score the answers only
+
+def preference_conversations(record):
+    """(chosen, rejected) conversations of a preference record (a prompt or an instruction)."""
+    asked = {"instruction": record["prompt"]} if "prompt" in record else record
+    return tuple(as_conversation({**asked, "output": record[side]})
+                 for side in ("chosen", "rejected"))
+
+
+class PreferenceDataset(Dataset):
+    """One (chosen, rejected) pair of InstructionDataset examples per preference record."""
+
+    def __init__(self, records, tokenizer=None, max_length=1024, *, name=None):
+        pairs = [preference_conversations(r)
+                 for r in record_files.load_preferences(records, name)]
+        self.chosen, self.rejected = (InstructionDataset([{"messages": p[k]} for p in pairs],
+                                                         tokenizer, max_length) for k in (0, 1))
+        self.truncated = self.chosen.truncated + self.rejected.truncated
+        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
+
+    def __len__(self):
+        return len(self.chosen)
+
+    def __getitem__(self, i):
+        return self.chosen[i], self.rejected[i]
+
+
+def pad_pairs(pairs, pad_id=50256):
+    """[(chosen, rejected), ...] -> (inputs, targets) (2B, longest): chosen rows, then rejected."""
+    return pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+
+
 def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffle=True,
                                   drop_last=False, num_workers=0, tokenizer=None,
                                   generator=None, *, group_by_length=False, format=None,
-                                  name=None):
+                                  name=None, preferences=False):
     """create_dataloader's twin for instruction records (a list, or a .json / .jsonl path):
     ``(input_ids, target_ids)`` batches, one record a row, as wide as the longest (pad_batch).
 
     ``max_length``: the model's context_length; ``format``: "alpaca" or "messages" to insist
     on one; ``group_by_length``: a shuffled order where records of similar length meet;
-    ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut."""
+    ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut.
+    ``preferences``: the records are preference pairs (PreferenceDataset, pad_pairs)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dataset = InstructionDataset(records, tokenizer, max_length, format=format, name=name)
+    dataset = (PreferenceDataset(records, tokenizer, max_length, name=name) if preferences else
+               InstructionDataset(records, tokenizer, max_length, format=format, name=name))
     sampler = (record_files.LengthGroupedSampler(dataset.lengths, batch_size, generator)
                if group_by_length else None)
-    pad = functools.partial(pad_batch, pad_id=(tokenizer or get_tokenizer()).eot_token)
+    pad = functools.partial(pad_pairs if preferences else pad_batch,
+                            pad_id=(tokenizer or get_tokenizer()).eot_token)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       generator=generator, collate_fn=pad)
@@ -253,6 +290,7 @@ read_records = record_files.read_records        # .json / .jsonl instruction rec
 split_records = record_files.split_records      # (train, valid) by whole records, seeded
 fetch_records = record_files.fetch_records      # a public set by URL, downloaded once
 is_records = record_files.is_records            # a .json / .jsonl path or URL
+read_preferences = record_files.read_preferences    # DPO's prompt / chosen / rejected pairs
 
 
 def load_tokens(path, tokenizer=None, cache=True, **options):

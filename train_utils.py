@@ -9,8 +9,9 @@ One optimizer step, as train_model does it:
 
 Around it: evaluation every ``eval_freq`` steps, a sample after each epoch, and resumable
 checkpoints. Another loss runs in the same loop as an Objective: a classifier's
-(classify.py). A run's settings are one TrainConfig; saving, resuming and the checks around
-them are engine/runs.py's, several processes (torchrun) engine/devices.py's.
+(classify.py), or DPO's on preference pairs (dpo_loss, below). A run's settings are one
+TrainConfig; saving, resuming and the checks around them are engine/runs.py's, several
+processes (torchrun) engine/devices.py's.
 """
 
 import contextlib
@@ -87,8 +88,8 @@ class Objective:
     """What train_model minimises: ``loss(model, batch, device) -> (the batch's mean loss,
     {metric: its sum over the batch})``, the mean taken over the batch's ``count(batch)``
     units: next-token prediction's scored tokens (NEXT_TOKEN, the default), a classifier's
-    records (classify.classification_loss). Micro-batches weigh by their counts, and an
-    evaluation shows each metric's sum over all units counted."""
+    records (classify.classification_loss), DPO's pairs (dpo_objective). Micro-batches weigh
+    by their counts, and an evaluation shows each metric's sum over all units counted."""
     loss: Callable
     count: Callable = lambda batch: scored_tokens(batch[1])     # the targets not skipped
 
@@ -140,6 +141,54 @@ def evaluate_scores(model, loaders, device, eval_iter, objective=NEXT_TOKEN):
         scores.update({f"{side}_loss": loss, **{f"{side}_{k}": v for k, v in metrics.items()}})
     model.train(was_training)
     return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Preference tuning: DPO (Rafailov et al. 2023, "Direct Preference Optimization")
+
+def sequence_logprobs(model, inputs, targets):
+    """log p(answer | prompt) of each row (rows,): the sum of log p(target) over the scored
+    positions (IGNORE_INDEX skips the prompt and the padding), from logits (rows, T, vocab)."""
+    logits = model(inputs).float()                                          # (rows, T, vocab)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # 0: skipped
+    return -nll.view(targets.shape).sum(dim=-1)                             # (rows,)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
+    """DPO's loss on B pairs, from the answers' log-probabilities under the model being tuned
+    (the policy) and under a frozen copy of its starting weights (the reference), (B,) each:
+
+        reward(answer) = beta * (log policy(answer) - log reference(answer))
+        loss = mean over the pairs of  -log sigmoid(reward(chosen) - reward(rejected))
+
+    The loss falls as the policy raises the chosen answer's probability relative to the
+    reference's more than the rejected one's: no reward model, no sampling. ``beta`` sets how
+    far it may move from the reference. Returns (loss, chosen rewards, rejected rewards)."""
+    chosen = beta * (policy_chosen - reference_chosen)                      # (B,)
+    rejected = beta * (policy_rejected - reference_rejected)                # (B,)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def dpo_batch_loss(model, batch, device, reference, beta=0.1):
+    """A DPO Objective's loss: a batch of pairs (inputs, targets) (2B, T), chosen rows then
+    rejected rows (dataset.pad_pairs); the reference scores them without gradients. Metrics:
+    the reward margin (chosen - rejected), the pairs it ranks right, each side's reward."""
+    inputs, targets = (t.to(device) for t in batch)
+    policy = sequence_logprobs(model, inputs, targets).chunk(2)            # 2 x (B,)
+    with torch.no_grad():
+        ref = sequence_logprobs(reference, inputs, targets).chunk(2)
+    loss, chosen, rejected = dpo_loss(*policy, *ref, beta)
+    margin = chosen - rejected                                              # (B,)
+    return loss, {"reward_margin": float(margin.sum()), "reward_accuracy": float(
+        (margin > 0).sum()), "chosen_reward": float(chosen.sum()),
+        "rejected_reward": float(rejected.sum())}
+
+
+def dpo_objective(reference, beta=0.1):
+    """train_model's objective for DPO: dpo_batch_loss against ``reference`` (eval mode, never
+    trained), each pair one unit."""
+    return Objective(partial(dpo_batch_loss, reference=reference, beta=beta),
+                     count=lambda batch: len(batch[0]) // 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +315,7 @@ class TrainConfig:
 # number of processes, with a batch_size that keeps the global batch.
 RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
                      "data", "stride", "windows", "init_from", "format", "valid_fraction",
-                     "group_by_length", "task", "trainable")
+                     "group_by_length", "task", "trainable", "beta")
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ the textbook through one small, named call, and none of them imports a textbook 
     download      HTTP downloads that resume, retry and never leave a half file
     text_files    reading text, train/valid/test split files and their stamp, default corpus
     token_cache   token ids of big files, cached beside them as uint16
-    records       records on disk: instructions, labelled texts (CSV/TSV/JSONL); checks,
-                  splits by record (stratified by class), length groups, the SMS Spam
-                  Collection download
+    records       records on disk: instructions, labelled texts (CSV/TSV/JSONL), preference
+                  pairs; checks, splits by record (stratified by class), length groups, the
+                  SMS Spam Collection download
     runs          a training run on disk: its length, checkpoint save/resume, run checks, the
                   log
     eval_data     the benchmark files (HellaSwag, LAMBADA, WikiText): sources, checks

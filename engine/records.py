@@ -1,4 +1,4 @@
-"""Records on disk: instructions, labelled texts; checks, splits, length groups.
+"""Records on disk: instructions, labelled texts, preference pairs; checks, splits, length groups.
 
     read_records(path, format=None)     a .json list or a .jsonl file (one record a line) ->
                                         a list of records, each checked, with errors that name
@@ -13,6 +13,7 @@
     read_labelled(path), label_names    a classifier's texts and labels (CSV / TSV / JSONL),
     split_labelled(records, 0.1, seed)  and their split, stratified by class
     fetch_sms_spam(folder)              the SMS Spam Collection (UCI), downloaded and checked
+    read_preferences(path)              DPO's {"prompt", "chosen", "rejected"} records, checked
 
 Two record formats, told apart by their keys (``format=`` forces one):
 
@@ -474,3 +475,60 @@ def _sms_rows(archive):
                          f"a tab and a message")
     return rows
 
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs: DPO's data (train_utils.dpo_objective)
+# ---------------------------------------------------------------------------------------------
+
+def read_preferences(path):
+    """The preference records of a .json list or a .jsonl file, each one checked: a prompt and
+    two answers to it, the one preferred and the one not,
+
+        {"prompt": str, "chosen": str, "rejected": str}
+        {"instruction": str, "input": str (optional), "chosen": str, "rejected": str}
+
+    (the second: the book's preference data, Alpaca's fields). Errors name the file and the
+    record's line (JSONL) or index."""
+    rows = _file_rows(path, "preference", "{\"prompt\", \"chosen\", \"rejected\"} records, "
+                                        "such as data/preferences.jsonl")
+    return check_preferences([r for _, r in rows], str(path), [w for w, _ in rows])
+
+
+def check_preferences(records, name="records", lines=None):
+    """Check every preference record; the first bad one raises ValueError naming ``name``
+    and its place (``lines[i]``, or its index)."""
+    if not records:
+        raise ValueError(f"{name} holds no records: a preference set needs at least one "
+                         f"{{\"prompt\", \"chosen\", \"rejected\"}} record")
+    for i, record in enumerate(records):
+        where = lines[i] if lines else f"record {i} (counting from 0)"
+        try:
+            _check_preference(record)
+        except ValueError as e:
+            raise ValueError(f"{name} {where}: {e}") from None
+    return records
+
+
+def _check_preference(record):
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {_short(record)}")
+    prompt = "prompt" if "prompt" in record else "instruction"
+    for key in (prompt, "chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"it has no \"{key}\" (a preference record holds \"prompt\" (or "
+                             f"\"instruction\"), \"chosen\" and \"rejected\"); its keys are "
+                             f"{sorted(record)}")
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"\"{key}\" must be a non-empty string, got {_short(record[key])}")
+    if not isinstance(record.get("input", ""), str):
+        raise ValueError(f"\"input\" must be a string, got {_short(record['input'])}")
+    if record["chosen"] == record["rejected"]:
+        raise ValueError("\"chosen\" and \"rejected\" are the same answer: a pair must prefer "
+                         "one answer to another")
+
+
+def load_preferences(records, name=None):
+    """``records`` checked, or read from ``records`` when it is a path (read_preferences)."""
+    if isinstance(records, (str, os.PathLike)):
+        return read_preferences(records)
+    return check_preferences(records, name or "records")

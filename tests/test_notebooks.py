@@ -35,7 +35,7 @@ from test_evaluate import hellaswag_records, write_jsonl  # noqa: E402
 from train_utils import calc_loss_batch, calc_loss_loader  # noqa: E402
 
 NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
-             "tokenizer.ipynb", "classify.ipynb")
+             "tokenizer.ipynb", "classify.ipynb", "dpo.ipynb")
 PROMPT = "The for statement"
 ATTENTION_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 NEW_TOKENS = 8

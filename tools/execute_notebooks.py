@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# train first: the others start from the model it trains
+# train first: the others start from the model it trains; dpo.ipynb from instruct.ipynb's
 NOTEBOOKS = ("train.ipynb", "inference.ipynb", "inference_hf.ipynb", "instruct.ipynb",
-             "tokenizer.ipynb", "classify.ipynb")
+             "tokenizer.ipynb", "classify.ipynb", "dpo.ipynb")
 MAX_BYTES = 1_000_000
 
 
@@ -90,7 +90,8 @@ def main(argv=None):
         shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(
             ".git", "data", "model_weights", "__pycache__", ".pytest_cache", ".ruff_cache"))
         (workdir / "data").mkdir()
-        for name in ("README.md", "instructions.jsonl", "sms_demo.tsv"):  # data/'s committed
+        for name in ("README.md", "instructions.jsonl", "sms_demo.tsv",   # data/'s committed
+                     "preferences.jsonl"):                                 # files
             shutil.copy2(ROOT / "data" / name, workdir / "data" / name)
         if "train.ipynb" not in args.notebooks and (ROOT / "model_weights").is_dir():
             shutil.copytree(ROOT / "model_weights", workdir / "model_weights")
