@@ -57,9 +57,9 @@ def make_classifier(model, labels):
     """Replace ``model``'s output head (in place) by a new Linear(C, len(labels)) without a
     bias (GPT2ForSequenceClassification's ``score``), initialised as GPTModel initialises its
     linear layers; the class names go into the config. Returns the model."""
-    cfg = validate_config({**unwrap_model(model).cfg, "labels": list(labels),
-                           "tie_embeddings": False})       # a head of its own, not the embedding
     gpt = unwrap_model(model)
+    cfg = validate_config({**gpt.cfg, "labels": list(labels),
+                           "tie_embeddings": False})       # a head of its own, not the embedding
     like = gpt.final_norm.weight
     head = nn.Linear(cfg["emb_dim"], len(labels), bias=False, device=like.device,
                      dtype=like.dtype)                                      # (classes, C)
@@ -137,6 +137,9 @@ class ClassificationDataset(Dataset):
             raise ValueError(f"{name} has labels {unknown} that are not the classifier's "
                              f"classes {list(labels)}")
         ids = [tokenizer.encode_ordinary(r["text"]) for r in records]
+        if [] in ids:
+            raise ValueError(f"{name}: text {ids.index([])} (counting from 0) is empty; every "
+                             f"text needs at least one token")
         self.truncated = sum(len(x) > max_length for x in ids)
         self.examples = [(torch.tensor(x[:max_length]), index[r["label"]])
                          for x, r in zip(ids, records)]

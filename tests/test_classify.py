@@ -437,6 +437,9 @@ def test_labels_and_batches():
                                  ["2", "10"], max_length=3)
     assert long.truncated == 1 and long[0][0].tolist() == get_tokenizer().encode_ordinary(
         "one two three")
+    with pytest.raises(ValueError, match="text 1 .* is empty; every text needs at least one"):
+        ClassificationDataset([{"text": "a", "label": "2"}, {"text": "", "label": "2"}],
+                              ["2", "10"])
     inputs, classes = pad_texts([(torch.tensor([1, 2, 3]), 1), (torch.tensor([4]), 0)], 9)
     assert inputs.tolist() == [[1, 2, 3], [4, 9, 9]] and classes.tolist() == [1, 0]
 
