@@ -5,26 +5,21 @@
     windows --create_dataloader--> batches (B, T)
     record --render_conversation--> ids + which are scored     one template (second half)
     records --create_instruction_dataloader--> batches (B, the longest record)
+    preference pairs --(the same, preferences=True)--> (2B, longest): chosen, then rejected
 
 File plumbing lives in the engine, re-exported at the end (prepare_splits, load_tokens,
 read_records, split_records, ...).
 """
 
 import functools
-import os
 
 import numpy as np
-import tiktoken
-import tiktoken.load
 import torch
-
-# GPT-2's pre-split regex (contractions, words, numbers, punctuation, spaces), as tiktoken has it
-from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader, Dataset
 
 from engine import records as record_files
 from engine import text_files, token_cache
-from engine.bpe_files import gpt2_bpe_files
+from engine.bpe_files import gpt2_bpe_files, gpt2_encoding  # noqa: F401  (the files: public)
 from engine.checkpoints import saved_tokenizer
 from tokenizer import BPETokenizer
 
@@ -34,44 +29,11 @@ def get_tokenizer(source=None):
     or a run's own vocabulary: ``source`` is a tokenizer file (tokenizer.py), or a checkpoint
     or export folder trained with one (it carries the file; any other source is GPT-2's)."""
     own = saved_tokenizer(source)
-    return BPETokenizer.loads(own, str(source)).to_tiktoken() if own else _gpt2()
-
-
-@functools.lru_cache(maxsize=1)
-def _gpt2():
-    encoder_json, vocab_bpe = gpt2_bpe_files()
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    return BPETokenizer.loads(own, str(source)).to_tiktoken() if own else gpt2_encoding()
 
 
 # ---------------------------------------------------------------------------------------
 # Sliding windows over the ids, and the DataLoader
-
-def _as_token_array(txt, tokenizer):
-    """One compact 1-D array of ids from text, a tensor, an array/memmap or a list of ints."""
-    if isinstance(txt, str):
-        txt = (tokenizer or get_tokenizer()).encode(txt, allowed_special={"<|endoftext|>"})
-    elif isinstance(txt, (bytes, os.PathLike)):
-        raise TypeError(f"pass the text itself (str) or its token ids, not {type(txt).__name__}; "
-                        f"for a file use load_tokens(path) or read_text(path)")
-    if isinstance(txt, torch.Tensor):
-        txt = txt.detach().cpu().numpy()
-    if isinstance(txt, np.ndarray) and txt.dtype == np.uint16:
-        tokens = txt                # keep a memmap a memmap: no copy, no RAM
-    else:
-        arr = np.asarray(txt)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 16):
-            raise ValueError(f"token ids must lie in [0, 65535] (GPT-2 uses 0..50256), got "
-                             f"{arr.min()}..{arr.max()}")
-        tokens = arr.astype(np.uint16)
-    if tokens.ndim != 1:
-        raise ValueError(f"token ids must be 1-D (one long sequence), got shape {tokens.shape}")
-    return tokens
-
 
 class GPTDataset(Dataset):
     """Next-token training pairs cut from one long sequence of token ids.
@@ -83,10 +45,8 @@ class GPTDataset(Dataset):
     text, each token seen in several contexts). If the last full window stops short of the
     end, one more window ending exactly at the last token is added so the tail is trained on.
 
-    Only the ids are stored (2 bytes each, or a memmap of them); windows are sliced out when
-    asked for. Keeping an int64 input and target tensor per window instead costs
-    ``16 * max_length / stride`` bytes per token: 32 at ``stride = max_length / 2``, so about
-    8 GB instead of 0.5 GB for a 1 GB text (~250M tokens).
+    Only the ids are stored (2 bytes each), windows sliced out when asked for: an int64 input
+    and target per window would take 8 GB, not 0.5, for 1 GB of text (context 256, stride 128).
 
     ``name`` (say, the file's path) only goes into error messages, so that "valid.txt has
     126 tokens" tells you which of several texts is too short.
@@ -96,7 +56,9 @@ class GPTDataset(Dataset):
         for arg, value in (("max_length", max_length), ("stride", stride)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        self.tokens = _as_token_array(txt, tokenizer)                  # (n_tokens,) uint16
+        if isinstance(txt, str):    # else ids: a tensor, an array or memmap, a list of ints
+            txt = (tokenizer or get_tokenizer()).encode(txt, allowed_special={"<|endoftext|>"})
+        self.tokens = token_cache.as_token_array(txt)     # (n_tokens,) uint16; a memmap stays one
         self.max_length, self.stride = int(max_length), int(stride)
         n = len(self.tokens)
         if n < self.max_length + 1:
@@ -256,22 +218,58 @@ def pad_batch(samples, pad_id=50256):
     return inputs, targets
 
 
+# Preference pairs (DPO, train_utils.dpo_objective): one prompt, two answers, each rendered
+# in the template above; the targets score the answers only
+
+def preference_conversations(record):
+    """(chosen, rejected) conversations of a preference record (a prompt or an instruction)."""
+    asked = {"instruction": record["prompt"]} if "prompt" in record else record
+    return tuple(as_conversation({**asked, "output": record[side]})
+                 for side in ("chosen", "rejected"))
+
+
+class PreferenceDataset(Dataset):
+    """One (chosen, rejected) pair of InstructionDataset examples per preference record."""
+
+    def __init__(self, records, tokenizer=None, max_length=1024, *, name=None):
+        pairs = [preference_conversations(r)
+                 for r in record_files.load_preferences(records, name)]
+        self.chosen, self.rejected = (InstructionDataset([{"messages": p[k]} for p in pairs],
+                                                         tokenizer, max_length) for k in (0, 1))
+        self.truncated = self.chosen.truncated + self.rejected.truncated
+        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
+
+    def __len__(self):
+        return len(self.chosen)
+
+    def __getitem__(self, i):
+        return self.chosen[i], self.rejected[i]
+
+
+def pad_pairs(pairs, pad_id=50256):
+    """[(chosen, rejected), ...] -> (inputs, targets) (2B, longest): chosen rows, then rejected."""
+    return pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+
+
 def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffle=True,
                                   drop_last=False, num_workers=0, tokenizer=None,
                                   generator=None, *, group_by_length=False, format=None,
-                                  name=None):
+                                  name=None, preferences=False):
     """create_dataloader's twin for instruction records (a list, or a .json / .jsonl path):
     ``(input_ids, target_ids)`` batches, one record a row, as wide as the longest (pad_batch).
 
     ``max_length``: the model's context_length; ``format``: "alpaca" or "messages" to insist
     on one; ``group_by_length``: a shuffled order where records of similar length meet;
-    ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut."""
+    ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut.
+    ``preferences``: the records are preference pairs (PreferenceDataset, pad_pairs)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dataset = InstructionDataset(records, tokenizer, max_length, format=format, name=name)
+    dataset = (PreferenceDataset(records, tokenizer, max_length, name=name) if preferences else
+               InstructionDataset(records, tokenizer, max_length, format=format, name=name))
     sampler = (record_files.LengthGroupedSampler(dataset.lengths, batch_size, generator)
                if group_by_length else None)
-    pad = functools.partial(pad_batch, pad_id=(tokenizer or get_tokenizer()).eot_token)
+    pad = functools.partial(pad_pairs if preferences else pad_batch,
+                            pad_id=(tokenizer or get_tokenizer()).eot_token)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       generator=generator, collate_fn=pad)
@@ -292,6 +290,7 @@ read_records = record_files.read_records        # .json / .jsonl instruction rec
 split_records = record_files.split_records      # (train, valid) by whole records, seeded
 fetch_records = record_files.fetch_records      # a public set by URL, downloaded once
 is_records = record_files.is_records            # a .json / .jsonl path or URL
+read_preferences = record_files.read_preferences    # DPO's prompt / chosen / rejected pairs
 
 
 def load_tokens(path, tokenizer=None, cache=True, **options):

@@ -4,6 +4,10 @@
     transformers GPT2Model / GPT2LMHeadModel / state dict --load_weights_into_gpt--> GPTModel
     GPTModel --export_to_hf--> folder that transformers.GPT2LMHeadModel and pipeline() load
 
+A classifier (classify.py: config["labels"], its head scoring the classes) is HF's
+GPT2ForSequenceClassification both ways: its head is ``score.weight``, its class names
+``id2label``, and ``pad_token_id`` marks the padding its last-token rule skips.
+
     python download_weights_hf.py --load "gpt2-small (124M)" --save model_weights/gpt2.pth
     python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
     python download_weights_hf.py --export bare_state_dict.pth --config cfg.json --out my-gpt2-hf
@@ -90,8 +94,9 @@ def load_weights_into_gpt(gpt, gpt_hf):
     """Copy the weights of a Hugging Face transformers GPT-2 (model or state dict) into ``gpt``.
     (download_weights.load_weights_into_gpt takes OpenAI's TensorFlow arrays.)
 
-    Works for ``GPT2Model``, ``GPT2LMHeadModel`` and their state dicts, with or without
-    the ``transformer.`` prefix. Shapes are checked first (the error names the parameter).
+    Works for ``GPT2Model``, ``GPT2LMHeadModel``, ``GPT2ForSequenceClassification`` (into a
+    classifier, config["labels"]) and their state dicts, with or without the
+    ``transformer.`` prefix. Shapes are checked first (the error names the parameter).
     An untied ``lm_head.weight`` different from ``wte`` needs ``gpt`` built with
     tie_embeddings=False. The weights may not hold more blocks than ``gpt`` has.
     Returns ``gpt``.
@@ -108,7 +113,7 @@ def load_weights_into_gpt(gpt, gpt_hf):
     targets = dict(gpt.named_parameters())
     with torch.no_grad():
         for name, tensor in iter_gpt2_weights(gpt, fetch, "the Hugging Face weights",
-                                              head=state.get("lm_head.weight")):
+                                              head=state.get(_head_name(gpt.cfg))):
             targets[name].copy_(tensor)
     return gpt
 
@@ -142,6 +147,10 @@ def config_from_hf(hf_config, source="config.json"):
     eps = hf_config.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise ValueError(f"{source} sets layer_norm_epsilon={eps}; GPTModel uses 1e-5")
+    # a GPT2ForSequenceClassification: its head (score.weight) scores these classes
+    classes = "GPT2ForSequenceClassification" in (hf_config.get("architectures") or [])
+    labels = [str(hf_config["id2label"][key]) for key in sorted(hf_config.get("id2label", {}),
+                                                                key=int)] if classes else None
     try:
         return {"vocab_size": hf_config["vocab_size"],
                 "context_length": hf_config.get("n_positions", hf_config.get("n_ctx")),
@@ -150,7 +159,8 @@ def config_from_hf(hf_config, source="config.json"):
                 # Dropout is for training; a loaded model is for inference (and fine-tuning
                 # sets its own rate). Biases everywhere: GPT-2 has them.
                 "drop_rate": 0.0, "qkv_bias": True,
-                "tie_embeddings": bool(hf_config.get("tie_word_embeddings", True))}
+                "tie_embeddings": not classes and bool(hf_config.get("tie_word_embeddings", True)),
+                **({"labels": labels} if classes else {})}
     except KeyError as e:
         raise ValueError(f"{source} has no {e.args[0]!r}; is it a GPT-2 config.json?") from None
 
@@ -340,10 +350,13 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
 
         head = None
         if not cfg["tie_embeddings"]:
-            if "lm_head.weight" not in files:
-                raise ValueError(f"{config_path} says tie_word_embeddings=false but the "
-                                 f"weights have no lm_head.weight; the output head is missing")
-            head = read("lm_head.weight")
+            name = _head_name(cfg)
+            if name not in files:
+                why = ("is a GPT2ForSequenceClassification" if "labels" in cfg
+                       else "says tie_word_embeddings=false")
+                raise ValueError(f"{config_path} {why} but the weights have no {name}; the "
+                                 f"output head is missing")
+            head = read(name)
 
         with torch.device("meta"):
             gpt = GPTModel(cfg)
@@ -375,10 +388,23 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
 # ---------------------------------------------------------------------------------------
 # GPTModel -> a folder transformers loads
 
+def _head_name(cfg):
+    """The HF name of the output head: a classifier's ``score``, a language model's
+    ``lm_head``."""
+    return "score.weight" if "labels" in cfg else "lm_head.weight"
+
+
 def _hf_config(cfg, tied, dtype, eos=GPT2_EOS_ID):
     p = cfg["drop_rate"]
+    labels = cfg.get("labels")
+    # a classifier: transformers' GPT2ForSequenceClassification reads the row of each text's
+    # last token that is not pad_token_id (ours pad with <|endoftext|>, and so mark it)
+    classifier = labels and {
+        "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+        "pad_token_id": eos, "problem_type": "single_label_classification"}
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "architectures": ["GPT2ForSequenceClassification" if labels else "GPT2LMHeadModel"],
+        "model_type": "gpt2", **(classifier or {}),
         "vocab_size": cfg["vocab_size"], "n_positions": cfg["context_length"],
         "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
         "n_head": cfg["n_heads"], "n_inner": None,
@@ -405,7 +431,7 @@ def _export_tensors(model):
             tensor = torch.zeros(3 * cfg["emb_dim"], dtype=ours["tok_emb.weight"].dtype)
         tensors[f"transformer.{hf}"] = tensor.cpu().contiguous()
     if not cfg["tie_embeddings"]:
-        tensors["lm_head.weight"] = ours["out_head.weight"].detach().cpu().contiguous()
+        tensors[_head_name(cfg)] = ours["out_head.weight"].detach().cpu().contiguous()
     # A tied head is not written: GPT2LMHeadModel ties lm_head to wte from the config, and
     # safetensors refuses to store one tensor under two names anyway.
     return tensors
@@ -428,7 +454,8 @@ def export_to_hf(model, out_dir, tokenizer=None):
     The folder has config.json, model.safetensors, generation_config.json and GPT-2's
     tokenizer files (vocab.json, merges.txt, tokenizer_config.json), so
     ``GPT2LMHeadModel.from_pretrained(out_dir)`` and
-    ``pipeline("text-generation", model=out_dir)`` need no other argument, and give the
+    ``pipeline("text-generation", model=out_dir)`` need no other argument (a classifier:
+    ``GPT2ForSequenceClassification`` and ``pipeline("text-classification")``), and give the
     same logits as ``model`` for a float32 model (a bf16 or fp16 model is written in its
     own dtype, and transformers' arithmetic in it differs slightly from ours).
 
@@ -496,7 +523,7 @@ def export_to_hf(model, out_dir, tokenizer=None):
         # (and stops transformers warning that it picked that for you).
         # No max_length: pipeline(..., max_new_tokens=N) would warn that both are set.
         "pad_token_id": eos})
-    _write_tokenizer(out_dir, tokenizer, cfg["context_length"])
+    _write_tokenizer(out_dir, tokenizer, cfg["context_length"], pad="labels" in cfg)
     # metadata format=pt: transformers refuses safetensors files without it
     metadata = {"format": "pt", CHECKSUM_KEY: tensors_sha256(tensors)}
     atomic_write(out_dir / "model.safetensors",
@@ -506,10 +533,11 @@ def export_to_hf(model, out_dir, tokenizer=None):
 
 # ---------------------------------------------------------------------------------------
 
-def _write_tokenizer(out_dir, tokenizer, context_length):
+def _write_tokenizer(out_dir, tokenizer, context_length, pad=False):
     """GPT2Tokenizer's files: GPT-2's own (OpenAI's encoder.json and vocab.bpe under HF's
     names), or those of a run's own vocabulary (tokenizer.BPETokenizer, same format) plus its
-    file, from which dataset.get_tokenizer(out_dir) rebuilds it."""
+    file, from which dataset.get_tokenizer(out_dir) rebuilds it. ``pad`` (a classifier): its
+    padding token too, <|endoftext|> as in training, so that pipeline() pads batches."""
     own = out_dir / TOKENIZER_FILE
     if tokenizer is None:
         encoder_json, vocab_bpe = gpt2_bpe_files()
@@ -529,7 +557,7 @@ def _write_tokenizer(out_dir, tokenizer, context_length):
     _write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
         "bos_token": special, "eos_token": special, "unk_token": special,
-        "add_prefix_space": False})
+        **({"pad_token": special} if pad else {}), "add_prefix_space": False})
 
 
 def _export_checkpoint(parser, path, cfg, out):
@@ -586,8 +614,9 @@ def main(argv=None):
                      folder=True, also=[Path(args.out) / name for name in
                                         (*EXPORT_FILES, TOKENIZER_FILE)])
         path = _export_checkpoint(parser, args.export, args.config, args.out)
-        print(f"wrote {path}; load it with transformers.GPT2LMHeadModel.from_pretrained"
-              f"({str(path)!r})")
+        kind = ("GPT2ForSequenceClassification" if "labels" in read_checkpoint(
+            args.export, verify=False, mmap=True).get("config", {}) else "GPT2LMHeadModel")
+        print(f"wrote {path}; load it with transformers.{kind}.from_pretrained({str(path)!r})")
     else:
         if not args.save:
             parser.error("--load needs --save PTH")

@@ -4,6 +4,7 @@
     python evaluate.py --weights 124M --task hellaswag            # 10,042 examples; acc, acc_norm
     python evaluate.py --weights 124M --task lambada              # 5,153 passages; acc, perplexity
     python evaluate.py --weights 124M --task wikitext             # word_perplexity, bits_per_byte
+    python evaluate.py --weights model_weights/classifier.pth --task classify --data test.tsv
 
 Every benchmark here is one computation: the log-likelihood of a *continuation* after a
 *context*, log p(continuation | context) = the sum of log p(token | everything before it) over
@@ -17,6 +18,9 @@ EleutherAI's lm-evaluation-harness scores them, so that the numbers sit beside i
     wikitext    whole articles, in windows of the context length; perplexity per word and
                 per byte, bits per byte
     perplexity  (a text file) strided windows: loss, perplexity, bits per byte
+
+A classifier (classify.py) is scored on labelled texts instead (--task classify): accuracy,
+each class's precision, recall and F1, and the confusion matrix (classification_scores).
 
 Texts longer than the context keep their last ``context_length`` tokens. ``loglikelihood``
 is the plain computation, one forward pass per (context, continuation); engine/scoring.py
@@ -55,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from classify import class_probabilities, load_classifier, read_labelled
 from dataset import get_tokenizer, load_tokens
 from engine import eval_data, scoring
 from engine.devices import get_device
@@ -494,6 +499,66 @@ def summary_line(result):
                        for k, v in metrics.items()])
 
 
+def classification_scores(model, records, tokenizer=None, batch_size=16):
+    """A classifier's scores on labelled records ({"text", "label"}, classify.read_labelled):
+    {"task": "classify", "n", "accuracy", "macro_f1", "labels", "per_class": {label:
+    {"precision", "recall", "f1", "support"}}, "confusion": rows of true classes, columns of
+    predicted ones, "examples": [{"text", "label", "predicted", "probabilities"}]}. A class
+    never predicted has precision 0 (and never present, recall 0), as scikit-learn's do."""
+    labels = model.cfg["labels"]
+    unknown = sorted({r["label"] for r in records} - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not the classifier's classes {labels}")
+    probs = class_probabilities(model, [r["text"] for r in records], tokenizer, batch_size)
+    truth, predicted = [labels.index(r["label"]) for r in records], probs.argmax(-1).tolist()
+    confusion = [[0] * len(labels) for _ in labels]
+    for t, p in zip(truth, predicted):
+        confusion[t][p] += 1
+    per_class = {}
+    for k, name in enumerate(labels):
+        right, said, there = confusion[k][k], sum(row[k] for row in confusion), sum(confusion[k])
+        precision, recall = right / said if said else 0.0, right / there if there else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": there}
+    return {"task": "classify", "n": len(records),
+            "accuracy": sum(confusion[k][k] for k in range(len(labels))) / max(1, len(records)),
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels), "labels": labels,
+            "per_class": per_class, "confusion": confusion,
+            "examples": [{"text": r["text"], "label": r["label"], "predicted": labels[p],
+                          "probabilities": row} for r, p, row in zip(records, predicted,
+                                                                     probs.tolist())]}
+
+
+def _classify_cli(args):
+    """evaluate.py --task classify --data FILE: the table, the confusion matrix, the line."""
+    if args.data is None:
+        raise ValueError("--task classify needs --data FILE: labelled texts (a .csv / .tsv with "
+                         "text and label columns, or a .jsonl of {\"text\", \"label\"})")
+    wrong = [f"--{k.replace('_', '-')}" for k in ("stride", "context_length", "data_url")
+             if getattr(args, k) is not None] + (["--dtype int8"] if args.dtype == "int8" else [])
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} do not go with --task classify")
+    read_labelled(args.data)         # the file first: a wrong one fails before a model loads
+    model, tokenizer = load_classifier(args.weights, get_device(args.device), args.dtype)
+    records = read_labelled(args.data, model.cfg["labels"])[:args.limit]
+    result = classification_scores(model, records, tokenizer, args.batch_size or 16)
+    labels, width = result["labels"], max(8, *map(len, result["labels"])) + 2
+    print(f"classify: {len(records)} texts from {args.data}")
+    print(f"{'class':{width}s}precision  recall  f1      support")
+    for name, c in result["per_class"].items():
+        print(f"{name:{width}s}{c['precision']:<11.4f}{c['recall']:<8.4f}{c['f1']:<8.4f}"
+              f"{c['support']}")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    print(" " * width + "".join(f"{name:>{width}s}" for name in labels))
+    for name, row in zip(labels, result["confusion"]):
+        print(f"{name:{width}s}" + "".join(f"{n:>{width}d}" for n in row))
+    if args.json:
+        write_json({**result, "weights": str(args.weights), "data": str(args.data)}, args.json)
+    print(f"task=classify n={result['n']} accuracy={result['accuracy']:.4f} "
+          f"macro_f1={result['macro_f1']:.4f}")
+    return result
+
+
 def write_json(result, path):
     """The results (metrics first, then each example) as JSON, written atomically."""
     text = json.dumps(result, indent=1) + "\n"
@@ -534,8 +599,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Score a model: perplexity on a text file, or "
                                             "GPT-2's benchmarks as lm-evaluation-harness does.")
     p.add_argument("--weights", required=True, metavar="SOURCE", help=SOURCES_HELP)
-    p.add_argument("--task", choices=[*TASKS, "perplexity"], default=None,
-                   help="benchmark to run (default: perplexity of --data, a text file)")
+    p.add_argument("--task", choices=[*TASKS, "perplexity", "classify"], default=None,
+                   help="benchmark to run (default: perplexity of --data, a text file); "
+                        "classify: a classifier's scores on --data, labelled texts")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="the text to score, or the task's file in its official format "
                         "(default for a task: downloaded once into data/eval/)")
@@ -564,6 +630,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     progress = not args.no_progress
     try:
+        if args.task == "classify":
+            return _classify_cli(args)
         task = _check_flags(args)
         if args.json:       # before the scoring, which may take hours, not after it
             reads = [("--weights", args.weights), ("--data", args.data)]

@@ -150,7 +150,7 @@ def print_model_params(model):
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_plot.png",
                 step_losses=None, tokens_per_step=None, task_scores=None, reference_loss=None,
-                reference_label="reference"):
+                reference_label="reference", seen="tokens"):
     """Save a PNG of training and validation loss against tokens seen (epochs on top).
 
     The losses of the evaluations make the two main curves. ``step_losses`` (the history's
@@ -160,7 +160,8 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     (the history's, with train.py --eval-task) draws the benchmark's headline score on a
     second axis, on the right. ``reference_loss`` draws a dotted horizontal line, labelled
     ``reference_label`` and its value: ln(vocab_size), say, the loss of a uniform guess,
-    where an untrained model starts.
+    where an untrained model starts. ``seen`` names what "tokens_seen" counts (a classifier's
+    texts, DPO's pairs) on the axis.
     """
     if step_losses is not None and not tokens_per_step:
         raise ValueError("step_losses needs tokens_per_step (batch_size x grad_accum_steps x "
@@ -180,7 +181,7 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss_p
     if reference_loss is not None:
         ax.axhline(reference_loss, color="gray", linestyle=":",
                    label=f"{reference_label}: {reference_loss:.2f}")
-    ax.set_xlabel("Tokens seen")
+    ax.set_xlabel(f"{seen.capitalize()} seen")
     ax.set_ylabel("Loss")
     lines = ax.get_lines()
     if task_scores:

@@ -13,15 +13,13 @@ the names). Each speed or memory trick is one call into the engine, engine/cpu_k
 computation right after it. A first read can skip the checkpoint functions at the end.
 """
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import cpu_kernels, decoder, fused_loss
+from engine import checkpoints, cpu_kernels, decoder, fused_loss
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (model.<name> too)
 from engine.int8 import is_quantized, quantize_
@@ -77,10 +75,18 @@ def validate_config(cfg):
     that is missing, unknown or out of range."""
     if not isinstance(cfg, dict):
         raise ValueError(f"cfg must be a dict like GPT_CONFIG_124M, got {type(cfg).__name__}")
-    allowed = set(_INT_KEYS) | set(_BOOL_KEYS) | {"drop_rate"}
+    allowed = set(_INT_KEYS) | set(_BOOL_KEYS) | {"drop_rate", "labels"}
     if unknown := [key for key in cfg if key not in allowed]:
         raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
     out = {**_OPTIONAL_DEFAULTS, **cfg}
+    names = out.get("labels")           # a classifier's class names (classify.py)
+    if names is not None and not (isinstance(names, list) and len(names) >= 2 and all(
+            isinstance(n, str) and n for n in names) and len(set(names)) == len(names)):
+        raise ValueError(f"config key 'labels' must be a list of at least 2 distinct, "
+                         f"non-empty class names, got {names!r}")
+    if names is not None and out["tie_embeddings"]:
+        raise ValueError("config key 'labels' needs tie_embeddings=False: a classifier's head "
+                         "scores its classes, so it cannot be the token embedding")
     if missing := [key for key in (*_INT_KEYS, "drop_rate", *_BOOL_KEYS) if key not in out]:
         raise ValueError(f"config key {missing[0]!r} is missing; see GPT_CONFIG_124M for one")
     for key in _INT_KEYS:
@@ -233,7 +239,9 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(C, eps=1e-5)
         tied = cfg["tie_embeddings"]    # then the head has no matrix of its own to allocate
-        self.out_head = nn.Linear(C, V, bias=False, device="meta" if tied else None)  # (V, C)
+        # a classifier's head (classify.py) scores its classes instead of the vocabulary
+        n = len(cfg["labels"]) if "labels" in cfg else V
+        self.out_head = nn.Linear(C, n, bias=False, device="meta" if tied else None)  # (n, C)
         if tied:
             # Weight tying, as in OpenAI's GPT-2: the head that scores tokens *is* the embedding
             # that made their vectors (38.6M fewer weights at 124M). Off by default from
@@ -385,15 +393,6 @@ def load_checkpoint(path, device=None, cfg=None, dtype=None):
 def config_from(value):
     """A config dict from a dict, one of OpenAI's sizes ("124M", ...), or a JSON file holding
     one: what ``cfg=`` and the command lines' ``--config`` take for a bare state dict."""
-    if isinstance(value, dict) or value is None:
-        return value
     if str(value) in OPENAI_SIZES or str(value) in MODEL_CONFIGS:
         return dict(MODEL_CONFIGS[size_key(str(value))])
-    try:
-        cfg = json.loads(Path(value).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"config {str(value)!r} is neither one of {list(OPENAI_SIZES)} nor a "
-                         f"readable JSON file ({type(e).__name__}: {e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config file {str(value)!r} holds no JSON object (a config dict)")
-    return cfg
+    return checkpoints.config_file(value, list(OPENAI_SIZES))     # a dict (or None) as it is

@@ -54,12 +54,20 @@ def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weigh
     return load_gpt2_hf(str(source), cache_dir=cache_dir, device=device, dtype=dtype)
 
 
-def load_model_and_tokenizer(source, **options):
+def load_model_and_tokenizer(source, classifier=False, **options):
     """``(load_model(source, **options), the tokenizer it reads)``: GPT-2's, or the run's own
     vocabulary that a checkpoint or export carries (dataset.get_tokenizer); generate.py,
     evaluate.py and chat.py need no tokenizer flag. A model whose embedding has another
-    number of rows than its own tokenizer has tokens is refused."""
+    number of rows than its own tokenizer has tokens is refused, and so is a classifier
+    (classify.py) where a language model is wanted, or the other way round (``classifier``)."""
     model = load_model(source, **options)
+    labels = model.cfg.get("labels")
+    if classifier and labels is None:
+        raise ValueError(f"{source} is a language model, not a classifier; make one with "
+                         f"python train.py --task classify --init-from {source} --data FILE")
+    if labels is not None and not classifier:
+        raise ValueError(f"{source} is a classifier (classes {labels}), not a language model: "
+                         f"use it with classify.py or evaluate.py --task classify")
     tokenizer = get_tokenizer(source)
     own, vocab = tokenizer.name != "gpt2", model.cfg["vocab_size"]
     if vocab < tokenizer.n_vocab or (own and vocab != tokenizer.n_vocab):

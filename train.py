@@ -3,6 +3,8 @@
     python train.py                                   # data/input.txt, or the built-in corpus
     python train.py --data my.txt --num-epochs 5 --emb-dim 768 --n-layers 12 --n-heads 12
     python train.py --resume                          # continue the run saved at --out
+    python train.py --task classify --data data/sms_demo.tsv      # a classifier (classify.py)
+    python train.py --task dpo --data data/preferences.jsonl --init-from model_weights/instruct.pth
 
 Every key of GPT_CONFIG_124M and of SETTINGS is a flag (dashes for underscores). The
 work happens in train_utils.train_model; this file only turns flags into arguments.
@@ -15,10 +17,20 @@ import os
 import sys
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from classify import (
+    classification_loss,
+    create_classification_dataloader,
+    label_names,
+    make_classifier,
+    read_labelled,
+    set_trainable,
+    split_labelled,
+)
 from dataset import (
     GPTDataset,
     as_conversation,
@@ -28,7 +40,9 @@ from dataset import (
     get_tokenizer,
     is_records,
     load_tokens,
+    preference_conversations,
     prepare_splits,
+    read_preferences,
     read_records,
     read_text,
     render_conversation,
@@ -54,8 +68,11 @@ from model import GPT_CONFIG_124M, GPTModel, unwrap_model, validate_config
 from model_sources import SOURCES_HELP, crop_context, load_model, set_dropout
 from tokenizer import BPETokenizer
 from train_utils import (
+    NEXT_TOKEN,
+    Objective,
     TrainConfig,
     calc_loss_loader,
+    dpo_objective,
     plan_steps,
     plot_losses,
     print_model_params,
@@ -177,9 +194,24 @@ def build_parser():
     g.add_argument("--format", choices=["alpaca", "messages"], default=None,
                    help="the records' format; None = detected from each record")
     g.add_argument("--valid-fraction", type=float, default=0.1,
-                   help="share of the records held out for validation (chosen by --seed)")
+                   help="share of the records held out for validation (chosen by --seed; "
+                        "with --task classify, that share of each class)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch records of similar length together: less padding")
+    g = p.add_argument_group("classification and preference tuning")
+    g.add_argument("--task", choices=["lm", "classify", "dpo"], default="lm",
+                   help="lm: next-token prediction on a text or instruction records; classify: "
+                        "a classifier (classify.py) on labelled texts, --data a .csv / .tsv with "
+                        "text and label columns or a .jsonl of {text, label}; dpo: preference "
+                        "tuning on {prompt, chosen, rejected} records (.json / .jsonl) of the "
+                        "model given as --init-from (dropout off unless --drop-rate is given)")
+    g.add_argument("--trainable", default="last:1", metavar="head|last:N|all",
+                   help="classify: what trains: the new head alone, the last N blocks with the "
+                        "final LayerNorm and the head (the book's last:1), or every weight; "
+                        "with --lora-rank: the adapters and the head")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="dpo: the reward scale of DPO's loss (how far the model may move from "
+                        "its starting weights: smaller, further)")
     g = p.add_argument_group("fine-tuning (start from pretrained weights)")
     g.add_argument("--init-from", metavar="SOURCE", default=None,
                    help=f"start from these weights instead of a random init: {SOURCES_HELP}; "
@@ -227,14 +259,21 @@ def parse_args(argv=None):
         parser.set_defaults(**GPT_CONFIG_124M)
         args = parser.parse_args(argv)
     args.given = _given_flags(argv)
-    args.instruct = is_records(args.data)
+    args.instruct = args.task == "lm" and is_records(args.data)
     if args.out is None:
-        args.out = f"model_weights/{'instruct' if args.instruct else 'trained_gpt2'}.pth"
-    if not args.instruct and args.given & {"format", "valid_fraction", "group_by_length"}:
+        name = {"classify": "classifier", "dpo": "dpo"}.get(args.task, "trained_gpt2")
+        args.out = f"model_weights/{'instruct' if args.instruct else name}.pth"
+    records = args.instruct or args.task != "lm"
+    if (not records and args.given & {"format", "valid_fraction", "group_by_length"}
+            or args.task == "classify" and args.given & {"format", "group_by_length"}):
         parser.error("--format, --valid-fraction and --group-by-length go with instruction "
-                     "records: --data FILE.json or FILE.jsonl")
-    if args.instruct and not 0 < args.valid_fraction < 1:
+                     "records: --data FILE.json or FILE.jsonl (--valid-fraction also with "
+                     "--task classify, and --group-by-length with --task dpo)")
+    if args.task == "dpo" and "learning_rate" not in args.given:
+        args.learning_rate = 5e-5   # DPO moves a tuned model: a step of 1e-3 would wreck it
+    if records and not 0 < args.valid_fraction < 1:
         parser.error(f"--valid-fraction must be between 0 and 1, got {args.valid_fraction}")
+    _check_task_flags(parser, args)
     if args.init_from is None and (args.lora_rank or args.init_from_tf or args.config):
         parser.error("--lora-rank, --init-from-tf and --config go with --init-from SOURCE: "
                      "LoRA adapts pretrained weights (from a random init, train every weight)")
@@ -269,6 +308,28 @@ def parse_args(argv=None):
                    "checkpoint_every": " (0 = save only at the end)"}.get(key, "")
             parser.error(f"{flag} must be >= {low}, got {value}{why}")
     return args
+
+
+def _check_task_flags(parser, args):
+    """--task classify / dpo: their data and their own flags."""
+    if args.task != "lm" and "data" not in args.given:
+        parser.error(f"--task {args.task} needs --data FILE: "
+                     + ("labelled texts, e.g. data/sms_demo.tsv" if args.task == "classify"
+                        else "preference pairs, e.g. data/preferences.jsonl"))
+    if args.task == "dpo" and args.init_from is None:
+        parser.error("--task dpo tunes the model given as --init-from SOURCE (an "
+                     "instruction-tuned one); its starting weights are DPO's frozen reference")
+    for flag, task in (("trainable", "classify"), ("beta", "dpo")):
+        if flag in args.given and args.task != task:
+            parser.error(f"--{flag} goes with --task {task}")
+    kind, _, n = args.trainable.partition(":")
+    if args.trainable not in ("head", "all") and not (kind == "last" and n.isdigit() and int(n)):
+        parser.error(f"--trainable must be head, last:N (N >= 1) or all, got {args.trainable}")
+    if "trainable" in args.given and args.lora_rank:
+        parser.error("--trainable and --lora-rank both choose what trains; with LoRA the "
+                     "adapters and the head train")
+    if not (math.isfinite(args.beta) and args.beta > 0):
+        parser.error(f"--beta must be a finite number > 0, got {args.beta}")
 
 
 def _given_flags(argv):
@@ -324,8 +385,16 @@ def _train(args, cfg, device, rank, world_size, parallel):
             task_file(parse_task(args.eval_task)[0], file_flag="--eval-data", mirror_flag=None)
         barrier()
     settings = {"data": args.data if is_url(args.data) else str(Path(args.data).resolve()),
-                "init_from": resumed[0] if resumed else source_id(args.init_from)}
-    if args.instruct:       # whole records: read and split them before any long work
+                "init_from": resumed[0] if resumed else source_id(args.init_from),
+                "task": args.task}
+    if args.task != "lm":   # labelled texts or preference pairs: read and split up front
+        data, test_path = _read_task_records(args), None
+        settings.update(valid_fraction=args.valid_fraction, group_by_length=args.group_by_length,
+                        **({"trainable": args.trainable} if args.task == "classify" else
+                           {"beta": args.beta}))
+        texts = ["\n\n".join(v for r in part for k, v in r.items() if k != "label")
+                 for part in data]          # what a tokenizer would train on: the words
+    elif args.instruct:     # whole records: read and split them before any long work
         data, test_path = _read_instructions(args, rank, world_size), None
         settings.update(format=args.format, valid_fraction=args.valid_fraction,
                         group_by_length=args.group_by_length)
@@ -338,18 +407,26 @@ def _train(args, cfg, device, rank, world_size, parallel):
     settings["tokenizer"] = own.fingerprint() if own else "gpt2"
     if own:                 # the model's vocabulary is the tokenizer's
         cfg = validate_config({**cfg, "vocab_size": own.n_vocab})
-    if not args.instruct:
+    if args.task == "lm" and not args.instruct:
         data = tuple((load_tokens(path, tokenizer, progress=not args.no_progress), path)
                      for path in (train_path, valid_path))
     model = _build_model(args, cfg, device, resumed)
+    if args.task == "classify":
+        model = _as_classifier(args, model, data)
+    if args.task == "dpo" and "drop_rate" not in args.given:
+        set_dropout(model, 0.0)     # DPO compares the policy's log-probabilities with the
+        # reference's (eval mode): dropout would only add noise to every reward (TRL does so too)
     cfg = model.cfg
     if cfg["vocab_size"] < tokenizer.n_vocab:
         raise ValueError(f"--vocab-size {cfg['vocab_size']} is smaller than the tokenizer's "
                          f"{tokenizer.n_vocab} token ids, so some ids would have no embedding; "
                          f"use --vocab-size {tokenizer.n_vocab} (GPT-2's) or more")
-    loaders = _instruction_loaders if args.instruct else _text_loaders
+    loaders = {"classify": partial(_classify_loaders, labels=cfg.get("labels")),
+               "dpo": partial(_instruction_loaders, preferences=True)}.get(
+        args.task, _instruction_loaders if args.instruct else _text_loaders)
     train_loader, val_loader, start_context, tokens_per_step = loaders(
         args, data, cfg["context_length"], tokenizer, world_size)
+    reference = _reference_model(args, resumed, device) if args.task == "dpo" else None
     plan = plan_steps(len(train_loader.dataset), args.batch_size, args.grad_accum_steps,
                       args.num_epochs, args.max_steps, world_size=world_size,
                       drop_last=train_loader.drop_last)
@@ -377,10 +454,10 @@ def _train(args, cfg, device, rank, world_size, parallel):
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**{**flags, "start_context": start_context}, checkpoint_path=args.out,
                          progress=not args.no_progress, settings=settings,
-                         eval_at_start=args.init_from is not None,
+                         eval_at_start=args.init_from is not None or args.task != "lm",
                          tokenizer_json=own and own.dumps())
     history = train_model(model, train_loader, val_loader, device=device, config=config,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, objective=_objective(args, tokenizer, reference))
     _report(args, history, model, test_path, device, rank, tokenizer)
     return history
 
@@ -512,33 +589,107 @@ def _read_instructions(args, rank, world_size):
     return split_records(records, args.valid_fraction, args.seed)
 
 
-def _instruction_loaders(args, data, ctx, tokenizer, world_size):
-    """One record a row, padded to the longest of its batch; the loss on the answers only."""
+def _instruction_loaders(args, data, ctx, tokenizer, world_size, preferences=False):
+    """One record a row, padded to the longest of its batch; the loss on the answers only.
+    ``preferences`` (--task dpo): a pair of rows a record, its chosen and rejected answers."""
     train_records, valid_records = data
-    if len(train_records) < world_size * args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} x {world_size} process(es) needs at "
-                         f"least {world_size * args.batch_size} training records, but {args.data} "
-                         f"leaves {len(train_records)} after holding out {len(valid_records)} "
-                         f"for validation; lower --batch-size or add records")
+    _check_enough_records(args, train_records, valid_records, world_size)
     g = torch.Generator().manual_seed(args.seed)
     train_loader = create_instruction_dataloader(
         train_records, args.batch_size, ctx, tokenizer=tokenizer, generator=g,
-        group_by_length=args.group_by_length, name=args.data)
+        group_by_length=args.group_by_length, name=args.data, preferences=preferences)
     val_loader = create_instruction_dataloader(valid_records, args.batch_size, ctx,
                                                shuffle=False, tokenizer=tokenizer,
-                                               name=args.data)
+                                               name=args.data, preferences=preferences)
     cut = train_loader.dataset.truncated + val_loader.dataset.truncated
+    scored = ("DPO scores each answer's tokens, given its prompt" if preferences else
+              "the loss counts the answers only")
     print(f"Data: {args.data}: {len(train_records)} training records, {len(valid_records)} held "
-          f"out for validation, {cut} shortened to fit the {ctx}-token context; the loss "
-          f"counts the answers only.")
+          f"out for validation, {cut} {'answers ' if preferences else ''}shortened to fit the "
+          f"{ctx}-token context; {scored}.")
     if copies := copies_across(train_records, valid_records):
         print(f"note: {copies} of the {len(valid_records)} validation records are copies of a "
               f"training record ({args.data} repeats it), so the validation loss partly "
               f"measures memory; remove the repeats for a fair one")
     # the sample after each epoch: the model answering the first held-out instruction
-    messages = as_conversation(valid_records[0])[:-1]
-    prompt = tokenizer.decode(render_conversation(messages, tokenizer, reply_open=True)[0])
+    first = valid_records[0]
+    messages = (preference_conversations(first)[0] if preferences else as_conversation(first))
+    prompt = tokenizer.decode(render_conversation(messages[:-1], tokenizer, reply_open=True)[0])
     return train_loader, val_loader, prompt, "one record a row, padded to the longest"
+
+
+def _check_enough_records(args, train_records, valid_records, world_size):
+    if len(train_records) < world_size * args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} x {world_size} process(es) needs at "
+                         f"least {world_size * args.batch_size} training records, but {args.data} "
+                         f"leaves {len(train_records)} after holding out {len(valid_records)} "
+                         f"for validation; lower --batch-size or add records")
+
+
+def _read_task_records(args):
+    """(training, validation) records of --data: labelled texts split class by class
+    (--task classify), or preference pairs split by record (--task dpo)."""
+    if args.task == "classify":
+        records = read_labelled(args.data)
+        label_names(records, args.data)         # two classes at least, said before any work
+        return split_labelled(records, args.valid_fraction, args.seed, args.data)
+    return split_records(read_preferences(args.data), args.valid_fraction, args.seed)
+
+
+def _as_classifier(args, model, data):
+    """--task classify: the model with a new head for the data's classes (classify.py),
+    unless it is a classifier already (--init-from one, or a resumed run), and what trains."""
+    labels = label_names(data[0] + data[1], args.data)
+    have = model.cfg.get("labels")
+    if have is None:
+        make_classifier(model, labels)
+    elif set(labels) - set(have):
+        raise ValueError(f"--data {args.data} has classes {sorted(set(labels) - set(have))} "
+                         f"that the classifier {args.init_from or args.out} does not know (its "
+                         f"classes: {have}); start from a language model to make a new head")
+    try:
+        n = set_trainable(model, "lora" if args.lora_rank else args.trainable)
+    except ValueError as e:
+        raise ValueError(str(e).replace("what trains", "--trainable")) from None
+    what = "LoRA adapters and the head" if args.lora_rank else args.trainable
+    print(f"Classifier: classes {model.cfg['labels']}; what trains: {what}, {n:,} weights.")
+    return model
+
+
+def _classify_loaders(args, data, ctx, tokenizer, world_size, labels):
+    """Labelled texts, one a row, padded on the right to the longest of their batch."""
+    train_records, valid_records = data
+    _check_enough_records(args, train_records, valid_records, world_size)
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = create_classification_dataloader(train_records, labels, args.batch_size, ctx,
+                                                    tokenizer=tokenizer, generator=g,
+                                                    name=args.data)
+    val_loader = create_classification_dataloader(valid_records, labels, args.batch_size, ctx,
+                                                  shuffle=False, tokenizer=tokenizer,
+                                                  name=args.data)
+    counts = "; ".join(f"{name}: {sum(r['label'] == name for r in train_records)} + "
+                       f"{sum(r['label'] == name for r in valid_records)}" for name in labels)
+    cut = train_loader.dataset.truncated + val_loader.dataset.truncated
+    print(f"Data: {args.data}: {len(train_records)} training texts, {len(valid_records)} held out "
+          f"for validation ({counts}); {cut} cut to the {ctx}-token context.")
+    return train_loader, val_loader, "", "one text a row, padded to the longest"
+
+
+def _reference_model(args, resumed, device):
+    """--task dpo: DPO's frozen reference, the weights the run started from, loaded again
+    (eval mode, no gradients: never trained)."""
+    source = resumed[0] if resumed else args.init_from
+    reference = load_model(source, device=device, openai_tf=args.init_from_tf, cfg=args.config)
+    if "context_length" in args.given:
+        crop_context(reference, args.context_length)
+    return reference.requires_grad_(False).eval()
+
+
+def _objective(args, tokenizer, reference):
+    """What the run minimises: next-token prediction, a classifier's loss, or DPO's."""
+    if args.task == "classify":
+        return Objective(partial(classification_loss, pad_id=tokenizer.eot_token))
+    return dpo_objective(reference, args.beta) if args.task == "dpo" else NEXT_TOKEN
 
 
 def _prepare_splits(args, rank, world_size):
@@ -639,6 +790,10 @@ def _build_model(args, cfg, device, resumed=None):
     model = load_model(args.init_from, device=device, openai_tf=args.init_from_tf,
                        cfg=args.config)
     have = model.cfg
+    if "labels" in have and args.task != "classify":
+        raise ValueError(f"--init-from {args.init_from} is a classifier (classes "
+                         f"{have['labels']}): train it further with --task classify, or start "
+                         f"from a language model")
     wrong = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {have[k]})"
              for k in SHAPE_KEYS if k in args.given and getattr(args, k) != have[k]]
     if "context_length" in args.given and args.context_length > have["context_length"]:
@@ -683,14 +838,17 @@ def _report(args, history, model, test_path, device, rank, tokenizer):
         plot = plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"],
                            history["val_loss"], out.with_name(out.stem + "_loss.png"),
                            step_losses=history["step_loss"], tokens_per_step=per_step,
-                           task_scores=history.get("task_scores"))
+                           task_scores=history.get("task_scores"),
+                           seen={"classify": "texts", "dpo": "pairs"}.get(args.task, "tokens"))
         hist = save_history(history, out.with_name(out.stem + "_history.json"))
         print(f"Saved {out}, {hist.name} and {plot.name} in {out.parent}/")
     if test_path is not None:
         print(f"test: loss={history['test_loss']:.3f} "
               f"perplexity={math.exp(history['test_loss']):.1f}")
+    metrics = "".join(f" {k}={v[-1]:.4f}" for k, v in history.items()
+                      if k.startswith("val_") and k != "val_loss")      # val_accuracy, ...
     print(f"final: step={history['final_step']} train_loss={history['final_train_loss']:.4f} "
-          f"val_loss={history['final_val_loss']:.4f}")
+          f"val_loss={history['final_val_loss']:.4f}{metrics}")
 
 
 if __name__ == "__main__":

@@ -8,45 +8,54 @@ One optimizer step, as train_model does it:
     clip the gradient norm -> set the scheduled learning rate -> AdamW step -> zero grads
 
 Around it: evaluation every ``eval_freq`` steps, a sample after each epoch, and resumable
-checkpoints. A run's settings are one TrainConfig; saving, resuming and the checks around
-them are engine/runs.py's, several processes (torchrun) engine/devices.py's.
+checkpoints. Another loss runs in the same loop as an Objective: a classifier's
+(classify.py), or DPO's on preference pairs (dpo_loss, below). A run's settings are one
+TrainConfig; saving, resuming and the checks around them are engine/runs.py's, several
+processes (torchrun) engine/devices.py's.
 """
 
 import contextlib
-import json
+import itertools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from engine.cpu_kernels import tune_malloc
 from engine.devices import (  # get_device, recompute_activations: as the README shows them
+    autocast,
     get_device,  # noqa: F401
     grad_sync,
     is_fsdp,
     mean_across_processes,
     rank_and_world,
     recompute_activations,  # noqa: F401
-    training_precision,
 )
-from engine.fileio import atomic_write
 from engine.fused_loss import IGNORE_INDEX
-from engine.runs import (
+from engine.gpt2_params import param_group as part_of
+from engine.runs import (  # StepPlan, plan_steps: train.py and train.ipynb import them here
     RunLog,
+    StepPlan,  # noqa: F401
     TrainState,
     check_finite,
     check_model_finite,
+    check_train_config,
+    clip_gradients,
     epoch_batches,
+    in_order,
     metrics_path,
     note_replaced,
+    plan_steps,
+    recorded_settings,
     resume_run,
     run_lock,
+    save_history,  # noqa: F401  (train.py and the notebooks import it here)
     save_run,
     update_ratios,
     weights_copy,
@@ -70,6 +79,24 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 
 
+def scored_tokens(targets):         # the targets the loss counts: all but IGNORE_INDEX's
+    return int((targets != IGNORE_INDEX).sum())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What train_model minimises: ``loss(model, batch, device) -> (the batch's mean loss,
+    {metric: its sum over the batch})``, the mean taken over the batch's ``count(batch)``
+    units: next-token prediction's scored tokens (NEXT_TOKEN, the default), a classifier's
+    records (classify.classification_loss), DPO's pairs (dpo_objective). Micro-batches weigh
+    by their counts, and an evaluation shows each metric's sum over all units counted."""
+    loss: Callable
+    count: Callable = lambda batch: scored_tokens(batch[1])     # the targets not skipped
+
+
+NEXT_TOKEN = Objective(lambda model, batch, device: (calc_loss_batch(*batch, model, device), {}))
+
+
 def calc_loss_loader(data_loader, model, device, num_batches=None):
     """Mean loss per scored target token over the first ``num_batches`` batches (all when
     None).
@@ -78,43 +105,90 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     tokens, not as much as a full batch, which averaging the batch means would do; and a
     target the loss skips (IGNORE_INDEX: padding, an instruction's prompt) does not count.
     """
+    return loss_and_metrics(data_loader, model, device, num_batches)[0]
+
+
+def loss_and_metrics(data_loader, model, device, num_batches=None, objective=NEXT_TOKEN):
+    """calc_loss_loader for any Objective: (the mean loss per unit counted, {metric: its mean
+    per unit}); NaN and no metrics when nothing counts."""
+    total, units, sums = 0.0, 0, {}
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    if n == 0:
-        return float("nan")
-    total, n_tokens = 0.0, 0
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= n:
-            break
-        scored = scored_tokens(target_batch)
-        if scored:
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            total += loss.item() * scored                # the batch's summed loss
-            n_tokens += scored
-    return total / n_tokens if n_tokens else float("nan")
-
-
-def scored_tokens(targets):         # the targets the loss counts: all but IGNORE_INDEX's
-    return int((targets != IGNORE_INDEX).sum())
-
-
-def _in_order(loader, batch_size=None):
-    """The same batches without shuffling, so evaluations compare like with like. Its own
-    generator: every DataLoader iterator draws a seed, from torch's global generator
-    otherwise, and how often you evaluate would change training's dropout masks."""
-    return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
-                      shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
-                      generator=torch.Generator())
+    for batch in itertools.islice(data_loader, n):
+        count = objective.count(batch)
+        if count:
+            loss, metrics = objective.loss(model, batch, device)
+            total, units = total + loss.item() * count, units + count     # summed, not mean
+            sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+    return (total / units, {k: v / units for k, v in sums.items()}) if units else (math.nan, {})
 
 
 @torch.no_grad()
-def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, objective=NEXT_TOKEN):
     """(train loss, validation loss) over ``eval_iter`` batches each, in eval mode."""
+    scores = evaluate_scores(model, (train_loader, val_loader), device, eval_iter, objective)
+    return scores["train_loss"], scores["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_scores(model, loaders, device, eval_iter, objective=NEXT_TOKEN):
+    """{"train_loss", "val_loss"} and the objective's metrics ("val_accuracy", ...) over the
+    first ``eval_iter`` batches of the (training, validation) ``loaders``, in eval mode."""
     was_training = model.training
     model.eval()
-    train_loss = calc_loss_loader(_in_order(train_loader), model, device, num_batches=eval_iter)
-    val_loss = calc_loss_loader(_in_order(val_loader), model, device, num_batches=eval_iter)
+    scores = {}
+    for side, loader in zip(("train", "val"), loaders):
+        loss, metrics = loss_and_metrics(in_order(loader), model, device, eval_iter, objective)
+        scores.update({f"{side}_loss": loss, **{f"{side}_{k}": v for k, v in metrics.items()}})
     model.train(was_training)
-    return train_loss, val_loss
+    return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Preference tuning: DPO (Rafailov et al. 2023, "Direct Preference Optimization")
+
+def sequence_logprobs(model, inputs, targets):
+    """log p(answer | prompt) of each row (rows,): the sum of log p(target) over the scored
+    positions (IGNORE_INDEX skips the prompt and the padding), from logits (rows, T, vocab)."""
+    logits = model(inputs).float()                                          # (rows, T, vocab)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # 0: skipped
+    return -nll.view(targets.shape).sum(dim=-1)                             # (rows,)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
+    """DPO's loss on B pairs, from the answers' log-probabilities under the model being tuned
+    (the policy) and under a frozen copy of its starting weights (the reference), (B,) each:
+
+        reward(answer) = beta * (log policy(answer) - log reference(answer))
+        loss = mean over the pairs of  -log sigmoid(reward(chosen) - reward(rejected))
+
+    The loss falls as the policy raises the chosen answer's probability relative to the
+    reference's more than the rejected one's: no reward model, no sampling. ``beta`` sets how
+    far it may move from the reference. Returns (loss, chosen rewards, rejected rewards)."""
+    chosen = beta * (policy_chosen - reference_chosen)                      # (B,)
+    rejected = beta * (policy_rejected - reference_rejected)                # (B,)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def dpo_batch_loss(model, batch, device, reference, beta=0.1):
+    """A DPO Objective's loss: a batch of pairs (inputs, targets) (2B, T), chosen rows then
+    rejected rows (dataset.pad_pairs); the reference scores them without gradients. Metrics:
+    the reward margin (chosen - rejected), the pairs it ranks right, each side's reward."""
+    inputs, targets = (t.to(device) for t in batch)
+    policy = sequence_logprobs(model, inputs, targets).chunk(2)            # 2 x (B,)
+    with torch.no_grad():
+        ref = sequence_logprobs(reference, inputs, targets).chunk(2)
+    loss, chosen, rejected = dpo_loss(*policy, *ref, beta)
+    margin = chosen - rejected                                              # (B,)
+    return loss, {"reward_margin": float(margin.sum()), "reward_accuracy": float(
+        (margin > 0).sum()), "chosen_reward": float(chosen.sum()),
+        "rejected_reward": float(rejected.sum())}
+
+
+def dpo_objective(reference, beta=0.1):
+    """train_model's objective for DPO: dpo_batch_loss against ``reference`` (eval mode, never
+    trained), each pair one unit."""
+    return Objective(partial(dpo_batch_loss, reference=reference, beta=beta),
+                     count=lambda batch: len(batch[0]) // 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,64 +235,30 @@ def lr_at(step, peak_lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-@dataclass
-class StepPlan:
-    """How long a run is, in optimizer steps (plan_steps makes it)."""
-    batches_per_epoch: int      # micro-batches one process trains on per epoch
-    steps_per_epoch: int        # optimizer steps per epoch (grad_accum_steps batches each)
-    total_steps: int            # of the whole run: epochs x steps_per_epoch, or max_steps
-    warmup_steps: int           # linear warmup; 5% of total_steps unless given
-
-
-def plan_steps(n_windows, batch_size, grad_accum_steps=1, num_epochs=1, max_steps=None,
-               warmup_steps=None, world_size=1, drop_last=True):
-    """The step arithmetic of a run, in one place: train_model, train.py and train.ipynb.
-
-    Each of ``world_size`` processes takes every world_size-th of the ``n_windows`` training
-    windows (epoch_batches), in batches of ``batch_size``; ``grad_accum_steps`` of them
-    make one optimizer step. ``warmup_steps=None`` means 5% of all steps (at least 1).
-    """
-    per_process = n_windows // world_size
-    batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
-    steps_per_epoch = math.ceil(batches / grad_accum_steps)
-    total = num_epochs * steps_per_epoch
-    if max_steps is not None:
-        total = min(total, max_steps)
-    warmup = max(1, total // 20) if warmup_steps is None else warmup_steps
-    return StepPlan(batches, steps_per_epoch, total, warmup)
-
-
 # ---------------------------------------------------------------------------------------
 # One optimizer step's gradients
 
-def _autocast(device, dtype):
-    """bf16 autocast: matmuls in bfloat16 (half the bytes, faster units), the rest fp32;
-    "auto": where bf16 is native (engine.devices.training_precision)."""
-    use_bf16 = training_precision(device, dtype)[0] == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def accumulate_gradients(model, micro_batches, device, dtype="fp32"):
+def accumulate_gradients(model, micro_batches, device, dtype="fp32", objective=NEXT_TOKEN):
     """Forward and backward over several (inputs, targets) micro-batches; one step's worth.
 
     Each micro-batch's loss is weighted by its share of all scored target tokens of the
     step (every process's), so the summed gradient equals the gradient of one batch holding
     all of them, also when the last group of an epoch is short or batches of instruction
     records score different numbers of tokens. Returns (the step's mean loss, its number of
-    scored tokens over all processes).
+    scored tokens over all processes). Another ``objective`` counts its own units.
     """
     _, world_size = rank_and_world()
-    n_tokens = [scored_tokens(targets) for _, targets in micro_batches]
+    n_tokens = [objective.count(batch) for batch in micro_batches]
     # several processes: their gradients are averaged, so each weighs its tokens by the
     # count of all of them (for text, every process has the same count)
     step_tokens = round(mean_across_processes(sum(n_tokens), device, world_size) * world_size)
     mean_loss = 0.0
-    for k, (inputs, targets) in enumerate(micro_batches):
+    for k, batch in enumerate(micro_batches):
         share = n_tokens[k] * world_size / max(step_tokens, 1)
         # with several processes, gradients are averaged across them on the last one only
         with grad_sync(model, last=k == len(micro_batches) - 1):
-            with _autocast(device, dtype):
-                loss = calc_loss_batch(inputs, targets, model, device)
+            with autocast(device, dtype):
+                loss, _ = objective.loss(model, batch, device)
             if not n_tokens[k]:         # nothing scored: NaN, which must not reach a gradient
                 loss = loss.nan_to_num(0.0)
             (loss * share).backward()
@@ -263,21 +303,8 @@ class TrainConfig:
     progress: bool = True           # show a progress bar
     settings: dict = field(default_factory=dict)      # extra values the checkpoint records
 
-    def __post_init__(self):
-        if self.grad_accum_steps < 1 or self.eval_freq < 1 or self.eval_iter < 1:
-            raise ValueError(f"grad_accum_steps, eval_freq and eval_iter must be >= 1, got "
-                             f"{self.grad_accum_steps}, {self.eval_freq}, {self.eval_iter}")
-        if self.num_epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError(f"num_epochs and max_steps (when given) must be >= 1, got "
-                             f"{self.num_epochs}, {self.max_steps}: fewer trains nothing, and "
-                             f"would still overwrite checkpoint_path with the untrained weights")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 or None = no clipping), got "
-                             f"{self.grad_clip}: clipping to a negative norm flips the gradients")
-        if (self.warmup_steps is not None and self.warmup_steps < 0) or (
-                self.checkpoint_every is not None and self.checkpoint_every < 0):
-            raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got "
-                             f"{self.warmup_steps}, {self.checkpoint_every}")
+    def __post_init__(self):        # one line naming what is out of range
+        check_train_config(self)
 
 
 # Settings a resumed run must keep: with them the batch order (seed) and the learning rate
@@ -288,14 +315,14 @@ class TrainConfig:
 # number of processes, with a batch_size that keeps the global batch.
 RESUME_MUST_MATCH = ("seed", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
                      "data", "stride", "windows", "init_from", "format", "valid_fraction",
-                     "group_by_length")
+                     "group_by_length", "task", "trainable", "beta")
 
 
 # ---------------------------------------------------------------------------------------
 # The training loop
 
 def train_model(model, train_loader, val_loader, optimizer=None, device=None, config=None, *,
-                tokenizer=None, **options):
+                tokenizer=None, objective=NEXT_TOKEN, **options):
     """Train ``model`` on ``train_loader``'s dataset; return the history dict.
 
     ``config``: a TrainConfig; keyword ``options`` set its fields (``num_epochs=2``), over
@@ -303,9 +330,9 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     order comes from ``epoch_batches`` (seeded per epoch), so that ``resume=True`` continues
     from ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
     ``make_optimizer``; the learning rate of every group is set each step from ``lr_at``.
-    ``tokenizer`` is for the sample after each epoch. Returns ``{"step", "tokens_seen",
-    "epoch", "train_loss", "val_loss"}`` lists (one entry per evaluation), ``"step_loss"``
-    (one per optimizer step) and ``final_*`` values.
+    ``tokenizer`` is for the sample after each epoch; ``objective``, what the loss is. Returns
+    lists with one entry per evaluation ("step", "tokens_seen": the objective's units, "epoch",
+    "train_loss", "val_loss", its metrics), "step_loss" per step, and ``final_*`` values.
     """
     c = replace(config or TrainConfig(), **options)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -322,8 +349,8 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     if plan.batches_per_epoch == 0:
         raise ValueError(f"the training data gives no full batch of {batch_size} windows "
                          f"(it has {len(dataset)}); lower batch_size or add text")
-    settings = _recorded(c, batch_size, stride=getattr(dataset, "stride", None),
-                         windows=len(dataset))
+    settings = recorded_settings(c, batch_size, stride=getattr(dataset, "stride", None),
+                                 windows=len(dataset))
     run = TrainState()
     if c.resume:    # the saved weights, optimizer, RNG and position (and its warmup)
         run = resume_run(c.checkpoint_path, gpt, optimizer, plan, c.num_epochs, batch_size,
@@ -333,19 +360,19 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
     settings.update(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
     # Every process evaluates the same windows: those of the first eval_iter global
     # batches, so the figures do not depend on how many processes share the work.
-    eval_loaders = (_in_order(train_loader, batch_size * world_size),
-                    _in_order(val_loader, val_loader.batch_size * world_size))
+    eval_loaders = (in_order(train_loader, batch_size * world_size),
+                    in_order(val_loader, val_loader.batch_size * world_size))
     task = c.eval_task and task_scorer(c.eval_task, tokenizer, c.eval_data, batch_size,
                                        context_length=gpt.cfg["context_length"])
     log = RunLog(c.progress, plan.total_steps, run, c.checkpoint_path,
                  c.checkpoint_path and metrics_path(c.checkpoint_path), c.tensorboard)
 
     def evaluate():
-        _evaluate(model, eval_loaders, device, c.eval_iter, run, plan, log, task)
+        _evaluate(model, eval_loaders, device, c.eval_iter, run, plan, log, task, objective)
 
     def save():     # never a diverged model: the last good checkpoint stays good
-        check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device), device,
-                           world_size, run, c.checkpoint_path, optimizer)
+        check_model_finite(gpt, partial(_current_loss, model, eval_loaders[0], device, objective),
+                           device, world_size, run, c.checkpoint_path, optimizer)
         save_run(c.checkpoint_path, gpt, optimizer, run, world_size, batch_size, settings,
                  partial(_saved_state, gpt, c.tokenizer_json))
 
@@ -364,14 +391,15 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
                 step_batches = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum_steps]
                 micro_batches = [collate([dataset[i] for i in b]) for b in step_batches]
                 started = time.perf_counter()
-                loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, c.dtype)
+                loss, n_tokens = accumulate_gradients(fwd_model, micro_batches, device, c.dtype,
+                                                      objective)
                 loss = mean_across_processes(loss, device, world_size)   # the log, the NaN check
                 check_finite(loss, run, c.checkpoint_path)
                 grad_norm = clip_gradients(model, c.grad_clip)        # the norm before clipping
                 lr = lr_at(run.step, c.learning_rate, plan.total_steps, plan.warmup_steps,
                            c.min_lr_ratio)
-                for param_group in optimizer.param_groups:
-                    param_group["lr"] = lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 before = weights_copy(gpt) if (run.step + 1) % c.eval_freq == 0 else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -381,7 +409,7 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
                 run.history["step_loss"].append(loss)
                 log.step(loss, lr, n_tokens, time.perf_counter() - started, grad_norm=grad_norm,
                          clipped=bool(c.grad_clip and grad_norm > c.grad_clip),
-                         update_to_weight=before and update_ratios(gpt, before, _group, device))
+                         update_to_weight=before and update_ratios(gpt, before, part_of, device))
                 if run.step % c.eval_freq == 0:
                     evaluate()
                 if c.checkpoint_every and run.step % c.checkpoint_every == 0:
@@ -399,76 +427,55 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
 # ---------------------------------------------------------------------------------------
 # The loop's helpers: what a checkpoint records, evaluation, samples
 
-def _recorded(c, batch_size, **data):
-    """The settings a checkpoint records: the config's (less where the run is saved), the
-    extra ``settings``, and what the data gives (stride, window count)."""
-    skip = ("checkpoint_path", "resume", "progress", "settings", "tokenizer_json")
-    return {**{k: v for k, v in asdict(c).items() if k not in skip}, **c.settings,
-            "batch_size": batch_size, **data}
-
-
-def _current_loss(model, loader, device):
+def _current_loss(model, loader, device, objective):
     """The loss of the weights as they are now, on one batch of ``loader`` (eval mode)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss = calc_loss_loader(loader, model, device, num_batches=1)
+        loss = loss_and_metrics(loader, model, device, 1, objective)[0]
     model.train(was_training)
     return loss
 
 
 def _saved_state(gpt, tokenizer_json, model_state):
     """(the state a checkpoint holds, its extra entries): a LoRA model saves its merged weights
-    (they load anywhere) plus the adapters alone (they resume the run); a run with its own
-    vocabulary carries the tokenizer's file (generate.py and the others read it there)."""
+    (they load anywhere) plus the adapters and the other weights that train (they resume the
+    run); a run with its own vocabulary carries the tokenizer's file (generate.py and the
+    others read it there)."""
     extra = {"tokenizer": {"json": tokenizer_json}} if tokenizer_json else {}
     adapted = lora_config(gpt)
     if adapted is None:
         return model_state, extra
     model_state, adapters = merged_state(model_state, adapted)
+    # what trains beside the adapters (a classifier's head) resumes with them
+    adapters.update({n: model_state[n] for n, p in gpt.named_parameters()
+                     if p.requires_grad and n in model_state})
     return model_state, {**extra, "lora": {**adapted, "adapters": adapters}}
 
 
-def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log, task=None):
-    """Evaluate (and score ``task``, evaluate.task_scorer), add the result to the history,
-    the metrics log and one printed line."""
-    train_loss, val_loss = evaluate_model(model, *eval_loaders, device, eval_iter)
+def _evaluate(model, eval_loaders, device, eval_iter, run, plan, log, task=None,
+              objective=NEXT_TOKEN):
+    """Evaluate (the loss and the objective's metrics; and score ``task``,
+    evaluate.task_scorer), add the result to the history, the metrics log and one line."""
+    scores = evaluate_scores(model, eval_loaders, device, eval_iter, objective)
     h = run.history
     h["step"].append(run.step)
     h["tokens_seen"].append(run.tokens_seen)
     h["epoch"].append(run.epoch + run.batch_in_epoch / plan.batches_per_epoch)
-    h["train_loss"].append(train_loss)
-    h["val_loss"].append(val_loss)
-    scores, shown = {}, ""
+    for key, value in scores.items():
+        h.setdefault(key, []).append(value)
+    metrics = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in scores.items()
+                      if k.startswith("val_") and k != "val_loss")   # "val accuracy 0.875"
+    task_scores, shown = {}, ""
     if task:
-        scores = {task.task: task(unwrap_model(model))}
+        task_scores = {task.task: task(unwrap_model(model))}
         h.setdefault("task_scores", []).append({"step": run.step, "tokens_seen": run.tokens_seen,
-                                                "task": task.task, **scores[task.task]})
-        shown = f", {task.task} {task.main} {scores[task.task][task.main]:.4f}"
-    log.record("eval", train_loss=train_loss, val_loss=val_loss, **scores)
+                                                "task": task.task, **task_scores[task.task]})
+        shown = f", {task.task} {task.main} {task_scores[task.task][task.main]:.4f}"
+    log.record("eval", **scores, **task_scores)
     shown_epoch = run.epoch + 1 if run.batch_in_epoch else run.epoch    # 1-based, just ended
-    log.write(f"Ep {shown_epoch} (Step {run.step:06d}): "
-              f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{shown}")
-
-
-def clip_gradients(model, max_norm):
-    """Scale the gradients down to a total norm of ``max_norm`` when above it (0 or None: no
-    clipping); return their total norm before: a rising norm warns of divergence early."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-
-
-def _group(name):
-    """The part of GPT-2 a parameter belongs to, for the update-to-weight ratios (each step's
-    update over the weights' norm: around 1e-3 is healthy for Adam; much higher and the
-    learning rate is too high for that part, which shows there before the loss shows it)."""
-    if "norm" in name:
-        return "norms"
-    if name.startswith(("tok_emb", "pos_emb", "out_head")):
-        return "embeddings"
-    return "attention" if ".att." in name else "mlp"
+    log.write(f"Ep {shown_epoch} (Step {run.step:06d}): Train loss {scores['train_loss']:.3f}, "
+              f"Val loss {scores['val_loss']:.3f}{metrics}{shown}")
 
 
 def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, seed):
@@ -490,10 +497,3 @@ def _sample(model, gpt, tokenizer, device, start_context, sample_tokens, rank, s
         # FSDP needs every rank in each forward pass (they gather the shards).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             sample()
-
-
-def save_history(history, path):
-    """Write the loss history as JSON, atomically."""
-    return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
-
-

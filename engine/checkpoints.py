@@ -23,6 +23,7 @@ hash), to be kept in step with it; the CRCs are already in the file.
 """
 
 import hashlib
+import json
 import math
 import pickle
 import zipfile
@@ -120,6 +121,21 @@ def read_checkpoint(path, map_location="cpu", verify=True, mmap=False):
             f"layers are laid out differently; this project loads its own .pth files "
             f"(train.py, save_checkpoint, download_weights.py) and Hugging Face folders")
     return ckpt
+
+
+def config_file(value, sizes):
+    """``value`` as it is when a dict or None, else the config dict of the JSON file it names
+    (model.config_from has looked it up among the ``sizes`` names first)."""
+    if isinstance(value, dict) or value is None:
+        return value
+    try:
+        cfg = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config {str(value)!r} is neither one of {sizes} nor a readable "
+                         f"JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {str(value)!r} holds no JSON object (a config dict)")
+    return cfg
 
 
 # GPTModel's first weight: a state dict without it is some other model's

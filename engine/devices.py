@@ -2,6 +2,7 @@
 
     get_device()            CUDA, then Apple's MPS, then CPU; or the one asked for
     training_precision()    bf16 autocast where bf16 is native (AMX, AVX512-BF16, CUDA)
+    autocast(device, dtype) that autocast, as the training loop enters it
     resolve_dtype("bf16")   the torch dtype of a precision's name
     setup_distributed()     join torchrun's process group: (device, rank, world_size)
     wrap_model(m, "ddp")    DistributedDataParallel, or "fsdp": FSDP2 shards
@@ -74,6 +75,13 @@ def training_precision(device, dtype="auto"):
         return dtype, "as asked"
     why = native_bf16(device)
     return ("bf16", f"auto: {why}") if why else ("fp32", "auto: no native bf16 here")
+
+
+def autocast(device, dtype):
+    """train_model's autocast: bf16 (matmuls in bfloat16: half the bytes, faster units; the
+    rest fp32) where training_precision says so, else a context that changes nothing."""
+    use_bf16 = training_precision(device, dtype)[0] == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 # The precisions weights can be loaded in, by the names the command lines take

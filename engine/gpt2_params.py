@@ -64,8 +64,9 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
     the head is the token embedding, as in GPT-2.
 
     ``out_head.weight`` is yielded only when ``gpt`` has an untied head; a tied model
-    shares it with ``tok_emb.weight``. Source Q/K/V biases are dropped when ``gpt`` was
-    built with qkv_bias=False, but only if they are all zero (then nothing changes).
+    shares it with ``tok_emb.weight``. A classifier's head (classes, C) must come as
+    ``head``. Source Q/K/V biases are dropped when ``gpt`` was built with qkv_bias=False,
+    but only if they are all zero (then nothing changes).
     """
     expected = gpt.state_dict()
     n_layers = gpt.cfg["n_layers"]
@@ -93,16 +94,19 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
         yield ours, tensor
     if head is not None:
         head = torch.as_tensor(head)
-        if tuple(head.shape) != tuple(wte.shape):
+        want = tuple(expected["out_head.weight"].shape)     # (vocab, C), or a classifier's
+        if tuple(head.shape) != want:
             raise ValueError(f"shape mismatch for 'out_head.weight' (from {source}): the "
-                             f"weights are {tuple(head.shape)}, the model expects "
-                             f"{tuple(wte.shape)}")
+                             f"weights are {tuple(head.shape)}, the model expects {want}")
         head = head.to(wte.dtype).contiguous()
     if gpt.cfg["tie_embeddings"]:
         if head is not None and not torch.equal(head.to(wte.device), wte):
             raise ValueError(f"{source} has an output head different from its token embedding, "
                              f"but the model ties them; build it with tie_embeddings=False")
     else:
+        if head is None and "labels" in gpt.cfg:
+            raise ValueError(f"{source} has no classifier head (Hugging Face: score.weight) "
+                             f"for the model's classes {gpt.cfg['labels']}")
         # An untied model starts its head from the embedding when the source has none:
         # that is exactly the function GPT-2 computes.
         yield "out_head.weight", wte if head is None else head
@@ -128,3 +132,15 @@ def check_block_count(names, n_layers, pattern, source, config, fix):
     if blocks and max(blocks) >= n_layers:
         raise ValueError(f"{source} holds {max(blocks) + 1} transformer blocks but {config} "
                          f"says n_layer={n_layers}; {fix}")
+
+
+def param_group(name):
+    """The part of GPT-2 a parameter (by our name) belongs to, for the update-to-weight ratios
+    of a training run (each step's update over the weights' norm: around 1e-3 is healthy for
+    Adam; much higher and the learning rate is too high for that part, which shows there
+    before the loss shows it)."""
+    if "norm" in name:
+        return "norms"
+    if name.startswith(("tok_emb", "pos_emb", "out_head")):
+        return "embeddings"
+    return "attention" if ".att." in name else "mlp"

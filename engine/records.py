@@ -1,4 +1,4 @@
-"""Instruction records on disk: reading and checking them, the validation split, length groups.
+"""Records on disk: instructions, labelled texts, preference pairs; checks, splits, length groups.
 
     read_records(path, format=None)     a .json list or a .jsonl file (one record a line) ->
                                         a list of records, each checked, with errors that name
@@ -11,6 +11,10 @@
     is_records(data), is_url(data)      what train.py's --data names
     fit(render, messages, max_tokens)   a conversation cut to fit the context (the rules are
                                         dataset.fit_conversation's docstring)
+    read_labelled(path), label_names    a classifier's texts and labels (CSV / TSV / JSONL),
+    split_labelled(records, 0.1, seed)  and their split, stratified by class
+    fetch_sms_spam(folder)              the SMS Spam Collection (UCI), downloaded and checked
+    read_preferences(path)              DPO's {"prompt", "chosen", "rejected"} records, checked
 
 Two record formats, told apart by their keys (``format=`` forces one):
 
@@ -23,9 +27,12 @@ Two record formats, told apart by their keys (``format=`` forces one):
 dataset.py re-exports these and turns a record into token ids (the template lives there).
 """
 
+import csv
 import hashlib
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +40,7 @@ import torch
 from torch.utils.data import Sampler
 
 from engine.download import download_file
+from engine.fileio import atomic_write
 from engine.text_files import read_text
 
 FORMATS = ("alpaca", "messages")
@@ -157,7 +165,7 @@ def _short(value, limit=60):
 
 def check_records(records, format=None, name="records", lines=None):
     """Check every record; the first bad one raises ValueError naming ``name`` and the
-    record's place: ``lines[i]`` (its line in a JSONL file) or its index in the list."""
+    record's place: ``lines[i]`` ("line 7" of a JSONL file) or its index in the list."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS} or None (detect), got {format!r}")
     if not records:
@@ -167,7 +175,7 @@ def check_records(records, format=None, name="records", lines=None):
         try:
             check_record(record, format)
         except ValueError as e:
-            where = f"line {lines[i]}" if lines else f"record {i} (counting from 0)"
+            where = lines[i] if lines else f"record {i} (counting from 0)"
             raise ValueError(f"{name} {where}: {e}") from None
     if not any(answer.strip() for record in records for answer in _answers(record)):
         raise ValueError(f"{name}: every record's answer (\"output\", or the assistant's "
@@ -201,38 +209,51 @@ def read_records(path, format=None):
     JSONL. Blank lines of a JSONL file are skipped. Errors are one line naming the file and
     the record: ``data.jsonl line 7: it has no "output" ...``.
     """
+    rows = _file_rows(path, "instruction", "records, such as data/instructions.jsonl")
+    return check_records([r for _, r in rows], format, str(path), [w for w, _ in rows])
+
+
+def _file_rows(path, what, example):
+    """(where, record) of a .json list or a .jsonl file (another suffix: a list when it starts
+    with "["), with one-line errors for a missing file (naming ``what`` and ``example``), an
+    empty one and bad JSON."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no instruction file at {path} (absolute: {path.resolve()}): "
-                                f"give a .json or .jsonl file of records, such as "
-                                f"data/instructions.jsonl")
+        raise FileNotFoundError(f"no {what} file at {path} (absolute: {path.resolve()}): give "
+                                f"a .json or .jsonl file of {example}")
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path} is empty: put records in it (.json: a list of records, "
                          f".jsonl: one record a line)")
     text = read_text(path).removeprefix("\ufeff")      # a UTF-8 byte-order mark is no JSON
     as_list = path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip()[:1] == "[")
-    if as_list:
-        try:
-            records = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); a .json instruction file holds "
-                             f"one list of records, a .jsonl file one record a line") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path} holds a JSON {type(records).__name__}, not a list of "
-                             f"records; for one record a line, name the file .jsonl")
-        return check_records(records, format, str(path))
-    records, lines = [], []
-    # "\n" only: str.splitlines() also cuts at U+2028 and friends, which JSON strings may hold
+    return _json_rows(path, text) if as_list else _jsonl_rows(path, text)
+
+
+def _json_rows(path, text):
+    """(where, record) of a .json file holding one list of records."""
+    try:
+        records = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); a .json file holds one list of "
+                         f"records, a .jsonl file one record a line") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a JSON {type(records).__name__}, not a list of "
+                         f"records; for one record a line, name the file .jsonl")
+    return [(f"record {i} (counting from 0)", r) for i, r in enumerate(records)]
+
+
+def _jsonl_rows(path, text):
+    """(where, record) of a .jsonl file: one record a line; blank lines are skipped. "\n"
+    only: str.splitlines() also cuts at U+2028 and friends, which JSON strings may hold."""
+    rows = []
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as e:
-            raise ValueError(f"{path} line {number} is not valid JSON ({e}); a .jsonl file "
-                             f"holds one record a line") from None
-        lines.append(number)
-    return check_records(records, format, str(path), lines)
+        if line.strip():
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except ValueError as e:
+                raise ValueError(f"{path} line {number} is not valid JSON ({e}); a .jsonl file "
+                                 f"holds one record a line") from None
+    return rows
 
 
 def fetch_records(url, folder="data"):
@@ -333,3 +354,210 @@ class LengthGroupedSampler(Sampler):
         order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         batches = group_by_length(order, self.lengths, self.batch_size, self.generator)
         return iter([i for batch in batches for i in batch])
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled texts: a classifier's data (classify.py)
+# ---------------------------------------------------------------------------------------------
+
+def read_labelled(path, labels=None):
+    """The ``[{"text": str, "label": str}, ...]`` of a labelled file, each one checked.
+
+    A .csv / .tsv file has a header row naming its ``text`` and ``label`` columns (others are
+    ignored); a .jsonl / .json file holds ``{"text", "label"}`` records (a .json: one list).
+    A label is a name or an integer, kept as its text ("spam", "1"). ``labels``: the class
+    names a classifier knows; a record with another label is then an error. Errors are one
+    line naming the file and the line (or record): a missing column, an empty text, a
+    missing or unknown label.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".csv", ".tsv") and path.is_file():
+        text = read_text(path).removeprefix("\ufeff")
+        rows = _table_rows(path, text, "\t" if path.suffix.lower() == ".tsv" else ",")
+    else:
+        rows = _file_rows(path, "labelled", "{\"text\", \"label\"} records (or a .csv / .tsv "
+                                            "with text and label columns, such as "
+                                            "data/sms_demo.tsv)")
+    records = []
+    for where, row in rows:
+        try:
+            records.append(_labelled(row, labels))
+        except ValueError as e:
+            raise ValueError(f"{path} {where}: {e}") from None
+    if not records:
+        raise ValueError(f"{path} holds no records: put texts and their labels in it")
+    return records
+
+
+def _table_rows(path, text, delimiter):
+    """(where, {"text", "label"}) of a CSV / TSV file's rows after its header."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path} has no {' and no '.join(map(repr, missing))} column (its "
+                         f"header: {reader.fieldnames}); name the columns text and label in "
+                         f"its first line")
+    return [(f"line {reader.line_num}", {"text": row["text"], "label": row["label"]})
+            for row in reader]
+
+
+
+
+def _labelled(row, labels):
+    """One checked {"text", "label"} record; ValueError says what is wrong with it."""
+    if not isinstance(row, dict) or not {"text", "label"} <= set(row):
+        raise ValueError(f"a record needs \"text\" and \"label\", got {_short(row)}")
+    text, label = row["text"], row["label"]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the text is empty ({_short(text)}); every record needs a text")
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+        raise ValueError(f"the label must be a name or an integer, got {_short(label)}")
+    label = str(label).strip()
+    if labels is not None and label not in labels:
+        raise ValueError(f"label {label!r} is not one of the classifier's classes {labels}")
+    return {"text": text, "label": label}
+
+
+def label_names(records, name="the data"):
+    """The class names of ``records``, in class order: by value when every label is an integer
+    (0, 1, 2 ... keep their numbers), else alphabetically. One class only is an error."""
+    names = sorted({r["label"] for r in records})
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    if len(names) < 2:
+        raise ValueError(f"{name} has one class only ({names}): a classifier needs texts of "
+                         f"at least two labels")
+    return names
+
+
+def split_labelled(records, valid_fraction=0.1, seed=123, name="the data"):
+    """``(train, valid)``, stratified: of each class, the ``valid_fraction`` share of its
+    records (at least one) whose seeded hashes (split_records's) are lowest is held out, so
+    both sides keep the classes' shares, the same on every run; identical records stay
+    together. Each side keeps the file's order."""
+    if isinstance(valid_fraction, bool) or not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be a number strictly between 0 and 1, got "
+                         f"{valid_fraction!r}")
+    held = set()
+    for label in sorted({r["label"] for r in records}):
+        of_class = sorted((r for r in records if r["label"] == label),
+                          key=lambda r: _hash_fraction(seed, r))
+        cut = _hash_fraction(seed, of_class[max(1, round(valid_fraction * len(of_class))) - 1])
+        chosen = [r for r in of_class if _hash_fraction(seed, r) <= cut]
+        if len(chosen) == len(of_class):
+            raise ValueError(f"{name}: class {label!r} has {len(of_class)} distinct record(s): "
+                             f"give each class at least 2, one for training and one for "
+                             f"validation")
+        held.update(map(id, chosen))
+    return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
+
+
+# The SMS Spam Collection v.1 (Almeida, Gomez Hidalgo and Yamakami 2011; UCI ML Repository,
+# CC BY 4.0): 5,574 messages, 4,827 ham and 747 spam, as its authors' page and UCI's list
+# them. The sha256 published for it (Hugging Face datasets' sms_spam: 203,415 bytes,
+# 1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3; also in Julia's
+# MLDatasets) is of the zip at UCI's former address; the address below serves a repackaged
+# zip, and no size or hash of that one is published. So what the zip holds is checked
+# instead: every line "ham" or "spam", a tab and a message, in exactly those numbers.
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SPAM_MEMBER = "SMSSpamCollection"
+SMS_SPAM_COUNTS = {"ham": 4827, "spam": 747}
+
+
+def fetch_sms_spam(folder="data", url=SMS_SPAM_URL):
+    """``folder/sms_spam.tsv``: the SMS Spam Collection as a TSV with a header (label, text),
+    made once from UCI's zip (``url``: it or a mirror of it), which is kept beside it and
+    checked first (SMS_SPAM_COUNTS); a zip that fails the check is deleted."""
+    out, archive = Path(folder) / "sms_spam.tsv", Path(folder) / "sms_spam_collection.zip"
+    if out.is_file():
+        return out
+    download_file(url, archive, mirror_flag="--url")
+    try:
+        rows = _sms_rows(archive)
+    except ValueError as e:
+        archive.unlink(missing_ok=True)
+        raise ValueError(f"{url} did not give the SMS Spam Collection ({e}); the zip was "
+                         f"deleted: try again, or another copy of it with --url") from None
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+    writer.writerows([("label", "text"), *rows])
+    return atomic_write(out, lambda f: f.write(table.getvalue().encode("utf-8")))
+
+
+def _sms_rows(archive):
+    """[(label, message), ...] of the collection's zip, after checking what it holds."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            data = z.read(SMS_SPAM_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"not a zip holding {SMS_SPAM_MEMBER}: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    rows = [tuple(line.rstrip("\r").split("\t", 1)) for line in text.split("\n") if line.strip()]
+    counts = {label: sum(r[0] == label for r in rows) for label in SMS_SPAM_COUNTS}
+    if counts != SMS_SPAM_COUNTS or len(rows) != sum(counts.values()) or any(
+            len(r) != 2 or not r[1].strip() for r in rows):
+        raise ValueError(f"{SMS_SPAM_MEMBER} has {len(rows)} lines, {counts}; the collection "
+                         f"has {sum(SMS_SPAM_COUNTS.values())}, {SMS_SPAM_COUNTS}, each a label, "
+                         f"a tab and a message")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs: DPO's data (train_utils.dpo_objective)
+# ---------------------------------------------------------------------------------------------
+
+def read_preferences(path):
+    """The preference records of a .json list or a .jsonl file, each one checked: a prompt and
+    two answers to it, the one preferred and the one not,
+
+        {"prompt": str, "chosen": str, "rejected": str}
+        {"instruction": str, "input": str (optional), "chosen": str, "rejected": str}
+
+    (the second: the book's preference data, Alpaca's fields). Errors name the file and the
+    record's line (JSONL) or index."""
+    rows = _file_rows(path, "preference", "{\"prompt\", \"chosen\", \"rejected\"} records, "
+                                        "such as data/preferences.jsonl")
+    return check_preferences([r for _, r in rows], str(path), [w for w, _ in rows])
+
+
+def check_preferences(records, name="records", lines=None):
+    """Check every preference record; the first bad one raises ValueError naming ``name``
+    and its place (``lines[i]``, or its index)."""
+    if not records:
+        raise ValueError(f"{name} holds no records: a preference set needs at least one "
+                         f"{{\"prompt\", \"chosen\", \"rejected\"}} record")
+    for i, record in enumerate(records):
+        where = lines[i] if lines else f"record {i} (counting from 0)"
+        try:
+            _check_preference(record)
+        except ValueError as e:
+            raise ValueError(f"{name} {where}: {e}") from None
+    return records
+
+
+def _check_preference(record):
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {_short(record)}")
+    prompt = "prompt" if "prompt" in record else "instruction"
+    for key in (prompt, "chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"it has no \"{key}\" (a preference record holds \"prompt\" (or "
+                             f"\"instruction\"), \"chosen\" and \"rejected\"); its keys are "
+                             f"{sorted(record)}")
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"\"{key}\" must be a non-empty string, got {_short(record[key])}")
+    if not isinstance(record.get("input", ""), str):
+        raise ValueError(f"\"input\" must be a string, got {_short(record['input'])}")
+    if record["chosen"] == record["rejected"]:
+        raise ValueError("\"chosen\" and \"rejected\" are the same answer: a pair must prefer "
+                         "one answer to another")
+
+
+def load_preferences(records, name=None):
+    """``records`` checked, or read from ``records`` when it is a path (read_preferences)."""
+    if isinstance(records, (str, os.PathLike)):
+        return read_preferences(records)
+    return check_preferences(records, name or "records")

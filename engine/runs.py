@@ -3,11 +3,15 @@
 train_utils.train_model is the loop; it calls, once per need:
 
     TrainState                  where a run is (step, epoch, batch, tokens, history)
+    check_train_config(c)       a TrainConfig's values in range; recorded_settings: what a
+                                checkpoint records of them; save_history(history, path)
+    plan_steps(...) -> StepPlan how long a run is: batches per epoch, steps, warmup
     epoch_batches(...)          an epoch's batches: a pure function of (seed, epoch), sliced
-                                per process
+                                per process; in_order(loader): a loader's, unshuffled
     save_run(...)               the whole state -> the checkpoint (a collective under torchrun)
     resume_run(...)             the checkpoint -> model, optimizer, RNG and position, after
                                 checking that nothing deciding the batch order changed
+    clip_gradients              the gradient norm, clipped
     weights_copy / update_ratios  how far a step moved each part of the model
     check_finite / check_model_finite
                                 a diverged run stops before it writes over a good checkpoint
@@ -32,7 +36,7 @@ import random
 import socket
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.data import DataLoader
 from tqdm import tqdm  # the plain text bar: needs no widgets in notebooks
 
 from engine.checkpoints import (
@@ -84,7 +89,43 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------
-# The batch order
+# How long a run is, and the batch order
+
+@dataclass
+class StepPlan:
+    """How long a run is, in optimizer steps (plan_steps makes it)."""
+    batches_per_epoch: int      # micro-batches one process trains on per epoch
+    steps_per_epoch: int        # optimizer steps per epoch (grad_accum_steps batches each)
+    total_steps: int            # of the whole run: epochs x steps_per_epoch, or max_steps
+    warmup_steps: int           # linear warmup; 5% of total_steps unless given
+
+
+def plan_steps(n_windows, batch_size, grad_accum_steps=1, num_epochs=1, max_steps=None,
+               warmup_steps=None, world_size=1, drop_last=True):
+    """The step arithmetic of a run, in one place: train_model, train.py and train.ipynb.
+
+    Each of ``world_size`` processes takes every world_size-th of the ``n_windows`` training
+    windows (epoch_batches), in batches of ``batch_size``; ``grad_accum_steps`` of them
+    make one optimizer step. ``warmup_steps=None`` means 5% of all steps (at least 1).
+    """
+    per_process = n_windows // world_size
+    batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
+    steps_per_epoch = math.ceil(batches / grad_accum_steps)
+    total = num_epochs * steps_per_epoch
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warmup = max(1, total // 20) if warmup_steps is None else warmup_steps
+    return StepPlan(batches, steps_per_epoch, total, warmup)
+
+
+def in_order(loader, batch_size=None):
+    """The same batches without shuffling, so evaluations compare like with like. Its own
+    generator: every DataLoader iterator draws a seed, from torch's global generator
+    otherwise, and how often you evaluate would change training's dropout masks."""
+    return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
+                      shuffle=False, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
+                      generator=torch.Generator())
+
 
 def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, world_size=1,
                   lengths=None):
@@ -105,6 +146,41 @@ def epoch_batches(n_items, batch_size, shuffle, drop_last, seed, epoch, rank=0, 
         return [b for b in batches if len(b) == batch_size or not drop_last]
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------
+# A run's settings: checked, and what its checkpoint records
+
+def check_train_config(c):
+    """Raise ValueError naming the first setting of train_utils.TrainConfig ``c`` that is out
+    of range."""
+    if c.grad_accum_steps < 1 or c.eval_freq < 1 or c.eval_iter < 1:
+        raise ValueError(f"grad_accum_steps, eval_freq and eval_iter must be >= 1, got "
+                         f"{c.grad_accum_steps}, {c.eval_freq}, {c.eval_iter}")
+    if c.num_epochs < 1 or (c.max_steps is not None and c.max_steps < 1):
+        raise ValueError(f"num_epochs and max_steps (when given) must be >= 1, got "
+                         f"{c.num_epochs}, {c.max_steps}: fewer trains nothing, and "
+                         f"would still overwrite checkpoint_path with the untrained weights")
+    if c.grad_clip is not None and c.grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 or None = no clipping), got "
+                         f"{c.grad_clip}: clipping to a negative norm flips the gradients")
+    if (c.warmup_steps is not None and c.warmup_steps < 0) or (
+            c.checkpoint_every is not None and c.checkpoint_every < 0):
+        raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got "
+                         f"{c.warmup_steps}, {c.checkpoint_every}")
+
+
+def recorded_settings(c, batch_size, **data):
+    """The settings a checkpoint records: TrainConfig ``c``'s (less where the run is saved),
+    its extra ``settings``, and what the data gives (stride, window count)."""
+    skip = ("checkpoint_path", "resume", "progress", "settings", "tokenizer_json")
+    return {**{k: v for k, v in asdict(c).items() if k not in skip}, **c.settings,
+            "batch_size": batch_size, **data}
+
+
+def save_history(history, path):
+    """Write a run's history (train_model's) as JSON, atomically."""
+    return atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,7 +245,7 @@ def resume_run(path, gpt, optimizer, plan, num_epochs, batch_size, seed, now, mu
     """Load the run saved at ``path`` into ``gpt`` and ``optimizer``; returns its TrainState.
 
     ``now``: this run's settings; those named in ``must_match`` (and the global batch) must
-    equal the saved ones. ``plan`` (train_utils.StepPlan) takes the saved warmup when ``now``
+    equal the saved ones. ``plan`` (StepPlan) takes the saved warmup when ``now``
     gives none. ``lora_now``: the model's LoRA settings (lora.lora_config), or None.
     """
     rank, world_size = rank_and_world()
@@ -361,6 +437,15 @@ def check_model_finite(gpt, current_loss, device, world_size, run, path, optimiz
 
 # ---------------------------------------------------------------------------------------
 # How one step moved the weights (the run's health, in the metrics log)
+
+def clip_gradients(model, max_norm):
+    """Scale the gradients down to a total norm of ``max_norm`` when above it (0 or None: no
+    clipping); return their total norm before: a rising norm warns of divergence early."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
 
 def weights_copy(model):
     """A copy of every trainable weight (before an update, to measure it)."""

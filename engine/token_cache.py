@@ -6,7 +6,8 @@
                                     else tokenized in ~1 MB chunks on a thread pool and
                                     written there
 
-dataset.load_tokens calls this with GPT-2's tokenizer (or the run's own).
+dataset.load_tokens calls this with GPT-2's tokenizer (or the run's own); as_token_array(ids)
+checks ids handed in any other form (dataset.GPTDataset).
 
 The ids' sha256 is checked on every load, all of them: a flipped byte in a cache would
 otherwise train on other tokens without a word. It costs 0.46 s per 475 MB of ids (about
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from engine.fileio import atomic_write, file_sha256
@@ -276,3 +278,27 @@ def load_tokens(path, tokenizer, cache=True, *, chunk_bytes=_CHUNK_BYTES, progre
     if n_tokens == 0:       # np.memmap cannot map an empty file
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(u16_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+
+
+def as_token_array(ids):
+    """One compact 1-D uint16 array of token ids (a tensor, an array or memmap, a list of
+    ints), checked: integers within [0, 65535], one dimension. A uint16 array (a memmap of
+    load_tokens) is kept as it is: no copy, no RAM."""
+    if isinstance(ids, (bytes, os.PathLike)):
+        raise TypeError(f"pass the text itself (str) or its token ids, not {type(ids).__name__}; "
+                        f"for a file use load_tokens(path) or read_text(path)")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, np.ndarray) and ids.dtype == np.uint16:
+        tokens = ids
+    else:
+        arr = np.asarray(ids)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 16):
+            raise ValueError(f"token ids must lie in [0, 65535] (GPT-2 uses 0..50256), got "
+                             f"{arr.min()}..{arr.max()}")
+        tokens = arr.astype(np.uint16)
+    if tokens.ndim != 1:
+        raise ValueError(f"token ids must be 1-D (one long sequence), got shape {tokens.shape}")
+    return tokens

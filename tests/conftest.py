@@ -57,16 +57,19 @@ def tiny_cfg():
 
 
 def make_hf_model(vocab_size=211, n_positions=40, n_embd=48, n_layer=3, n_head=4, seed=0,
-                  tie=True):
-    """A random GPT2LMHeadModel with dropout off, built from a config (no download)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+                  tie=True, num_labels=None):
+    """A random GPT2LMHeadModel with dropout off, built from a config (no download); with
+    ``num_labels``, a GPT2ForSequenceClassification whose padding token is the last id."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0, bos_token_id=vocab_size - 1,
-                        eos_token_id=vocab_size - 1, tie_word_embeddings=tie)
-    model = GPT2LMHeadModel(config).eval()
+                        eos_token_id=vocab_size - 1, tie_word_embeddings=tie,
+                        **({"num_labels": num_labels, "pad_token_id": vocab_size - 1}
+                           if num_labels else {}))
+    model = (GPT2ForSequenceClassification if num_labels else GPT2LMHeadModel)(config).eval()
     # GPT2's init leaves biases at zero and LayerNorm at (1, 0); randomise them so a
     # mapping mistake on any tensor shows up in the logits.
     with torch.no_grad():

@@ -10,7 +10,6 @@ loop over full forward passes (no KV cache, no batching).
 import contextlib
 import json
 import math
-import os
 import re
 
 import pytest
@@ -124,17 +123,9 @@ def tuned_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("instruct")
     torch.manual_seed(0)
     save_checkpoint(cwd / "tiny.pth", GPTModel(TINY))
-    threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"         # the kernel's torch, as one_thread() says
-    try:
-        cells = run_notebook("instruct.ipynb", cwd, INIT_FROM=str(cwd / "tiny.pth"),
-                             DATA_PATH=str(DATA), MODEL_PATH=str(cwd / "out" / "instruct.pth"),
-                             **RUN)
-    finally:
-        if threads is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
+    cells = run_notebook("instruct.ipynb", cwd, threads=1, INIT_FROM=str(cwd / "tiny.pth"),
+                         DATA_PATH=str(DATA), MODEL_PATH=str(cwd / "out" / "instruct.pth"),
+                         **RUN)
     return cwd, cells
 
 

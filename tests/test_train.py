@@ -409,7 +409,7 @@ def test_dtype_auto_trains_in_bf16_where_bf16_is_native(monkeypatch, flags, want
     cpu = torch.device("cpu")
     assert devices.training_precision(cpu) == want
     assert devices.training_precision(cpu, "fp32") == ("fp32", "as asked")
-    with train_utils._autocast(cpu, "auto"):
+    with devices.autocast(cpu, "auto"):
         assert torch.is_autocast_enabled("cpu") == (want[0] == "bf16")
     with pytest.raises(ValueError, match="dtype must be 'fp32', 'bf16' or 'auto', got 'fp16'"):
         devices.training_precision(cpu, "fp16")

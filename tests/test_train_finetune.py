@@ -17,11 +17,12 @@ from conftest import make_hf_model, signal_at_first_save
 from dataset import create_dataloader, default_corpus_text, get_tokenizer, load_tokens
 from download_weights_hf import export_to_hf, load_weights_into_gpt
 from engine.checkpoints import read_checkpoint
+from engine.runs import in_order
 from lora import add_lora, lora_config, merge
 from model import GPTModel, load_checkpoint
 from model_sources import crop_context, load_model, set_dropout
 from train import main
-from train_utils import _in_order, recompute_activations, train_model
+from train_utils import recompute_activations, train_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--batch-size", "4", "--eval-iter", "2", "--no-progress", "--device", "cpu",
@@ -44,7 +45,7 @@ def _data(tmp_path, n=30_000):
 
 def _hf_loss(hf, tokens, ctx, batch_size, n_batches):
     """GPT2LMHeadModel's mean per-token loss on train_model's evaluation windows."""
-    loader = _in_order(create_dataloader(tokens, batch_size, ctx, ctx, shuffle=False))
+    loader = in_order(create_dataloader(tokens, batch_size, ctx, ctx, shuffle=False))
     total, count = 0.0, 0
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):

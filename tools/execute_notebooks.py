@@ -28,14 +28,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# the learning path's order; train.ipynb before the notebooks that load the model it trains
+# the learning path's order; train.ipynb before the notebooks that load the model it trains,
+# instruct.ipynb before dpo.ipynb, which tunes the model instruct.ipynb tunes
 NOTEBOOKS = ("build.ipynb", "train.ipynb", "inference.ipynb", "inference_hf.ipynb",
-             "instruct.ipynb", "tokenizer.ipynb")
+             "instruct.ipynb", "tokenizer.ipynb", "classify.ipynb", "dpo.ipynb")
 CHECKPOINT = "model_weights/trained_gpt2.pth"      # what train.ipynb saves
-SHOWS_TRAINED = ("inference.ipynb", "inference_hf.ipynb", "instruct.ipynb")
+SHOWS_TRAINED = ("inference.ipynb", "inference_hf.ipynb", "instruct.ipynb", "classify.ipynb",
+                 "dpo.ipynb")
+AFTER = {"dpo.ipynb": "instruct.ipynb"}            # starts from what that one saves
 METADATA_KEY = "trained_checkpoint_sha256"
 # data/'s committed files, which the notebooks read (the rest of data/ is made by them)
-COMMITTED_DATA = ("README.md", "instructions.jsonl", "docstrings/docstrings.txt")
+COMMITTED_DATA = ("README.md", "instructions.jsonl", "docstrings/docstrings.txt",
+                  "sms_demo.tsv", "preferences.jsonl")
 MAX_BYTES = 1_000_000
 
 
@@ -50,6 +54,9 @@ def sha256(path):
 def stale_checkpoint(names, root):
     """Why running ``names`` from ``root`` would show another model than train.ipynb's
     committed outputs do (a message), or None."""
+    if missing := [f"{n} starts from what {AFTER[n]} saves: run them together"
+                   for n in names if n in AFTER and AFTER[n] not in names]:
+        return "; ".join(missing)
     if "train.ipynb" in names or not set(names) & set(SHOWS_TRAINED):
         return None
     import nbformat
