@@ -325,14 +325,13 @@ def train_model(model, train_loader, val_loader, optimizer=None, device=None, co
                 tokenizer=None, objective=NEXT_TOKEN, **options):
     """Train ``model`` on ``train_loader``'s dataset; return the history dict.
 
-    ``config``: a TrainConfig; keyword ``options`` set its fields (``num_epochs=2``), over
-    ``config`` when both are given. The loaders supply datasets and batch sizes; the batch
-    order comes from ``epoch_batches`` (seeded per epoch), so that ``resume=True`` continues
-    from ``checkpoint_path`` exactly where the saved run was. ``optimizer`` defaults to
-    ``make_optimizer``; the learning rate of every group is set each step from ``lr_at``.
-    ``tokenizer`` is for the sample after each epoch; ``objective``, what the loss is. Returns
-    lists with one entry per evaluation ("step", "tokens_seen": the objective's units, "epoch",
-    "train_loss", "val_loss", its metrics), "step_loss" per step, and ``final_*`` values.
+    ``config``: a TrainConfig; keyword ``options`` (``num_epochs=2``) override its fields. The
+    loaders give datasets and batch sizes; the batch order comes from ``epoch_batches``
+    (seeded per epoch), so ``resume=True`` continues ``checkpoint_path`` exactly. ``optimizer``
+    defaults to ``make_optimizer``, each step's learning rate comes from ``lr_at``; ``tokenizer``
+    is for the sample after each epoch; ``objective``, what the loss is. Returns lists with one
+    entry per evaluation ("step", "tokens_seen": the objective's units, "epoch", "train_loss",
+    "val_loss", its metrics), "step_loss" per step, and ``final_*`` values.
     """
     c = replace(config or TrainConfig(), **options)
     device = torch.device(device) if device is not None else next(model.parameters()).device
