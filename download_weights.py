@@ -82,13 +82,14 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
     check_block_count(shapes, settings["n_layer"], TF_BLOCK, repr(str(ckpt_path)), "hparams.json",
                       "the files do not belong together: delete the folder "
                       f"{str(ckpt_path.parent)!r} and run again to download them afresh.")
-    missing = [f"model/{tf_name}" for _, _, tf_name, _ in rows if f"model/{tf_name}" not in shapes]
+    missing = [f"model/{row.openai_tf}" for row in rows if f"model/{row.openai_tf}" not in shapes]
     if missing:
         raise ValueError(f"{str(ckpt_path)!r} lacks {len(missing)} GPT-2 variables "
                          f"(first: {missing[0]!r}) although hparams.json says "
                          f"n_layer={settings['n_layer']}. {retry_hint}")
     params = {}
-    for _, _, tf_name, is_conv1d in tqdm(rows, desc="reading TF checkpoint", unit="tensor"):
+    for row in tqdm(rows, desc="reading TF checkpoint", unit="tensor"):
+        tf_name, is_conv1d = row.openai_tf, row.is_conv1d
         try:
             array = reader.get_tensor(f"model/{tf_name}")
         except Exception as e:
@@ -117,7 +118,7 @@ def load_weights_into_gpt(gpt, params):
                       f"(hparams.json), not n_layers={n_layers}")
 
     def fetch(row):
-        name = row[2]
+        name = row.openai_tf
         if name in params:
             return params[name]
         if f"model/{name}" in params:

@@ -1,8 +1,10 @@
-"""Hugging Face GPT-2 weights <-> GPTModel.
+"""Hugging Face GPT-2 weights <-> GPTModel, and GGUF files for llama.cpp <-> GPTModel.
 
     Hub id / save_pretrained folder --load_gpt2_hf--> GPTModel        (no TensorFlow needed)
     transformers GPT2Model / GPT2LMHeadModel / state dict --load_weights_into_gpt--> GPTModel
     GPTModel --export_to_hf--> folder that transformers.GPT2LMHeadModel and pipeline() load
+    GPTModel --export_to_gguf--> one .gguf file that llama.cpp (llama-cli, Ollama, ...) runs
+    .gguf (ours, or llama.cpp's converter's) --load_gguf--> GPTModel
 
 A classifier (classify.py: config["labels"], its head scoring the classes) is HF's
 GPT2ForSequenceClassification both ways: its head is ``score.weight``, its class names
@@ -10,13 +12,16 @@ GPT2ForSequenceClassification both ways: its head is ``score.weight``, its class
 
     python download_weights_hf.py --load "gpt2-small (124M)" --save model_weights/gpt2.pth
     python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2-hf
+    python download_weights_hf.py --export model_weights/trained_gpt2.pth --out my-gpt2.gguf
     python download_weights_hf.py --export bare_state_dict.pth --config cfg.json --out my-gpt2-hf
 
-Both directions loop over ``gpt2_params.gpt2_param_names``, the one table of GPT-2 names; HF
-stores the four linear layers per block as "Conv1D" with (in, out) weights, the layout of
-our ``model.Linear`` too (its docstring says why), so tensors copy across unchanged.
-``load_gpt2_hf`` reads the safetensors file directly instead of building a transformers
-model first, so loading costs about one copy of the weights in memory.
+--export takes any model source (load_source: a .pth, a .gguf, a folder, a Hub id, one of
+OpenAI's sizes) with the tokenizer it carries. Every direction loops over
+``gpt2_params.gpt2_param_names``, the one table of GPT-2 names; HF stores the four linear
+layers per block as "Conv1D" with (in, out) weights, the layout of our ``model.Linear`` too
+(its docstring says why), so tensors copy across unchanged; GGUF holds those four (out, in),
+as ggml multiplies. ``load_gpt2_hf`` reads the safetensors file directly instead of building
+a transformers model first, so loading costs about one copy of the weights in memory.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,11 +40,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from engine import gguf_file
 from engine.bpe_files import gpt2_bpe_files
 from engine.checkpoints import TOKENIZER_FILE, read_checkpoint, saved_tokenizer, tensors_sha256
-from engine.fileio import atomic_write, check_output
-from engine.gpt2_params import HF_BLOCK, check_block_count, gpt2_param_names, iter_gpt2_weights
-from engine.int8 import quantize_
+from engine.fileio import atomic_write, check_output, check_writable
+from engine.gpt2_params import (
+    GGUF_BLOCK,
+    GGUF_HEAD,
+    HF_BLOCK,
+    HF_HEAD,
+    check_block_count,
+    gpt2_param_names,
+    iter_gpt2_weights,
+)
+from engine.int8 import is_quantized, quantize_
 from lora import merge
 from model import (
     MODEL_CONFIGS,
@@ -49,8 +64,9 @@ from model import (
     save_checkpoint,
     size_key,
     unwrap_model,
+    validate_config,
 )
-from tokenizer import BPETokenizer
+from tokenizer import GPT2_PATTERN, BPETokenizer
 
 # Our config names -> the Hub repositories OpenAI's weights live in.
 HF_HUB_IDS = {
@@ -64,6 +80,12 @@ _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
                  "model.safetensors.index.json"]
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_ID = 50256
+LAYER_NORM_EPS = 1e-5       # GPT-2's, and model.py's nn.LayerNorm's
+# What --export, train.py --init-from, generate.py --weights ... take (load_source and
+# model_sources.load_model), for their --help.
+SOURCES_HELP = ("a .pth of ours, a .gguf, a folder written by save_pretrained, a Hugging Face "
+                "Hub id (openai-community/gpt2) or one of OpenAI's sizes (124M, 355M, 774M, "
+                "1558M)")
 # safetensors metadata key of our exports: engine.checkpoints.tensors_sha256 of every tensor.
 # The format itself checks its header and sizes but not the numbers: a weight overwritten
 # on disk would load as it is. Files without the key (transformers' own) are not checked.
@@ -108,7 +130,7 @@ def load_weights_into_gpt(gpt, gpt_hf):
                       f"not n_layers={n_layers}")
 
     def fetch(row):
-        return state[row[1]]                # KeyError names the missing HF key
+        return state[row.hf]                # KeyError names the missing HF key
 
     targets = dict(gpt.named_parameters())
     with torch.no_grad():
@@ -144,9 +166,10 @@ def config_from_hf(hf_config, source="config.json"):
         if value not in ok:
             raise ValueError(f"{source} sets {key}={value!r}; GPTModel implements only "
                              f"{' or '.join(map(repr, ok))}")
-    eps = hf_config.get("layer_norm_epsilon", 1e-5)
-    if abs(eps - 1e-5) > 1e-12:
-        raise ValueError(f"{source} sets layer_norm_epsilon={eps}; GPTModel uses 1e-5")
+    eps = hf_config.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if abs(eps - LAYER_NORM_EPS) > 1e-12:
+        raise ValueError(f"{source} sets layer_norm_epsilon={eps}; GPTModel uses "
+                         f"{LAYER_NORM_EPS}")
     # a GPT2ForSequenceClassification: its head (score.weight) scores these classes
     classes = "GPT2ForSequenceClassification" in (hf_config.get("architectures") or [])
     labels = [str(hf_config["id2label"][key]) for key in sorted(hf_config.get("id2label", {}),
@@ -298,10 +321,8 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
     blocks (a ValueError names both numbers otherwise).
 
     The config comes from config.json, the weights straight from the safetensors file(s),
-    one tensor at a time. The model is built on the "meta" device (shapes, no memory) and
-    the loaded tensors become its parameters (``assign=True``), so the weights exist once
-    in memory rather than twice (random init + loaded copy), and the slow random init of
-    a large model is skipped.
+    one tensor at a time, into a model built without memory of its own (``_assemble``): the
+    weights exist once in memory, not twice.
 
     ``mmap=True`` (the default, as transformers does) keeps the parameters as views of
     the memory-mapped file: loading takes a fraction of a second, pages are read when
@@ -313,8 +334,6 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
     ``dtype`` ("bf16", torch.bfloat16, ...) converts the weights at the end, as
     ``model.load_checkpoint`` does; None keeps float32.
     """
-    int8 = dtype == "int8"      # every matrix in 8 bits after loading (engine/int8.py)
-    dtype = resolve_dtype(None if int8 else dtype)
     folder = _resolve_folder(name_or_path, cache_dir)
     config_path = folder / "config.json"
     try:
@@ -358,20 +377,37 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
                                  f"output head is missing")
             head = read(name)
 
-        with torch.device("meta"):
-            gpt = GPTModel(cfg)
-        state = {}
-        converted = iter_gpt2_weights(gpt, lambda row: read(prefix + row[1]), str(folder),
-                                      head=head)
-        # the table's rows, plus the head when it is a tensor of its own
-        rows = len(gpt2_param_names(cfg["n_layers"])) + (not cfg["tie_embeddings"])
-        for name, tensor in tqdm(converted, total=rows, desc="loading weights", unit="tensor"):
+        def own(tensor):
             # safetensors hands out views of the mapped file. With mmap=False copy each
             # exactly once, with no temporaries: that keeps malloc from fragmenting (a
             # clone-then-transpose measured ~30% above one copy at 774M).
             if not mmap and tensor.untyped_storage().data_ptr() in mapped:
-                tensor = tensor.clone()
-            state[name] = tensor
+                return tensor.clone()
+            return tensor
+
+        return _assemble(cfg, lambda row: read(prefix + row.hf), str(folder), head, device,
+                         dtype, own)
+
+
+def _assemble(cfg, fetch, source, head=None, device=None, dtype=None, own=lambda t: t):
+    """A GPTModel of ``cfg`` from a source's tensors: ``fetch`` and ``head`` as
+    gpt2_params.iter_gpt2_weights takes them; ``own(tensor)`` makes a fetched tensor the
+    model's own memory where it must be (it may return the tensor itself).
+
+    The model is built on the "meta" device (shapes, no memory) and the loaded tensors
+    become its parameters (``assign=True``), so the weights exist once in memory rather
+    than twice (random init + loaded copy), and the slow random init of a large model is
+    skipped. ``dtype`` as load_gpt2_hf takes it.
+    """
+    int8 = dtype == "int8"      # every matrix in 8 bits after loading (engine/int8.py)
+    dtype = resolve_dtype(None if int8 else dtype)
+    with torch.device("meta"):
+        gpt = GPTModel(cfg)
+    converted = iter_gpt2_weights(gpt, fetch, source, head=head)
+    # the table's rows, plus the head when it is a tensor of its own
+    rows = len(gpt2_param_names(cfg["n_layers"])) + (not cfg["tie_embeddings"])
+    state = {name: own(tensor) for name, tensor in
+             tqdm(converted, total=rows, desc="loading weights", unit="tensor")}
     if cfg["tie_embeddings"]:
         state["out_head.weight"] = state["tok_emb.weight"]
     gpt.load_state_dict(state, strict=True, assign=True)
@@ -391,7 +427,7 @@ def load_gpt2_hf(name_or_path, cache_dir="model_weights", device=None, mmap=True
 def _head_name(cfg):
     """The HF name of the output head: a classifier's ``score``, a language model's
     ``lm_head``."""
-    return "score.weight" if "labels" in cfg else "lm_head.weight"
+    return "score.weight" if "labels" in cfg else HF_HEAD
 
 
 def _hf_config(cfg, tied, dtype, eos=GPT2_EOS_ID):
@@ -409,7 +445,7 @@ def _hf_config(cfg, tied, dtype, eos=GPT2_EOS_ID):
         "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
         "n_head": cfg["n_heads"], "n_inner": None,
         "activation_function": "gelu_new",          # GELU, tanh approximation, like ours
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
         "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "use_cache": True,
@@ -418,22 +454,31 @@ def _hf_config(cfg, tied, dtype, eos=GPT2_EOS_ID):
     }
 
 
-def _export_tensors(model):
-    """Our state -> HF GPT2LMHeadModel names and Conv1D layouts (CPU, contiguous)."""
+def _export_tensors(model, names="hf"):
+    """Our state -> an export's tensors, by their names in it (CPU): ``names="hf"`` gives
+    transformers' GPT2LMHeadModel (Conv1D weights (in, out), as ours; contiguous), "gguf"
+    llama.cpp's gpt2 (the four block matrices transposed to (out, in): views, copied one at
+    a time as the file is written)."""
     cfg = model.cfg
     ours = model.state_dict()
+    gguf = names == "gguf"
     tensors = {}
-    for name, hf, _, _ in gpt2_param_names(cfg["n_layers"]):
-        if name in ours:
-            tensor = ours[name].detach()
+    for row in gpt2_param_names(cfg["n_layers"]):
+        if row.ours in ours:
+            tensor = ours[row.ours].detach().cpu()
         else:
-            # qkv_bias=False: GPT-2's format always has a c_attn bias; zeros compute the same.
+            # qkv_bias=False: GPT-2's formats always have a c_attn bias; zeros compute the same.
             tensor = torch.zeros(3 * cfg["emb_dim"], dtype=ours["tok_emb.weight"].dtype)
-        tensors[f"transformer.{hf}"] = tensor.cpu().contiguous()
+        if gguf:
+            tensors[row.gguf] = tensor.T if row.is_conv1d else tensor
+        else:
+            tensors[f"transformer.{row.hf}"] = tensor.contiguous()
     if not cfg["tie_embeddings"]:
-        tensors[_head_name(cfg)] = ours["out_head.weight"].detach().cpu().contiguous()
-    # A tied head is not written: GPT2LMHeadModel ties lm_head to wte from the config, and
-    # safetensors refuses to store one tensor under two names anyway.
+        head = ours["out_head.weight"].detach().cpu()
+        tensors[GGUF_HEAD if gguf else _head_name(cfg)] = head if gguf else head.contiguous()
+    # A tied head is not written: GPT2LMHeadModel ties lm_head to wte from the config (and
+    # safetensors refuses to store one tensor under two names anyway); llama.cpp multiplies
+    # by token_embd when a file has no output tensor.
     return tensors
 
 
@@ -475,21 +520,8 @@ def export_to_hf(model, out_dir, tokenizer=None):
     leaves a folder without weights, which neither our loader nor transformers accepts,
     until the export is run again; never old weights beside a new config.
     """
-    model = merge(unwrap_model(model))         # LoRA adapters: merged into their weights
-    if not isinstance(model, GPTModel):
-        raise TypeError(f"export_to_hf needs a GPTModel, got {type(model).__name__}")
+    model = _exportable(model, tokenizer, "export_to_hf")
     cfg = model.cfg
-    n_tokens = tokenizer.n_vocab if tokenizer is not None else GPT2_VOCAB_SIZE
-    if cfg["vocab_size"] != n_tokens:
-        raise ValueError(
-            f"the model has vocab_size={cfg['vocab_size']}, but the exported folder carries "
-            f"{'its' if tokenizer else 'the GPT-2'} tokenizer with {n_tokens} tokens; export it "
-            f"with the tokenizer it was trained with (tokenizer=, which a checkpoint of "
-            f"train.py --tokenizer carries)")
-    if cfg["tie_embeddings"] and model.out_head.weight is not model.tok_emb.weight:
-        raise ValueError("the model's config says tie_embeddings=True but out_head and tok_emb "
-                         "are different Parameters; re-tie them (model.out_head.weight = "
-                         "model.tok_emb.weight) or set tie_embeddings=False")
     out_dir = Path(out_dir).resolve()          # "." has no name; its absolute path does
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -531,6 +563,189 @@ def export_to_hf(model, out_dir, tokenizer=None):
     return out_dir
 
 
+def _exportable(model, tokenizer, what):
+    """``model`` with its LoRA adapters merged, checked for an export that carries
+    ``tokenizer`` (None: GPT-2's): the one check both formats need."""
+    model = merge(unwrap_model(model))         # LoRA adapters: merged into their weights
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"{what} needs a GPTModel, got {type(model).__name__}")
+    if is_quantized(model):
+        raise ValueError(f"{what}: the model's matrices are int8 (dtype='int8'); export it "
+                         f"from its float weights (load the source without --dtype int8)")
+    cfg = model.cfg
+    n_tokens = tokenizer.n_vocab if tokenizer is not None else GPT2_VOCAB_SIZE
+    if cfg["vocab_size"] != n_tokens:
+        raise ValueError(
+            f"the model has vocab_size={cfg['vocab_size']}, but the export carries "
+            f"{'its' if tokenizer else 'the GPT-2'} tokenizer with {n_tokens} tokens; export it "
+            f"with the tokenizer it was trained with (tokenizer=, which a checkpoint of "
+            f"train.py --tokenizer carries)")
+    if cfg["tie_embeddings"] and model.out_head.weight is not model.tok_emb.weight:
+        raise ValueError("the model's config says tie_embeddings=True but out_head and tok_emb "
+                         "are different Parameters; re-tie them (model.out_head.weight = "
+                         "model.tok_emb.weight) or set tie_embeddings=False")
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# GPTModel <-> one GGUF file, for llama.cpp
+
+GGUF_TYPES = tuple(gguf_file.TYPES)
+
+
+def check_new_file(path, flag="--out"):
+    """Raise OSError, before any work, when ``path`` exists or cannot be written."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; delete it or choose another {flag} (an export "
+                              f"never overwrites a file)")
+    check_writable(path)
+
+
+def export_to_gguf(model, path, tokenizer=None, gguf_type="f32", general=None):
+    """Write ``model`` as one GGUF file that llama.cpp runs (its "gpt2" architecture, as
+    engine/gguf_file.py lays out); returns its Path.
+
+    ``tokenizer``: a tokenizer.BPETokenizer of the model's own (train.py --tokenizer), or
+    None for GPT-2's. ``gguf_type``: how the matrices are stored, one of GGUF_TYPES (f32
+    keeps every number; q8_0 is about a quarter of the size, with llama.cpp's rounding);
+    norms, biases and the position embedding stay f32 in any case. ``general``: {key: str}
+    for the file's general.* metadata (name, license, source.url).
+
+    The file holds the tensors llama.cpp reads, the hyperparameters, and the tokenizer as
+    tokens and merges; one of our own also as its file, so that load_gguf and
+    dataset.get_tokenizer bring it back exactly. What GGUF cannot hold is a ValueError
+    naming the field: a vocabulary other than the model's, a tokenizer whose
+    pre-tokenization regex is not GPT-2's (GGUF names the regex, "gpt-2", rather than
+    storing it), and a classifier's labels. ``path`` must be a new file; it is written
+    atomically.
+    """
+    path = Path(path)
+    check_new_file(path)
+    model = _exportable(model, tokenizer, "export_to_gguf")
+    if "labels" in model.cfg:
+        raise ValueError(f"the model is a classifier (its config's labels: "
+                         f"{model.cfg['labels']}); llama.cpp's gpt2 holds a language model's "
+                         f"head over the vocabulary, not class scores: export it to Hugging "
+                         f"Face instead (--out DIR, a GPT2ForSequenceClassification)")
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"--gguf-type must be one of {list(GGUF_TYPES)}, got {gguf_type!r}")
+    cfg = model.cfg
+    if tokenizer is None:
+        vocab = gguf_file.gpt2_vocab()
+    else:
+        if tokenizer.pattern != GPT2_PATTERN:
+            raise ValueError(f"the tokenizer's pattern (its pre-tokenization regex) is "
+                             f"{tokenizer.pattern!r}; GGUF can name only GPT-2's ('gpt-2'), so "
+                             f"llama.cpp would split text differently: train the tokenizer "
+                             f"with tokenizer.GPT2_PATTERN")
+        ids, merges = tokenizer.to_hf_files()
+        vocab = gguf_file.Vocab(sorted(ids, key=ids.get), merges,
+                                sorted(tokenizer.special_tokens.values()),
+                                tokenizer.eot_token, tokenizer.dumps())
+    hparams = {"context_length": cfg["context_length"], "embedding_length": cfg["emb_dim"],
+               "feed_forward_length": 4 * cfg["emb_dim"], "block_count": cfg["n_layers"],
+               "attention.head_count": cfg["n_heads"],
+               "attention.layer_norm_epsilon": LAYER_NORM_EPS}
+    general = {"name": path.stem, **(general or {})}
+    stored = gguf_file.write_gguf(path, _export_tensors(model, "gguf"), hparams, vocab,
+                                  gguf_type, general)
+    wanted = gguf_file.TYPES[gguf_type][0].name
+    fell_back = [n for n, kind in stored.items() if kind == "F16" and wanted != "F16"]
+    if fell_back:
+        warnings.warn(f"{path.name}: {len(fell_back)} matrices have rows of a length that "
+                      f"{gguf_type} cannot cut into blocks of 32, so they are stored as f16, as "
+                      f"llama.cpp's converter does: {fell_back}", stacklevel=2)
+    return path
+
+
+def config_from_gguf(hparams, source):
+    """A GGUF file's gpt2.* hyperparameters (gguf_file.read_gguf) -> our cfg (the head's
+    tying is the caller's to settle). Settings our GPTModel does not compute are refused."""
+    emb = hparams["embedding_length"]
+    unsupported = {
+        # (the key, its value, what GPTModel computes)
+        "feed_forward_length": (hparams["feed_forward_length"], 4 * emb),
+        "attention.head_count_kv": (hparams["attention.head_count_kv"] or
+                                    hparams["attention.head_count"],
+                                    hparams["attention.head_count"]),
+    }
+    for key, (value, ours) in unsupported.items():
+        if value != ours:
+            raise ValueError(f"{source} sets gpt2.{key}={value}; GPTModel computes only {ours}")
+    eps = hparams["attention.layer_norm_epsilon"]
+    if abs(eps - LAYER_NORM_EPS) > 1e-9:    # stored as float32: 1e-5 reads 9.99999975e-06
+        raise ValueError(f"{source} sets gpt2.attention.layer_norm_epsilon={eps}; GPTModel "
+                         f"uses {LAYER_NORM_EPS}")
+    return {"vocab_size": None, "context_length": hparams["context_length"], "emb_dim": emb,
+            "n_heads": hparams["attention.head_count"], "n_layers": hparams["block_count"],
+            "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": True}
+
+
+def load_gguf(path, device=None, dtype=None):
+    """A GPTModel, in eval mode on ``device``, from a GGUF file of llama.cpp's gpt2
+    architecture: one export_to_gguf wrote, or llama.cpp's converter made from a GPT-2.
+
+    Quantized matrices (q8_0, ...) are dequantized to float32: the model computes with the
+    numbers the file holds. A file without an output tensor, or with one equal to its token
+    embedding, gives a tied model. ``dtype`` as load_gpt2_hf takes it. A file of another
+    architecture is a ValueError naming it.
+    """
+    contents = gguf_file.read_gguf(path)
+    tensors = contents.tensors
+    cfg = config_from_gguf(contents.hparams, path)
+    check_block_count(tensors, cfg["n_layers"], GGUF_BLOCK, str(path), "its gpt2.block_count",
+                      "export the file again")
+    wte = tensors.get("token_embd.weight")
+    cfg["vocab_size"] = len(contents.vocab.tokens) if wte is None else wte.shape[0]
+    head = tensors.get(GGUF_HEAD)
+    if head is not None and head.shape == wte.shape and torch.equal(head, wte):
+        head = None          # the converter of older llama.cpp wrote GPT-2's tied head twice
+    cfg["tie_embeddings"] = head is None
+
+    def fetch(row):
+        tensor = tensors[row.gguf]              # KeyError names the missing tensor
+        return tensor.T if row.is_conv1d else tensor
+
+    return _assemble(validate_config(cfg), fetch, str(path), head, device, dtype,
+                     own=torch.Tensor.contiguous)
+
+
+def load_source(source, device=None, dtype=None, cfg=None, cache_dir="model_weights"):
+    """A GPTModel in eval mode on ``device`` from any model source but OpenAI's
+    TensorFlow checkpoint: a .pth of ours (model.load_checkpoint), a .gguf (load_gguf), a
+    save_pretrained folder, a Hub id or one of OpenAI's sizes (load_gpt2_hf).
+    model_sources.load_model, the loader the commands share, adds the TF checkpoint
+    (download_weights.py, which this module does not import); --export takes the same
+    sources through this. ``cfg`` is only for a .pth that holds a bare state dict.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix != ".gguf":
+        return load_checkpoint(path, device=device, cfg=cfg, dtype=dtype)
+    if cfg is not None:
+        raise ValueError(f"a config (--config) goes only with a .pth holding a bare state "
+                         f"dict; {str(source)!r} brings its own")
+    if path.suffix == ".gguf":
+        return load_gguf(path, device=device, dtype=dtype)
+    if path.suffix == ".pth":
+        return load_checkpoint(path)            # not there: its error says what to do
+    return load_gpt2_hf(path if path.is_dir() else str(source), cache_dir=cache_dir,
+                        device=device, dtype=dtype)
+
+
+def _gguf_general(source):
+    """general.* for a GGUF exported from ``source``: OpenAI's weights by name (a size or
+    their Hub id) get their Hub repository and licence (MIT, as their model card says);
+    another Hub id its repository; a local file or folder nothing (its path is private)."""
+    if Path(str(source)).exists():
+        return {}
+    repo = _hub_id(str(source))
+    general = {"source.url": f"https://huggingface.co/{repo}"}
+    if repo in HF_HUB_IDS.values():
+        general["license"] = "mit"
+    return general
+
+
 # ---------------------------------------------------------------------------------------
 
 def _write_tokenizer(out_dir, tokenizer, context_length, pad=False):
@@ -560,23 +775,24 @@ def _write_tokenizer(out_dir, tokenizer, context_length, pad=False):
         **({"pad_token": special} if pad else {}), "add_prefix_space": False})
 
 
-def _export_checkpoint(parser, path, cfg, out):
-    """--export: our .pth -> an HF folder, with command-line advice for a bare state dict."""
+def _load_for_export(parser, source, cfg, cache_dir):
+    """--export: any model source -> (GPTModel, its own tokenizer or None for GPT-2's), with
+    command-line advice for a .pth that holds a bare state dict."""
     try:
-        model = load_checkpoint(path, cfg=cfg)
+        model = load_source(source, cfg=cfg, cache_dir=cache_dir)
     except ValueError:
         # load_checkpoint's advice for a state dict without config ("pass cfg=...") is for
         # Python; say what to do on the command line instead.
-        if cfg is None and _is_bare_state_dict(path):
+        if cfg is None and Path(source).is_file() and _is_bare_state_dict(source):
             parser.error(
-                f"{path} holds only weights, no config, so the model's shape is unknown; add "
+                f"{source} holds only weights, no config, so the model's shape is unknown; add "
                 f"--config NAME with one of {list(MODEL_CONFIGS)} (or its size, e.g. 124M) "
                 f"for OpenAI's shapes, or --config FILE.json with the config the model was "
                 f"trained with (the dict GPTModel was built from, e.g. GPT_CONFIG_124M "
                 f"with your changes)")
         raise
-    own = saved_tokenizer(path)         # a run with its own vocabulary carries it
-    return export_to_hf(model, out, own and BPETokenizer.loads(own, f"the tokenizer in {path}"))
+    own = saved_tokenizer(source)       # a run with its own vocabulary carries it
+    return model, own and BPETokenizer.loads(own, f"the tokenizer in {source}")
 
 
 def _is_bare_state_dict(path):
@@ -589,39 +805,62 @@ def _is_bare_state_dict(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert GPT-2 weights between Hugging Face "
-                                                 "format and our .pth checkpoints.")
+    parser = argparse.ArgumentParser(description="Convert GPT-2 weights: Hugging Face format "
+                                                 "or GGUF (llama.cpp) <-> our .pth checkpoints.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--export", metavar="PTH", help="our checkpoint to write as an HF folder")
+    what.add_argument("--export", metavar="SOURCE",
+                      help=f"the model to export: {SOURCES_HELP}")
     what.add_argument("--load", metavar="NAME_OR_PATH",
                       help=f"HF folder, Hub id or one of {list(HF_HUB_IDS)} (or the size "
                            f"alone, e.g. 124M)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="folder to write (with --export); an existing one keeps the "
-                             "files the export does not write, e.g. .git and README.md")
+    parser.add_argument("--out", metavar="DIR_OR_GGUF",
+                        help="with --export: a folder for Hugging Face (an existing one keeps "
+                             "the files the export does not write, e.g. .git and README.md), "
+                             "or a new file ending in .gguf for llama.cpp")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES,
+                        help="with --out FILE.gguf: how its matrices are stored (default f32, "
+                             "every number kept; q8_0: a quarter of the size)")
     parser.add_argument("--config", metavar="NAME_OR_JSON",
                         help="with --export of a .pth that holds only a state dict: one of "
                              f"{list(MODEL_CONFIGS)}, or a JSON file with the model's config")
     parser.add_argument("--save", metavar="PTH", help="checkpoint to write (with --load)")
     parser.add_argument("--cache-dir", default="model_weights",
-                        help="where Hub downloads are kept (with --load)")
+                        help="where Hub downloads are kept")
     args = parser.parse_args(argv)
     if args.export:
         if not args.out:
-            parser.error("--export needs --out DIR")
-        # before any work: a folder that can be written, none of whose files is an input
-        check_output(args.out, [("--export", args.export), ("--config", args.config)], "--out",
-                     folder=True, also=[Path(args.out) / name for name in
-                                        (*EXPORT_FILES, TOKENIZER_FILE)])
-        path = _export_checkpoint(parser, args.export, args.config, args.out)
-        kind = ("GPT2ForSequenceClassification" if "labels" in read_checkpoint(
-            args.export, verify=False, mmap=True).get("config", {}) else "GPT2LMHeadModel")
-        print(f"wrote {path}; load it with transformers.{kind}.from_pretrained({str(path)!r})")
+            parser.error("--export needs --out DIR (Hugging Face) or --out FILE.gguf (llama.cpp)")
+        to_gguf = args.out.lower().endswith(".gguf")
+        if args.gguf_type and not to_gguf:
+            parser.error(f"--gguf-type goes with an --out ending in .gguf, not {args.out!r}")
+        # before any work (a long load or download): a place that can be written, none of
+        # whose files is an input
+        inputs = [("--export", args.export), ("--config", args.config)]
+        if to_gguf:
+            check_output(args.out, inputs, "--out")
+            check_new_file(args.out)
+        else:
+            check_output(args.out, inputs, "--out", folder=True,
+                         also=[Path(args.out) / name for name in (*EXPORT_FILES, TOKENIZER_FILE)])
+        model, tokenizer = _load_for_export(parser, args.export, args.config, args.cache_dir)
+        if to_gguf:
+            path = export_to_gguf(model, args.out, tokenizer, args.gguf_type or "f32",
+                                  _gguf_general(args.export))
+            print(f"wrote {path}; run it with llama.cpp: llama-cli -m {path} -p \"Hello\" "
+                  f"-n 40 --temp 0")
+        else:
+            path = export_to_hf(model, args.out, tokenizer)
+            kind = ("GPT2ForSequenceClassification" if "labels" in model.cfg
+                    else "GPT2LMHeadModel")
+            print(f"wrote {path}; load it with transformers.{kind}.from_pretrained"
+                  f"({str(path)!r})")
     else:
         if not args.save:
             parser.error("--load needs --save PTH")
         if args.config is not None:
             parser.error("--config goes with --export; --load reads the config from config.json")
+        if args.gguf_type is not None:
+            parser.error("--gguf-type goes with --export and an --out ending in .gguf")
         check_output(args.save, [("--load", args.load)], "--save")     # before the download
         path = save_checkpoint(args.save, load_gpt2_hf(args.load, cache_dir=args.cache_dir))
         print(f"saved {path}; load it with model.load_checkpoint({str(path)!r})")

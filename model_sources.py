@@ -3,6 +3,8 @@
     load_model("model_weights/trained_gpt2.pth")    a checkpoint of ours   (model.load_checkpoint)
     load_model("my-hf-folder")                      save_pretrained output (download_weights_hf)
     load_model("openai-community/gpt2")             a Hugging Face Hub id  (downloaded once)
+    load_model("my-model.gguf")                     a GGUF file: ours, or llama.cpp's converter's
+                                                    (download_weights_hf.load_gguf)
     load_model("124M") / "gpt2-small (124M)"        OpenAI's weights, through the Hub, or with
                                                     openai_tf=True their TF checkpoint
                                                     (download_weights)
@@ -12,17 +14,13 @@ Before fine-tuning, ``crop_context`` shortens the context (nanoGPT's crop_block_
 that fits.
 """
 
-from pathlib import Path
 
 import torch.nn as nn
 
 from dataset import get_tokenizer
 from download_weights import download_and_save_gpt2
-from download_weights_hf import load_gpt2_hf
+from download_weights_hf import SOURCES_HELP, load_source  # noqa: F401 (the CLIs import it)
 from model import MODEL_CONFIGS, OPENAI_SIZES, load_checkpoint, validate_config
-
-SOURCES_HELP = ("a .pth of ours, a folder written by save_pretrained, a Hugging Face Hub id "
-                "(openai-community/gpt2) or one of OpenAI's sizes (124M, 355M, 774M, 1558M)")
 
 
 def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weights",
@@ -32,26 +30,17 @@ def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weigh
     ``cfg`` is only for a .pth that holds a bare state dict. ``dtype`` ("bf16", ...) converts
     the weights. Hub ids and size names download into ``cache_dir`` once; ``openai_tf``
     takes OpenAI's original TensorFlow checkpoint for a size name instead of the Hub's copy
-    (the same weights; it needs tensorflow).
+    (the same weights; it needs tensorflow). Every other source is
+    download_weights_hf.load_source's, which download_weights_hf.py --export shares.
     """
-    path = Path(source)
     if openai_tf and str(source) not in OPENAI_SIZES and str(source) not in MODEL_CONFIGS:
         raise ValueError(f"--init-from-tf (openai_tf=True) takes one of OpenAI's sizes "
                          f"{list(OPENAI_SIZES)}, not {str(source)!r}: a .pth, a folder or a Hub "
                          f"id loads as it is, without it")
-    if path.is_file():
-        return load_checkpoint(path, device=device, cfg=cfg, dtype=dtype)
-    if cfg is not None:
-        raise ValueError(f"a config (--config) goes only with a .pth holding a bare state "
-                         f"dict; {str(source)!r} brings its own")
-    if path.is_dir():
-        return load_gpt2_hf(path, cache_dir=cache_dir, device=device, dtype=dtype)
-    if path.suffix == ".pth":
-        return load_checkpoint(path)            # not there: its error says what to do
-    if openai_tf:
+    if openai_tf and cfg is None:
         pth = download_and_save_gpt2(str(source), target_dir=cache_dir)
         return load_checkpoint(pth, device=device, dtype=dtype)
-    return load_gpt2_hf(str(source), cache_dir=cache_dir, device=device, dtype=dtype)
+    return load_source(source, device=device, dtype=dtype, cfg=cfg, cache_dir=cache_dir)
 
 
 def load_model_and_tokenizer(source, classifier=False, **options):

@@ -18,7 +18,9 @@ the textbook through one small, named call, and none of them imports a textbook 
     fileio        atomic writes (temp file, fsync, rename), Ctrl-C-safe saves, outputs
                   checked before any work (check_output)
     devices       get_device, torchrun set-up, DDP / FSDP wrapping
-    gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's)
+    gpt2_params   the one table of GPT-2 parameter names (ours, Hugging Face's, OpenAI's,
+                  GGUF's)
+    gguf_file     GGUF files (llama.cpp's format): write one, read one back
     bpe_files     GPT-2's tokenizer files, offline and sha256-checked
     checkpoints   checkpoint files: written atomically, verified when read
     download      HTTP downloads that resume, retry and never leave a half file

@@ -260,8 +260,9 @@ TOKENIZER_FILE = "bpe_tokenizer.json"
 
 def saved_tokenizer(source):
     """The text of the tokenizer file that ``source`` carries, or None (it uses GPT-2's):
-    a tokenizer file itself (.json), a checkpoint (its "tokenizer" entry) or an export folder
-    (its bpe_tokenizer.json). Hub ids and OpenAI's sizes are GPT-2's."""
+    a tokenizer file itself (.json), a checkpoint (its "tokenizer" entry), an export folder
+    (its bpe_tokenizer.json) or a GGUF file (engine/gguf_file.py). Hub ids and OpenAI's
+    sizes are GPT-2's."""
     path = Path(str(source)) if source is not None else None
     if path is None or not path.exists():
         return None
@@ -270,6 +271,9 @@ def saved_tokenizer(source):
         return file.read_text(encoding="utf-8") if file.is_file() else None
     if path.suffix == ".json":
         return path.read_text(encoding="utf-8")
+    if path.suffix == ".gguf":
+        from engine.gguf_file import own_tokenizer  # gguf only where a .gguf is read
+        return own_tokenizer(path)
     ckpt = read_checkpoint(path, verify=False, mmap=True)     # its small entries, cheaply
     entry = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
     return entry["json"] if isinstance(entry, dict) else None

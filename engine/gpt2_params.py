@@ -1,63 +1,82 @@
 """The one table of GPT-2 parameter names, and the converter loop both loaders share.
 
-    ours (model.py)                Hugging Face (transformers)   OpenAI (TensorFlow)
-    tok_emb.weight                 wte.weight                    model/wte
-    trf_blocks.0.att.qkv.weight    h.0.attn.c_attn.weight        model/h0/attn/c_attn/w
+    ours (model.py)              tok_emb.weight      trf_blocks.0.att.qkv.weight
+    Hugging Face (transformers)  wte.weight          h.0.attn.c_attn.weight
+    OpenAI (TensorFlow)          model/wte           model/h0/attn/c_attn/w
+    GGUF (llama.cpp's gpt2)      token_embd.weight   blk.0.attn_qkv.weight
 
-download_weights.py (OpenAI's TF checkpoints) and download_weights_hf.py (HF, both ways) are
-each a loop over ``gpt2_param_names``; ``iter_gpt2_weights`` does the shape checks and the
-tied-head rules once for both.
+download_weights.py (OpenAI's TF checkpoints) and download_weights_hf.py (HF and GGUF, both
+ways) are each a loop over ``gpt2_param_names``; ``iter_gpt2_weights`` does the shape checks
+and the tied-head rules once for all of them.
 """
 
 import re
+from typing import NamedTuple
 
 import torch
 
-# Each row: (our name, Hugging Face name, OpenAI TensorFlow name, is_conv1d).
+
+class Param(NamedTuple):
+    """One row of the table: a GPT-2 parameter's name in each format."""
+    ours: str
+    hf: str
+    openai_tf: str
+    is_conv1d: bool
+    gguf: str
+
+
 # OpenAI's code (and HF, which copied it) stores the block's linear layers as "Conv1D",
 # weights laid out (in, out). Our Linear uses the same layout, so every tensor copies
 # across as it is; is_conv1d marks the four whose TF variables carry an extra leading
-# axis of size 1 ((1, in, out)). The OpenAI names drop the "model/" prefix.
+# axis of size 1 ((1, in, out)), and which GGUF stores transposed: ggml multiplies by a
+# matrix held one output row after another, (out, in) to numpy. The OpenAI names drop the
+# "model/" prefix; the GGUF names are those of llama.cpp's "gpt2" architecture.
 _GLOBAL_PARAMS = [
-    ("tok_emb.weight", "wte.weight", "wte", False),
-    ("pos_emb.weight", "wpe.weight", "wpe", False),
-    ("final_norm.weight", "ln_f.weight", "ln_f/g", False),
-    ("final_norm.bias", "ln_f.bias", "ln_f/b", False),
+    Param("tok_emb.weight", "wte.weight", "wte", False, "token_embd.weight"),
+    Param("pos_emb.weight", "wpe.weight", "wpe", False, "position_embd.weight"),
+    Param("final_norm.weight", "ln_f.weight", "ln_f/g", False, "output_norm.weight"),
+    Param("final_norm.bias", "ln_f.bias", "ln_f/b", False, "output_norm.bias"),
 ]
 _BLOCK_PARAMS = [
-    ("norm1.weight", "ln_1.weight", "ln_1/g", False),
-    ("norm1.bias", "ln_1.bias", "ln_1/b", False),
-    ("att.qkv.weight", "attn.c_attn.weight", "attn/c_attn/w", True),
-    ("att.qkv.bias", "attn.c_attn.bias", "attn/c_attn/b", False),
-    ("att.out_proj.weight", "attn.c_proj.weight", "attn/c_proj/w", True),
-    ("att.out_proj.bias", "attn.c_proj.bias", "attn/c_proj/b", False),
-    ("norm2.weight", "ln_2.weight", "ln_2/g", False),
-    ("norm2.bias", "ln_2.bias", "ln_2/b", False),
-    ("ff.fc.weight", "mlp.c_fc.weight", "mlp/c_fc/w", True),
-    ("ff.fc.bias", "mlp.c_fc.bias", "mlp/c_fc/b", False),
-    ("ff.proj.weight", "mlp.c_proj.weight", "mlp/c_proj/w", True),
-    ("ff.proj.bias", "mlp.c_proj.bias", "mlp/c_proj/b", False),
+    Param("norm1.weight", "ln_1.weight", "ln_1/g", False, "attn_norm.weight"),
+    Param("norm1.bias", "ln_1.bias", "ln_1/b", False, "attn_norm.bias"),
+    Param("att.qkv.weight", "attn.c_attn.weight", "attn/c_attn/w", True, "attn_qkv.weight"),
+    Param("att.qkv.bias", "attn.c_attn.bias", "attn/c_attn/b", False, "attn_qkv.bias"),
+    Param("att.out_proj.weight", "attn.c_proj.weight", "attn/c_proj/w", True,
+          "attn_output.weight"),
+    Param("att.out_proj.bias", "attn.c_proj.bias", "attn/c_proj/b", False, "attn_output.bias"),
+    Param("norm2.weight", "ln_2.weight", "ln_2/g", False, "ffn_norm.weight"),
+    Param("norm2.bias", "ln_2.bias", "ln_2/b", False, "ffn_norm.bias"),
+    Param("ff.fc.weight", "mlp.c_fc.weight", "mlp/c_fc/w", True, "ffn_up.weight"),
+    Param("ff.fc.bias", "mlp.c_fc.bias", "mlp/c_fc/b", False, "ffn_up.bias"),
+    Param("ff.proj.weight", "mlp.c_proj.weight", "mlp/c_proj/w", True, "ffn_down.weight"),
+    Param("ff.proj.bias", "mlp.c_proj.bias", "mlp/c_proj/b", False, "ffn_down.bias"),
 ]
+# The untied output head, (vocab, C) in both: HF's lm_head, llama.cpp's output tensor.
+HF_HEAD = "lm_head.weight"
+GGUF_HEAD = "output.weight"
 
 
 def gpt2_param_names(n_layers):
-    """All (ours, hf, openai_tf, is_conv1d) rows for a model with ``n_layers`` blocks.
+    """All rows (``Param``: ours, hf, openai_tf, is_conv1d, gguf) for a model with
+    ``n_layers`` blocks.
 
     The output head is not listed: GPT-2 ties it to ``wte``. Converters handle
-    ``out_head.weight`` (HF: ``lm_head.weight``) themselves.
+    ``out_head.weight`` (HF_HEAD, GGUF_HEAD) themselves.
     """
     rows = list(_GLOBAL_PARAMS)
     for i in range(n_layers):
-        for ours, hf, tf, conv in _BLOCK_PARAMS:
-            rows.append((f"trf_blocks.{i}.{ours}", f"h.{i}.{hf}", f"h{i}/{tf}", conv))
+        for p in _BLOCK_PARAMS:
+            rows.append(Param(f"trf_blocks.{i}.{p.ours}", f"h.{i}.{p.hf}",
+                              f"h{i}/{p.openai_tf}", p.is_conv1d, f"blk.{i}.{p.gguf}"))
     return rows
 
 
 def iter_gpt2_weights(gpt, fetch, source, head=None):
     """Yield ``(our_name, tensor)`` for every GPT-2 weight, in our layout, shape-checked.
 
-    This is the one converter loop both loaders use. ``fetch(row)`` returns the source's
-    tensor (torch or numpy) for a row ``(ours, hf, openai_tf, is_conv1d)`` of
+    This is the one converter loop every loader uses. ``fetch(row)`` returns the source's
+    tensor (torch or numpy), in our layout, for a row (``Param``) of
     ``gpt2_param_names``, or raises KeyError naming what is missing. ``gpt`` only supplies
     the expected shapes and dtype (it may live on the meta device). ``head`` is the
     source's untied output head ((vocab, C), e.g. HF's ``lm_head.weight``) or None when
@@ -72,7 +91,7 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
     n_layers = gpt.cfg["n_layers"]
     wte = None
     for row in gpt2_param_names(n_layers):
-        ours = row[0]
+        ours = row.ours
         try:
             tensor = torch.as_tensor(fetch(row))
         except KeyError as e:
@@ -117,6 +136,7 @@ def iter_gpt2_weights(gpt, fetch, source, head=None):
 
 HF_BLOCK = re.compile(r"(?:transformer\.)?h\.(\d+)\.")    # HF: "[transformer.]h.{n}."
 TF_BLOCK = re.compile(r"(?:model/)?h(\d+)/")                # OpenAI: "[model/]h{n}/"
+GGUF_BLOCK = re.compile(r"blk\.(\d+)\.")                    # GGUF: "blk.{n}."
 
 
 def check_block_count(names, n_layers, pattern, source, config, fix):

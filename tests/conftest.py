@@ -79,6 +79,35 @@ def make_hf_model(vocab_size=211, n_positions=40, n_embd=48, n_layer=3, n_head=4
     return model
 
 
+def randomize_(model, seed):
+    """Give every weight a random value, LayerNorms and biases included.
+
+    Fresh models have zero biases and unit LayerNorm weights, so a converter that dropped
+    or swapped them would still pass; random values make every tensor count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def read_only(monkeypatch, folder):
+    """Make file creation in ``folder`` fail as on a read-only file system (the tests may
+    run as root, whom permission bits do not stop)."""
+    import errno
+
+    from engine import fileio
+    real = fileio._create_temp_file
+
+    def create(path):
+        if Path(path).parent == folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path)
+
+    monkeypatch.setattr(fileio, "_create_temp_file", create)
+
+
 def cfg_from_hf(hf_model):
     c = hf_model.config
     return {"vocab_size": c.vocab_size, "context_length": c.n_positions, "emb_dim": c.n_embd,

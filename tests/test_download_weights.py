@@ -55,11 +55,11 @@ def write_openai_checkpoint(hf_model, folder):
     graph = tf.Graph()
     with graph.as_default():
         variables = []
-        for _, hf_name, tf_name, is_conv1d in gpt2_param_names(LAYERS):
-            value = state[hf_name].numpy()
-            if is_conv1d:
+        for row in gpt2_param_names(LAYERS):
+            value = state[row.hf].numpy()
+            if row.is_conv1d:
                 value = value[None]            # OpenAI's Conv1D weights are [1, in, out]
-            variables.append(tf.compat.v1.Variable(value, name=f"model/{tf_name}"))
+            variables.append(tf.compat.v1.Variable(value, name=f"model/{row.openai_tf}"))
         saver = tf.compat.v1.train.Saver(var_list=variables)
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
@@ -398,7 +398,7 @@ def test_params_dict_and_shape_errors(tmp_path, server, openai_files):
     base_url = publish(server, openai_files, "good")
     download_and_save_gpt2("124M", target_dir=tmp_path, base_url=base_url)
     params = load_gpt2_params_from_tf_ckpt(tmp_path / "124M" / "model.ckpt", HPARAMS)
-    assert set(params) == {tf_name for _, _, tf_name, _ in gpt2_param_names(LAYERS)}
+    assert set(params) == {row.openai_tf for row in gpt2_param_names(LAYERS)}
     assert params["h0/attn/c_attn/w"].shape == (EMB, 3 * EMB)       # leading 1 squeezed
     assert params["wte"].shape == (VOCAB, EMB)
 

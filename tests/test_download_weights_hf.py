@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import download_weights_hf  # noqa: E402
+from conftest import randomize_  # noqa: E402
 from dataset import get_tokenizer  # noqa: E402
 from download_weights_hf import (  # noqa: E402
     config_from_hf,
@@ -26,19 +27,6 @@ from model import GPTModel, load_checkpoint, save_checkpoint  # noqa: E402
 
 VOCAB, CTX, EMB, LAYERS, HEADS = 97, 32, 48, 3, 4
 PROMPT = torch.tensor([[5, 17, 42, 3, 88, 60], [1, 2, 3, 4, 5, 6]])
-
-
-def randomize_(model, seed):
-    """Give every weight a random value, LayerNorms and biases included.
-
-    Fresh models have zero biases and unit LayerNorm weights, so a converter that dropped
-    or swapped them would still pass; random values make every tensor count.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def random_hf_model(seed=0, tie=True, vocab=VOCAB, n_layer=LAYERS):

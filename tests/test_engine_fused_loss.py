@@ -52,9 +52,9 @@ def test_loss_and_gradients_match_hugging_face(monkeypatch, kernels, chunk_rows)
     ref_loss.backward()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     hf_params = dict(hf.transformer.named_parameters())
-    for name, hf_name, _, _ in gpt2_param_names(3):
-        torch.testing.assert_close(grads[name], hf_params[hf_name].grad, atol=1e-6, rtol=1e-4,
-                                   msg=name)
+    for row in gpt2_param_names(3):
+        torch.testing.assert_close(grads[row.ours], hf_params[row.hf].grad, atol=1e-6,
+                                   rtol=1e-4, msg=row.ours)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -277,9 +277,9 @@ def test_loss_and_gradients_match_hugging_face(monkeypatch, onednn):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     hf_params = dict(hf.transformer.named_parameters())
     ours_params = dict(ours.named_parameters())
-    for name, hf_name, _, _ in gpt2_param_names(3):
-        torch.testing.assert_close(ours_params[name].grad, hf_params[hf_name].grad,
-                                   atol=1e-6, rtol=1e-4, msg=name)
+    for row in gpt2_param_names(3):
+        torch.testing.assert_close(ours_params[row.ours].grad, hf_params[row.hf].grad,
+                                   atol=1e-6, rtol=1e-4, msg=row.ours)
     # forward: 4 products per block + the head; backward: 2 each (input and weight)
     n_products = 3 * (4 * 3 + 1)
     assert len(calls) == (n_products if onednn and cpu_kernels.available() else 0)

@@ -1,12 +1,10 @@
 """Issue 23, files: a checkpoint, token cache or export is what it says it is, or is refused
 with one line naming it."""
 
-import errno
 import hashlib
 import json
 import struct
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 import evaluate
 import generate
 import train
-from conftest import TINY_CFG
+from conftest import TINY_CFG, read_only
 from dataset import default_corpus_text, load_tokens, prepare_splits
 from download_weights_hf import export_to_hf, load_gpt2_hf
 from engine import fileio
@@ -204,25 +202,12 @@ def test_a_damaged_export_is_refused_and_a_sound_one_loads(tmp_path, capsys):
 
 # ---- folders that cannot be written ---------------------------------------------------------
 
-def _read_only(monkeypatch, folder):
-    """Make file creation in ``folder`` fail as on a read-only file system (the tests may
-    run as root, whom permission bits do not stop)."""
-    real = fileio._create_temp_file
-
-    def create(path):
-        if Path(path).parent == folder:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real(path)
-
-    monkeypatch.setattr(fileio, "_create_temp_file", create)
-
-
 def test_a_read_only_data_or_export_folder_is_one_line_with_the_fix(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     text = data / "input.txt"
     text.write_text(default_corpus_text()[:20_000])
-    _read_only(monkeypatch, data)
+    read_only(monkeypatch, data)
     with pytest.raises(OSError) as e:
         prepare_splits(text)
     assert str(e.value) == (
@@ -231,7 +216,7 @@ def test_a_read_only_data_or_export_folder_is_one_line_with_the_fix(tmp_path, mo
         f"write to and pass that (--data), or make the folder writable")
     out = tmp_path / "export"
     out.mkdir()
-    _read_only(monkeypatch, out)
+    read_only(monkeypatch, out)
     with pytest.raises(OSError) as e:
         export_to_hf(GPTModel(TINY_CFG), out)
     assert str(e.value) == (f"cannot write {out / 'config.json'}: the folder {out} is not "
