@@ -699,16 +699,17 @@ def load_gguf(path, device=None, dtype=None):
     wte = tensors.get("token_embd.weight")
     cfg["vocab_size"] = len(contents.vocab.tokens) if wte is None else wte.shape[0]
     head = tensors.get(GGUF_HEAD)
-    if head is not None and head.shape == wte.shape and torch.equal(head, wte):
+    if head is not None and wte is not None and head.shape == wte.shape and \
+            torch.equal(head, wte):
         head = None          # the converter of older llama.cpp wrote GPT-2's tied head twice
     cfg["tie_embeddings"] = head is None
 
     def fetch(row):
-        tensor = tensors[row.gguf]              # KeyError names the missing tensor
+        # popped: the file's copy goes as ours is made (iter_gpt2_weights makes it contiguous)
+        tensor = tensors.pop(row.gguf)          # KeyError names the missing tensor
         return tensor.T if row.is_conv1d else tensor
 
-    return _assemble(validate_config(cfg), fetch, str(path), head, device, dtype,
-                     own=torch.Tensor.contiguous)
+    return _assemble(validate_config(cfg), fetch, str(path), head, device, dtype)
 
 
 def load_source(source, device=None, dtype=None, cfg=None, cache_dir="model_weights"):
@@ -846,8 +847,8 @@ def main(argv=None):
         if to_gguf:
             path = export_to_gguf(model, args.out, tokenizer, args.gguf_type or "f32",
                                   _gguf_general(args.export))
-            print(f"wrote {path}; run it with llama.cpp: llama-cli -m {path} -p \"Hello\" "
-                  f"-n 40 --temp 0")
+            print(f"wrote {path}; run it with llama.cpp: llama-completion -m {path} -no-cnv "
+                  f"-p \"Hello\" -n 40 --temp 0")
         else:
             path = export_to_hf(model, args.out, tokenizer)
             kind = ("GPT2ForSequenceClassification" if "labels" in model.cfg

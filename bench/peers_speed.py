@@ -224,10 +224,10 @@ def _run(argv):
     return proc.stdout
 
 
-def run_llamacpp(paths, workdir, variant, threads, prompt_len, new_tokens, repeats):
-    """llama-bench's decode phase: a ``prompt_len``-token context filled first (untimed),
-    then ``new_tokens`` one-token steps; ``repeats`` timed runs after its own warm-up."""
-    f = Path(workdir) / "gguf" / f"gpt2-{variant}.gguf"
+def run_llamacpp(paths, f, threads, prompt_len, new_tokens, repeats):
+    """llama-bench's decode phase on the GGUF file ``f``: a ``prompt_len``-token context
+    filled first (untimed), then ``new_tokens`` one-token steps; ``repeats`` timed runs after
+    its own warm-up."""
     out = _run([str(paths["bench"]), "-m", str(f), "-t", str(threads), "-p", "0",
                 "-d", str(prompt_len), "-n", str(new_tokens), "-r", str(repeats), "-o", "jsonl"])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -279,7 +279,8 @@ def prepare(workdir, seed, contenders, llamacpp_root, log):
 def measure(contender, workdir, paths, threads, prompt_len, new_tokens, repeats, seed):
     engine, variant = CONTENDERS[contender]
     if engine == "llamacpp":
-        return run_llamacpp(paths, workdir, variant, threads, prompt_len, new_tokens, repeats)
+        return run_llamacpp(paths, Path(workdir) / "gguf" / f"gpt2-{variant}.gguf", threads,
+                            prompt_len, new_tokens, repeats)
     result, _, _ = common.run_child(
         [__file__, "--child", engine, "--workdir", workdir, "--variant", variant,
          "--threads", str(threads), "--prompt-len", str(prompt_len), "--new-tokens",

@@ -53,8 +53,8 @@ HPARAMS = {
     "context_length": int, "embedding_length": int, "feed_forward_length": int,
     "block_count": int, "attention.head_count": int, "attention.layer_norm_epsilon": float,
 }
-# Always f32 in llama.cpp's converter (besides every 1-D tensor): the positions are added,
-# never multiplied, so their precision is the activations'.
+# Kept f32 whatever the type, besides every 1-D tensor, as llama.cpp's converter and its
+# llama-quantize keep them.
 _KEEP_F32 = ("position_embd.weight",)
 # The text of this project's tokenizer file (tokenizer.py's format), for a vocabulary of our
 # own: tokens and merges are what llama.cpp reads; the file gives our loader back exactly
@@ -110,6 +110,7 @@ def write_gguf(path, tensors, hparams, vocab, gguf_type="f32", general=None):
 
     def write(tmp):
         w = gguf.GGUFWriter(tmp, ARCH)
+        w.add_type(gguf.GGUFType.MODEL)
         for key, value in (general or {}).items():
             w.add_string(f"general.{key}", value)
         w.add_file_type(TYPES[gguf_type][1])
@@ -170,8 +171,8 @@ def _add_vocab(w, vocab):
 # key/value count u64; each key/value: key (u64 length + UTF-8), value type u32, value; each
 # tensor: name, n_dims u32, dims u64 (innermost first), storage type u32, offset u64 into the
 # data, which starts at the next multiple of general.alignment (32). gguf-py's GGUFReader
-# reads it too, but builds numpy views for every element of every array: GPT-2's 50,257
-# tokens and 50,000 merges took it 6-14 s on an EPYC core; a plain cursor below takes 0.1 s.
+# reads it too, but builds numpy views for every element of every array: seconds for GPT-2's
+# 50,257 tokens and 50,000 merges, some 20x what the plain cursor below takes.
 
 _V = gguf.GGUFValueType
 _SCALARS = {_V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I",
@@ -246,7 +247,7 @@ def _parse(path):
         for name, shape, kind, offset in infos:
             if offset + int(np.prod(_byte_shape(shape, kind))) > len(data):
                 raise ValueError(f"tensor {name!r} runs past the end of the file")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, IndexError, KeyError) as e:
         raise ValueError(f"{path} is not a readable GGUF file ({e}); it is truncated, damaged "
                          f"or of another format: export or download it again") from None
     return fields, infos, data

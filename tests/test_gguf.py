@@ -169,7 +169,7 @@ def test_the_keys_llama_cpp_reads(tmp_path, own_tok, gguf_type, file_type):
     model = random_model(vocab=own_tok.n_vocab, emb=96, heads=6, ctx=24)
     _, fields, _ = read(export_to_gguf(model, tmp_path / "my-model.gguf", own_tok,
                                        gguf_type=gguf_type))
-    assert fields["general.architecture"] == "gpt2"
+    assert fields["general.architecture"] == "gpt2" and fields["general.type"] == "model"
     assert fields["general.name"] == "my-model"
     assert fields["general.file_type"] == file_type
     assert fields["general.quantization_version"] == 2
@@ -185,6 +185,20 @@ def test_the_keys_llama_cpp_reads(tmp_path, own_tok, gguf_type, file_type):
         own_tok.eot_token
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert fields["tokenizer.ggml.add_eos_token"] is False
+
+
+def test_the_general_metadata_says_where_openai_s_weights_come_from(tmp_path, own_tok):
+    general = download_weights_hf._gguf_general
+    assert general("124M") == general("openai-community/gpt2") == {
+        "source.url": "https://huggingface.co/openai-community/gpt2", "license": "mit"}
+    assert general("someone/gpt2-poems") == {"source.url": "https://huggingface.co/someone/"
+                                                           "gpt2-poems"}
+    assert general(tmp_path) == {}         # a local path stays private
+    model = random_model(vocab=own_tok.n_vocab)
+    _, fields, _ = read(export_to_gguf(model, tmp_path / "m.gguf", own_tok,
+                                       general={"name": "gpt2", **general("124M")}))
+    assert (fields["general.name"], fields["general.license"], fields["general.source.url"]) \
+        == ("gpt2", "mit", "https://huggingface.co/openai-community/gpt2")
 
 
 def gpt2_tokenizer_from(fields, folder):
@@ -343,7 +357,7 @@ def test_export_takes_any_source_and_generate_runs_the_file(tmp_path, own_tok, c
                                          str(tmp_path / out)])
         assert path == tmp_path / out
         printed = capsys.readouterr().out
-        assert f"wrote {path}; run it with llama.cpp: llama-cli -m {path}" in printed
+        assert f"wrote {path}; run it with llama.cpp: llama-completion -m {path}" in printed
         torch.testing.assert_close(logits(load_model(path), ids), logits(model, ids), atol=0,
                                    rtol=0)
         assert get_tokenizer(path).name == own_tok.to_tiktoken().name
@@ -408,23 +422,22 @@ def test_an_existing_or_read_only_output_is_refused_before_any_work(tmp_path, mo
 
 def test_a_model_the_format_cannot_hold_is_refused_naming_the_field(tmp_path, own_tok):
     other = BPETokenizer(own_tok.merges, own_tok.special_tokens, pattern=r"\S+|\s+")
-    with pytest.raises(ValueError) as e:
-        export_to_gguf(random_model(vocab=400), tmp_path / "a.gguf", other)
-    assert str(e.value) == (
-        "the tokenizer's pattern (its pre-tokenization regex) is '\\\\S+|\\\\s+'; GGUF can name "
-        "only GPT-2's ('gpt-2'), so llama.cpp would split text differently: train the "
-        "tokenizer with tokenizer.GPT2_PATTERN")
-    with pytest.raises(ValueError) as e:
-        export_to_gguf(random_model(vocab=401), tmp_path / "b.gguf", own_tok)
-    assert str(e.value) == (
-        "the model has vocab_size=401, but the export carries its tokenizer with 400 tokens; "
-        "export it with the tokenizer it was trained with (tokenizer=, which a checkpoint of "
-        "train.py --tokenizer carries)")
-    with pytest.raises(ValueError) as e:
-        export_to_gguf(quantize_(random_model(vocab=400)), tmp_path / "c.gguf", own_tok)
-    assert str(e.value) == ("export_to_gguf: the model's matrices are int8 (dtype='int8'); "
-                            "export it from its float weights (load the source without "
-                            "--dtype int8)")
+    for model, tokenizer, message in [
+        (random_model(vocab=400), other,
+         "the tokenizer's pattern (its pre-tokenization regex) is '\\\\S+|\\\\s+'; GGUF can "
+         "name only GPT-2's ('gpt-2'), so llama.cpp would split text differently: train the "
+         "tokenizer with tokenizer.GPT2_PATTERN"),
+        (random_model(vocab=401), own_tok,
+         "the model has vocab_size=401, but the export carries its tokenizer with 400 tokens; "
+         "export it with the tokenizer it was trained with (tokenizer=, which a checkpoint of "
+         "train.py --tokenizer carries)"),
+        (quantize_(random_model(vocab=400)), own_tok,
+         "export_to_gguf: the model's matrices are int8 (dtype='int8'); export it from its "
+         "float weights (load the source without --dtype int8)"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            export_to_gguf(model, tmp_path / "m.gguf", tokenizer)
+        assert str(e.value) == message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -493,3 +506,21 @@ def test_a_foreign_vocabulary_without_our_tokenizer_is_refused(tmp_path, own_tok
     assert str(e.value) == (f"{foreign} carries a vocabulary of 400 tokens that is not GPT-2's, "
                             f"without this project's tokenizer file; this project reads only "
                             f"those two back: export the model from its checkpoint instead")
+
+
+def test_the_bench_check_without_llama_cpp_says_so_and_checks_our_side(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gguf_check.py", "--quick", "--llamacpp-root",
+                           str(tmp_path / "no-llama"), "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("llama.cpp: not found, so only our own reading of the files is "
+                               "checked (llama.cpp is not built under ") for line in lines)
+    rows = [line.split() for line in lines if line.split()[:2] in (["gpt2-tiny", "f32"],
+                                                                   ["own-tok-tiny", "f32"])]
+    assert [row[3:] for row in rows] == [["0.00e+00", "8/8"]] * 2
+    assert lines[-1] == ("SUMMARY gguf_check: f32 equal token for token (ours only: llama.cpp "
+                         "not built)")
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.gguf")) == [
+        "gpt2-tiny-f32.gguf", "gpt2-tiny-q8_0.gguf", "own-tok-tiny-f32.gguf",
+        "own-tok-tiny-q8_0.gguf"]
