@@ -3,7 +3,7 @@
     Hub id / save_pretrained folder --load_gpt2_hf--> GPTModel        (no TensorFlow needed)
     transformers GPT2Model / GPT2LMHeadModel / state dict --load_weights_into_gpt--> GPTModel
     GPTModel --export_to_hf--> folder that transformers.GPT2LMHeadModel and pipeline() load
-    GPTModel --export_to_gguf--> one .gguf file that llama.cpp (llama-cli, Ollama, ...) runs
+    GPTModel --export_to_gguf--> one .gguf file that llama.cpp (llama-completion, ...) runs
     .gguf (ours, or llama.cpp's converter's) --load_gguf--> GPTModel
 
 A classifier (classify.py: config["labels"], its head scoring the classes) is HF's

@@ -37,6 +37,7 @@ import common  # noqa: E402, I001  (puts the repository root on sys.path)
 import generate_speed  # noqa: E402
 import peers_speed  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import download_weights_hf  # noqa: E402
@@ -50,12 +51,15 @@ from tokenizer import BPETokenizer  # noqa: E402
 PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
 # Run with the llama.cpp build's venv python: the bindings, pointed at the build's libllama.
+# Besides its greedy tokens, llama.cpp's logits along our greedy sequence (prompt, then our
+# tokens one at a time) go to a .npy file, to be set beside ours.
 _LLAMA_CHILD = r"""
 import json, sys
-import llama_cpp
+import llama_cpp, numpy as np
 a = json.loads(sys.stdin.read())
 llm = llama_cpp.Llama(model_path=a["model"], n_ctx=a["n_ctx"], n_batch=a["n_ctx"],
-                      n_threads=a["threads"], n_threads_batch=a["threads"], verbose=False)
+                      n_threads=a["threads"], n_threads_batch=a["threads"], verbose=False,
+                      logits_all=True)
 out = {"text_ids": llm.tokenize(a["text"].encode(), add_bos=False, special=False),
        "bindings": llama_cpp.__version__, "greedy": []}
 for t in llm.generate(a["ids"], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
@@ -63,6 +67,13 @@ for t in llm.generate(a["ids"], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_
     out["greedy"].append(int(t))
     if len(out["greedy"]) == a["n_new"]:
         break
+llm.reset()
+llm.eval(a["ids"])
+logits = [np.array(llm.eval_logits[-1], np.float32)]
+for t in a["ours"][:-1]:
+    llm.eval([t])
+    logits.append(np.array(llm.eval_logits[-1], np.float32))
+np.save(a["logits"], np.stack(logits))
 print(json.dumps(out))
 """
 
@@ -80,18 +91,20 @@ def build_models(workdir, quick, log):
         mine = save_checkpoint(workdir / "own-tok-tiny.pth", model,
                                tokenizer={"json": own.dumps(), "sha256": own.fingerprint()})
         return [("gpt2-tiny", gpt2), ("own-tok-tiny", mine)]
-    log("GPT-2 124M's shape, random weights (seed 0)")
-    gpt2 = save_checkpoint(workdir / "gpt2-124M.pth",
-                           GPTModel(MODEL_CONFIGS["gpt2-small (124M)"]).eval())
-    log("training a small GPT-2 with its own tokenizer (train.py --tokenizer train:2048)")
-    data = workdir / "corpus" / "input.txt"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text(default_corpus_text())
-    train.main(["--data", str(data), "--tokenizer", "train:2048", "--emb-dim", "256",
-                "--n-layers", "4", "--n-heads", "4", "--context-length", "128",
-                "--max-steps", "60", "--batch-size", "8", "--eval-freq", "60", "--no-progress",
-                "--device", "cpu", "--dtype", "fp32", "--out", str(workdir / "own-tok.pth")])
-    return [("gpt2-124M", gpt2), ("own-tok", workdir / "own-tok.pth")]
+    gpt2, mine = workdir / "gpt2-124M.pth", workdir / "own-tok.pth"
+    if not gpt2.exists():       # a --workdir of an earlier run keeps its models
+        log("GPT-2 124M's shape, random weights (seed 0)")
+        save_checkpoint(gpt2, GPTModel(MODEL_CONFIGS["gpt2-small (124M)"]).eval())
+    if not mine.exists():
+        log("training a small GPT-2 with its own tokenizer (train.py --tokenizer train:2048)")
+        data = workdir / "corpus" / "input.txt"
+        data.parent.mkdir(exist_ok=True)
+        data.write_text(default_corpus_text())
+        train.main(["--data", str(data), "--tokenizer", "train:2048", "--emb-dim", "256",
+                    "--n-layers", "4", "--n-heads", "4", "--context-length", "128",
+                    "--max-steps", "60", "--batch-size", "8", "--eval-freq", "60",
+                    "--no-progress", "--device", "cpu", "--dtype", "fp32", "--out", str(mine)])
+    return [("gpt2-124M", gpt2), ("own-tok", mine)]
 
 
 def greedy(model, ids, n_new):
@@ -104,17 +117,23 @@ def agreement(ours, theirs):
     return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
 
 
-def run_llama(paths, gguf, text, ids, n_new, n_ctx, threads):
-    """llama.cpp on ``gguf`` through the bindings: its ids for ``text`` and its greedy
-    continuation of ``ids``."""
+def run_llama(paths, gguf, text, ids, ours, n_ctx, threads):
+    """llama.cpp on ``gguf`` through the bindings: its ids for ``text``, its greedy
+    continuation of ``ids`` (as many tokens as ``ours``), and its logits (numpy) at each step
+    of ``ids + ours``."""
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(Path(paths["bench"]).parent)}
+    logits = Path(gguf).with_suffix(".logits.npy")
     proc = subprocess.run([str(paths["python"]), "-c", _LLAMA_CHILD], env=env, text=True,
                           capture_output=True, input=json.dumps({
-                              "model": str(gguf), "text": text, "ids": ids, "n_new": n_new,
-                              "n_ctx": n_ctx, "threads": threads}))
+                              "model": str(gguf), "text": text, "ids": ids, "ours": ours,
+                              "n_new": len(ours), "n_ctx": n_ctx, "threads": threads,
+                              "logits": str(logits)}))
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp's bindings failed on {gguf}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["logits"] = np.load(logits)
+    logits.unlink()
+    return result
 
 
 def readme_command(paths, gguf, n_new, threads):
@@ -127,8 +146,11 @@ def readme_command(paths, gguf, n_new, threads):
     return proc.stdout
 
 
-def check_file(label, source, gguf_type, workdir, paths, n_new, threads, quick, log):
-    """Export ``source`` to GGUF and run checks 1-3 on it; returns one result row (dict)."""
+def check_file(label, source, gguf_type, workdir, paths, n_new, threads, quick, log,
+               peer=None):
+    """Export ``source`` to GGUF and run checks 1-3 on it; returns one result row (dict).
+    ``peer``: a GGUF of llama.cpp's own converter of the same shape and type, timed in the
+    same rounds (alternating with ours) for a ratio that the machine's load cancels out of."""
     gguf = Path(workdir) / f"{label}-{gguf_type}.gguf"
     log(f"{label}: exporting {gguf_type}")
     download_weights_hf.main(["--export", str(source), "--out", str(gguf), "--gguf-type",
@@ -139,17 +161,25 @@ def check_file(label, source, gguf_type, workdir, paths, n_new, threads, quick, 
     with torch.no_grad():
         diff = (back(torch.tensor([ids])) - model(torch.tensor([ids]))).abs().max().item()
     ours = greedy(model, ids, n_new)
+    with torch.no_grad():       # ours at each step of the greedy sequence
+        ours_logits = model(torch.tensor([ids + ours]))[0, len(ids) - 1:-1].numpy()
     row = {"model": label, "type": gguf_type, "MB": gguf.stat().st_size / 1e6,
            "logit_diff": diff, "ours_back": agreement(ours, greedy(back, ids, n_new)),
            "n_new": n_new, "file": gguf}
     if paths is None:
         return row
-    theirs = run_llama(paths, gguf, PROMPT, ids, n_new, model.cfg["context_length"], threads)
+    theirs = run_llama(paths, gguf, PROMPT, ids, ours, model.cfg["context_length"], threads)
     row.update(prompt_ids_equal=theirs["text_ids"] == ids, llama=agreement(ours, theirs["greedy"]),
+               llama_diff=float(np.abs(theirs["logits"] - ours_logits).max()),
                bindings=theirs["bindings"])
-    bench = peers_speed.run_llamacpp(paths, gguf, threads, 16, 16 if quick else 128,
-                                     1 if quick else 3)
-    row.update(tok_s=common.median(bench["tok_s"]), build=bench["build"])
+    # GPT-2's positions end at its context: llama.cpp aborts past them
+    steps = min(16 if quick else 128, model.cfg["context_length"] - 16)
+    files = {"ours": gguf, **({"peer": peer} if peer is not None and peer.exists() else {})}
+    runs = common.interleaved({name: lambda f=f: peers_speed.run_llamacpp(
+        paths, f, threads, 16, steps, 1) for name, f in files.items()}, 1 if quick else 3)
+    speed = {name: common.median([r["tok_s"][0] for r in rs]) for name, rs in runs.items()}
+    row.update(tok_s=speed["ours"], peer_tok_s=speed.get("peer"), steps=steps,
+               build=runs["ours"][0]["build"])
     return row
 
 
@@ -202,8 +232,10 @@ def main(argv=None):
         for label, source in build_models(workdir, args.quick, print):
             for t in types:
                 (workdir / f"{label}-{t}.gguf").unlink(missing_ok=True)
+                # the same shape from llama.cpp's converter (llamacpp_setup.sh), to time beside
+                peer = Path(root) / "gguf" / f"gpt2-124m-random-{t}.gguf"
                 rows.append(check_file(label, source, t, workdir, paths, n_new, threads,
-                                       args.quick, print))
+                                       args.quick, print, peer if label == "gpt2-124M" else None))
         if paths is not None:
             first = next(r for r in rows if r["type"] == "f32")
             model, tokenizer = load_model_and_tokenizer(workdir / f"{first['model']}.pth")
@@ -219,19 +251,26 @@ def main(argv=None):
     print()
     headers = ["model", "type", "MB", "ours: max|logit diff|", "ours: greedy"]
     if paths is not None:
-        headers += ["llama.cpp: prompt ids", "llama.cpp: greedy", "llama.cpp tok/s"]
+        headers += ["llama.cpp: prompt ids", "llama.cpp: greedy", "max|logit diff|",
+                    "llama.cpp tok/s", "converter's file tok/s"]
     table = []
     for r in rows:
         line = [r["model"], r["type"], f"{r['MB']:.1f}", f"{r['logit_diff']:.2e}",
                 f"{r['ours_back']}/{r['n_new']}"]
         if paths is not None:
+            peer = r["peer_tok_s"]
             line += ["equal" if r["prompt_ids_equal"] else "DIFFER", f"{r['llama']}/{r['n_new']}",
-                     f"{r['tok_s']:.1f}"]
+                     f"{r['llama_diff']:.2e}", f"{r['tok_s']:.1f}",
+                     "" if peer is None else f"{peer:.1f} (ours {r['tok_s'] / peer:.2f}x)"]
         table.append(line)
     print(common.table(headers, table))
+    steps = "/".join(dict.fromkeys(str(r["steps"]) for r in rows if "steps" in r))
     print(f"(greedy: tokens equal to the source model's before the first difference; ours: "
-          f"the .gguf through load_model; tok/s: llama-bench -p 0 -d 16 -n "
-          f"{16 if args.quick else 128}, {threads} threads)")
+          f"the .gguf through load_model; llama.cpp's max|logit diff|: against the source "
+          f"model's, along its greedy sequence; tok/s: llama-bench -p 0 -d 16 -n "
+          f"{steps or '-'}, {threads} threads, the median of {1 if args.quick else 3} processes; "
+          f"converter's file: llamacpp_setup.sh's GGUF of the same shape and type from "
+          f"convert_hf_to_gguf.py / llama-quantize, timed alternating with ours)")
     if paths is not None:
         print(f"llama.cpp build {rows[0]['build']}, llama-cpp-python {rows[0]['bindings']}")
     if readme is not None:

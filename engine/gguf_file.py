@@ -1,4 +1,4 @@
-"""GGUF files of GPT-2, the format llama.cpp (and Ollama, LM Studio, ...) runs: write one,
+"""GGUF files of GPT-2, the format llama.cpp and the programs built on it run: write one,
 read one back. The ``gguf`` package (gguf-py) is the library llama.cpp's own converter
 writes them with.
 

@@ -478,27 +478,31 @@ def test_a_file_that_is_not_a_gpt2_gguf_is_one_line_naming_it(tmp_path, own_tok)
                             f"dict; {str(good)!r} brings its own")
 
 
-def test_a_foreign_vocabulary_without_our_tokenizer_is_refused(tmp_path, own_tok):
-    path = export_to_gguf(random_model(vocab=400), tmp_path / "m.gguf", own_tok)
-    reader = GGUFReader(path)
-    # the same file without our tokenizer's text: what another tool would write
-    w = gguf.GGUFWriter(tmp_path / "foreign.gguf", "gpt2")
+def rewrite(path, out, drop=(), change=None):
+    """``path`` written again by gguf-py at ``out``, without the keys ``drop`` and with the
+    values ``change`` ({key: value}, in the key's type): files another tool could write."""
+    reader, w = GGUFReader(path), gguf.GGUFWriter(out, "gpt2")
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture",
-                                              "tokenizer.gpt2_course_bpe.json"):
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
+        value = (change or {}).get(key, field.contents())
         kind = field.types[0]
         if kind == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, field.contents())
+            w.add_array(key, value)
         else:
-            w.add_key_value(key, field.contents(), kind)
+            w.add_key_value(key, value, kind)
     for t in reader.tensors:
         w.add_tensor(t.name, as_float(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    foreign = tmp_path / "foreign.gguf"
+    return out
+
+
+def test_a_foreign_vocabulary_without_our_tokenizer_is_refused(tmp_path, own_tok):
+    path = export_to_gguf(random_model(vocab=400), tmp_path / "m.gguf", own_tok)
+    foreign = rewrite(path, tmp_path / "foreign.gguf", drop=["tokenizer.gpt2_course_bpe.json"])
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(logits(load_model(foreign), ids), logits(load_model(path), ids))
     with pytest.raises(ValueError) as e:
@@ -506,6 +510,25 @@ def test_a_foreign_vocabulary_without_our_tokenizer_is_refused(tmp_path, own_tok
     assert str(e.value) == (f"{foreign} carries a vocabulary of 400 tokens that is not GPT-2's, "
                             f"without this project's tokenizer file; this project reads only "
                             f"those two back: export the model from its checkpoint instead")
+
+
+def test_settings_gpt_model_does_not_compute_are_refused_naming_the_key(tmp_path, own_tok):
+    path = export_to_gguf(random_model(vocab=400), tmp_path / "m.gguf", own_tok)
+    for i, (change, message) in enumerate([
+        ({"gpt2.feed_forward_length": 300}, "sets gpt2.feed_forward_length=300; GPTModel "
+                                            "computes only 256"),
+        ({"gpt2.attention.layer_norm_epsilon": 1e-6},
+         "sets gpt2.attention.layer_norm_epsilon=9.999999974752427e-07; GPTModel uses 1e-05"),
+    ]):
+        other = rewrite(path, tmp_path / f"other{i}.gguf", change=change)
+        with pytest.raises(ValueError) as e:
+            load_model(other)
+        assert str(e.value) == f"{other} {message}"
+    other = rewrite(path, tmp_path / "other.gguf", drop=["gpt2.block_count"])
+    with pytest.raises(ValueError) as e:
+        load_model(other)
+    assert str(e.value) == (f"{other} has no 'gpt2.block_count'; it is not a complete GPT-2 "
+                            f"GGUF (llama.cpp's gpt2 architecture): export it again")
 
 
 def test_the_bench_check_without_llama_cpp_says_so_and_checks_our_side(tmp_path):
