@@ -15,8 +15,10 @@ For each file:
      tokens for the prompt text equal ours, and its greedy continuation (its own sampler at
      temperature 0, through the llama-cpp-python bindings of the build's venv) equals ours
      (generate_text, temperature 0): f32 token for token; for q8_0 the tokens before the
-     first difference are counted (llama.cpp's q8_0 products also round the activations)
-  3. llama-bench's decoding speed on the file (batch 1: -p 0 -d 16 -n 128, tokens/s)
+     first difference are counted (llama.cpp's q8_0 products also round the activations).
+     Its logits along our greedy sequence against ours: the largest difference.
+  3. llama-bench's decoding speed on the file (batch 1: -p 0 -d 16 -n 128, tokens/s), for
+     the 124M shape alternating with llama.cpp's converter's file of that shape and type
 and once: the README's command (llama-completion ... --temp 0) prints our greedy text, and
 GGUF files of llama.cpp's own converter (llamacpp_setup.sh's, of a random HF GPT-2) load
 through load_model with the Hugging Face model's logits. Without llama.cpp it says so, does 1
@@ -146,7 +148,7 @@ def readme_command(paths, gguf, n_new, threads):
     return proc.stdout
 
 
-def check_file(label, source, gguf_type, workdir, paths, n_new, threads, quick, log,
+def check_file(label, source, gguf_type, workdir, paths, n_new, threads, rounds, quick, log,
                peer=None):
     """Export ``source`` to GGUF and run checks 1-3 on it; returns one result row (dict).
     ``peer``: a GGUF of llama.cpp's own converter of the same shape and type, timed in the
@@ -176,7 +178,7 @@ def check_file(label, source, gguf_type, workdir, paths, n_new, threads, quick, 
     steps = min(16 if quick else 128, model.cfg["context_length"] - 16)
     files = {"ours": gguf, **({"peer": peer} if peer is not None and peer.exists() else {})}
     runs = common.interleaved({name: lambda f=f: peers_speed.run_llamacpp(
-        paths, f, threads, 16, steps, 1) for name, f in files.items()}, 1 if quick else 3)
+        paths, f, threads, 16, steps, 1) for name, f in files.items()}, rounds)
     speed = {name: common.median([r["tok_s"][0] for r in rs]) for name, rs in runs.items()}
     row.update(tok_s=speed["ours"], peer_tok_s=speed.get("peer"), steps=steps,
                build=runs["ours"][0]["build"])
@@ -206,6 +208,8 @@ def main(argv=None):
     p.add_argument("--types", default="f32,q8_0", help="--gguf-type values (default f32,q8_0)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 32 (8 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp's (default: every CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="llama-bench processes per file (default 3, 1 with --quick)")
     p.add_argument("--llamacpp-root", default=None,
                    help="llamacpp_setup.sh's folder (default $LLAMAPEER_ROOT or /tmp/llamapeer)")
     p.add_argument("--workdir", default=None,
@@ -213,6 +217,7 @@ def main(argv=None):
                         "folder, deleted at the end)")
     args = p.parse_args(argv)
     n_new = args.new_tokens or (8 if args.quick else 32)
+    rounds = args.rounds or (1 if args.quick else 3)
     threads = args.threads or os.cpu_count()
     root = args.llamacpp_root or os.environ.get("LLAMAPEER_ROOT", "/tmp/llamapeer")
     types = [t.strip() for t in args.types.split(",") if t.strip()]
@@ -234,7 +239,7 @@ def main(argv=None):
                 (workdir / f"{label}-{t}.gguf").unlink(missing_ok=True)
                 # the same shape from llama.cpp's converter (llamacpp_setup.sh), to time beside
                 peer = Path(root) / "gguf" / f"gpt2-124m-random-{t}.gguf"
-                rows.append(check_file(label, source, t, workdir, paths, n_new, threads,
+                rows.append(check_file(label, source, t, workdir, paths, n_new, threads, rounds,
                                        args.quick, print, peer if label == "gpt2-124M" else None))
         if paths is not None:
             first = next(r for r in rows if r["type"] == "f32")
@@ -268,7 +273,7 @@ def main(argv=None):
     print(f"(greedy: tokens equal to the source model's before the first difference; ours: "
           f"the .gguf through load_model; llama.cpp's max|logit diff|: against the source "
           f"model's, along its greedy sequence; tok/s: llama-bench -p 0 -d 16 -n "
-          f"{steps or '-'}, {threads} threads, the median of {1 if args.quick else 3} processes; "
+          f"{steps or '-'}, {threads} threads, the median of {rounds} processes; "
           f"converter's file: llamacpp_setup.sh's GGUF of the same shape and type from "
           f"convert_hf_to_gguf.py / llama-quantize, timed alternating with ours)")
     if paths is not None:
