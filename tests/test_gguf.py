@@ -414,10 +414,15 @@ def test_an_existing_or_read_only_output_is_refused_before_any_work(tmp_path, mo
     read_only(monkeypatch, folder)
     with pytest.raises(OSError) as e:
         download_weights_hf.main(["--export", pth, "--out", str(folder / "m.gguf")])
-    assert str(e.value) == (f"cannot write {folder / 'm.gguf'}: Read-only file system "
-                            f"({folder / 'm.gguf'}); choose another path or fix the folder's "
-                            f"permissions")
+    assert str(e.value) == (f"cannot write --out {folder / 'm.gguf'}: nothing can be created "
+                            f"in {folder} (Read-only file system); choose a place you can write "
+                            f"to, or make {folder} writable")
     assert list(folder.iterdir()) == []
+    gguf_in = export_to_gguf(random_model(), tmp_path / "in.gguf")
+    with pytest.raises(ValueError) as e:      # its own input: not "delete it"
+        download_weights_hf.main(["--export", str(gguf_in), "--out", str(gguf_in)])
+    assert str(e.value) == (f"--out {gguf_in} is the file it reads as --export ({gguf_in}), and "
+                            f"writing would replace it; choose another --out")
 
 
 def test_a_model_the_format_cannot_hold_is_refused_naming_the_field(tmp_path, own_tok):
