@@ -14,7 +14,6 @@ Before fine-tuning, ``crop_context`` shortens the context (nanoGPT's crop_block_
 that fits.
 """
 
-
 import torch.nn as nn
 
 from dataset import get_tokenizer

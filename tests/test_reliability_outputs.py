@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from test_reliability_files import _cli_error, _read_only
+from test_reliability_files import _cli_error
 
 import chat
 import download_weights_hf
@@ -16,7 +16,7 @@ import evaluate
 import generate
 import tokenizer
 import train
-from conftest import TINY_CFG, TINY_FLAGS, make_hf_model
+from conftest import TINY_CFG, TINY_FLAGS, make_hf_model, read_only
 from dataset import default_corpus_text, get_tokenizer
 from engine import download, eval_data, fileio
 from engine.fileio import check_output
@@ -94,7 +94,7 @@ def test_check_output_refuses_places_that_cannot_be_written(tmp_path, monkeypatc
             check_output(path, [], "--json", **options)
     ro = tmp_path / "ro"
     ro.mkdir()
-    _read_only(monkeypatch, ro)
+    read_only(monkeypatch, ro)
     for path, options in ((ro / "r.json", {}), (ro, {"folder": True}),
                           (ro / "new" / "r.json", {})):
         with pytest.raises(fileio.NotWritableError, match=(
@@ -135,7 +135,7 @@ def test_evaluate_json_that_cannot_be_written_is_refused_before_scoring(tmp_path
     (tmp_path / "afile").write_text("x")
     ro = tmp_path / "ro"
     ro.mkdir()
-    _read_only(monkeypatch, ro)
+    read_only(monkeypatch, ro)
     _no_scoring(monkeypatch)
     for out, why in ((ro / "r.json", f"nothing can be created in {ro} (Read-only file system)"),
                      (tmp_path / "afile" / "r.json", f"{tmp_path / 'afile'} is a file"),
@@ -215,7 +215,7 @@ def test_a_tensorboard_folder_that_cannot_be_written_is_refused_before_training(
     afile.write_text("x")
     ro = tmp_path / "ro"
     ro.mkdir()
-    _read_only(monkeypatch, ro)
+    read_only(monkeypatch, ro)
     for board, error, why in ((ro, fileio.NotWritableError, "nothing can be created in"),
                               (afile, NotADirectoryError, "it is a file, not a folder"),
                               ("/proc/tb", OSError, "nothing can be created in /proc")):
