@@ -52,8 +52,7 @@ def hf_model(cfg, W):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         tie_word_embeddings=True)
     hf = GPT2LMHeadModel(config)
-    state = {f"transformer.{theirs}": W[ours]
-             for ours, theirs, _, _ in gpt2_param_names(cfg["n_layers"])}
+    state = {f"transformer.{row.hf}": W[row.ours] for row in gpt2_param_names(cfg["n_layers"])}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias")
                                   for k in missing), missing
@@ -101,7 +100,8 @@ def test_the_adamw_step_by_hand_is_torch_adamw_on_hugging_faces_model(built):
     F.cross_entropy(logits.flatten(0, 1), probe["yb"].flatten()).backward()
     optimizer.step()
     hf_state = hf.state_dict()
-    for ours, theirs, _, _ in gpt2_param_names(cfg["n_layers"]):
+    for row in gpt2_param_names(cfg["n_layers"]):
+        ours, theirs = row.ours, row.hf
         after, by_hand = hf_state[f"transformer.{theirs}"], probe["W1"][ours]
         assert not torch.equal(after, W[ours]), ours                # the step moved it
         assert (after - by_hand).abs().max() < 0.01 * lr, ours      # rounding of the gradients
