@@ -20,6 +20,7 @@ from gguf import GGUFReader  # noqa: E402
 
 import download_weights_hf  # noqa: E402
 import generate  # noqa: E402
+from classify import make_classifier  # noqa: E402
 from conftest import ROOT, randomize_, read_only  # noqa: E402
 from dataset import default_corpus_text, get_tokenizer  # noqa: E402
 from download_weights_hf import export_to_gguf, load_gguf  # noqa: E402
@@ -439,6 +440,10 @@ def test_a_model_the_format_cannot_hold_is_refused_naming_the_field(tmp_path, ow
         (quantize_(random_model(vocab=400)), own_tok,
          "export_to_gguf: the model's matrices are int8 (dtype='int8'); export it from its "
          "float weights (load the source without --dtype int8)"),
+        (make_classifier(random_model(vocab=400), ["ham", "spam"]), own_tok,
+         "the model is a classifier (its config's labels: ['ham', 'spam']); llama.cpp's gpt2 "
+         "holds a language model's head over the vocabulary, not class scores: export it to "
+         "Hugging Face instead (--out DIR, a GPT2ForSequenceClassification)"),
     ]:
         with pytest.raises(ValueError) as e:
             export_to_gguf(model, tmp_path / "m.gguf", tokenizer)
