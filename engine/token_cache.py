@@ -142,9 +142,11 @@ def _encode_file(path, tokenizer, chunk_bytes, sink, progress=True):
         sink(arr)
 
     size = path.stat().st_size
+    # progress=False hides the bar; otherwise tqdm decides, so TQDM_DISABLE=1 hides it too
+    bar_off = {} if progress else {"disable": True}
     with (ThreadPoolExecutor(n_threads) as pool, open(path, "rb") as f,
           tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"tokenizing {path.name}", disable=not progress) as bar):
+               desc=f"tokenizing {path.name}", **bar_off) as bar):
         def on_bytes(data):
             hasher.update(data)
             bar.update(len(data))
