@@ -5,6 +5,8 @@ that names the flag or file and the fix."""
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import evaluate
 import generate
 import tokenizer
 import train
-from conftest import TINY_CFG, TINY_FLAGS, make_hf_model, read_only
+from conftest import ROOT, TINY_CFG, TINY_FLAGS, make_hf_model, read_only
 from dataset import default_corpus_text, get_tokenizer
 from engine import download, eval_data, fileio
 from engine.fileio import check_output
@@ -407,6 +409,21 @@ def test_no_progress_hides_the_tokenizing_bars(tmp_path, capsys):
                    "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err
     assert "tokenizing" not in err and "it/s" not in err and "B/s" not in err
+
+
+def test_tqdm_disable_hides_the_tokenizing_bar_that_progress_leaves_on(tmp_path):
+    # tools/execute_notebooks.py keeps bars out of the committed outputs with TQDM_DISABLE=1,
+    # which tqdm reads when it is imported; progress=True must leave tqdm that decision
+    text = _text(tmp_path / "t.txt", 3000)
+    code = ("import sys; from dataset import get_tokenizer; from engine.token_cache import "
+            "load_tokens; load_tokens(sys.argv[1], get_tokenizer(), cache=False)")
+    plain = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    plain["PYTHONPATH"] = str(ROOT)
+    errs = [subprocess.run([sys.executable, "-c", code, str(text)], env=env, check=True,
+                           capture_output=True, text=True).stderr
+            for env in (plain, {**plain, "TQDM_DISABLE": "1"})]
+    assert "tokenizing t.txt" in errs[0]
+    assert "tokenizing" not in errs[1]
 
 
 # ---- a tokenizer is checked whole wherever it comes from ----------------------------------------
