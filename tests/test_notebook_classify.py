@@ -14,16 +14,14 @@ import torch
 
 nbclient = pytest.importorskip("nbclient")
 
-from test_notebooks import png_count, run_notebook, stdout  # noqa: E402
+from test_notebooks import png_count, run_from_tiny_model, stdout  # noqa: E402
 
 from classify import label_names, make_classifier, read_labelled, split_labelled  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from dataset import get_tokenizer  # noqa: E402
-from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from model import load_checkpoint, read_checkpoint  # noqa: E402
 
 DATA = ROOT / "data" / "sms_demo.tsv"
-TINY = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
 RUN = dict(NUM_EPOCHS=1, MAX_STEPS=6, BATCH_SIZE=16, LEARNING_RATE=3e-3, EVAL_FREQ=3,
            EVAL_ITER=2, N_MISTAKES=5, DEVICE="cpu", SEED=123, VALID_FRACTION=0.15,
            TRAINABLE="last:1")
@@ -33,10 +31,8 @@ RUN = dict(NUM_EPOCHS=1, MAX_STEPS=6, BATCH_SIZE=16, LEARNING_RATE=3e-3, EVAL_FR
 def run(tmp_path_factory):
     """(folder, cells, labels, training records, held-out records)."""
     cwd = tmp_path_factory.mktemp("classify")
-    torch.manual_seed(0)
-    save_checkpoint(cwd / "tiny.pth", GPTModel(TINY))
-    cells = run_notebook("classify.ipynb", cwd, threads=1, INIT_FROM=str(cwd / "tiny.pth"),
-                         DATA_PATH=str(DATA), MODEL_PATH=str(cwd / "out" / "clf.pth"), **RUN)
+    cells = run_from_tiny_model("classify.ipynb", cwd, DATA_PATH=str(DATA),
+                                MODEL_PATH=str(cwd / "out" / "clf.pth"), **RUN)
     records = read_labelled(DATA)
     train, valid = split_labelled(records, RUN["VALID_FRACTION"], RUN["SEED"])
     return cwd, cells, label_names(records), train, valid

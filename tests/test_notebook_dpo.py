@@ -8,7 +8,6 @@ alone, DPO's formula, the answers by a greedy loop over full forward passes.
 
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -16,15 +15,13 @@ import torch
 nbclient = pytest.importorskip("nbclient")
 
 from test_dpo import answer_logprob, greedy  # noqa: E402
-from test_notebooks import png_count, run_notebook, stdout  # noqa: E402
+from test_notebooks import numbers, png_count, run_from_tiny_model, stdout  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 from dataset import get_tokenizer, read_preferences, split_records  # noqa: E402
-from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from model import load_checkpoint, read_checkpoint  # noqa: E402
 
 DATA = ROOT / "data" / "preferences.jsonl"
-TINY = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
 RUN = dict(NUM_EPOCHS=1, MAX_STEPS=4, BATCH_SIZE=4, LEARNING_RATE=1e-3, EVAL_FREQ=2,
            EVAL_ITER=2, N_ANSWERS=3, MAX_NEW_TOKENS=6, DEVICE="cpu", SEED=123, BETA=0.5,
            VALID_FRACTION=0.05)
@@ -34,10 +31,8 @@ RUN = dict(NUM_EPOCHS=1, MAX_STEPS=4, BATCH_SIZE=4, LEARNING_RATE=1e-3, EVAL_FRE
 def run(tmp_path_factory):
     """(folder, cells, held-out pairs)."""
     cwd = tmp_path_factory.mktemp("dpo")
-    torch.manual_seed(0)
-    save_checkpoint(cwd / "tiny.pth", GPTModel(TINY))
-    cells = run_notebook("dpo.ipynb", cwd, threads=1, INIT_FROM=str(cwd / "tiny.pth"),
-                         DATA_PATH=str(DATA), MODEL_PATH=str(cwd / "out" / "dpo.pth"), **RUN)
+    cells = run_from_tiny_model("dpo.ipynb", cwd, DATA_PATH=str(DATA),
+                                MODEL_PATH=str(cwd / "out" / "dpo.pth"), **RUN)
     return cwd, cells, split_records(read_preferences(DATA), RUN["VALID_FRACTION"], RUN["SEED"])
 
 
@@ -54,12 +49,6 @@ def dpo_by_formula(policy, reference, record, beta):
     return math.log1p(math.exp(-(rewards[0] - rewards[1]))), *rewards
 
 
-def printed(pattern, text):
-    match = re.search(pattern, text)
-    assert match, (pattern, text)
-    return [float(g) for g in match.groups()]
-
-
 LOSS_LINE = (r"{}: +loss ([\d.]+), rewards chosen ([+-][\d.]+), rejected ([+-][\d.]+)")
 
 
@@ -72,7 +61,7 @@ def test_pairs_and_the_loss_by_hand(run):
     # at the start the policy is the reference: both rewards 0, the loss log 2
     out = stdout(cells["model"])
     for who in ("by hand", "dpo_batch_loss"):
-        loss, chosen, rejected = printed(LOSS_LINE.format(who), out)
+        loss, chosen, rejected = numbers(LOSS_LINE.format(who), out)
         assert loss == pytest.approx(math.log(2), abs=1e-6) and chosen == rejected == 0.0
     # after tuning: the formula on the saved checkpoint against the starting weights
     tuned, base = (load_checkpoint(cwd / p).eval() for p in ("out/dpo.pth", "tiny.pth"))
@@ -80,7 +69,7 @@ def test_pairs_and_the_loss_by_hand(run):
     assert want[1] != 0.0
     out = stdout(cells["again"])
     for who in ("by hand", "dpo_batch_loss"):
-        assert printed(LOSS_LINE.format(who), out) == pytest.approx(want, abs=2e-4)
+        assert numbers(LOSS_LINE.format(who), out) == pytest.approx(want, abs=2e-4)
 
 
 def test_tuning_answers_and_exercises(run):
@@ -91,7 +80,7 @@ def test_tuning_answers_and_exercises(run):
     assert history["val_reward_margin"][0] == 0.0 and history["step"] == [0, 2, 4]
     # the first evaluation's held-out loss: log 2, as the formula says for any pair
     assert history["val_loss"][0] == pytest.approx(math.log(2), abs=1e-6)
-    margin = printed(r"held-out reward margin ([-\d.]+) -> ([-\d.]+)", stdout(cells["train"]))
+    margin = numbers(r"held-out reward margin ([-\d.]+) -> ([-\d.]+)", stdout(cells["train"]))
     assert margin == pytest.approx([0.0, history["val_reward_margin"][-1]], abs=1e-3)
     assert png_count(cells["curves"]) == 1
 
@@ -110,7 +99,7 @@ def test_tuning_answers_and_exercises(run):
     # exercise 1: each held-out pair's log-probability gap under the reference
     gaps = [answer_logprob(base, r, "chosen") - answer_logprob(base, r, "rejected")
             for r in valid]
-    mean, = printed(r"mean log ref\(chosen\) - log ref\(rejected\): ([+-][\d.]+)",
+    mean, = numbers(r"mean log ref\(chosen\) - log ref\(rejected\): ([+-][\d.]+)",
                     stdout(cells["answer-reference"]))
     assert mean == pytest.approx(sum(gaps) / n, abs=0.006)
     out = stdout(cells["answer-sides"])

@@ -10,14 +10,13 @@ loop over full forward passes (no KV cache, no batching).
 import contextlib
 import json
 import math
-import re
 
 import pytest
 import torch
 
 nbclient = pytest.importorskip("nbclient")
 
-from test_notebooks import png_count, run_notebook, stdout  # noqa: E402
+from test_notebooks import numbers, png_count, run_from_tiny_model, stdout  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 from dataset import get_tokenizer, read_records, split_records  # noqa: E402
@@ -29,12 +28,10 @@ from look_inside import (  # noqa: E402
     token_label,
     token_roles,
 )
-from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from model import load_checkpoint, read_checkpoint  # noqa: E402
 
 DATA = ROOT / "data" / "instructions.jsonl"
 EOT = 50256
-TINY = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
 RUN = dict(NUM_EPOCHS=1, MAX_STEPS=4, BATCH_SIZE=4, LEARNING_RATE=1e-2, EVAL_FREQ=2,
            EVAL_ITER=2, N_ANSWERS=3, MAX_NEW_TOKENS=6, DEVICE="cpu", SEED=123)
 
@@ -108,12 +105,6 @@ def greedy(model, ids, n):
     return get_tokenizer().decode(out), False
 
 
-def number(pattern, text):
-    match = re.search(pattern, text)
-    assert match, (pattern, text)
-    return [float(g) for g in match.groups()]
-
-
 # ---------------------------------------------------------------------------------------
 # The notebook
 
@@ -121,11 +112,8 @@ def number(pattern, text):
 def tuned_run(tmp_path_factory):
     """instruct.ipynb on the shipped records with a random tiny model: (folder, cells)."""
     cwd = tmp_path_factory.mktemp("instruct")
-    torch.manual_seed(0)
-    save_checkpoint(cwd / "tiny.pth", GPTModel(TINY))
-    cells = run_notebook("instruct.ipynb", cwd, threads=1, INIT_FROM=str(cwd / "tiny.pth"),
-                         DATA_PATH=str(DATA), MODEL_PATH=str(cwd / "out" / "instruct.pth"),
-                         **RUN)
+    cells = run_from_tiny_model("instruct.ipynb", cwd, DATA_PATH=str(DATA),
+                                MODEL_PATH=str(cwd / "out" / "instruct.pth"), **RUN)
     return cwd, cells
 
 
@@ -179,10 +167,10 @@ def test_loss_cells(tuned_run, split):
 
     out = stdout(cells["loss"])
     assert f"batch: inputs {tuple(inputs.shape)}; {want['response'][1]} scored positions" in out
-    library, = number(r"calc_loss_batch: ([\d.]+) over " + str(want["response"][1]), out)
-    by_hand, = number(r"by hand: +([\d.]+)", out)
-    whole_loss, = number(rf"whole sequence: +([\d.]+) over {want['whole'][1]} real tokens", out)
-    prompt_loss, = number(rf"prompt part alone: +([\d.]+) over {want['prompt'][1]} prompt", out)
+    library, = numbers(r"calc_loss_batch: ([\d.]+) over " + str(want["response"][1]), out)
+    by_hand, = numbers(r"by hand: +([\d.]+)", out)
+    whole_loss, = numbers(rf"whole sequence: +([\d.]+) over {want['whole'][1]} real tokens", out)
+    prompt_loss, = numbers(rf"prompt part alone: +([\d.]+) over {want['prompt'][1]} prompt", out)
     assert library == by_hand == pytest.approx(want["response"][0], abs=2e-4)
     assert whole_loss == pytest.approx(want["whole"][0], abs=2e-4)
     assert prompt_loss == pytest.approx(want["prompt"][0], abs=2e-4)
@@ -201,14 +189,14 @@ def test_loss_cells(tuned_run, split):
              for name, t in (("response", response), ("whole", whole), ("prompt", prompt))}
     table = stdout(cells["answer-mask"])
     for name in ("response", "prompt", "whole"):
-        got = number(rf"{name} loss +([\d.]+) +([\d.]+) +(\d+)", table)
+        got = numbers(rf"{name} loss +([\d.]+) +([\d.]+) +(\d+)", table)
         assert got == pytest.approx([want[name][0], after[name][0], want[name][1]], abs=2e-3)
     share = want["prompt"][1] / want["whole"][1]
     assert f"without the mask, {share:.0%} of the scored tokens" in table
 
     # exercise 3: record 0 alone and in its padded batch
     alone = mean_nll(tuned, *batch_by_hand(valid[:1])[:2])[0]
-    got = number(r"positions: ([\d.]+); in the batch, padded to \d+: ([\d.]+)",
+    got = numbers(r"positions: ([\d.]+); in the batch, padded to \d+: ([\d.]+)",
                  stdout(cells["answer-padding"]))
     assert got == pytest.approx([alone, alone], abs=2e-4)
 
@@ -227,7 +215,7 @@ def test_tuning_and_answers(tuned_run, split):
     base = load_checkpoint(cwd / "tiny.pth").eval()
     inputs, response, _ = batch_by_hand(valid[:4 * RUN["EVAL_ITER"]])
     assert history["val_loss"][0] == pytest.approx(mean_nll(base, inputs, response)[0], abs=1e-4)
-    got = number(r"held-out loss ([\d.]+) -> ([\d.]+)", stdout(cells["train"]))
+    got = numbers(r"held-out loss ([\d.]+) -> ([\d.]+)", stdout(cells["train"]))
     assert got == pytest.approx([history["val_loss"][0], history["final_val_loss"]], abs=1e-3)
     assert f"{RUN['MAX_STEPS']} steps on {len(train)} training records" in stdout(cells["train"])
 

@@ -31,7 +31,7 @@ from dataset import (  # noqa: E402
 )
 from generate import filtered_probs, generate_text, text_to_token_ids, token_ids_to_text  # noqa: E402
 from look_inside import attention_weights, token_label  # noqa: E402
-from model import GPTModel, load_checkpoint, read_checkpoint  # noqa: E402
+from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from test_evaluate import hellaswag_records, write_jsonl  # noqa: E402
 from train_utils import calc_loss_batch, calc_loss_loader  # noqa: E402
 
@@ -88,9 +88,29 @@ def run_notebook(name, cwd, probe=None, threads=None, **params):
     return {c.id: c for c in nb.cells}
 
 
+# The random model the tuning notebooks (instruct, classify, dpo) start from in their tests.
+TINY_START = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2,
+              "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+
+
+def run_from_tiny_model(name, cwd, **params):
+    """``name`` run with a random TINY_START model saved in ``cwd`` as its INIT_FROM, on one
+    thread: {cell id: cell}."""
+    torch.manual_seed(0)
+    save_checkpoint(cwd / "tiny.pth", GPTModel(TINY_START))
+    return run_notebook(name, cwd, threads=1, INIT_FROM=str(cwd / "tiny.pth"), **params)
+
+
 def stdout(cell):
     return "".join(o.text for o in cell.outputs
                    if o.output_type == "stream" and o.name == "stdout")
+
+
+def numbers(pattern, text):
+    """The numbers ``pattern``'s groups capture in ``text`` (which must match), as floats."""
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return [float(g) for g in match.groups()]
 
 
 def result_text(cell):
