@@ -29,6 +29,7 @@ from dataset import (  # noqa: E402
     get_tokenizer,
     load_tokens,
 )
+from engine.fileio import file_sha256  # noqa: E402
 from generate import filtered_probs, generate_text, text_to_token_ids, token_ids_to_text  # noqa: E402
 from look_inside import attention_weights, token_label  # noqa: E402
 from model import GPTModel, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
@@ -557,7 +558,7 @@ def test_execute_notebooks_refuses_a_checkpoint_the_outputs_did_not_come_from(tm
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"the weights train.ipynb saved")
     nb = nbformat.v4.new_notebook()
-    nb.metadata[tools.METADATA_KEY] = tools.sha256(checkpoint)
+    nb.metadata[tools.METADATA_KEY] = file_sha256(checkpoint)
     nbformat.write(nb, tmp_path / "train.ipynb")
     assert tools.stale_checkpoint(["inference.ipynb", "instruct.ipynb"], tmp_path) is None
     assert tools.stale_checkpoint(["tokenizer.ipynb"], tmp_path) is None    # needs no model

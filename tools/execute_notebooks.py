@@ -19,7 +19,6 @@ Run them all in one pass after a change to training.
 """
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from engine.fileio import file_sha256  # noqa: E402
+
 # the learning path's order; train.ipynb before the notebooks that load the model it trains,
 # instruct.ipynb before dpo.ipynb, which tunes the model instruct.ipynb tunes
 NOTEBOOKS = ("build.ipynb", "train.ipynb", "inference.ipynb", "inference_hf.ipynb",
@@ -43,14 +45,6 @@ COMMITTED_DATA = ("README.md", "instructions.jsonl", "docstrings/docstrings.txt"
 MAX_BYTES = 1_000_000
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def stale_checkpoint(names, root):
     """Why running ``names`` from ``root`` would show another model than train.ipynb's
     committed outputs do (a message), or None."""
@@ -63,7 +57,7 @@ def stale_checkpoint(names, root):
 
     trained = nbformat.read(root / "train.ipynb", as_version=4).metadata.get(METADATA_KEY)
     checkpoint = root / CHECKPOINT
-    if checkpoint.is_file() and trained == sha256(checkpoint):
+    if checkpoint.is_file() and trained == file_sha256(checkpoint):
         return None
     shown = [n for n in names if n in SHOWS_TRAINED]
     state = ("is missing" if not checkpoint.is_file() else
@@ -106,7 +100,7 @@ def execute(name, workdir, device):
     client.execute()
     params.source = original
     if name == "train.ipynb" or name in SHOWS_TRAINED:     # the model they showed
-        nb.metadata[METADATA_KEY] = sha256(workdir / CHECKPOINT)
+        nb.metadata[METADATA_KEY] = file_sha256(workdir / CHECKPOINT)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
