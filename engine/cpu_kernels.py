@@ -82,20 +82,15 @@ def _dtype_name(dtype):
 
 def onednn_fp32():
     """Whether fp32 products (training, evaluation, prompts) go through oneDNN here."""
-    if not ENABLED or ONEDNN_FP32 is False or not available():
-        return False
-    return ONEDNN_FP32 or tuning.pick("fp32 products (training)", _time_fp32_products,
-                                      ("torch.mm", "oneDNN")) == "oneDNN"
+    return ENABLED and available() and tuning.switch(
+        ONEDNN_FP32, "fp32 products (training)", _time_fp32_products, "torch.mm", "oneDNN")
 
 
 def aligned_logits(dtype):
     """Whether the output head writes its ``dtype`` logits into rows padded to 64 here."""
-    if not ENABLED or ALIGNED_LOGITS is False:
-        return False
-    return ALIGNED_LOGITS or tuning.pick(
-        f"output head logits ({_dtype_name(dtype)}, training)",
-        lambda: _time_head_rows(dtype), ("rows of 50257", "rows padded to 64")) != \
-        "rows of 50257"
+    return ENABLED and tuning.switch(
+        ALIGNED_LOGITS, f"output head logits ({_dtype_name(dtype)}, training)",
+        lambda: _time_head_rows(dtype), "rows of 50257", "rows padded to 64")
 
 
 def copy_kind(dtype, rows, need_copy=False):
@@ -127,11 +122,9 @@ def copy_kinds(dtype, rows, need_copy=False):
 def screened_head(rows):
     """Whether greedy fp32 decoding of ``rows`` rows takes its argmax through screened_argmax
     (a bf16 copy of the head read, a few rows in fp32) rather than all fp32 logits."""
-    if not ENABLED or SCREENED_HEAD is False:
-        return False
-    return SCREENED_HEAD or tuning.pick(
-        f"greedy head (fp32, {rows} row{'s' if rows > 1 else ''})",
-        lambda: _time_screened_head(rows), ("fp32 logits", "bf16-screened")) != "fp32 logits"
+    return ENABLED and tuning.switch(
+        SCREENED_HEAD, f"greedy head (fp32, {rows} row{'s' if rows > 1 else ''})",
+        lambda: _time_screened_head(rows), "fp32 logits", "bf16-screened")
 
 
 # ---------------------------------------------------------------------------------------

@@ -97,19 +97,16 @@ def _int8mm_op():
 
 def own_kernel_on():
     """Whether products of up to OWN_KERNEL_MAX_ROWS rows go through int8_kernel.c here."""
-    if not ENABLED or OWN_KERNEL is False or own_kernel() is None:
-        return False
-    return OWN_KERNEL or tuning.pick("int8 products (bf16 rows: 1, 4)", _time_own_kernel,
-                                     ("PyTorch's int8 kernels", "int8_kernel.c")) != \
-        "PyTorch's int8 kernels"
+    return ENABLED and own_kernel() is not None and tuning.switch(
+        OWN_KERNEL, "int8 products (bf16 rows: 1, 4)", _time_own_kernel,
+        "PyTorch's int8 kernels", "int8_kernel.c")
 
 
 def dynamic_q8_on():
     """Whether 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows go through gemm_q8 (rounded to int8) here."""
-    if not ENABLED or DYNAMIC_Q8 is False or q8_kernel() is None:
-        return False
-    return DYNAMIC_Q8 or tuning.pick("int8 products (fp32 rows: 1, 2)", _time_dynamic_q8,
-                                     ("weight-only int8", "gemm_q8")) == "gemm_q8"
+    return ENABLED and q8_kernel() is not None and tuning.switch(
+        DYNAMIC_Q8, "int8 products (fp32 rows: 1, 2)", _time_dynamic_q8, "weight-only int8",
+        "gemm_q8")
 
 
 # ---------------------------------------------------------------------------------------

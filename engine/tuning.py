@@ -93,6 +93,15 @@ def pick(name, setup, allowed, keep_autocast=False):
     return _PICKED[key]
 
 
+def switch(flag, name, setup, plain, fast):
+    """Whether the fast path of one of the engine's flags runs here: ``flag`` itself where it
+    is set (True or False), else (None) the clock's pick between the labels ``plain`` and
+    ``fast`` (``setup`` as pick's)."""
+    if flag is not None:
+        return bool(flag)
+    return pick(name, setup, (plain, fast)) == fast
+
+
 def _fastest(times, allowed):
     """The fastest label of ``allowed`` by ``times``; the baseline unless beaten by MARGIN."""
     timed = [label for label in allowed if label in times]
