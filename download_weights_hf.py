@@ -593,11 +593,11 @@ def _exportable(model, tokenizer, what):
 GGUF_TYPES = tuple(gguf_file.TYPES)
 
 
-def check_new_file(path, flag="--out"):
+def check_new_file(path):
     """Raise OSError, before any work, when ``path`` exists or cannot be written."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} exists; delete it or choose another {flag} (an export "
+        raise FileExistsError(f"{path} exists; delete it or choose another --out (an export "
                               f"never overwrites a file)")
     check_writable(path)
 

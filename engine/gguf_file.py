@@ -80,7 +80,6 @@ class Contents:
     hparams: dict         # HPARAMS' keys -> values
     tensors: dict         # GGUF name -> float32 torch tensor, in the file's layout
     vocab: Vocab
-    stored: dict          # GGUF name -> how the file stores it ("F32", "Q8_0", ...)
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,12 +259,11 @@ def _field(fields, path, key, required=True):
     return fields.get(key)
 
 
-def _architecture(fields, path):
+def _check_architecture(fields, path):
     arch = _field(fields, path, "general.architecture")
     if arch != ARCH:
         raise ValueError(f"{path} holds a {arch!r} model (general.architecture); only "
                          f"{ARCH!r}, GPT-2 as llama.cpp names it, loads as a GPTModel")
-    return arch
 
 
 def read_gguf(path):
@@ -277,27 +275,27 @@ def read_gguf(path):
     naming the file and the key.
     """
     fields, infos, data = _parse(path)
-    _architecture(fields, path)
+    _check_architecture(fields, path)
     hparams = {key: kind(_field(fields, path, f"{ARCH}.{key}")) for key, kind in HPARAMS.items()}
     hparams["attention.head_count_kv"] = fields.get(f"{ARCH}.attention.head_count_kv")
-    tensors, stored = {}, {}
+    tensors = {}
     for name, shape, kind, offset in infos:
-        raw = data[offset:offset + int(np.prod(_byte_shape(shape, kind)))]
+        byte_shape = _byte_shape(shape, kind)
+        raw = data[offset:offset + int(np.prod(byte_shape))]
         try:
-            values = gguf.quants.dequantize(raw.reshape(_byte_shape(shape, kind)), kind)
+            values = gguf.quants.dequantize(raw.reshape(byte_shape), kind)
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {name!r} is stored as {kind.name}, which gguf-py "
                              f"cannot dequantize; convert the file to f16 or q8_0 with "
                              f"llama.cpp's llama-quantize") from None
         tensors[name] = torch.tensor(np.asarray(values, np.float32).reshape(shape))
-        stored[name] = kind.name
-    return Contents(hparams, tensors, _vocab(fields, path), stored)
+    return Contents(hparams, tensors, _vocab(fields, path))
 
 
 def read_vocab(path):
     """Only the vocabulary of a GGUF file of llama.cpp's gpt2 architecture (``Vocab``)."""
     fields, _, _ = _parse(path)
-    _architecture(fields, path)
+    _check_architecture(fields, path)
     return _vocab(fields, path)
 
 
