@@ -148,26 +148,35 @@ def readme_command(paths, gguf, n_new, threads):
     return proc.stdout
 
 
-def check_file(label, source, gguf_type, workdir, paths, n_new, threads, rounds, quick, log,
-               peer=None):
-    """Export ``source`` to GGUF and run checks 1-3 on it; returns one result row (dict).
-    ``peer``: a GGUF of llama.cpp's own converter of the same shape and type, timed in the
-    same rounds (alternating with ours) for a ratio that the machine's load cancels out of."""
+def reference(source, n_new):
+    """What every file exported from ``source`` is compared with, computed once: the model,
+    the prompt's ids, our greedy continuation, its text, and our logits along it."""
+    model, tokenizer = load_model_and_tokenizer(source)
+    ids = tokenizer.encode_ordinary(PROMPT)
+    ours = greedy(model, ids, n_new)
+    with torch.no_grad():       # ours at each step of the greedy sequence
+        logits = model(torch.tensor([ids + ours]))[0, len(ids) - 1:-1].numpy()
+    return {"model": model, "ids": ids, "greedy": ours, "text": tokenizer.decode(ours),
+            "logits": logits}
+
+
+def check_file(label, source, ref, gguf_type, workdir, paths, n_new, threads, rounds, quick,
+               log, peer=None):
+    """Export ``source`` to GGUF and run checks 1-3 on it against ``ref`` (``reference``);
+    returns one result row (dict). ``peer``: a GGUF of llama.cpp's own converter of the same
+    shape and type, timed in the same rounds (alternating with ours) for a ratio that the
+    machine's load cancels out of."""
     gguf = Path(workdir) / f"{label}-{gguf_type}.gguf"
     log(f"{label}: exporting {gguf_type}")
     download_weights_hf.main(["--export", str(source), "--out", str(gguf), "--gguf-type",
                               gguf_type])
-    model, tokenizer = load_model_and_tokenizer(source)
-    ids = tokenizer.encode_ordinary(PROMPT)
+    model, ids, ours, ours_logits = ref["model"], ref["ids"], ref["greedy"], ref["logits"]
     back = load_model(gguf)
     with torch.no_grad():
         diff = (back(torch.tensor([ids])) - model(torch.tensor([ids]))).abs().max().item()
-    ours = greedy(model, ids, n_new)
-    with torch.no_grad():       # ours at each step of the greedy sequence
-        ours_logits = model(torch.tensor([ids + ours]))[0, len(ids) - 1:-1].numpy()
     row = {"model": label, "type": gguf_type, "MB": gguf.stat().st_size / 1e6,
            "logit_diff": diff, "ours_back": agreement(ours, greedy(back, ids, n_new)),
-           "n_new": n_new, "file": gguf}
+           "n_new": n_new, "file": gguf, "text": ref["text"]}
     if paths is None:
         return row
     theirs = run_llama(paths, gguf, PROMPT, ids, ours, model.cfg["context_length"], threads)
@@ -235,20 +244,20 @@ def main(argv=None):
     rows, converted, readme = [], [], None
     try:
         for label, source in build_models(workdir, args.quick, print):
+            ref = reference(source, n_new)
             for t in types:
                 (workdir / f"{label}-{t}.gguf").unlink(missing_ok=True)
                 # the same shape from llama.cpp's converter (llamacpp_setup.sh), to time beside
                 peer = Path(root) / "gguf" / f"gpt2-124m-random-{t}.gguf"
-                rows.append(check_file(label, source, t, workdir, paths, n_new, threads, rounds,
-                                       args.quick, print, peer if label == "gpt2-124M" else None))
+                rows.append(check_file(label, source, ref, t, workdir, paths, n_new, threads,
+                                       rounds, args.quick, print,
+                                       peer if label == "gpt2-124M" else None))
         if paths is not None:
             first = next(r for r in rows if r["type"] == "f32")
-            model, tokenizer = load_model_and_tokenizer(workdir / f"{first['model']}.pth")
-            ids = tokenizer.encode_ordinary(PROMPT)
-            ours_text = tokenizer.decode(greedy(model, ids, n_new))
             if paths["completion"].exists():
                 printed = readme_command(paths, first["file"], n_new, threads)
-                readme = (first["model"], printed.startswith(ours_text), printed, ours_text)
+                readme = (first["model"], printed.startswith(first["text"]), printed,
+                          first["text"])
             converted = converter_files(root, print)
     finally:
         if not args.workdir:
