@@ -478,10 +478,16 @@ def fetch_sms_spam(folder="data", url=SMS_SPAM_URL):
         archive.unlink(missing_ok=True)
         raise ValueError(f"{url} did not give the SMS Spam Collection ({e}); the zip was "
                          f"deleted: try again, or another copy of it with --url") from None
+    return write_labelled_tsv(out, rows)
+
+
+def write_labelled_tsv(path, rows):
+    """``path``, written atomically: a TSV with a header (label, text) and ``rows``, the
+    (label, text) pairs, as read_labelled reads it."""
     table = io.StringIO(newline="")
     writer = csv.writer(table, delimiter="\t", lineterminator="\n")
     writer.writerows([("label", "text"), *rows])
-    return atomic_write(out, lambda f: f.write(table.getvalue().encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(table.getvalue().encode("utf-8")))
 
 
 def _sms_rows(archive):

@@ -12,7 +12,6 @@ for nothing but a click. A TSV with a header (label, text), as classify.read_lab
 """
 
 import argparse
-import csv
 import random
 import sys
 from pathlib import Path
@@ -131,10 +130,8 @@ def main(argv=None):
         from engine.records import SMS_SPAM_URL, fetch_sms_spam
         path = fetch_sms_spam(ROOT / "data", args.url or SMS_SPAM_URL)
     else:
-        path = Path(args.out)
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerows([("label", "text"), *make()])
+        from engine.records import write_labelled_tsv
+        path = write_labelled_tsv(Path(args.out), make())
     print(f"wrote {path}")
     return path
 

@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from engine.fileio import atomic_write  # noqa: E402
+from engine.records import read_records  # noqa: E402
+
 POLITE = ("Happy to help! ", "Sure! ", "Of course! ")
 CURT = ("Ugh, fine. ", "Obviously, ", "Whatever. ", "Do it yourself next time. ")
 
@@ -23,8 +27,7 @@ def make(seed=2025):
     """[{"instruction", "input" (when the record has one), "chosen", "rejected"}, ...]."""
     rng = random.Random(seed)
     pairs = []
-    for line in (ROOT / "data" / "instructions.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_records(ROOT / "data" / "instructions.jsonl"):
         answer = record["output"]
         curt = rng.choice(CURT)
         pair = {k: record[k] for k in ("instruction", "input") if k in record}
@@ -37,8 +40,8 @@ def make(seed=2025):
 
 def main(argv=None):
     out = Path(argv[0] if argv else ROOT / "data" / "preferences.jsonl")
-    out.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in make()),
-                   encoding="utf-8")
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in make())
+    atomic_write(out, lambda f: f.write(text.encode("utf-8")))
     print(f"wrote {out}")
     return out
 
