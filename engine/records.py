@@ -171,17 +171,25 @@ def check_records(records, format=None, name="records", lines=None):
     if not records:
         raise ValueError(f"{name} holds no records: an instruction set needs at least one "
                          f"(.json: a list of records, .jsonl: one record a line)")
-    for i, record in enumerate(records):
-        try:
-            check_record(record, format)
-        except ValueError as e:
-            where = lines[i] if lines else f"record {i} (counting from 0)"
-            raise ValueError(f"{name} {where}: {e}") from None
+    _each(lambda record: check_record(record, format), records, name, lines)
     if not any(answer.strip() for record in records for answer in _answers(record)):
         raise ValueError(f"{name}: every record's answer (\"output\", or the assistant's "
                          f"messages) is empty, so a model tuned on it would only learn to stop "
                          f"at once; fill in the answers")
     return records
+
+
+def _each(fn, records, name, wheres=None):
+    """[fn(record) for each record]; the first ValueError is raised again as one line naming
+    ``name`` and the record's place: ``wheres[i]`` ("line 7" of a file), or its index."""
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(fn(record))
+        except ValueError as e:
+            where = wheres[i] if wheres else f"record {i} (counting from 0)"
+            raise ValueError(f"{name} {where}: {e}") from None
+    return out
 
 
 def _answers(record):
@@ -378,12 +386,8 @@ def read_labelled(path, labels=None):
         rows = _file_rows(path, "labelled", "{\"text\", \"label\"} records (or a .csv / .tsv "
                                             "with text and label columns, such as "
                                             "data/sms_demo.tsv)")
-    records = []
-    for where, row in rows:
-        try:
-            records.append(_labelled(row, labels))
-        except ValueError as e:
-            raise ValueError(f"{path} {where}: {e}") from None
+    records = _each(lambda row: _labelled(row, labels), [row for _, row in rows], path,
+                    [where for where, _ in rows])
     if not records:
         raise ValueError(f"{path} holds no records: put texts and their labels in it")
     return records
@@ -535,12 +539,7 @@ def check_preferences(records, name="records", lines=None):
     if not records:
         raise ValueError(f"{name} holds no records: a preference set needs at least one "
                          f"{{\"prompt\", \"chosen\", \"rejected\"}} record")
-    for i, record in enumerate(records):
-        where = lines[i] if lines else f"record {i} (counting from 0)"
-        try:
-            _check_preference(record)
-        except ValueError as e:
-            raise ValueError(f"{name} {where}: {e}") from None
+    _each(_check_preference, records, name, lines)
     return records
 
 
