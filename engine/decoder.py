@@ -111,18 +111,19 @@ def _one_call_copies(model, greedy):
         return None
     if ONE_CALL:
         return cpu_kernels.OWN
-    won = tuning.pick(_decision(model, dtype), lambda: _against(model, greedy, best),
-                      ("plain", "one-call C kernel"), keep_autocast=True)
-    return cpu_kernels.OWN if won != "plain" else None
+    return cpu_kernels.OWN if _one_call_wins(model, lambda: _against(model, greedy, best)) \
+        else None
 
 
-def _decision(model, dtype):
-    """The name of the one-call decision for this kind of model and shape."""
+def _one_call_wins(model, setup):
+    """Whether one-token steps run faster in one call than through model.py's code here, for
+    this kind of model (int8, or the dtype its products run in: an fp32 model under bf16
+    autocast counts as bf16) and shape: engine/tuning.py times ``setup``'s candidates once."""
     cfg = model.cfg
     kind = ("int8" if int8.is_quantized(model) else
-            "fp32 under bf16 autocast" if torch.is_autocast_enabled("cpu")
-            and dtype == torch.float32 else cpu_kernels._dtype_name(dtype))
-    return f"batch-1 decoding ({kind}, {cfg['n_layers']} x {cfg['emb_dim']})"
+            cpu_kernels._dtype_name(cpu_kernels.cpu_matmul_dtype(model.tok_emb.weight)))
+    return tuning.pick(f"batch-1 decoding ({kind}, {cfg['n_layers']} x {cfg['emb_dim']})",
+                       setup, ("plain", "one-call C kernel"), keep_autocast=True) != "plain"
 
 
 @contextlib.contextmanager
@@ -235,9 +236,7 @@ class _OneToken:
     def wins(self, model):
         """Whether this model's one-token steps run faster in one call than through model.py's
         code here (engine/tuning.py: timed once per kind of model and shape, kept)."""
-        dtype = cpu_kernels.cpu_matmul_dtype(model.tok_emb.weight)
-        return tuning.pick(_decision(model, dtype), lambda: self.candidates(model),
-                           ("plain", "one-call C kernel"), keep_autocast=True) != "plain"
+        return _one_call_wins(model, lambda: self.candidates(model))
 
     def candidates(self, model, before_plain=None, tokens=2):
         """{"plain": fn, "one-call C kernel": fn} for engine/tuning.py: ``tokens`` steps each
