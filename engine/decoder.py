@@ -238,11 +238,12 @@ class _OneToken:
         code here (engine/tuning.py: timed once per kind of model and shape, kept)."""
         return _one_call_wins(model, lambda: self.candidates(model))
 
-    def candidates(self, model, before_plain=None, tokens=2):
-        """{"plain": fn, "one-call C kernel": fn} for engine/tuning.py: ``tokens`` steps each
+    def candidates(self, model, before_plain=None):
+        """{"plain": fn, "one-call C kernel": fn} for engine/tuning.py: 2 steps each
         way after a cache of up to 32 positions (zeros), the plain ones through model.py
         (this step is not registered, so one_token stands aside), each after
         ``before_plain()`` where given."""
+        tokens = 2
         max_len = min(model.cfg["context_length"], 32 + tokens)
         cache = model.new_cache(1, max_len=max_len)
         cache.k.zero_(), cache.v.zero_()
