@@ -37,7 +37,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,31 +169,19 @@ def bench_decoding(workdir, dtypes=DTYPES, variants=tuple(VARIANTS), rounds=3, r
                    threads=None, prompt_len=16, new_tokens=128, seed=0, log=print):
     """{(dtype, variant): {"tok_s", "min", "max", "picked"}}, and the rounds' (load, GB/s)."""
     threads = threads or os.cpu_count()
-    runs = {(d, v): [] for d in dtypes for v in variants}
-    conditions = []
-    order = list(runs)
-    for r in range(rounds):
-        load = os.getloadavg()[0]
-        gb_s = common.run_child([peers_speed.__file__, "--child", "bandwidth", "--threads",
-                                 str(threads)])[0]["gb_s"]
-        conditions.append((load, gb_s))
-        log(f"  [round {r + 1}/{rounds}] load {load:.2f}, read bandwidth {gb_s:.1f} GB/s")
-        for dtype, variant in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            result, _, _ = common.run_child(
-                [__file__, "--child", "--workdir", workdir, "--dtype", dtype, "--variant",
-                 variant, "--threads", str(threads), "--prompt-len", str(prompt_len),
-                 "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--seed",
-                 str(seed)], env=VARIANTS[variant])
-            runs[dtype, variant].append(result)
-            print(f"  [round {r + 1}/{rounds}] {dtype} {variant}: "
-                  f"{common.median(result['tok_s']):.1f} tok/s "
-                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    results = {}
-    for key, rs in runs.items():
-        per_round = [common.median(r["tok_s"]) for r in rs]
-        results[key] = {"tok_s": common.median(per_round), "min": min(per_round),
-                        "max": max(per_round), "picked": rs[-1].get("picked", {})}
+
+    def run(key):
+        dtype, variant = key
+        return common.run_child(
+            [__file__, "--child", "--workdir", workdir, "--dtype", dtype, "--variant", variant,
+             "--threads", str(threads), "--prompt-len", str(prompt_len), "--new-tokens",
+             str(new_tokens), "--repeats", str(repeats), "--seed", str(seed)],
+            env=VARIANTS[variant])[0]
+
+    runs, conditions = peers_speed.alternating_rounds(
+        [(d, v) for d in dtypes for v in variants], run, rounds, threads, log)
+    results = {key: {**peers_speed.tok_s_stats(rs), "picked": rs[-1].get("picked", {})}
+               for key, rs in runs.items()}
     return results, conditions
 
 

@@ -297,33 +297,51 @@ def bench_peers(workdir, contenders=tuple(CONTENDERS), rounds=3, repeats=3, thre
     live = [c for c in contenders if c not in skipped]
     # The bandwidth is measured at the start of every round (this VM's varied from minute to
     # minute by up to 2x); the ceilings use the median, the same statistic as the tokens/s.
-    bandwidths = []
-    runs = {c: [] for c in live}
-    for r in range(rounds):
-        bandwidths.append(common.run_child([__file__, "--child", "bandwidth", "--threads",
-                                            str(threads)])[0]["gb_s"])
-        log(f"  [round {r + 1}/{rounds}] memory read bandwidth: {bandwidths[-1]:.1f} GB/s "
-            f"({threads} threads)")
-        order = live if r % 2 == 0 else live[::-1]
-        for c in order:
-            t0 = time.perf_counter()
-            res = measure(c, workdir, paths, threads, prompt_len, new_tokens, repeats, seed)
-            runs[c].append(res)
-            print(f"  [round {r + 1}/{rounds}] {c}: {common.median(res['tok_s']):.1f} tok/s "
-                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    runs, conditions = alternating_rounds(
+        live, lambda c: measure(c, workdir, paths, threads, prompt_len, new_tokens, repeats,
+                                seed), rounds, threads, log)
+    bandwidths = [gb_s for _, gb_s in conditions]
     bandwidth = common.median(bandwidths)
     log(f"memory read bandwidth: {bandwidth:.1f} GB/s, the median of "
         f"{', '.join(f'{b:.1f}' for b in bandwidths)}")
     results = {}
     for c, rs in runs.items():
-        per_round = [common.median(r["tok_s"]) for r in rs]
         step_bytes = rs[-1]["step_bytes"]
         ceiling = bandwidth * 1e9 / step_bytes
-        tok_s = common.median(per_round)
-        results[c] = {"tok_s": tok_s, "min": min(per_round), "max": max(per_round),
-                      "step_bytes": step_bytes, "ceiling": ceiling, "share": tok_s / ceiling,
-                      "ids": rs[-1].get("ids"), "build": rs[-1].get("build")}
+        stats = tok_s_stats(rs)
+        results[c] = {**stats, "step_bytes": step_bytes, "ceiling": ceiling,
+                      "share": stats["tok_s"] / ceiling, "ids": rs[-1].get("ids"),
+                      "build": rs[-1].get("build")}
     return results, skipped, bandwidth
+
+
+def alternating_rounds(names, run, rounds, threads, log):
+    """({name: [run(name) of each round]}, [(load, read GB/s) at each round's start]): every
+    name once a round, the order alternating from round to round; the bandwidth is measured
+    every round (this VM's varied from minute to minute by up to 2x). ``run`` returns a
+    child's result, with its "tok_s"."""
+    runs, conditions = {name: [] for name in names}, []
+    for r in range(rounds):
+        load = os.getloadavg()[0]
+        gb_s = common.run_child([__file__, "--child", "bandwidth", "--threads",
+                                 str(threads)])[0]["gb_s"]
+        conditions.append((load, gb_s))
+        log(f"  [round {r + 1}/{rounds}] load {load:.2f}, read bandwidth {gb_s:.1f} GB/s "
+            f"({threads} threads)")
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            runs[name].append(run(name))
+            what = " ".join(name) if isinstance(name, tuple) else name
+            print(f"  [round {r + 1}/{rounds}] {what}: "
+                  f"{common.median(runs[name][-1]['tok_s']):.1f} tok/s "
+                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return runs, conditions
+
+
+def tok_s_stats(results):
+    """The median, min and max over the rounds of each round's median tokens/s."""
+    per_round = [common.median(r["tok_s"]) for r in results]
+    return {"tok_s": common.median(per_round), "min": min(per_round), "max": max(per_round)}
 
 
 def summarize(results, skipped, quick):
