@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset import get_tokenizer
 from engine.devices import get_device
 from engine.records import (  # noqa: F401  (a classifier's data, re-exported: train.py, notebooks)
+    check_batch_size,
     fetch_sms_spam,
     label_names,
     read_labelled,
@@ -164,8 +165,7 @@ def create_classification_dataloader(records, labels, batch_size=8, max_length=1
                                      shuffle=True, drop_last=False, tokenizer=None,
                                      generator=None, *, name="the data"):
     """Batches ``(inputs (B, longest), classes (B,))`` of labelled records (pad_texts)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_batch_size(batch_size)
     dataset = ClassificationDataset(records, labels, tokenizer, max_length, name=name)
     pad = functools.partial(pad_texts, pad_id=(tokenizer or get_tokenizer()).eot_token)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,

@@ -94,8 +94,7 @@ def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=Tru
     to make the shuffle order repeatable. ``name`` (what the text is, e.g. its path) is used
     only in error messages.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    record_files.check_batch_size(batch_size)
     dataset = GPTDataset(txt, tokenizer, max_length, stride, name=name)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
@@ -262,8 +261,7 @@ def create_instruction_dataloader(records, batch_size=8, max_length=1024, shuffl
     on one; ``group_by_length``: a shuffled order where records of similar length meet;
     ``drop_last`` off: a small set loses no record. ``.dataset.truncated``: records cut.
     ``preferences``: the records are preference pairs (PreferenceDataset, pad_pairs)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    record_files.check_batch_size(batch_size)
     dataset = (PreferenceDataset(records, tokenizer, max_length, name=name) if preferences else
                InstructionDataset(records, tokenizer, max_length, format=format, name=name))
     sampler = (record_files.LengthGroupedSampler(dataset.lengths, batch_size, generator)

@@ -348,6 +348,12 @@ def group_by_length(order, lengths, batch_size, generator=None, window=64):
     return [full[k] for k in shuffled] + short
 
 
+def check_batch_size(batch_size):
+    """Raise ValueError unless ``batch_size`` is a positive int (every data loader's check)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 class LengthGroupedSampler(Sampler):
     """A shuffled order in which each run of ``batch_size`` records has similar lengths
     (group_by_length), for a DataLoader with that batch_size: batches need little padding."""
