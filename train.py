@@ -688,7 +688,8 @@ def _reference_model(args, resumed, device):
 def _objective(args, tokenizer, reference):
     """What the run minimises: next-token prediction, a classifier's loss, or DPO's."""
     if args.task == "classify":
-        return Objective(partial(classification_loss, pad_id=tokenizer.eot_token))
+        return Objective(partial(classification_loss, pad_id=tokenizer.eot_token),
+                         count=lambda batch: len(batch[1]))                # texts, not tokens
     return dpo_objective(reference, args.beta) if args.task == "dpo" else NEXT_TOKEN
 
 
