@@ -282,15 +282,13 @@ class BPETokenizer:
         """GPT-2's tokenizer: its 50,000 merges and ``<|endoftext|>`` = 50256, read from
         OpenAI's ``vocab.bpe`` (the merges, one "first second" per line, in order) and
         ``encoder.json`` (token string -> id), both written in ``_bytes_to_unicode`` form."""
-        from engine.bpe_files import gpt2_bpe_files
-        encoder_json, vocab_bpe = gpt2_bpe_files()
+        from engine.bpe_files import gpt2_vocab_and_merges
+        ids, lines = gpt2_vocab_and_merges()
         to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-        encoder = {bytes(to_byte[c] for c in s) if s != EOT else s: i
-                   for s, i in json.loads(Path(encoder_json).read_text("utf-8")).items()}
+        encoder = {bytes(to_byte[c] for c in s) if s != EOT else s: i for s, i in ids.items()}
         byte_order = sorted(range(256), key=lambda b: encoder[bytes([b])])
-        lines = Path(vocab_bpe).read_text("utf-8").split("\n")[1:]     # [0]: "#version: 0.2"
         merges = [[encoder[bytes(to_byte[c] for c in part)] for part in line.split(" ")]
-                  for line in lines if line]
+                  for line in lines]
         tok = cls(merges, {EOT: encoder[EOT]}, GPT2_PATTERN, byte_order, name="gpt2")
         # encoder.json is the authority on ids; our layout must agree with every entry.
         for token, i in encoder.items():

