@@ -25,7 +25,7 @@ runs it); every measurement a fresh process, the variants alternating in order r
     before     the vendor table of the flags before the clock chose them (AMD: every path on;
                Intel: oneDNN fp32, padded logits, one-row fp32 copies, our own decoding and
                int8 kernels, one-call decoding and gemm_q8 off; other CPUs: the kernels
-               measured only on AMD off)
+               measured only on AMD off; weights in 4 KiB pages everywhere)
 
 The machine's load (1-minute average) and read bandwidth are taken at the start of every
 round. On a busy machine (load above the CPU count) the engine keeps its timings for the
@@ -60,7 +60,7 @@ def vendor_table(vendor):
             ("cpu_kernels", "PACK_FP32_BATCH_1"): not intel,
             ("cpu_kernels", "SCREENED_HEAD"): True, ("cpu_kernels", "OWN_GEMV"): amd,
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
-            ("int8", "DYNAMIC_Q8"): amd}
+            ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,7 +71,8 @@ def meet_every_decision():
     label} as picked (from the cache folder's timings, or measured now)."""
     import torch
 
-    from engine import cpu_kernels, int8, tuning
+    from engine import cpu_kernels, int8, pages, tuning
+    pages.chosen()
     for dtype in (torch.float32, torch.bfloat16):
         cpu_kernels.onednn_fp32()
         cpu_kernels.aligned_logits(dtype)
@@ -148,9 +149,9 @@ def print_decisions(rows):
 # Part 2: batch-1 decoding, each variant in its own process
 
 def child(workdir, dtype, variant, threads, prompt_len, new_tokens, repeats, seed):
-    from engine import cpu_kernels, decoder, devices, int8, tuning
+    from engine import cpu_kernels, decoder, devices, int8, pages, tuning
     if variant == "before":
-        modules = {"cpu_kernels": cpu_kernels, "decoder": decoder, "int8": int8}
+        modules = {"cpu_kernels": cpu_kernels, "decoder": decoder, "int8": int8, "pages": pages}
         for (module, flag), value in vendor_table(devices.cpu_info("vendor_id")).items():
             setattr(modules[module], flag, value)
     peers_speed.child_ours(workdir, dtype, threads, prompt_len, new_tokens, repeats, seed,

@@ -11,6 +11,7 @@ the textbook through one small, named call, and none of them imports a textbook 
     decoder       batch-1 decoding: a new token through every block in one C call
     fused_loss    the output head and cross-entropy without the whole logits tensor
     int8          int8 inference: Int8Linear, quantize_, its kernels
+    pages         the weights decoding streams, in 2 MiB pages (transparent huge pages)
     native        the C kernels (int8_kernel.c, decode_kernel.c), compiled once per machine
     tuning        which fast path runs here: each timed once per machine against the code it
                   replaces (what the CPU can do says whether it can run; the clock, whether

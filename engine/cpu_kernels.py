@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from engine import native, tuning, turned_off
+from engine import native, pages, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
 
@@ -364,8 +364,9 @@ def own_gemv():
 class OneRow:
     """A matrix kept for one-row products through decode_kernel.c (packed_weight's copy of an
     fp32 or bf16 matrix where copy_kind picks OWN): the (out, in) matrix in ``dtype``, contiguous,
-    each output's weights one run (the matrix itself where it already is one: the output
-    head in its own dtype).
+    each output's weights one run: engine/pages.py's ``streamed`` copy (in 2 MiB pages where
+    they are chosen, else the matrix itself where it already is one: the output head in its
+    own dtype).
 
     Called with x (..., in): one row through the kernel (x and bias taken in fp32; in bf16 x
     is rounded to bf16, as a bf16 matmul or autocast would, the sums in fp32), the result in
@@ -377,7 +378,8 @@ class OneRow:
         self.plain = out_in                                                  # (out, in)
         self.dtype = dtype
         self.out_features, self.in_features = out_in.shape
-        self.weight = out_in.to(dtype).contiguous()                         # (out, in)
+        # (out, in), in 2 MiB pages where the clock picks them (engine/pages.py)
+        self.weight = pages.streamed(out_in, dtype)
 
     def __call__(self, x, bias=None):
         out, k = self.out_features, self.in_features

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine import native, tuning, turned_off
+from engine import native, pages, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_INT8_KERNELS", "1") != "0"   # the switch
 
@@ -282,6 +282,7 @@ class Int8Linear(nn.Module):
         (in, out) with ``in_out=True`` (model.Linear), else (out, in) (nn.Linear)."""
         w = layer.weight.detach()
         q, scale = quantize_weight(w.t() if in_out else w)
+        q = pages.streamed(q)          # in 2 MiB pages where they are chosen (engine/pages.py)
         bias = getattr(layer, "bias", None)
         return cls(q, scale, None if bias is None else bias.detach().to(dtype).clone())
 

@@ -8,7 +8,7 @@ import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
 from conftest import ROOT
-from engine import cpu_kernels, decoder, int8, tuning
+from engine import cpu_kernels, decoder, int8, pages, tuning
 
 _path = list(sys.path)
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,12 +21,13 @@ def test_the_vendor_table_it_compares_with():
     amd = choice_speed.vendor_table("AuthenticAMD")
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
-    assert all(amd.values())
+    # the table had every path on for AMD, but weights in 4 KiB pages everywhere
+    assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
     # every flag it sets exists, and is left to the clock by default
-    modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder}
+    modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages}
     for module, flag in amd:
         assert hasattr(modules[module], flag)
 
@@ -50,7 +51,8 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
         {label: 1.0 + i for i, label in enumerate(
             ["torch.mm", "oneDNN", "rows of 50257", "rows padded to 64", cpu_kernels.PLAIN,
              cpu_kernels.PACKED, cpu_kernels.OWN, "fp32 logits", "bf16-screened",
-             "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8"])},
+             "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8",
+             pages.SMALL_LABEL, pages.HUGE_LABEL])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -59,6 +61,8 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
             "decoding products (fp32, 1 row)", "decoding products (bf16, 8 rows)",
             "greedy head (fp32, 1 row)", "greedy head (fp32, 8 rows)"} <= set(picked)
     assert picked["fp32 products (training)"] == "torch.mm"      # the faster here
+    if pages.available():
+        assert picked["weights for decoding"] == pages.SMALL_LABEL
 
 
 def test_the_summary_line():

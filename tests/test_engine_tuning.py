@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, flag_in_a_fresh_process
-from engine import cpu_kernels, decoder, int8, native, tuning
+from engine import cpu_kernels, decoder, int8, native, pages, tuning
 
 
 @pytest.fixture
@@ -256,10 +256,12 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
         monkeypatch.setattr(cpu_kernels, flag, None)
     monkeypatch.setattr(int8, "OWN_KERNEL", None)
     monkeypatch.setattr(int8, "DYNAMIC_Q8", None)
+    monkeypatch.setattr(pages, "HUGE_PAGES", None)
     fast = {"torch.mm": 1.0, "oneDNN": 0.5, "rows of 50257": 1.0, "rows padded to 64": 0.5,
             cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.6, cpu_kernels.OWN: 0.5,
             "fp32 logits": 1.0, "bf16-screened": 0.5, "PyTorch's int8 kernels": 1.0,
-            "int8_kernel.c": 0.5, "weight-only int8": 1.0, "gemm_q8": 0.5}
+            "int8_kernel.c": 0.5, "weight-only int8": 1.0, "gemm_q8": 0.5,
+            pages.SMALL_LABEL: 1.0, pages.HUGE_LABEL: 0.5}
     asked = _timed_as(monkeypatch, fast)
     own = cpu_kernels.own_gemv() is not None
     assert cpu_kernels.onednn_fp32() is cpu_kernels.available()
@@ -270,16 +272,19 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert cpu_kernels.screened_head(1)
     assert int8.own_kernel_on() is (int8.own_kernel() is not None)
     assert int8.dynamic_q8_on() is (int8.q8_kernel() is not None)
+    assert pages.chosen() is pages.available()
     assert "decoding products (fp32, 1 row)" in asked and "greedy head (fp32, 1 row)" in asked
     # every one slower: the plain code everywhere
     _fresh_process(monkeypatch)
     _timed_as(monkeypatch, {k: (1.0 if k in ("torch.mm", "rows of 50257", cpu_kernels.PLAIN,
                                              "fp32 logits", "PyTorch's int8 kernels",
-                                             "weight-only int8") else 2.0) for k in fast})
+                                             "weight-only int8", pages.SMALL_LABEL)
+                                   else 2.0) for k in fast})
     assert not cpu_kernels.onednn_fp32() and not cpu_kernels.aligned_logits(torch.float32)
     assert cpu_kernels.copy_kind(torch.float32, 1) == cpu_kernels.PLAIN
     assert not cpu_kernels.screened_head(8)
     assert not int8.own_kernel_on() and not int8.dynamic_q8_on()
+    assert not pages.chosen()
     assert int8.activation_dtype() == torch.bfloat16
     # ... unless a flag says
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
@@ -358,6 +363,7 @@ def test_one_call_timing_on_a_model_with_the_real_clock(measuring, monkeypatch, 
     for flag in ("PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV"):
         monkeypatch.setattr(cpu_kernels, flag, None)
     monkeypatch.setattr(decoder, "ONE_CALL", None)
+    monkeypatch.setattr(pages, "HUGE_PAGES", False)            # not this test's choice
     monkeypatch.setattr(tuning, "unsteady", lambda runs: "")   # a busy machine's timings kept
     real = tuning.timings
 
@@ -422,6 +428,9 @@ def test_the_float_candidates_compute_the_same(small_shapes):
     for rows in (1, 8):
         out = _outputs(cpu_kernels._time_screened_head(rows))
         assert out["bf16-screened"].tolist() == out["fp32 logits"].tolist()
+    if pages.available():                 # the same products of the same numbers: equal
+        out = _outputs(pages._time_pages())
+        assert torch.equal(_flat(out[pages.HUGE_LABEL]), _flat(out[pages.SMALL_LABEL]))
 
 
 def test_the_int8_candidates_compute_the_same(small_shapes):
