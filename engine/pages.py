@@ -158,8 +158,8 @@ def streamed(t, dtype=None):
 
 
 def _time_pages():
-    # one pass over GPT-2 124M's block matrices (fp32, (out, in), working_set() bytes) with
-    # the one-row fp32 kernel (x @ W where it cannot be built), one copy in each kind of page
+    # passes over GPT-2 124M's block matrices (fp32, (out, in), working_set() bytes) with the
+    # one-row fp32 kernel (x @ W where it cannot be built), one copy in each kind of page
     mats = tuning.block_matrices(torch.float32, out_in=True)
     huge = [huge_page_copy(w) for w in mats]               # the same numbers
     x = {k: torch.rand(k) for k in {w.shape[1] for w in mats}}
@@ -168,9 +168,11 @@ def _time_pages():
     except (OSError, RuntimeError, subprocess.SubprocessError):
         gemv = None
 
-    def one_pass(ws):
+    def passes(ws):
+        # three passes a repeat: one takes ~3 ms, short enough for a moment of another
+        # process's work to make the repeats disagree
         threads, out = torch.get_num_threads(), []
-        for w in ws:
+        for w in ws * 3:
             n, k = w.shape
             if gemv is None:
                 out.append(w @ x[k])
@@ -178,4 +180,4 @@ def _time_pages():
                 out.append(torch.empty(n))
                 gemv(x[k].data_ptr(), w.data_ptr(), None, out[-1].data_ptr(), n, k, threads)
         return out
-    return {SMALL_LABEL: lambda: one_pass(mats), HUGE_LABEL: lambda: one_pass(huge)}
+    return {SMALL_LABEL: lambda: passes(mats), HUGE_LABEL: lambda: passes(huge)}
