@@ -82,6 +82,18 @@ def test_streamed_copies_only_where_pages_are_chosen_or_a_copy_is_needed(monkeyp
     assert pages.streamed(t).data_ptr() == t.data_ptr() and not pages.chosen()
 
 
+def test_where_huge_pages_cannot_be_asked_for_nothing_changes(monkeypatch):
+    # not Linux, THP "never", no libc: the copies are ordinary ones, and nothing is timed
+    monkeypatch.setattr(pages, "_LIBC", False)
+    monkeypatch.setattr(pages, "HUGE_PAGES", True)
+    monkeypatch.setattr(pages.tuning, "pick", lambda *a, **k: pytest.fail("timed"))
+    t = torch.randn(6, 5)
+    assert not pages.available() and not pages.chosen()
+    assert pages.huge_page_copy(t) is None
+    assert pages.streamed(t).data_ptr() == t.data_ptr()
+    assert torch.equal(pages.streamed(t.t(), torch.bfloat16), t.t().to(torch.bfloat16))
+
+
 def test_the_switch_reads_the_environment():
     assert flag_in_a_fresh_process("pages", "ENABLED", GPT2_HUGE_PAGES="0") == "False"
     assert flag_in_a_fresh_process("pages", "ENABLED") == "True"
