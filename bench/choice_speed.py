@@ -25,7 +25,8 @@ runs it); every measurement a fresh process, the variants alternating in order r
     before     the vendor table of the flags before the clock chose them (AMD: every path on;
                Intel: oneDNN fp32, padded logits, one-row fp32 copies, our own decoding and
                int8 kernels, one-call decoding and gemm_q8 off; other CPUs: the kernels
-               measured only on AMD off; weights in 4 KiB pages everywhere)
+               measured only on AMD off; weights in 4 KiB pages and int8 prompts of fp32
+               rows on dequantized weights everywhere)
 
 The machine's load (1-minute average) and read bandwidth are taken at the start of every
 round. On a busy machine (load above the CPU count) the engine keeps its timings for the
@@ -60,7 +61,8 @@ def vendor_table(vendor):
             ("cpu_kernels", "PACK_FP32_BATCH_1"): not intel,
             ("cpu_kernels", "SCREENED_HEAD"): True, ("cpu_kernels", "OWN_GEMV"): amd,
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
-            ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False}
+            ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
+            ("int8", "BF16_ROWS"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,6 +84,7 @@ def meet_every_decision():
         cpu_kernels.screened_head(rows)
     int8.own_kernel_on()
     int8.dynamic_q8_on()
+    int8.bf16_rows_on()
     return tuning.picked()
 
 

@@ -28,8 +28,10 @@ The product ``y = x @ W.T + b`` runs, in this order of preference:
     CPU, bf16 x, <= 4 rows torch.ops.aten._weight_int8pack_mm (PyTorch's kernel)
     CPU, bf16 x, more      q converted to bf16 (exact: |q| <= 127) and one bf16 matmul,
                            the scales applied to its output (prompts are compute-bound)
+    CPU, fp32 x, more      the same, x rounded to bf16 first, the output in fp32 (where
+                           bf16_rows_on(): oneDNN's bf16 products, AMX tiles where there)
     anywhere else          the plain product: W = q * scale in fp32, y in fp32, cast to x's
-                           dtype (fp32 prompts, CUDA, MPS, no kernel: slower, same result)
+                           dtype (CUDA, MPS, no kernel: slower, same result)
 
 Measured on a 2-core AMD EPYC (Zen 4, AVX-512, AVX512-BF16, no AMX), the 124M model's 49
 products of one decoding step, one thread: ours 14.6 ms, _weight_int8pack_mm 23.7 ms (1 row);
@@ -41,11 +43,13 @@ with our kernel the activations stay fp32: 1.75x the tokens/s of bf16 activation
 
 The kernels equal the plain product up to the order of the fp32 sums (and bf16 rounding of
 the output, for bf16 x); gemm_q8 also rounds x (half a step of 1/127 of its block's largest
-number: 0.5% of the outputs' spread on average); the tests compare them. ``ENABLED = False`` (or
+number: 0.5% of the outputs' spread on average), the bf16 matmul of fp32 rows rounds x and
+its sums to bf16 (2^-9 of each, at most); the tests compare them. ``ENABLED = False`` (or
 ``GPT2_INT8_KERNELS=0`` before Python starts), or a ``disabled()`` block, makes every layer
-take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL`` and
-``DYNAMIC_Q8`` are the two kernels' own flags: None (the default), each chosen by the clock
-where it runs (engine/tuning.py, against the kernels it replaces); True on, False off. The
+take the plain product: the int8 model still runs, slowly. ``OWN_KERNEL``,
+``DYNAMIC_Q8`` and ``BF16_ROWS`` are the fast paths' own flags: None (the default), each
+chosen by the clock where it runs (engine/tuning.py, against the code it replaces); True on,
+False off. The
 engine finds the layers by their shape, not their
 class: each module with a 2-D floating ``weight`` inside ``model.trf_blocks`` (model.Linear,
 whose weight is stored (in, out); an nn.Linear's is (out, in)) and ``model.out_head`` (an
@@ -82,6 +86,13 @@ INT8MM_MAX_ROWS = 4
 # sums there being bound by the CPU's vector units. None: chosen by the clock (dynamic_q8_on).
 DYNAMIC_Q8 = None
 DYNAMIC_Q8_MAX_ROWS = 2     # gemm_q8 takes up to 16
+# fp32 products of more rows than the kernels above take (a prompt) in one bf16 matmul of
+# the converted weights (the rows rounded to bf16, as gemm_q8 rounds them to int8), rather
+# than an fp32 matmul of weights dequantized at every call: oneDNN's bf16 products, on AMX
+# tiles where the CPU has them. On the AMD EPYC (Zen 4), one block of the 124M model: 3.8
+# against 22.8 ms at 32 rows, 11.3 against 27.0 at 128, 39 against 88 at 512. None: chosen
+# by the clock (bf16_rows_on).
+BF16_ROWS = None
 
 QMAX = 127      # symmetric: -127..127, so that -q is always representable
 
@@ -107,6 +118,14 @@ def dynamic_q8_on():
     return ENABLED and q8_kernel() is not None and tuning.switch(
         DYNAMIC_Q8, "int8 products (fp32 rows: 1, 2)", _time_dynamic_q8, "weight-only int8",
         "gemm_q8")
+
+
+def bf16_rows_on():
+    """Whether fp32 products of many rows (beyond the kernels above) run as one bf16 matmul
+    here, rather than in fp32 on dequantized weights."""
+    return ENABLED and tuning.switch(
+        BF16_ROWS, "int8 products (fp32 rows: 64)", _time_bf16_rows, "dequantized fp32",
+        "bf16 matmul")
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,9 +250,12 @@ def int8_linear(x, q, scale, bias=None):
         b = None if bias is None else bias.to(x.dtype).contiguous()
         y = _own_linear(fns[x.dtype], x2.contiguous(), q, scale.contiguous(), b)
     elif x.dtype != torch.bfloat16:
-        # fp32 activations, many rows (a prompt) or no kernel of ours: the dequantized
-        # weights in one fp32 matmul
-        return plain_int8_linear(x, q, scale, bias)
+        # fp32 activations, many rows (a prompt) or no kernel of ours: the rows rounded to
+        # bf16 and one bf16 matmul of the converted weights (exact: |q| <= 127), the scales
+        # on its fp32 output; or, where that loses here, the dequantized weights in fp32
+        if not bf16_rows_on():
+            return plain_int8_linear(x, q, scale, bias)
+        y = torch.mm(x2.to(torch.bfloat16), q.to(torch.bfloat16).t()).float().mul_(scale)
     elif op is not None and rows <= INT8MM_MAX_ROWS and q.shape[1] % 16 == 0:
         # Its AVX-512 loop reads 16 inputs at a time with aligned loads and no tail: the
         # row length must be a multiple of 16 and x aligned to 64 bytes (as every fresh
@@ -417,6 +439,21 @@ def _time_own_kernel():
                                                for w, s in zip(q, scales) for r in (1, 4)],
             "int8_kernel.c": lambda: [_own_linear(fn, xs[r][w.shape[1]], w, s, None)
                                       for w, s in zip(q, scales) for r in (1, 4)]}
+
+
+def _time_bf16_rows():
+    # 64 fp32 rows (a prompt) through one block of the 124M model: the dequantized fp32
+    # product against the bf16 matmul (bound by the arithmetic, not the memory: one block)
+    g = torch.Generator().manual_seed(4)
+    q = [tuning.filled((o, i), torch.int8, g) for i, o in tuning.BLOCK_124M]   # (out, in)
+    scales = [torch.full((w.shape[0],), 2 ** -10, dtype=torch.bfloat16) for w in q]
+    xs = {k: tuning.filled((64, k), torch.float32, g) for k in {w.shape[1] for w in q}}
+
+    def bf16(x, w, s):
+        return torch.mm(x.to(torch.bfloat16), w.to(torch.bfloat16).t()).float().mul_(s)
+    return {"dequantized fp32": lambda: [plain_int8_linear(xs[w.shape[1]], w, s)
+                                         for w, s in zip(q, scales)],
+            "bf16 matmul": lambda: [bf16(xs[w.shape[1]], w, s) for w, s in zip(q, scales)]}
 
 
 def _time_dynamic_q8():

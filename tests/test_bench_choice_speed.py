@@ -21,8 +21,10 @@ def test_the_vendor_table_it_compares_with():
     amd = choice_speed.vendor_table("AuthenticAMD")
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
-    # the table had every path on for AMD, but weights in 4 KiB pages everywhere
-    assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES")}
+    # the table had every path on for AMD, but weights in 4 KiB pages and fp32 int8 prompts
+    # on dequantized weights everywhere
+    assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES"),
+                                                    ("int8", "BF16_ROWS")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
@@ -52,7 +54,7 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
             ["torch.mm", "oneDNN", "rows of 50257", "rows padded to 64", cpu_kernels.PLAIN,
              cpu_kernels.PACKED, cpu_kernels.OWN, "fp32 logits", "bf16-screened",
              "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8",
-             pages.SMALL_LABEL, pages.HUGE_LABEL])},
+             pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul"])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -63,6 +65,7 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
     assert picked["fp32 products (training)"] == "torch.mm"      # the faster here
     if pages.available():
         assert picked["weights for decoding"] == pages.SMALL_LABEL
+    assert picked["int8 products (fp32 rows: 64)"] == "dequantized fp32"
 
 
 def test_the_summary_line():

@@ -93,18 +93,19 @@ def test_quantize_weight_error_is_at_most_half_a_step():
 # ---------------------------------------------------------------------------------------
 # One layer: the kernels against the plain product
 
-@pytest.mark.parametrize("kernel", ["own", "own-fp32", "int8pack", "bf16mm"])
+@pytest.mark.parametrize("kernel", ["own", "own-fp32", "int8pack", "bf16mm", "bf16mm-fp32"])
 @pytest.mark.parametrize("shape", [(1, 96), (3, 96), (4, 96), (2, 1, 96), (5, 96),
                                    (2, 17, 96), (300, 96), (2, 40)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernels_equal_the_plain_product(monkeypatch, kernel, shape, bias):
     # each kernel against the fp32 product of the dequantized weights (rounded to bf16 for
     # bf16 activations); 130 outputs (not a multiple of the kernels' blocks), 96 and 40
-    # inputs (40: not a multiple of 16, the own kernel's step); "own-fp32": our kernel
-    # with fp32 activations
-    dtype = torch.float32 if kernel == "own-fp32" else torch.bfloat16
+    # inputs (40: not a multiple of 16, the own kernel's step); "-fp32": with fp32
+    # activations (the bf16 matmul rounds them to bf16)
+    dtype = torch.float32 if kernel.endswith("-fp32") else torch.bfloat16
     kernel = kernel.removesuffix("-fp32")
     _use(monkeypatch, kernel)
+    monkeypatch.setattr(int8, "BF16_ROWS", kernel == "bf16mm")
     torch.manual_seed(1)
     k = shape[-1]
     layer = nn.Linear(k, 130, bias=bias)
@@ -125,11 +126,12 @@ def test_kernels_equal_the_plain_product(monkeypatch, kernel, shape, bias):
     if bias:
         exact += layer.bias.detach().to(dtype).float()
     assert torch.equal(plain, exact.to(dtype))
-    if dtype == torch.float32:   # the same sums in another order
+    if dtype == torch.float32 and kernel != "bf16mm":   # the same sums in another order
         torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
         return
     # bf16 keeps 8 significant bits: a rounding moves a number by at most 2^-9 of it; the
-    # kernels round the sums (and the scaled sums) once or twice more
+    # kernels round the sums (and the scaled sums) once or twice more (fp32 rows through
+    # the bf16 matmul: the rows, and the sums)
     torch.testing.assert_close(fast.float(), exact, rtol=2 ** -7, atol=1e-2)
     if kernel == "own":      # one rounding of the same fp32 sum: equal but for a few last bits
         assert int((fast != plain).sum()) <= max(1, fast.numel() // 50)
@@ -214,6 +216,7 @@ def test_plain_product_where_the_kernels_do_not_apply(monkeypatch):
     torch.manual_seed(2)
     q8 = int8.Int8Linear.from_float(nn.Linear(40, 24), in_out=False)
     monkeypatch.setattr(int8, "OWN_KERNEL", False)
+    monkeypatch.setattr(int8, "BF16_ROWS", False)
     calls = _spy(monkeypatch)
     x = torch.randn(2, 40)
     with torch.no_grad():
@@ -222,6 +225,16 @@ def test_plain_product_where_the_kernels_do_not_apply(monkeypatch):
         exact = x @ int8.dequantize(q8.weight, q8.scale).t() + q8.bias.float()
         assert q8.scale.dtype == torch.bfloat16 and q8.bias.dtype == torch.bfloat16
         torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6)
+        # the same rows through the bf16 matmul where it is chosen: the rows and the sums
+        # rounded to bf16, the output fp32
+        monkeypatch.setattr(int8, "BF16_ROWS", True)
+        y16 = q8(x)
+        assert y16.dtype == torch.float32 and not torch.equal(y16, y)
+        bf = x.to(torch.bfloat16).float() @ q8.weight.float().t()
+        # (a kernel summing in another order may round a sum to the next bf16 number)
+        torch.testing.assert_close(y16, bf.to(torch.bfloat16).float() * q8.scale.float()
+                                   + q8.bias.float(), rtol=2 ** -8, atol=1e-6)
+        monkeypatch.setattr(int8, "BF16_ROWS", False)
         xb = x.to(torch.bfloat16)
         with int8.disabled():
             assert torch.equal(q8(xb), int8.plain_int8_linear(xb, q8.weight, q8.scale, q8.bias))

@@ -257,11 +257,13 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     monkeypatch.setattr(int8, "OWN_KERNEL", None)
     monkeypatch.setattr(int8, "DYNAMIC_Q8", None)
     monkeypatch.setattr(pages, "HUGE_PAGES", None)
+    monkeypatch.setattr(int8, "BF16_ROWS", None)
     fast = {"torch.mm": 1.0, "oneDNN": 0.5, "rows of 50257": 1.0, "rows padded to 64": 0.5,
             cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.6, cpu_kernels.OWN: 0.5,
             "fp32 logits": 1.0, "bf16-screened": 0.5, "PyTorch's int8 kernels": 1.0,
             "int8_kernel.c": 0.5, "weight-only int8": 1.0, "gemm_q8": 0.5,
-            pages.SMALL_LABEL: 1.0, pages.HUGE_LABEL: 0.5}
+            pages.SMALL_LABEL: 1.0, pages.HUGE_LABEL: 0.5, "dequantized fp32": 1.0,
+            "bf16 matmul": 0.5}
     asked = _timed_as(monkeypatch, fast)
     own = cpu_kernels.own_gemv() is not None
     assert cpu_kernels.onednn_fp32() is cpu_kernels.available()
@@ -273,18 +275,20 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert int8.own_kernel_on() is (int8.own_kernel() is not None)
     assert int8.dynamic_q8_on() is (int8.q8_kernel() is not None)
     assert pages.chosen() is pages.available()
+    assert int8.bf16_rows_on()
     assert "decoding products (fp32, 1 row)" in asked and "greedy head (fp32, 1 row)" in asked
     # every one slower: the plain code everywhere
     _fresh_process(monkeypatch)
     _timed_as(monkeypatch, {k: (1.0 if k in ("torch.mm", "rows of 50257", cpu_kernels.PLAIN,
                                              "fp32 logits", "PyTorch's int8 kernels",
-                                             "weight-only int8", pages.SMALL_LABEL)
+                                             "weight-only int8", pages.SMALL_LABEL,
+                                             "dequantized fp32")
                                    else 2.0) for k in fast})
     assert not cpu_kernels.onednn_fp32() and not cpu_kernels.aligned_logits(torch.float32)
     assert cpu_kernels.copy_kind(torch.float32, 1) == cpu_kernels.PLAIN
     assert not cpu_kernels.screened_head(8)
     assert not int8.own_kernel_on() and not int8.dynamic_q8_on()
-    assert not pages.chosen()
+    assert not pages.chosen() and not int8.bf16_rows_on()
     assert int8.activation_dtype() == torch.bfloat16
     # ... unless a flag says
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
@@ -441,6 +445,10 @@ def test_the_int8_candidates_compute_the_same(small_shapes):
                                rtol=2 ** -7, atol=1e-3)
     if int8.q8_kernel() is None:
         return
+    out = _outputs(int8._time_bf16_rows())
+    # the bf16 matmul rounds the rows and the sums to bf16: 2^-9 of each, at most
+    torch.testing.assert_close(_flat(out["bf16 matmul"]), _flat(out["dequantized fp32"]),
+                               rtol=2 ** -6, atol=1e-3)
     out = _outputs(int8._time_dynamic_q8())
     plain, fast = _flat(out["weight-only int8"]), _flat(out["gemm_q8"])
     # gemm_q8 also rounds the rows to int8: within its rounding (test_engine_int8.py)
