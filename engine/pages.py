@@ -6,16 +6,18 @@ pages a token, and each new page needs its address translated (a TLB miss, a wal
 page tables) while the hardware prefetcher stops at every page boundary. In 2 MiB pages the
 same bytes are 40 to 170 pages. Measured on a 2-core AMD EPYC (Zen 4), the same 48 block
 products of the 124M model, the same kernels, one copy in each kind of page, alternating in
-one process: int8 1.26-1.28x, bf16 1.19x, fp32 1.30x; whole decoding steps 1.26x, 1.33x
-and 1.15x (bench/README.md).
+one process: int8 1.26x, bf16 1.19-1.23x, fp32 1.30x; whole greedy decoding, two models
+alternating: int8 1.10x, bf16 1.19x, fp32 1.22x (bench/README.md).
 
 ``streamed(t, dtype)`` gives a contiguous copy of ``t`` (in ``dtype``) for the kernels to
-stream: in its own anonymous mapping, started on a 2 MiB boundary and advised
-MADV_HUGEPAGE, where the clock picks 2 MiB pages on this machine (engine/tuning.py times a
-pass over the 124M model's block matrices each way); else an ordinary copy (``t`` itself
-where it already is one). The mapping ends at the copy's last 4 KiB page, so its tail lies
-in small pages and no 2 MiB page is filled past the data; it is unmapped when the tensor is
-freed. Where the kernel gives no huge pages (not Linux, transparent huge pages "never", a
+stream: in anonymous memory started on a 2 MiB boundary and advised MADV_HUGEPAGE, where
+the clock picks 2 MiB pages on this machine (engine/tuning.py times passes over the 124M
+model's block matrices each way); else an ordinary copy (``t`` itself where it already is
+one). Copies under CHUNK bytes share mappings of that size, one after another (the int8
+qkv matrix, 1.8 MB, would not fill a 2 MiB page of its own); a larger one gets a mapping
+of its own. A mapping ends at its last 4 KiB page, so its tail lies in small pages and no
+2 MiB page is filled past the data; it is unmapped when the last copy in it is freed.
+Where the kernel gives no huge pages (not Linux, transparent huge pages "never", a
 memory cgroup out of them) the mapping still works, in small pages, and the clock sees no
 gain: then 4 KiB pages are picked. Which pages hold a number changes no result.
 
