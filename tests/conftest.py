@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and a random Hugging Face reference model (never downloaded)."""
 
+import importlib
 import os
 import signal
 import subprocess
@@ -34,21 +35,28 @@ TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads":
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
 
 
+# (engine module, flag) of every fast path the clock chooses where its flag is None
+# (engine/tuning.py): True forces it on, False off
+CLOCK_FLAGS = [*(("cpu_kernels", flag) for flag in (
+    "ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
+    "SCREENED_HEAD")), ("decoder", "ONE_CALL"), ("int8", "OWN_KERNEL"),
+    ("int8", "DYNAMIC_Q8"), ("int8", "BF16_ROWS"), ("pages", "HUGE_PAGES")]
+
+
+def set_clock_flags(monkeypatch, value, flags=CLOCK_FLAGS):
+    """Set each of ``flags`` (CLOCK_FLAGS: all of them) to ``value`` for this test."""
+    for module, flag in flags:
+        monkeypatch.setattr(importlib.import_module(f"engine.{module}"), flag, value)
+
+
 @pytest.fixture(autouse=True)
 def every_cpu_fast_path_on(monkeypatch):
     """Every CPU fast path on wherever it can run, whatever the clock would choose on this
     CPU: each is tested against the plain code (cpu_kernels.ENABLED = False, a flag set
-    False, ...) on every machine the tests run on."""
-    from engine import cpu_kernels, decoder, int8
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
-                 "SCREENED_HEAD"):
-        monkeypatch.setattr(cpu_kernels, flag, True)
-    # batch-1 steps in one call; int8 products through our kernels (where built): of few
-    # fp32 rows through gemm_q8, of up to 16 through int8_kernel.c (then the activations
-    # are fp32: int8.activation_dtype)
-    monkeypatch.setattr(decoder, "ONE_CALL", True)
-    monkeypatch.setattr(int8, "DYNAMIC_Q8", True)
-    monkeypatch.setattr(int8, "OWN_KERNEL", True)
+    False, ...) on every machine the tests run on. (Batch-1 steps in one call; int8
+    products of few fp32 rows through gemm_q8, of up to 16 through int8_kernel.c, then the
+    activations are fp32: int8.activation_dtype.)"""
+    set_clock_flags(monkeypatch, True)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
-from conftest import ROOT
+from conftest import CLOCK_FLAGS, ROOT, set_clock_flags
 from engine import cpu_kernels, decoder, int8, pages, tuning
 
 _path = list(sys.path)
@@ -28,7 +28,8 @@ def test_the_vendor_table_it_compares_with():
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
-    # every flag it sets exists, and is left to the clock by default
+    # it sets every flag the clock chooses, each of which exists
+    assert sorted(amd) == sorted(CLOCK_FLAGS)
     modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages}
     for module, flag in amd:
         assert hasattr(modules[module], flag)
@@ -42,11 +43,7 @@ def test_a_pick_agrees_when_it_is_the_fastest_within_the_margin():
 
 
 def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
-                 "SCREENED_HEAD"):
-        monkeypatch.setattr(cpu_kernels, flag, None)
-    monkeypatch.setattr(int8, "OWN_KERNEL", None)
-    monkeypatch.setattr(int8, "DYNAMIC_Q8", None)
+    set_clock_flags(monkeypatch, None)
     monkeypatch.setattr(tuning, "MODE", "measure")
     monkeypatch.setattr(tuning, "_PICKED", {})
     monkeypatch.setattr(tuning, "timings", lambda name, setup, keep=False: (

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, flag_in_a_fresh_process
+from conftest import ROOT, flag_in_a_fresh_process, set_clock_flags
 from engine import cpu_kernels, decoder, int8, native, pages, tuning
 
 
@@ -251,13 +251,7 @@ def _timed_as(monkeypatch, times):
 
 
 def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
-    for flag in ("ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
-                 "SCREENED_HEAD"):
-        monkeypatch.setattr(cpu_kernels, flag, None)
-    monkeypatch.setattr(int8, "OWN_KERNEL", None)
-    monkeypatch.setattr(int8, "DYNAMIC_Q8", None)
-    monkeypatch.setattr(pages, "HUGE_PAGES", None)
-    monkeypatch.setattr(int8, "BF16_ROWS", None)
+    set_clock_flags(monkeypatch, None)
     fast = {"torch.mm": 1.0, "oneDNN": 0.5, "rows of 50257": 1.0, "rows padded to 64": 0.5,
             cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.6, cpu_kernels.OWN: 0.5,
             "fp32 logits": 1.0, "bf16-screened": 0.5, "PyTorch's int8 kernels": 1.0,
