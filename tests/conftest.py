@@ -59,6 +59,15 @@ def every_cpu_fast_path_on(monkeypatch):
     set_clock_flags(monkeypatch, True)
 
 
+def small_gpt():
+    """A 2-layer GPTModel (97 tokens, 24 positions, width 32), seed 0, in eval mode: the
+    decoding fast paths' tests."""
+    from model import GPTModel
+    torch.manual_seed(0)
+    return GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 2,
+                     "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
+
+
 @pytest.fixture
 def tiny_cfg():
     return dict(TINY_CFG)

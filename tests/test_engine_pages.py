@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import flag_in_a_fresh_process
+from conftest import flag_in_a_fresh_process, small_gpt
 from engine import cpu_kernels, decoder, int8, pages
 
 needs_pages = pytest.mark.skipif(not pages.available(),
@@ -99,13 +99,6 @@ def test_the_switch_reads_the_environment():
     assert flag_in_a_fresh_process("pages", "ENABLED") == "True"
 
 
-def _tiny_model():
-    from model import GPTModel
-    torch.manual_seed(0)
-    return GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 64, "n_heads": 4,
-                     "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
-
-
 @needs_pages
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 def test_decoding_gives_the_same_tokens_in_either_kind_of_page(monkeypatch, kind):
@@ -114,7 +107,7 @@ def test_decoding_gives_the_same_tokens_in_either_kind_of_page(monkeypatch, kind
 
     def tokens(huge):
         monkeypatch.setattr(pages, "HUGE_PAGES", huge)
-        model = _tiny_model()
+        model = small_gpt()
         if kind == "bf16":
             model = model.to(torch.bfloat16)
         if kind == "int8":

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, flag_in_a_fresh_process, set_clock_flags
+from conftest import ROOT, flag_in_a_fresh_process, set_clock_flags, small_gpt
 from engine import cpu_kernels, decoder, int8, native, pages, tuning
 
 
@@ -295,13 +295,6 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
         assert not cpu_kernels.onednn_fp32()
 
 
-def _tiny_model():
-    from model import GPTModel
-    torch.manual_seed(0)
-    return GPTModel({"vocab_size": 97, "context_length": 24, "emb_dim": 32, "n_heads": 2,
-                     "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).eval()
-
-
 @pytest.fixture
 def counted_steps(monkeypatch):
     steps, call = [], decoder._OneToken.__call__
@@ -329,7 +322,7 @@ def test_one_call_decoding_is_timed_on_the_model_it_decodes(measuring, monkeypat
              "bf16-screened": 2.0, cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.5,
              cpu_kernels.OWN: 0.4 if products == cpu_kernels.OWN else 0.6}
     asked = _timed_as(monkeypatch, times)
-    model = _tiny_model()
+    model = small_gpt()
     prompt = torch.tensor([[1, 2, 3]])
     kinds = []
     packed_for_cpu = cpu_kernels.packed_for_cpu
@@ -371,7 +364,7 @@ def test_one_call_timing_on_a_model_with_the_real_clock(measuring, monkeypatch, 
                     cpu_kernels.OWN: 0.4 if products == cpu_kernels.OWN else 0.6}, False
         return real(name, setup, keep_autocast)
     monkeypatch.setattr(tuning, "timings", timings)
-    model = _tiny_model()
+    model = small_gpt()
     prompt = torch.tensor([[1, 2, 3]])
     out = generate_text(model, prompt, 5, eos_id=None)
     assert capsys.readouterr().err.startswith("batch-1 decoding (fp32, 2 x 32): ")
