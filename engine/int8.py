@@ -255,7 +255,7 @@ def int8_linear(x, q, scale, bias=None):
         # on its fp32 output; or, where that loses here, the dequantized weights in fp32
         if not bf16_rows_on():
             return plain_int8_linear(x, q, scale, bias)
-        y = torch.mm(x2.to(torch.bfloat16), q.to(torch.bfloat16).t()).float().mul_(scale)
+        y = _bf16_product(x2, q, scale)
     elif op is not None and rows <= INT8MM_MAX_ROWS and q.shape[1] % 16 == 0:
         # Its AVX-512 loop reads 16 inputs at a time with aligned loads and no tail: the
         # row length must be a multiple of 16 and x aligned to 64 bytes (as every fresh
@@ -268,10 +268,17 @@ def int8_linear(x, q, scale, bias=None):
         # Converting q to bf16 is exact; the scales go onto the output, where there are
         # fewer numbers to multiply than in the weights for prompts shorter than the layer
         # is wide, and where they stay exact.
-        y = torch.mm(x2, q.to(torch.bfloat16).t()).mul_(scale)               # (N, out)
+        y = _bf16_product(x2, q, scale)                                      # (N, out)
     if bias is not None and fns is None:
         y += bias.to(y.dtype)
     return y.view(*x.shape[:-1], q.shape[0])                                 # (..., out)
+
+
+def _bf16_product(x2, q, scale):
+    """x2 (N, in) bf16 or fp32 -> (N, out) in x2's dtype: x2 rounded to bf16 (fp32 rows), one
+    bf16 matmul with q converted to bf16 (exact), the scales on its output."""
+    y = torch.mm(x2.to(torch.bfloat16), q.to(torch.bfloat16).t())                 # bf16
+    return y.mul_(scale) if x2.dtype == torch.bfloat16 else y.float().mul_(scale)
 
 
 def plain_int8_linear(x, q, scale, bias=None):
@@ -434,7 +441,7 @@ def _time_own_kernel():
     def theirs(x, w, s):
         if op is not None and w.shape[1] % 16 == 0:
             return op(x, w, s)
-        return torch.mm(x, w.to(torch.bfloat16).t()).mul_(s)
+        return _bf16_product(x, w, s)
     return {"PyTorch's int8 kernels": lambda: [theirs(xs[r][w.shape[1]], w, s)
                                                for w, s in zip(q, scales) for r in (1, 4)],
             "int8_kernel.c": lambda: [_own_linear(fn, xs[r][w.shape[1]], w, s, None)
@@ -448,12 +455,10 @@ def _time_bf16_rows():
     q = [tuning.filled((o, i), torch.int8, g) for i, o in tuning.BLOCK_124M]   # (out, in)
     scales = [torch.full((w.shape[0],), 2 ** -10, dtype=torch.bfloat16) for w in q]
     xs = {k: tuning.filled((64, k), torch.float32, g) for k in {w.shape[1] for w in q}}
-
-    def bf16(x, w, s):
-        return torch.mm(x.to(torch.bfloat16), w.to(torch.bfloat16).t()).float().mul_(s)
     return {"dequantized fp32": lambda: [plain_int8_linear(xs[w.shape[1]], w, s)
                                          for w, s in zip(q, scales)],
-            "bf16 matmul": lambda: [bf16(xs[w.shape[1]], w, s) for w, s in zip(q, scales)]}
+            "bf16 matmul": lambda: [_bf16_product(xs[w.shape[1]], w, s)
+                                    for w, s in zip(q, scales)]}
 
 
 def _time_dynamic_q8():
