@@ -137,7 +137,7 @@ def huge_page_copy(t, dtype=None):
     dtype = dtype or t.dtype
     if not available() or t.device.type != "cpu":
         return None
-    nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = t.numel() * dtype.itemsize
     if nbytes == 0:
         return None
     mapping, offset = _place(nbytes)
