@@ -211,23 +211,20 @@ def print_decoding(results, dtypes, variants):
 
 
 def summarize(decisions, results, dtypes, quick):
-    parts, oks = [], []
+    summary = common.Summary("choice_speed")
     if decisions:
         agree = sum(r["agrees"] for r in decisions)
-        parts.append(f"decisions picking the faster {agree}/{len(decisions)}")
-        oks.append(agree == len(decisions))
+        summary.met(f"decisions picking the faster {agree}/{len(decisions)}",
+                    agree == len(decisions))
     if results:
         for dtype in dtypes:
             if (dtype, "measured") in results and (dtype, "before") in results:
                 tok_s = results[dtype, "measured"]["tok_s"]
-                text, ok = common.target(
+                summary.target(
                     f"b1 {dtype} {tok_s:.1f} tok/s = measured/before",
                     results[dtype, "measured"]["tok_s"] / results[dtype, "before"]["tok_s"],
                     NOT_SLOWER)
-                parts.append(text)
-                oks.append(ok)
-    note = " [--quick: tiny shape, few repeats]" if quick else ""
-    return f"SUMMARY choice_speed: {'; '.join(parts)}; {sum(oks)}/{len(oks)} targets met{note}"
+    return summary.line(note=" [--quick: tiny shape, few repeats]" if quick else "")
 
 
 def main(argv=None):

@@ -92,6 +92,32 @@ def target(label, value, goal, higher_is_better=True, fmt="{:.2f}x"):
     return f"{label} {fmt.format(value)} ({op} {fmt.format(goal)} {verdict(ok)})", ok
 
 
+class Summary:
+    """A bench script's SUMMARY line: ``target`` adds a target (target()'s text, and whether
+    it was met), ``say`` a figure without one; ``line()`` joins them with "; " and counts the
+    targets met: "SUMMARY name: a 1.93x (>= 1.80x PASS); b 3.1 GB/s; 1/1 targets met"."""
+
+    def __init__(self, name):
+        self.name, self.parts, self.oks = name, [], []
+
+    def target(self, label, value, goal, *, after="", **options):
+        """target(label, value, goal, **options) counted, its text followed by ``after``."""
+        text, ok = target(label, value, goal, **options)
+        self.met(text + after, ok)
+
+    def met(self, text, ok):
+        """A target the script judged itself: ``text``, and whether it was met."""
+        self.parts.append(text)
+        self.oks.append(bool(ok))
+
+    def say(self, text):
+        self.parts.append(text)
+
+    def line(self, before_count="", note=""):
+        return (f"SUMMARY {self.name}: {'; '.join(self.parts)}; {before_count}"
+                f"{sum(self.oks)}/{len(self.oks)} targets met{note}")
+
+
 def setup_malloc(enabled):
     """Call cpu_kernels.tune_malloc() if asked and available; return a line saying so."""
     if not enabled:

@@ -104,7 +104,7 @@ def main(argv=None):
     print(f"finetune_memory: context {args.context}, batch 1, {steps} optimizer steps per "
           f"run (the first one not timed), a fresh process each")
     print(common.machine_line())
-    rows, parts, oks = [], [], []
+    rows, summary = [], common.Summary("finetune_memory")
     for size in sizes:
         for mode in ("full", "full+recompute", "lora", "lora+recompute"):
             result, peak, _ = common.run_child(
@@ -116,18 +116,15 @@ def main(argv=None):
             rows.append([size, label, f"{result['trainable']:,}",
                          common.fmt_bytes(result["weight_bytes"]), common.fmt_bytes(peak),
                          common.fmt_bytes(used), f"{ratio:.2f}x", f"{result['step_s']:.2f}"])
-            text, ok = common.target(f"{size} {label} memory", ratio,
-                                     TARGETS[mode.split("+")[0]], higher_is_better=False)
-            parts.append(text)
-            oks.append(ok)
+            summary.target(f"{size} {label} memory", ratio, TARGETS[mode.split("+")[0]],
+                           higher_is_better=False)
     print()
     print(common.table(["shape", "mode", "trainable", "fp32 weights", "peak RSS",
                         "peak - baseline", "/ weights", "s / step"], rows,
                        ["<", "<", ">", ">", ">", ">", ">", ">"]))
-    note = " [--quick: tiny shape, targets are for 124M and 774M]" if args.quick else ""
     print()
-    print(f"SUMMARY finetune_memory: {'; '.join(parts)}; {sum(oks)}/{len(oks)} targets met"
-          f"{note}")
+    print(summary.line(note=" [--quick: tiny shape, targets are for 124M and 774M]"
+                       if args.quick else ""))
     return rows
 
 

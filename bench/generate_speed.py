@@ -213,10 +213,10 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
 
 
 def summarize(results, quick):
-    parts, oks = [], []
+    summary = common.Summary("generate_speed")
     for batch in sorted({r["batch"] for r in results}):
         rows = {r["contender"]: r for r in results if r["batch"] == batch}
-        parts.append(f"b{batch} ours/HF fp32 {rows['ours fp32']['vs_hf_fp32']:.2f}x")
+        summary.say(f"b{batch} ours/HF fp32 {rows['ours fp32']['vs_hf_fp32']:.2f}x")
         for dtype in DTYPE_NAMES:
             mine = [r for n, r in rows.items()
                     if n.startswith(f"ours {dtype}") and "plain" not in n]
@@ -225,22 +225,17 @@ def summarize(results, quick):
             best = max(mine, key=lambda r: r["decode_tok_per_s"])
             label = f"b{batch} {dtype} {best['decode_tok_per_s']:.1f} tok/s ="
             if batch == 1:
-                text, ok = common.target(f"{label} ceiling share", best["ceiling_share"],
-                                         CEILING_TARGETS[dtype], fmt="{:.0%}")
-                parts.append(text)
-                oks.append(ok)
+                summary.target(f"{label} ceiling share", best["ceiling_share"],
+                               CEILING_TARGETS[dtype], fmt="{:.0%}")
             else:
-                parts.append(f"{label} {best['ceiling_share']:.0%} of ceiling")
+                summary.say(f"{label} {best['ceiling_share']:.0%} of ceiling")
             # the fast paths must not lose to the plain code they replace
             plain = next(r for n, r in rows.items() if n.startswith(f"ours {dtype}")
                          and n.endswith("plain"))
-            text, ok = common.target(f"b{batch} {dtype} fast/plain",
-                                     best["tok_per_s"] / plain["tok_per_s"], 1.0)
-            parts.append(text)
-            oks.append(ok)
-    note = " [--quick: tiny shape, targets are for 124M]" if quick else ""
-    return (f"SUMMARY generate_speed: {'; '.join(parts)}; greedy tokens identical: yes; "
-            f"{sum(oks)}/{len(oks)} targets met{note}")
+            summary.target(f"b{batch} {dtype} fast/plain",
+                           best["tok_per_s"] / plain["tok_per_s"], 1.0)
+    return summary.line("greedy tokens identical: yes; ",
+                        " [--quick: tiny shape, targets are for 124M]" if quick else "")
 
 
 def main(argv=None):

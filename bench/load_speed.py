@@ -152,21 +152,18 @@ def bench_shape(shape, rounds, tmp_root, seed=0, log=print):
 
 
 def summarize(rows, quick):
-    parts, oks = [], []
+    summary = common.Summary("load_speed")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["contender"]: r for r in rows if r["shape"] == shape}
         o = by["ours"]
-        text, ok = common.target(f"{shape} load peak/weights", o["load_ratio"], RSS_TARGET,
-                                 higher_is_better=False)
-        parts.append(text + f" [whole process {o['peak_ratio']:.2f}x, HF "
-                            f"{by['HF']['load_ratio']:.2f}x]")
-        oks.append(ok)
-        text, ok = common.target(f"{shape} time ours/HF", o["vs_hf_time"], TIME_TARGET,
-                                 higher_is_better=False)
-        parts.append(text + f" [load+read every weight {o['vs_hf_used']:.2f}x]")
-        oks.append(ok)
-    note = " [--quick: tiny shape, targets are for 124M and 774M]" if quick else ""
-    return f"SUMMARY load_speed: {'; '.join(parts)}; {sum(oks)}/{len(oks)} targets met{note}"
+        summary.target(f"{shape} load peak/weights", o["load_ratio"], RSS_TARGET,
+                       higher_is_better=False, after=f" [whole process {o['peak_ratio']:.2f}x, "
+                                                     f"HF {by['HF']['load_ratio']:.2f}x]")
+        summary.target(f"{shape} time ours/HF", o["vs_hf_time"], TIME_TARGET,
+                       higher_is_better=False,
+                       after=f" [load+read every weight {o['vs_hf_used']:.2f}x]")
+    return summary.line(note=" [--quick: tiny shape, targets are for 124M and 774M]" if quick
+                        else "")
 
 
 def main(argv=None):

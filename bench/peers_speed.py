@@ -344,24 +344,18 @@ def tok_s_stats(results):
 
 
 def summarize(results, skipped, quick):
-    parts, oks = [], []
+    summary = common.Summary("peers_speed")
     for dtype, goal in CEILING_TARGETS.items():
         r = results.get(f"ours {dtype}")
         if r:
-            text, ok = common.target(f"ours {dtype} {r['tok_s']:.1f} tok/s = ceiling share",
-                                     r["share"], goal, fmt="{:.0%}")
-            parts.append(text)
-            oks.append(ok)
+            summary.target(f"ours {dtype} {r['tok_s']:.1f} tok/s = ceiling share",
+                           r["share"], goal, fmt="{:.0%}")
     for label, ours, peer, goal in RATIO_TARGETS:
         if ours in results and peer in results:
-            text, ok = common.target(label, results[ours]["tok_s"] / results[peer]["tok_s"],
-                                     goal)
-            parts.append(text)
-            oks.append(ok)
+            summary.target(label, results[ours]["tok_s"] / results[peer]["tok_s"], goal)
         elif peer in skipped:
-            parts.append(f"{label}: not measured ({peer} skipped)")
-    note = " [--quick: 1 round, fewer tokens]" if quick else ""
-    return f"SUMMARY peers_speed: {'; '.join(parts)}; {sum(oks)}/{len(oks)} targets met{note}"
+            summary.say(f"{label}: not measured ({peer} skipped)")
+    return summary.line(note=" [--quick: 1 round, fewer tokens]" if quick else "")
 
 
 def main(argv=None):

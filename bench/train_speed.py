@@ -561,36 +561,28 @@ def print_profile(info, top=15):
 
 
 def summarize(rows, quick, amx=False):
-    parts, oks = [], []
+    summary = common.Summary("train_speed")
     for cfg in dict.fromkeys(r["config"] for r in rows):
         by = {r["contender"]: r for r in rows if r["config"] == cfg}
         for label, cname, goal in (("fp32 ours/HF", "ours fp32", FP32_TARGET),
                                    ("bf16 ours/HF-fp32", "ours bf16 autocast", BF16_TARGET)):
-            text, ok = common.target(f"{cfg} {label}", by[cname]["vs_hf_fp32"], goal)
-            parts.append(text)
-            oks.append(ok)
+            summary.target(f"{cfg} {label}", by[cname]["vs_hf_fp32"], goal)
         for dt in ("fp32", "bf16"):     # the fast paths must not lose to the plain code
             fast = by["ours fp32" if dt == "fp32" else "ours bf16 autocast"]["tok_per_s"]
-            text, ok = common.target(f"{cfg} {dt} fast/plain",
-                                     fast / by[f"ours {dt} plain"]["tok_per_s"], 1.0)
-            parts.append(text)
-            oks.append(ok)
+            summary.target(f"{cfg} {dt} fast/plain",
+                           fast / by[f"ours {dt} plain"]["tok_per_s"], 1.0)
         bf16 = by["ours bf16 autocast"]
         # the 40% of the bf16 peak is issue #27's target for CPUs with AMX; elsewhere: shown
-        text, ok = common.target(f"{cfg} bf16 MFU/bf16-peak", bf16["mfu"], BF16_MFU_TARGET,
-                                 fmt="{:.0%}")
         if amx:
-            parts.append(text)
-            oks.append(ok)
+            summary.target(f"{cfg} bf16 MFU/bf16-peak", bf16["mfu"], BF16_MFU_TARGET,
+                           fmt="{:.0%}")
         else:
-            parts.append(f"{cfg} bf16 MFU/bf16-peak {bf16['mfu']:.0%} (target for AMX CPUs)")
+            summary.say(f"{cfg} bf16 MFU/bf16-peak {bf16['mfu']:.0%} (target for AMX CPUs)")
         if bf16["vs_nanogpt"] is not None:
-            text, ok = common.target(f"{cfg} bf16 ours/nanoGPT-bf16", bf16["vs_nanogpt"],
-                                     NANOGPT_TARGET)
-            parts.append(text)
-            oks.append(ok)
-    note = " [--quick: tiny config, targets are for S and M]" if quick else ""
-    return f"SUMMARY train_speed: {'; '.join(parts)}; {sum(oks)}/{len(oks)} targets met{note}"
+            summary.target(f"{cfg} bf16 ours/nanoGPT-bf16", bf16["vs_nanogpt"],
+                           NANOGPT_TARGET)
+    return summary.line(note=" [--quick: tiny config, targets are for S and M]" if quick
+                        else "")
 
 
 def main(argv=None):
