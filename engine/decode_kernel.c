@@ -1,7 +1,10 @@
-/* Batch-1 decoding on AVX-512 CPUs: one token through every block of GPT-2 in one call.
+/* Batch-1 decoding on x86-64 CPUs: one token through every block of GPT-2 in one call.
 
    engine/native.py compiles this file once per machine (gcc -O3 -march=native -fopenmp);
-   engine/decoder.py, engine/cpu_kernels.py and engine/int8.py call it through ctypes.
+   engine/decoder.py, engine/cpu_kernels.py and engine/int8.py call it through ctypes. It is
+   written in simd.h's vector operations, so it runs on AVX-512 CPUs (16 floats a vector)
+   and on AVX2 ones (8), with AVX512-BF16 and AVX512-VNNI instructions where the CPU has
+   them (isa() says which it was built with).
 
    Four pieces, the first three also exported on their own:
    gemv_f32     y = x @ W.T + bias for one fp32 row x and an fp32 W (N, K) row-major (each
@@ -11,9 +14,9 @@
    gemm_q8      the same for up to 16 rows x and int8 weights q (N, K) with one bf16 scale
                 per output (engine/int8.py's layers). x is rounded to int8 on the fly in
                 blocks of 32 (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x
-                int8 products are summed in int32 by AVX512-VNNI (vpdpbusd: 64 products per
-                instruction), each 32-block's sum scaled back to fp32; each row of q is read
-                once for all rows of x.
+                int8 products are summed in int32 (AVX512-VNNI's vpdpbusd: 64 products per
+                instruction; without it AVX2's vpmaddubsw, 32), each 32-block's sum scaled
+                back to fp32; each row of q is read once for all rows of x.
    decode_token every block of the model for one new token (LayerNorm, the qkv product,
                 attention over the KV cache, the projection, the MLP with its tanh GELU,
                 both residual adds) and the final LayerNorm, in one OpenMP parallel region:
@@ -26,7 +29,6 @@
    runs of 768 bytes for an int8 row of the 124M model) one core read the int8 weights at
    8-9 GB/s; one run at a time, 17-23 GB/s, about what it reads memory at (Zen 4). */
 
-#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,12 +36,9 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "simd.h"
 
 static int padded(int K, int step) { return (K + step - 1) / step * step; }
-
-static inline __mmask16 mask16(int left) {
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-}
 
 #define MAX_ROWS 16                            /* rows of x a Q8 product takes at once */
 
@@ -61,45 +60,50 @@ typedef struct {
 
 /* sum_k x[k] w[k] for an fp32 row w of K numbers */
 static float row_f32(const float *x, const float *w, int K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    vf a0 = vf_zero(), a1 = vf_zero();          /* two sums, so that two FMAs overlap */
     int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+        a0 = vf_fma(vf_load(x + k), vf_load(w + k), a0);
+        a1 = vf_fma(vf_load(x + k + VW), vf_load(w + k + VW), a1);
     }
-    for (; k < K; k += 16)
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_maskz_loadu_ps(mask16(K - k), w + k), a0);
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; k < K; k += VW)                      /* x has zeros after K; w ends at K */
+        a0 = vf_fma(vf_load(x + k), vf_load_n(w + k, K - k), a0);
+    return vf_sum(vf_add(a0, a1));
 }
 
 /* the same for a bf16 row, with x in bf16 */
 static float row_bf16(const uint16_t *x, const uint16_t *w, int K) {
+#if defined(__AVX512BF16__) && VW == 16
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 32) {
         __m512i xv = _mm512_loadu_si512(x + k);         /* zeros after K */
         __m512i wv = K - k >= 32 ? _mm512_loadu_si512(w + k)
                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (K - k)) - 1), w + k);
-#ifdef __AVX512BF16__
         /* vdpbf16ps: each fp32 lane += the two products of its pair of bf16 numbers */
         if ((k / 32) & 1) a1 = _mm512_dpbf16_ps(a1, (__m512bh)wv, (__m512bh)xv);
         else a0 = _mm512_dpbf16_ps(a0, (__m512bh)wv, (__m512bh)xv);
-#else
-        /* bf16 is the top half of an fp32 number: the even and odd halves, widened */
-        const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
-        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
-                             _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), a0);
-        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)),
-                             _mm512_castsi512_ps(_mm512_and_si512(xv, hi)), a1);
-#endif
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    /* both widened to fp32 (exact), VW numbers at a time */
+    vf a0 = vf_zero(), a1 = vf_zero();
+    int k = 0;
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+        a0 = vf_fma(vf_bf16(x + k), vf_bf16(w + k), a0);
+        a1 = vf_fma(vf_bf16(x + k + VW), vf_bf16(w + k + VW), a1);
+    }
+    for (; k < K; k += VW)
+        a0 = vf_fma(vf_bf16(x + k), vf_bf16_n(w + k, K - k), a0);
+    return vf_sum(vf_add(a0, a1));
+#endif
 }
 
-#ifdef __AVX512VNNI__
+#if defined(__AVX512VNNI__) && VW == 16
 /* rows r0 .. r0+R-1 of the quantized x times one int8 row w, into out[0..R-1], before corr
    and the row's scale: over 64-input pieces, lane scale * int32 sum of 4 products. vpdpbusd
-   multiplies unsigned by signed bytes, so the weights enter as q_w + 128 (top bit flipped),
-   loaded once for the R rows */
+   multiplies unsigned by signed bytes, so the weights enter as q_w + 128 (top bit flipped,
+   Q8_FLIP: quantize's corr takes the extra 128 sum(q_x) off), loaded once for the R rows */
+#define Q8_FLIP 1
 #define DEFINE_ROWS_Q8(R)                                                               \
 static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
     const __m512i flip = _mm512_set1_epi8((char)0x80);                                  \
@@ -123,19 +127,60 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
     _Pragma("GCC unroll 4")                                                             \
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                  \
 }
-DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
-int has_vnni(void) { return 1; }
 #else
-/* no AVX512-VNNI: never called (engine/decoder.py and engine/int8.py ask has_vnni first) */
-static void rows_q8_1(const Act *a, int r0, const int8_t *w, int K, float *out) {
-    (void)a; (void)r0; (void)w; (void)K; (void)out;
-    abort();
+/* The same with AVX2 (also where AVX-512 has no VNNI), over 32-input pieces. vpmaddubsw
+   multiplies unsigned by signed bytes and adds neighbouring pairs in int16, saturating: with
+   q_w + 128 a pair could reach 2 * 255 * 127, so it takes |q_x| times q_w with q_x's sign
+   (each pair then at most 2 * 127 * 127 < 2^15, exact); vpmaddwd adds pairs of those into
+   the int32 sum of 4 products, the lanes vpdpbusd gives. No flip, no corr. */
+#define Q8_FLIP 0
+#define DEFINE_ROWS_Q8(R)                                                               \
+static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
+    const __m256i ones = _mm256_set1_epi16(1);                                          \
+    size_t Kp = (size_t)padded(K, 64);                                                  \
+    __m256 acc[R];                                                                      \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                           \
+    for (int k = 0; k < K; k += 32) {                                                   \
+        __m256i wv;                                                                     \
+        if (K - k >= 32) wv = _mm256_loadu_si256((const __m256i *)(w + k));             \
+        else {                  /* the row's end: its last bytes, zeros after */        \
+            int8_t part[32] = {0};                                                      \
+            memcpy(part, w + k, (size_t)(K - k));                                       \
+            wv = _mm256_loadu_si256((const __m256i *)part);                             \
+        }                                                                               \
+        _Pragma("GCC unroll 4")                                                         \
+        for (int r = 0; r < R; r++) {                                                   \
+            size_t row = (size_t)(r0 + r);                                              \
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + row * Kp + k));    \
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xq),                   \
+                                                 _mm256_sign_epi8(wv, xq));             \
+            __m256i d = _mm256_madd_epi16(pairs, ones);                                 \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),                             \
+                                     _mm256_loadu_ps(a->lane + row * Kp / 4 + k / 4), acc[r]); \
+        }                                                                               \
+    }                                                                                   \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) {                                                       \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)); \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                         \
+        out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                      \
+    }                                                                                   \
 }
-#define rows_q8_2 rows_q8_1
-#define rows_q8_3 rows_q8_1
-#define rows_q8_4 rows_q8_1
-int has_vnni(void) { return 0; }
 #endif
+DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
+
+/* what this build uses: "avx512" or "avx2", then " bf16" and " vnni" where it has them */
+const char *isa(void) {
+    return SIMD_ISA
+#if defined(__AVX512BF16__) && VW == 16
+        " bf16"
+#endif
+#if Q8_FLIP
+        " vnni"
+#endif
+        ;
+}
 typedef void (*rows_q8_fn)(const Act *, int, const int8_t *, int, float *);
 static const rows_q8_fn ROWS_Q8[5] = {0, rows_q8_1, rows_q8_2, rows_q8_3, rows_q8_4};
 
@@ -143,27 +188,31 @@ static const rows_q8_fn ROWS_Q8[5] = {0, rows_q8_1, rows_q8_2, rows_q8_3, rows_q
 
 /* row r of x (K,) -> a's row r: in each block of 32, scale = max |x| / 127, q = round(x /
    scale) (to nearest, ties to even). With the weights entering as q_w + 128, each
-   32-block's sum is sum(q_w q_x) + 128 sum(q_x); corr[r] = 128 * the sum over blocks of
-   scale_b * sum(q_x in b), taken off the scaled total */
+   32-block's sum is sum(q_w q_x) + 128 sum(q_x) where Q8_FLIP; corr[r] = 128 * the sum over
+   blocks of scale_b * sum(q_x in b), taken off the scaled total (0 without Q8_FLIP) */
 static void quantize(const float *x, int K, Act *a, int r) {
     int Kp = padded(K, 64);
     int8_t *q = a->q + (size_t)r * Kp;
     float *lane = a->lane + (size_t)r * Kp / 4;
     double corr = 0.0;
     for (int b = 0; b < Kp; b += 32) {
-        int left = K - b > 0 ? K - b : 0;
-        __m512 v0 = _mm512_maskz_loadu_ps(mask16(left), x + b);
-        __m512 v1 = _mm512_maskz_loadu_ps(mask16(left > 16 ? left - 16 : 0), x + b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i *)(q + b), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + b + 16), _mm512_cvtsepi32_epi8(q1));
-        _mm256_storeu_ps(lane + b / 4, _mm256_set1_ps(scale));
-        corr += (double)scale * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        vf v[32 / VW];
+        vf amax = vf_zero();
+        for (int j = 0; j < 32 / VW; j++) {
+            v[j] = vf_load_n(x + b + j * VW, K - b - j * VW);      /* zeros after K */
+            amax = vf_max(amax, vf_abs(v[j]));
+        }
+        float top = vf_hmax(amax), scale = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        float sum = 0.0f;                           /* of the block's q: integers, exact */
+        for (int j = 0; j < 32 / VW; j++) {
+            vf qv = vf_round(vf_mul(v[j], vf_set(inv)));
+            vf_store_i8(q + b + j * VW, qv);
+            sum += vf_sum(qv);
+        }
+        for (int i = 0; i < 8; i++) lane[b / 4 + i] = scale;
+        corr += (double)scale * sum;
     }
-    a->corr[r] = (float)(128.0 * corr);
+    a->corr[r] = Q8_FLIP ? (float)(128.0 * corr) : 0.0f;
 }
 
 enum { F32 = 0, Q8 = 1, BF16 = 2 };            /* a matrix's kind */
@@ -279,35 +328,14 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
-/* e^x for 16 floats (about 1 ulp): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in
-   two parts, so r is exact), e^r by its Taylor polynomial to r^7 (|r| <= ln 2 / 2) */
-static inline __m512 exp16(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);                  /* p * 2^n; 0 or inf out of range */
-}
-
 /* number i of a cache row or an embedding table: fp32, or bf16 when bf16 is set */
 static inline float kv(const void *row, int bf16, size_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
-/* 16 numbers of a cache row from number i on, as fp32 */
-static inline __m512 kv16(const void *row, int bf16, size_t i) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i))), 16));
-    return _mm512_loadu_ps((const float *)row + i);
+/* VW numbers of a cache row from number i on, as fp32 */
+static inline vf kv_vec(const void *row, int bf16, size_t i) {
+    return bf16 ? vf_bf16((const uint16_t *)row + i) : vf_load((const float *)row + i);
 }
 
 /* softmax(q k^T / sqrt(d)) v for one head and one query over keys 0..n-1 (rows of d, fp32
@@ -315,7 +343,7 @@ static inline __m512 kv16(const void *row, int bf16, size_t i) {
 static void attend(const float *q, const void *k, const void *v, int bf16, int n, int d,
                    float *scores, float *out) {
     float scale = 1.0f / sqrtf((float)d), best = -INFINITY, total = 0.0f;
-    if (d % 16 || d > 256) {                        /* any width: plain loops */
+    if (d % VW || d > 256) {                        /* any width: plain loops */
         for (int p = 0; p < n; p++) {
             float s = 0.0f;
             for (int i = 0; i < d; i++) s += q[i] * kv(k, bf16, (size_t)p * d + i);
@@ -328,31 +356,29 @@ static void attend(const float *q, const void *k, const void *v, int bf16, int n
             for (int i = 0; i < d; i++) out[i] += scores[p] / total * kv(v, bf16, (size_t)p * d + i);
         return;
     }
-    for (int p = 0; p < n; p++) {                   /* scores, 16 numbers of a row at a time */
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < d; i += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv16(k, bf16, (size_t)p * d + i), acc);
-        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+    for (int p = 0; p < n; p++) {                   /* scores, VW numbers of a row at a time */
+        vf acc = vf_zero();
+        for (int i = 0; i < d; i += VW)
+            acc = vf_fma(vf_load(q + i), kv_vec(k, bf16, (size_t)p * d + i), acc);
+        scores[p] = vf_sum(acc) * scale;
         best = fmaxf(best, scores[p]);
     }
-    __m512 sum = _mm512_setzero_ps();
-    for (int p = 0; p < n; p += 16) {               /* e^(score - best), 16 at a time */
-        __mmask16 m = mask16(n - p);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), _mm512_set1_ps(best)));
-        e = _mm512_maskz_mov_ps(m, e);
-        _mm512_mask_storeu_ps(scores + p, m, e);
-        sum = _mm512_add_ps(sum, e);
+    vf sum = vf_zero();
+    for (int p = 0; p < n; p += VW) {               /* e^(score - best), VW at a time */
+        vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(scores + p, n - p), vf_set(best))), n - p);
+        vf_store_n(scores + p, e, n - p);
+        sum = vf_add(sum, e);
     }
-    total = _mm512_reduce_add_ps(sum);
-    __m512 acc[16];                                 /* out, d / 16 registers */
-    for (int j = 0; j < d / 16; j++) acc[j] = _mm512_setzero_ps();
+    total = vf_sum(sum);
+    vf acc[256 / VW];                               /* out, d / VW registers */
+    for (int j = 0; j < d / VW; j++) acc[j] = vf_zero();
     for (int p = 0; p < n; p++) {
-        __m512 wgt = _mm512_set1_ps(scores[p]);
-        for (int j = 0; j < d / 16; j++)
-            acc[j] = _mm512_fmadd_ps(wgt, kv16(v, bf16, (size_t)p * d + j * 16), acc[j]);
+        vf wgt = vf_set(scores[p]);
+        for (int j = 0; j < d / VW; j++)
+            acc[j] = vf_fma(wgt, kv_vec(v, bf16, (size_t)p * d + j * VW), acc[j]);
     }
-    for (int j = 0; j < d / 16; j++)
-        _mm512_storeu_ps(out + j * 16, _mm512_div_ps(acc[j], _mm512_set1_ps(total)));
+    for (int j = 0; j < d / VW; j++)
+        vf_store(out + j * VW, vf_div(acc[j], vf_set(total)));
 }
 
 /* the cache row of layer l, head h, position p (fp32 or bf16 numbers) */
@@ -365,13 +391,11 @@ static inline void *cache_row(void *c, int bf16, int l, int H, int h, int max_le
 /* GPT-2's GELU (torch's approximate="tanh") of y[0..n-1] in place:
    0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), written x / (1 + e^(-2u)) */
 static void gelu_tanh(float *y, int n) {
-    const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = mask16(n - i);
-        __m512 x = _mm512_maskz_loadu_ps(m, y + i);
-        __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), _mm512_mul_ps(x, x), x));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(x, _mm512_add_ps(one, exp16(u))));
+    const vf c = vf_set(-2.0f * 0.7978845608028654f), kappa = vf_set(0.044715f), one = vf_set(1.0f);
+    for (int i = 0; i < n; i += VW) {
+        vf x = vf_load_n(y + i, n - i);
+        vf u = vf_mul(c, vf_fma(vf_mul(kappa, x), vf_mul(x, x), x));
+        vf_store_n(y + i, vf_div(x, vf_add(one, vf_exp(u))), n - i);
     }
 }
 

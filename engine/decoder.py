@@ -16,11 +16,11 @@ generate.py decodes in), one token of one row, a KV cache in the embeddings' dty
 room left, no padding mask, no gradients, the fast path on (ENABLED, ONE_CALL,
 cpu_kernels.ENABLED), every block multiplying either with a one-row copy for our kernels
 (cpu_kernels.OneRow: fp32 and bf16 models where cpu_kernels.copy_kind picks them) or with
-int8 weights (engine/int8.py's Int8Linear, where the CPU has AVX512-VNNI and
-int8.DYNAMIC_Q8 is not off), no hooks on any module, GPT-2's GELU; and the one-call steps
-faster than model.py's code on this machine for this kind of model (fp32, bf16, int8,
-under autocast) and shape: timed once, on the model itself, when ``decoding()`` first meets
-it (engine/tuning.py), unless ONE_CALL says.
+int8 weights (engine/int8.py's Int8Linear, where int8.DYNAMIC_Q8 is not off), no hooks on
+any module, GPT-2's GELU; and the one-call steps faster than model.py's code on this
+machine for this kind of model (fp32, bf16, int8, under autocast) and shape: timed once,
+on the model itself, when ``decoding()`` first meets it (engine/tuning.py), unless
+ONE_CALL says.
 
 What it computes, against the plain path (the tests compare them):
     fp32 model   the same, up to the order of the fp32 sums (and e^x by a polynomial)
@@ -29,7 +29,8 @@ What it computes, against the plain path (the tests compare them):
     autocast     (an fp32 model under bf16 autocast, whose copies are bf16) the products
                  in bf16 as autocast makes them, everything else in fp32
     int8 model   each product's input row rounded to int8 in blocks of 32 (llama.cpp's q8_0
-                 does the same), so that the CPU sums int8 products 64 at a time (VNNI)
+                 does the same), so that the CPU sums int8 products in int32 (64 at a
+                 time with AVX512-VNNI, 32 with AVX2)
 
 Switch: ``ENABLED = False`` (or ``GPT2_ONE_CALL_DECODING=0`` before Python starts), or a
 ``disabled()`` block; ``cpu_kernels.ENABLED = False`` turns it off with the other fast paths.
@@ -200,7 +201,7 @@ class _OneToken:
                 setattr(entry, "eps" + name, norm.eps)
             for name, layer in (("qkv", block.att.qkv), ("proj", block.att.out_proj),
                                 ("fc", block.ff.fc), ("fc2", block.ff.proj)):
-                setattr(entry, name, self._matrix(layer, lib))
+                setattr(entry, name, self._matrix(layer))
         self.blocks = blocks
         self.heads = model.cfg["n_heads"]
         self.head_dim = model.cfg["emb_dim"] // self.heads
@@ -215,11 +216,11 @@ class _OneToken:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _matrix(self, layer, lib):
+    def _matrix(self, layer):
         bias = getattr(layer, "bias", None)
         bias = None if bias is None else self._fp32(bias)
         if isinstance(layer, int8.Int8Linear):
-            if not (int8.ENABLED and int8.DYNAMIC_Q8 is not False and lib.has_vnni()):
+            if not (int8.ENABLED and int8.DYNAMIC_Q8 is not False):
                 raise _DoesNotApply
             q = layer.weight                                             # (out, in) int8
             self.keep += [q, layer.scale]

@@ -17,10 +17,11 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
-    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX512-VNNI; where dynamic_q8_on()):
-                           the rows rounded to int8 too, in blocks of 32 with a scale each
-                           (llama.cpp's q8_0 does the same), int8 products summed in int32
-                           64 at a time, each row of q read once for all the rows of x
+    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX2 or AVX-512; where
+                           dynamic_q8_on()): the rows rounded to int8 too, in blocks of 32
+                           with a scale each (llama.cpp's q8_0 does the same), int8 products
+                           summed in int32 (64 at a time with AVX512-VNNI, 32 with AVX2),
+                           each row of q read once for all the rows of x
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
                            compiler, engine/native.py; where own_kernel_on()): int8 -> fp32
                            in registers, fp32 sums,
@@ -79,7 +80,8 @@ OWN_KERNEL_MAX_ROWS = 16
 INT8MM_MAX_ROWS = 4
 # fp32 products of up to DYNAMIC_Q8_MAX_ROWS rows (decoding at batch 1 and 2) through
 # decode_kernel.c's gemm_q8 instead: the rows rounded to int8 too (blocks of 32), int8
-# products summed by AVX512-VNNI, each row of q read once for all of them. On the AMD EPYC
+# products summed in int32 (AVX512-VNNI, or AVX2), each row of q read once for all of them.
+# On the AMD EPYC
 # (Zen 4), the 124M model's 49 products of one decoding step, 2 threads: 1 row 5.2-5.5 ms
 # against 8.7-9.0 with the kernel above, 2 rows 6.1-7.0 against 7.1-7.9; from 4 rows on the
 # two were even (4: 9.4-10.4 against 8.5-8.7; 8: 15.5-16.4 against 15.3-15.8), the int8
@@ -156,7 +158,7 @@ def own_kernel():
 
 
 def _load_kernel():
-    lib = native.build(_SOURCE)
+    lib = native.build(_SOURCE, needs="avx512")
     fns = {torch.bfloat16: lib.int8_linear_bf16, torch.float32: lib.int8_linear_f32}
     for fn in fns.values():
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
@@ -169,13 +171,11 @@ _Q8 = None     # decode_kernel.c's gemm_q8 once looked up; False: not here
 
 def q8_kernel():
     """decode_kernel.c's gemm_q8 (up to 16 fp32 rows, rounded to int8 in blocks of 32, times
-    the int8 weights, AVX512-VNNI), or None where it cannot be built or the CPU has no
-    VNNI."""
+    the int8 weights), or None where it cannot be built."""
     global _Q8
     if _Q8 is None:
         try:
-            lib = native.decode_kernels()
-            _Q8 = lib.gemm_q8 if lib.has_vnni() else False
+            _Q8 = native.decode_kernels().gemm_q8
         except (OSError, RuntimeError, subprocess.SubprocessError):
             _Q8 = False
     return _Q8 or None
@@ -317,7 +317,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):                                                   # x (..., in)
         if self.dynamic_q8(x):
-            # one or two fp32 rows (decoding): x in int8 too, through our VNNI kernel
+            # one or two fp32 rows (decoding): x in int8 too, through our int8 kernel
             rows = x.numel() // self.in_features
             y = torch.empty(*x.shape[:-1], self.out_features)
             b = None if self.bias is None else self.bias.data_ptr()
@@ -330,7 +330,7 @@ class Int8Linear(nn.Module):
 
     def dynamic_q8(self, x):
         """Whether x @ W goes through gemm_q8: 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows on the CPU,
-        fp32 bias, the kernel built with VNNI and chosen here (dynamic_q8_on)."""
+        fp32 bias, the kernel built and chosen here (dynamic_q8_on)."""
         k = self.in_features
         return (x.device.type == "cpu" and x.dtype == torch.float32
                 and k > 0 and 0 < x.numel() <= DYNAMIC_Q8_MAX_ROWS * k

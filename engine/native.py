@@ -9,8 +9,11 @@ saying why; the callers then keep PyTorch's kernels. Two files use it: int8_kern
 (engine/int8.py) and decode_kernel.c (``decode_kernels()``: engine/decoder.py,
 engine/cpu_kernels.py and engine/int8.py).
 
-The kernels need Linux on x86-64 with AVX-512 (F and BW) and PyTorch's OpenMP (libgomp),
-whose thread pool they share.
+The kernels need Linux on x86-64 and PyTorch's OpenMP (libgomp), whose thread pool they
+share; decode_kernel.c needs AVX2 with FMA and uses AVX-512 where the CPU has it (engine/
+simd.h), int8_kernel.c needs AVX-512 (F, BW). ``GPT2_KERNEL_ISA=avx2`` builds them as for a
+CPU without AVX-512 (so int8_kernel.c is not built): to measure or test on an AVX-512 machine
+what an AVX2 one runs.
 """
 
 import ctypes
@@ -31,6 +34,21 @@ def cpu_flags():
     return set(cpu_info("flags").split())
 
 
+def kernel_isa():
+    """The widest vectors the kernels are built for here: "avx512" (F, BW, VL), "avx2" (with
+    FMA; also where ``GPT2_KERNEL_ISA=avx2`` asks for it), or None (neither, or not Linux on
+    x86-64)."""
+    flags = cpu_flags()
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        return None
+    asked = os.environ.get("GPT2_KERNEL_ISA", "").lower()
+    if asked not in ("", "avx2", "avx512"):
+        raise ValueError(f"GPT2_KERNEL_ISA={asked!r}: use avx2, avx512 or leave it unset")
+    if asked != "avx2" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else None
+
+
 def cache_folder():
     """Where the compiled kernels (and engine/tuning.py's timings) are kept:
     ``$GPT2_KERNEL_CACHE``, default ~/.cache/gpt2-from-scratch."""
@@ -38,13 +56,19 @@ def cache_folder():
                 or Path.home() / ".cache" / "gpt2-from-scratch")
 
 
-def build(source, options=()):
+def build(source, options=(), needs="avx2"):
     """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module.
-    ``options``: more compiler options (the tests build without some CPU features)."""
+    ``options``: more compiler options (the tests build without some CPU features); ``needs``:
+    "avx2" (built for kernel_isa()) or "avx512" (refused where kernel_isa() is "avx2")."""
     flags = cpu_flags()
-    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
-            and {"avx512f", "avx512bw"} <= flags):
-        raise RuntimeError("needs Linux on an x86-64 CPU with AVX-512 (F, BW)")
+    isa = kernel_isa()
+    if isa is None or (needs == "avx512" and isa != "avx512"):
+        raise RuntimeError("needs Linux on an x86-64 CPU with "
+                           + ("AVX-512 (F, BW, VL)" if needs == "avx512" else "AVX2 and FMA")
+                           + (" (GPT2_KERNEL_ISA=avx2 is set)"
+                              if isa == "avx2" and needs == "avx512" else ""))
+    if isa == "avx2" and "avx512f" in flags:
+        options = ("-mno-avx512f", *options)           # as an AVX2 CPU: no AVX-512 at all
     if "libgomp" not in Path("/proc/self/maps").read_text():
         # with another OpenMP (Intel's, in conda builds) the kernel would bring a second
         # thread pool, and the two would fight over the cores
@@ -76,7 +100,7 @@ _DECODE = None      # decode_kernel.c once loaded; an exception: it cannot be bu
 
 def decode_kernels():
     """decode_kernel.c built and loaded once per process, its functions' signatures set
-    (gemv_f32, gemv_bf16, gemm_q8, decode_token, has_vnni); raises as build() does."""
+    (gemv_f32, gemv_bf16, gemm_q8, decode_token, isa); raises as build() does."""
     global _DECODE
     if _DECODE is None:
         try:
@@ -89,7 +113,7 @@ def decode_kernels():
             getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
             getattr(lib, name).restype = num
         lib.gemm_q8.argtypes, lib.gemm_q8.restype = [ptr] * 5 + [num] * 4, num
-        lib.has_vnni.argtypes, lib.has_vnni.restype = [], num
+        lib.isa.argtypes, lib.isa.restype = [], ctypes.c_char_p
         lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
                                      ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]
         lib.decode_token.restype = num

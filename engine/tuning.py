@@ -239,9 +239,10 @@ def summary():
 # The file
 
 def machine_key():
-    """What a measurement holds for: the CPU (model name, flags), torch, the C kernels."""
+    """What a measurement holds for: the CPU (model name, flags), torch, the C kernels (their
+    sources and the vectors they are built for, native.kernel_isa())."""
     parts = [f"format {FORMAT}", cpu_info("model name"), " ".join(sorted(native.cpu_flags())),
-             torch.__version__]
+             torch.__version__, str(native.kernel_isa())]
     engine = Path(__file__).parent
     for source in sorted([*engine.glob("*.c"), *engine.glob("*.h")]):
         parts.append(hashlib.sha256(source.read_bytes()).hexdigest())

@@ -59,6 +59,24 @@ def every_cpu_fast_path_on(monkeypatch):
     set_clock_flags(monkeypatch, True)
 
 
+@pytest.fixture(params=["native", "avx2"])
+def kernel_build(request, monkeypatch):
+    """Runs a test with the C kernels as built for this CPU ("native") and as built for an
+    AVX2 CPU without AVX-512 (GPT2_KERNEL_ISA=avx2: engine/simd.h's 8-wide vectors, the int8
+    products without VNNI, no int8_kernel.c); the kernels loaded so far are set aside."""
+    from engine import cpu_kernels, int8, native
+    if request.param == "avx2":
+        if native.kernel_isa() != "avx512":
+            pytest.skip("this CPU's own build is the AVX2 one (or none)")
+        monkeypatch.setenv("GPT2_KERNEL_ISA", "avx2")
+    for module, name in ((native, "_DECODE"), (cpu_kernels, "_GEMV"), (int8, "_Q8"),
+                         (int8, "_KERNEL")):
+        monkeypatch.setattr(module, name, None)
+    for module, name in ((cpu_kernels, "GEMV_STATUS"), (int8, "KERNEL_STATUS")):
+        monkeypatch.setattr(module, name, getattr(module, name))      # put back afterwards
+    return request.param
+
+
 def small_gpt():
     """A 2-layer GPTModel (97 tokens, 24 positions, width 32), seed 0, in eval mode: the
     decoding fast paths' tests."""

@@ -15,7 +15,7 @@ from generate import generate_text
 from model import GPTModel
 
 try:
-    VNNI = bool(native.decode_kernels().has_vnni())
+    native.decode_kernels()
 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     pytest.skip(f"decode_kernel.c cannot be built here: {e}", allow_module_level=True)
 
@@ -81,7 +81,7 @@ def _ids(model, seed, prompt_len, n):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_one_token_steps_equal_the_plain_forward(name, calls):
+def test_one_token_steps_equal_the_plain_forward(name, calls, kernel_build):
     model = _model(name)
     prompt, tokens = _ids(model, 1, 5, 12)
     fast, fast_cache = _steps(model, prompt, tokens, plain=False)
@@ -98,7 +98,8 @@ def test_one_token_steps_equal_the_plain_forward(name, calls):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, calls):
+def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, calls,
+                                                                          kernel_build):
     # A bf16 model: the same bf16 weights, KV cache and embeddings; the C steps keep every
     # activation in fp32 where the plain path rounds each to bf16 (8 significant bits), so
     # they land closer to the fp32 model's numbers than the plain bf16 path does
@@ -120,7 +121,7 @@ def test_bf16_one_token_steps_are_the_bf16_forward_with_fp32_activations(name, c
     assert (fast_cache.k.float() - plain_cache.k.float()).abs().max().item() < 0.03 * spread
 
 
-def test_under_autocast_the_products_are_bf16_and_the_rest_fp32(calls):
+def test_under_autocast_the_products_are_bf16_and_the_rest_fp32(calls, kernel_build):
     # An fp32 model decoding under bf16 autocast multiplies with bf16 copies; the C steps do
     # too, and keep the rest in fp32 (autocast's products also round their outputs to bf16)
     model = _model("64")
@@ -145,7 +146,7 @@ def _like_the_one_call_steps(model):
     The C steps keep every activation in fp32, whatever the model's activation dtype, and
     store the keys and values in the cache's dtype. For fp32 activations that is the plain
     int8 forward itself: the model is returned as it is. For bf16 ones (int8.activation_dtype
-    where int8_kernel.c is not taken) it is the plain forward of a copy with the same int8
+    where none of our int8 kernels is taken) it is the plain forward of a copy with the same int8
     weights, its bf16 embeddings, LayerNorms and biases widened to fp32 (exactly), and each
     key and value rounded to bf16 before attention reads it (as the C steps store them)."""
     if model.tok_emb.weight.dtype == torch.float32:
@@ -163,21 +164,16 @@ def _like_the_one_call_steps(model):
     return wide
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 steps need AVX512-VNNI")
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("activations", ["fp32", "bf16"])
 def test_int8_one_token_steps_equal_their_plain_int8_forward(name, activations, calls,
-                                                             monkeypatch):
-    # An int8 model's activations are fp32 where int8_kernel.c runs and bf16 where it does
-    # not (int8.activation_dtype): both are forced here, whatever this CPU would choose. Each
+                                                             kernel_build):
+    # An int8 model's activations are fp32 where our int8 kernels run and bf16 where they do
+    # not (int8.activation_dtype): both are made here, whatever this CPU would choose. Each
     # one-call step against one step of the plain code computing what the C steps compute
     # (_like_the_one_call_steps), from the same cache (the one the C steps wrote).
-    if activations == "fp32" and int8.own_kernel() is None:
-        pytest.skip(f"fp32 activations need int8_kernel.c: {int8.KERNEL_STATUS}")
-    monkeypatch.setattr(int8, "OWN_KERNEL", activations == "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[activations]
-    assert int8.activation_dtype() == dtype
-    model = int8.quantize_(_model(name))
+    model = int8.quantize_(_model(name), dtype)
     like_model = _like_the_one_call_steps(model)
     assert model.tok_emb.weight.dtype == dtype
     prompt, tokens = _ids(model, 2, 4, 10)
@@ -223,9 +219,7 @@ def test_int8_one_token_steps_equal_their_plain_int8_forward(name, activations, 
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_generation_through_one_call_steps_gives_the_plain_tokens(dtype, calls):
-    if dtype == "int8" and not VNNI:
-        pytest.skip("the int8 steps need AVX512-VNNI")
+def test_generation_through_one_call_steps_gives_the_plain_tokens(dtype, calls, kernel_build):
     model = _model("48", seed=3)
     if dtype == "int8":
         model = int8.quantize_(model)
@@ -310,8 +304,6 @@ def test_a_token_outside_the_vocabulary_is_the_plain_codes_error(calls):
 
 
 def test_the_int8_table_keeps_the_quantized_model_unchanged():
-    if not VNNI:
-        pytest.skip("the int8 steps need AVX512-VNNI")
     model = int8.quantize_(_model("40"))
     before = copy.deepcopy(model.state_dict())
     generate_text(model, torch.tensor([[1, 2, 3]]), 5)
@@ -320,22 +312,48 @@ def test_the_int8_table_keeps_the_quantized_model_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_kernels_without_vnni_and_bf16_instructions(tmp_path, monkeypatch):
-    # decode_kernel.c built as for an AVX-512 CPU without AVX512-BF16 and AVX512-VNNI: its
-    # bf16 products widen to fp32 instead (same sums), and it says it has no int8 product
+BUILDS = {"native": (), "AVX-512 without BF16 and VNNI": ("-mno-avx512bf16", "-mno-avx512vnni"),
+          "AVX2": ("-mno-avx512f",)}
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_each_build_of_the_kernels_computes_the_same_products(tmp_path, monkeypatch, build):
+    # decode_kernel.c built for this CPU, as for an AVX-512 CPU without AVX512-BF16 and
+    # AVX512-VNNI (bf16 products widened to fp32, int8 sums with AVX2's instructions), and
+    # as for an AVX2 CPU (8-wide vectors): each one-row product against its reference, the
+    # int8 one against gemm_q8's arithmetic in float64 (the same integer sums either way)
     import ctypes
     from pathlib import Path
+
+    from test_engine_int8 import _q8_reference
+    if build != "native" and native.kernel_isa() != "avx512":
+        pytest.skip("builds without AVX-512 features need an AVX-512 CPU to differ")
     monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
-    lib = native.build(Path(native.__file__).with_name("decode_kernel.c"),
-                       ("-mno-avx512bf16", "-mno-avx512vnni"))
-    assert lib.has_vnni() == 0
-    fn = lib.gemv_bf16
-    fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, ctypes.c_int
+    lib = native.build(Path(native.__file__).with_name("decode_kernel.c"), BUILDS[build])
+    lib.isa.restype = ctypes.c_char_p
+    isa = lib.isa().decode()
+    assert isa.split()[0] == ("avx2" if build == "AVX2" else native.kernel_isa())
+    if build != "native":
+        assert "bf16" not in isa and "vnni" not in isa
+    ptr, num = ctypes.c_void_p, ctypes.c_int
+    for name in ("gemv_f32", "gemv_bf16"):
+        getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
+    lib.gemm_q8.argtypes = [ptr] * 5 + [num] * 4
     g = torch.Generator().manual_seed(9)
-    for n, k in ((211, 48), (5, 37), (33, 100)):
-        w = torch.randn(n, k, generator=g).bfloat16()
+    for n, k in ((211, 48), (5, 37), (33, 100), (64, 768)):      # tails of every width
         x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
-        y = torch.empty(n)
-        assert fn(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, k, 1) == 0
-        exact = w.float() @ x.bfloat16().float() + b
-        torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)
+        w = torch.randn(n, k, generator=g)
+        for fn, weights, exact in (
+                (lib.gemv_f32, w, w.double() @ x.double() + b),
+                (lib.gemv_bf16, w.bfloat16(), w.bfloat16().double() @ x.bfloat16().double() + b)):
+            y = torch.empty(n)
+            assert fn(x.data_ptr(), weights.data_ptr(), b.data_ptr(), y.data_ptr(), n, k, 2) == 0
+            torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = (torch.rand(n, generator=g) / 64).bfloat16()
+        xs = torch.randn(3, k, generator=g) * 4
+        y = torch.empty(3, n)
+        assert lib.gemm_q8(xs.data_ptr(), q.data_ptr(), scale.data_ptr(), b.data_ptr(),
+                           y.data_ptr(), 3, n, k, 2) == 0
+        ref = _q8_reference(xs, q, scale.float(), b)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

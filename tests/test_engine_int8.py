@@ -154,13 +154,13 @@ def _q8_reference(x, q, scale, bias):
 @pytest.mark.parametrize("out_in", [(130, 96), (130, 40), (7, 200), (2304, 768)])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_q8_kernel_equals_its_reference(monkeypatch, out_in, rows, bias):
-    # gemm_q8 (1 to 16 fp32 rows, through decode_kernel.c with AVX512-VNNI) against the same
+def test_q8_kernel_equals_its_reference(monkeypatch, out_in, rows, bias, kernel_build):
+    # gemm_q8 (1 to 16 fp32 rows, through decode_kernel.c) against the same
     # arithmetic in float64; 130 and 7 outputs, 96, 40, 200 inputs (not whole 64-input
     # pieces), 3 rows (not a whole 4 a pass); x with an all-zero block and large and tiny
     # values
     if int8.q8_kernel() is None:
-        pytest.skip("gemm_q8 needs decode_kernel.c built with AVX512-VNNI")
+        pytest.skip("gemm_q8 needs decode_kernel.c, which cannot be built here")
     monkeypatch.setattr(int8, "DYNAMIC_Q8_MAX_ROWS", 16)       # all it takes (default: 2)
     out, k = out_in
     torch.manual_seed(3)
@@ -432,7 +432,7 @@ def test_int8_one_token_decoding_perplexity_within_2_percent_of_fp32(trained, on
     # one-call steps of engine/decoder.py): its perplexity, token by token through the KV
     # cache as generation computes it, against fp32's
     if int8.q8_kernel() is None:
-        pytest.skip("gemm_q8 needs decode_kernel.c built with AVX512-VNNI")
+        pytest.skip("gemm_q8 needs decode_kernel.c, which cannot be built here")
     from engine import decoder
     model, held_out = trained
     T = model.cfg["context_length"]
