@@ -73,6 +73,14 @@ def available():
             and platform.machine().lower() in ("x86_64", "amd64"))
 
 
+def onednn_packs(dtype):
+    """Whether oneDNN can keep packed copies in ``dtype`` here: fp32 wherever it runs, bf16
+    only where oneDNN has bf16 products (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX; not on an
+    AVX2 CPU, where packing one raises)."""
+    return available() and (dtype != torch.bfloat16
+                             or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
@@ -112,17 +120,21 @@ def copy_kinds(dtype, rows, need_copy=False):
         copies = PACK_FP32_BATCH_1
     if not (ENABLED and available()) or (copies is False and not need_copy):
         return [PLAIN]
-    kinds = [PACKED]
+    kinds = [PACKED] if onednn_packs(dtype) else []
     if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV is not False
             and own_gemv() is not None):
-        kinds = [OWN] if OWN_GEMV else [PACKED, OWN]
+        kinds = [OWN] if OWN_GEMV else [*kinds, OWN]
+    if not kinds:                                       # no copy can be made here
+        return [PLAIN]
     return kinds if copies or need_copy else [PLAIN, *kinds]
 
 
 def screened_head(rows):
     """Whether greedy fp32 decoding of ``rows`` rows takes its argmax through screened_argmax
-    (a bf16 copy of the head read, a few rows in fp32) rather than all fp32 logits."""
-    return ENABLED and tuning.switch(
+    (a bf16 copy of the head read, a few rows in fp32) rather than all fp32 logits; never
+    where no bf16 copy can be made here."""
+    return ENABLED and copy_kinds(torch.bfloat16, rows, need_copy=True) != [PLAIN] \
+        and tuning.switch(
         SCREENED_HEAD, f"greedy head (fp32, {rows} row{'s' if rows > 1 else ''})",
         lambda: _time_screened_head(rows), "fp32 logits", "bf16-screened")
 
@@ -594,9 +606,10 @@ def _time_copies(dtype, rows):
     out_in = [w.t().contiguous() for w in mats]          # the same matrices, as copies hold them
     g = torch.Generator().manual_seed(1)
     xs = {k: tuning.filled((rows, k), dtype, g) for k in {w.shape[0] for w in mats}}
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in out_in]
-    out = {PLAIN: lambda: [xs[w.shape[0]] @ w for w in mats],
-           PACKED: lambda: [packed_linear(xs[w.shape[1]], p) for w, p in zip(out_in, packed)]}
+    out = {PLAIN: lambda: [xs[w.shape[0]] @ w for w in mats]}
+    if onednn_packs(dtype):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in out_in]
+        out[PACKED] = lambda: [packed_linear(xs[w.shape[1]], p) for w, p in zip(out_in, packed)]
     if rows == 1 and dtype in (torch.float32, torch.bfloat16) and own_gemv() is not None:
         own = [OneRow(w, dtype) for w in out_in]                            # no copy made
         out[OWN] = lambda: [o(xs[o.in_features]) for o in own]
