@@ -167,6 +167,44 @@ def machine_line():
             f"code {git_version()}")
 
 
+# --as-avx2 (choice_speed.py, peers_speed.py): this machine seen as an x86 CPU without
+# AVX-512 (Zen 2 and 3, Intel's desktop and laptop CPUs): PyTorch's own kernels, oneDNN's
+# (which then has no bf16 products), ours (engine/native.py) and CTranslate2's limited to AVX2
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "GPT2_KERNEL_ISA": "avx2", "CT2_FORCE_CPU_ISA": "AVX2"}
+
+
+def seen_as_avx2():
+    return all(os.environ.get(k) == v for k, v in AVX2_ENV.items())
+
+
+def restart_as_avx2(script, argv):
+    """Run ``script`` with ``argv`` again in this process's place, with AVX2_ENV set (PyTorch
+    and oneDNN read it when they load; the children inherit it); returns where it is set."""
+    if not seen_as_avx2():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, str(script), *argv],
+                  {**os.environ, **AVX2_ENV})
+
+
+def vectors_line():
+    """The vectors each engine's kernels use here, and whether --as-avx2 limits them."""
+    import torch
+
+    from engine import native, tuning
+    try:
+        ours = native.decode_kernels().isa().decode()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        ours = f"not built ({e})"
+    bf16 = "yes" if tuning.onednn_bf16() else "no"
+    return (f"vectors: decode_kernel.c {ours}; PyTorch {torch.backends.cpu.get_cpu_capability()}"
+            f"; oneDNN bf16 products: {bf16}"
+            + ("; seen as an AVX2 CPU (--as-avx2: " + " ".join(f"{k}={v}" for k, v in
+                                                            AVX2_ENV.items()) + ")"
+               if seen_as_avx2() else ""))
+
+
 def git_version():
     """The repository's commit (short hash, '+dirty' with uncommitted changes to tracked
     files), so that numbers can be matched to the code they measured."""

