@@ -136,9 +136,10 @@ static inline void vf_store_i8(int8_t *q, vf v) {
 
 /* e^x for VW floats (about 1 ulp): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in
    two parts, so r is exact), e^r by its Taylor polynomial to r^7 (|r| <= ln 2 / 2); x kept
-   to [-88, 88.7] first, so that r stays small where 2^n is out of range */
+   to [-88, 88.7] first, so that r stays small where 2^n is out of range (x second: min and
+   max return their second operand where one is NaN, so a NaN stays NaN) */
 static inline vf vf_exp(vf x) {
-    x = vf_min(vf_max(x, vf_set(-88.0f)), vf_set(88.7f));
+    x = vf_min(vf_set(88.7f), vf_max(vf_set(-88.0f), x));
     vf n = vf_round(vf_mul(x, vf_set(1.44269504088896341f)));
     vf r = vf_fnma(n, vf_set(0.693359375f), x);
     r = vf_fnma(n, vf_set(-2.12194440e-4f), r);

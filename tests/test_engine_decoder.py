@@ -238,6 +238,21 @@ def test_generation_through_one_call_steps_gives_the_plain_tokens(dtype, calls, 
     assert sampled.tolist() == plain_sampled.tolist()
 
 
+def test_a_nan_stays_a_nan(calls, kernel_build):
+    # a model gone wrong (a NaN in a weight) shows NaN through the one-call steps rather than
+    # numbers: e^x clamps its input, and a NaN must pass through the clamp. (PyTorch's CPU
+    # attention, which the plain path takes, may give finite numbers here: not compared.)
+    model = _model("64")
+    prompt, tokens = _ids(model, 1, 5, 3)
+    with torch.no_grad():
+        model.trf_blocks[1].att.qkv.weight[0, 3] = float("nan")     # a query number of head 0
+    fast, cache = _steps(model, prompt, tokens, plain=False)
+    assert len(calls) == 3 and torch.isnan(fast).all()
+    # keys (layers, batch, heads, positions, d): the query's NaN reaches the keys from the
+    # next layer on, at the positions the one-call steps wrote
+    assert not torch.isnan(cache.k[:2]).any() and torch.isnan(cache.k[2:, :, :, 5:]).all()
+
+
 def test_where_one_call_steps_stand_aside(monkeypatch, calls):
     model = _model("48")
     prompt = torch.randint(0, 211, (2, 6), generator=torch.Generator().manual_seed(6))
