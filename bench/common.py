@@ -192,12 +192,12 @@ def vectors_line():
     """The vectors each engine's kernels use here, and whether --as-avx2 limits them."""
     import torch
 
-    from engine import native, tuning
+    from engine import devices, native
     try:
         ours = native.decode_kernels().isa().decode()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         ours = f"not built ({e})"
-    bf16 = "yes" if tuning.onednn_bf16() else "no"
+    bf16 = "yes" if devices.onednn_bf16() else "no"
     return (f"vectors: decode_kernel.c {ours}; PyTorch {torch.backends.cpu.get_cpu_capability()}"
             f"; oneDNN bf16 products: {bf16}"
             + ("; seen as an AVX2 CPU (--as-avx2: " + " ".join(f"{k}={v}" for k, v in

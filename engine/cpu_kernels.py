@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from engine import native, pages, tuning, turned_off
+from engine import devices, native, pages, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_CPU_KERNELS", "1") != "0"   # the one switch
 
@@ -77,7 +77,7 @@ def onednn_packs(dtype):
     """Whether oneDNN can keep packed copies in ``dtype`` here: fp32 wherever it runs, bf16
     only where oneDNN has bf16 products (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX; not on an
     AVX2 CPU, where packing one raises)."""
-    return available() and (dtype != torch.bfloat16 or tuning.onednn_bf16())
+    return available() and (dtype != torch.bfloat16 or devices.onednn_bf16())
 
 
 def _dtype_name(dtype):

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from engine import native
+from engine import devices, native
 from engine.devices import cpu_info
 from engine.fileio import atomic_write
 
@@ -238,15 +238,6 @@ def summary():
 # ---------------------------------------------------------------------------------------
 # The file
 
-def onednn_bf16():
-    """Whether oneDNN has bf16 products here (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX on x86;
-    never where PyTorch was built without it)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def machine_key():
     """What a measurement holds for: the CPU (model name, flags), torch (its version, the
     vectors its kernels use, whether oneDNN has bf16 products: ATEN_CPU_CAPABILITY and
@@ -254,7 +245,7 @@ def machine_key():
     built for, native.kernel_isa())."""
     parts = [f"format {FORMAT}", cpu_info("model name"), " ".join(sorted(native.cpu_flags())),
              torch.__version__, torch.backends.cpu.get_cpu_capability(),
-             str(onednn_bf16()), str(native.kernel_isa())]
+             str(devices.onednn_bf16()), str(native.kernel_isa())]
     engine = Path(__file__).parent
     for source in sorted([*engine.glob("*.c"), *engine.glob("*.h")]):
         parts.append(hashlib.sha256(source.read_bytes()).hexdigest())

@@ -402,10 +402,14 @@ def test_loss_plot_can_show_every_step(tmp_path):
     ("fpu avx2 avx512f avx512_bf16 amx_bf16", ("bf16", "auto: AMX")),
     ("fpu avx2 avx512f avx512_bf16", ("bf16", "auto: AVX512-BF16")),
     ("fpu avx2 avx512f", ("fp32", "auto: no native bf16 here")),
-    ("", ("fp32", "auto: no native bf16 here"))])
+    ("", ("fp32", "auto: no native bf16 here")),
+    # the flags, but oneDNN held back to AVX2 (ONEDNN_MAX_CPU_ISA): bf16 would be emulated
+    ("fpu avx2 avx512f avx512_bf16 amx_bf16 (oneDNN without bf16)",
+     ("fp32", "auto: no native bf16 here"))])
 def test_dtype_auto_trains_in_bf16_where_bf16_is_native(monkeypatch, flags, want):
     from engine import devices
     monkeypatch.setattr(devices, "cpu_info", lambda key: flags if key == "flags" else "")
+    monkeypatch.setattr(devices, "onednn_bf16", lambda: "oneDNN without bf16" not in flags)
     cpu = torch.device("cpu")
     assert devices.training_precision(cpu) == want
     assert devices.training_precision(cpu, "fp32") == ("fp32", "as asked")
