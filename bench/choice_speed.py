@@ -91,8 +91,9 @@ def meet_every_decision():
     for rows in (1, 8):
         cpu_kernels.screened_head(rows)
     int8.own_kernel_on()
-    int8.dynamic_q8_on()
     int8.bf16_rows_on()
+    for rows in (1, 8):
+        int8.dynamic_q8_on(rows)
     return tuning.picked()
 
 

@@ -17,8 +17,8 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
-    CPU, 1-2 fp32 rows     decode_kernel.c's gemm_q8 (AVX2 or AVX-512; where
-                           dynamic_q8_on()): the rows rounded to int8 too, in blocks of 32
+    CPU, 1-16 fp32 rows    decode_kernel.c's gemm_q8 (AVX2 or AVX-512; where
+                           dynamic_q8_on(rows)): the rows rounded to int8 too, in blocks of 32
                            with a scale each (llama.cpp's q8_0 does the same), int8 products
                            summed in int32 (64 at a time with AVX512-VNNI, 32 with AVX2),
                            each row of q read once for all the rows of x
@@ -85,9 +85,13 @@ INT8MM_MAX_ROWS = 4
 # (Zen 4), the 124M model's 49 products of one decoding step, 2 threads: 1 row 5.2-5.5 ms
 # against 8.7-9.0 with the kernel above, 2 rows 6.1-7.0 against 7.1-7.9; from 4 rows on the
 # two were even (4: 9.4-10.4 against 8.5-8.7; 8: 15.5-16.4 against 15.3-15.8), the int8
-# sums there being bound by the CPU's vector units. None: chosen by the clock (dynamic_q8_on).
+# sums there being bound by the CPU's vector units; whole greedy decoding at batch 8 (2 MiB
+# pages), 411 against 346 tok/s. Where int8_kernel.c cannot run (AVX2 CPUs) the product
+# without gemm_q8 dequantizes the weights at every call: batch 8, 286 against 31 tok/s (the
+# same Zen 4 seen as an AVX2 CPU). 1-2 rows and 3-16 are timed apart. None: chosen by the
+# clock (dynamic_q8_on).
 DYNAMIC_Q8 = None
-DYNAMIC_Q8_MAX_ROWS = 2     # gemm_q8 takes up to 16
+DYNAMIC_Q8_MAX_ROWS = 16    # all gemm_q8 takes
 # fp32 products of more rows than the kernels above take (a prompt) in one bf16 matmul of
 # the converted weights (the rows rounded to bf16, as gemm_q8 rounds them to int8), rather
 # than an fp32 matmul of weights dequantized at every call: oneDNN's bf16 products, on AMX
@@ -115,11 +119,13 @@ def own_kernel_on():
         "PyTorch's int8 kernels", "int8_kernel.c")
 
 
-def dynamic_q8_on():
-    """Whether 1 to DYNAMIC_Q8_MAX_ROWS fp32 rows go through gemm_q8 (rounded to int8) here."""
+def dynamic_q8_on(rows=1):
+    """Whether ``rows`` fp32 rows (1 to DYNAMIC_Q8_MAX_ROWS) go through gemm_q8 (rounded to
+    int8) here: batch-1 and -2 decoding, and batches up to 16, each timed on its own."""
+    timed = (1, 2) if rows <= 2 else (8,)
     return ENABLED and q8_kernel() is not None and tuning.switch(
-        DYNAMIC_Q8, "int8 products (fp32 rows: 1, 2)", _time_dynamic_q8, "weight-only int8",
-        "gemm_q8")
+        DYNAMIC_Q8, f"int8 products (fp32 rows: {', '.join(map(str, timed))})",
+        lambda: _time_dynamic_q8(timed), "weight-only int8", "gemm_q8")
 
 
 def bf16_rows_on():
@@ -336,7 +342,7 @@ class Int8Linear(nn.Module):
                 and k > 0 and 0 < x.numel() <= DYNAMIC_Q8_MAX_ROWS * k
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled())
-                and dynamic_q8_on())
+                and dynamic_q8_on(x.numel() // k))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -464,22 +470,20 @@ def _time_bf16_rows():
                                     for w, s in zip(q, scales)]}
 
 
-def _time_dynamic_q8():
-    # fp32 rows, 1 and 2 (decoding): gemm_q8 against the weight-only product that runs
-    # without it (ours where own_kernel_on, else the plain dequantized one)
-    q, scales, xs = _int8_block((1, 2), torch.float32)
-    own = own_kernel()[torch.float32] if own_kernel_on() else None
+def _time_dynamic_q8(rows=(1, 2)):
+    # fp32 rows, 1 and 2 (decoding) or 8 (a batch): gemm_q8 against the weight-only product
+    # int8_linear takes without it (int8_kernel.c where own_kernel_on, else the bf16 matmul
+    # where bf16_rows_on, else the plain dequantized one)
+    q, scales, xs = _int8_block(rows, torch.float32)
     q8 = q8_kernel()
-
-    def weight_only(x, w, s):
-        return plain_int8_linear(x, w, s) if own is None else _own_linear(own, x, w, s, None)
+    own_kernel_on(), bf16_rows_on()            # those choices made first, outside the timing
 
     def dynamic(x, w, s):
         y = torch.empty(x.shape[0], w.shape[0])
         q8(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), x.shape[0],
            w.shape[0], w.shape[1], torch.get_num_threads())
         return y
-    return {"weight-only int8": lambda: [weight_only(xs[r][w.shape[1]], w, s)
-                                         for w, s in zip(q, scales) for r in (1, 2)],
+    return {"weight-only int8": lambda: [int8_linear(xs[r][w.shape[1]], w, s)
+                                         for w, s in zip(q, scales) for r in rows],
             "gemm_q8": lambda: [dynamic(xs[r][w.shape[1]], w, s)
-                                for w, s in zip(q, scales) for r in (1, 2)]}
+                                for w, s in zip(q, scales) for r in rows]}

@@ -343,14 +343,22 @@ def test_generation_runs_through_the_int8_layers(monkeypatch):
     out = generate_text(model, idx, 5, eos_id=None)
     assert out.shape == (3, 11) and torch.equal(out[:, :6], idx)
     # the prompt (18 rows) goes through the bf16 matmul, then its last position's head,
-    # then 4 decoding steps x (12 block matrices + the head), 3 rows each
+    # then 4 decoding steps x (12 block matrices + the head), 3 rows each: through gemm_q8
+    # where it is built (up to 16 rows), else int8_kernel.c
     kernel = "own" if int8.OWN_KERNEL else "int8pack"
-    assert calls == [(kernel, 3)] * (1 + 4 * 13)
-    # two rows: the prompt (12 rows) as before, then through gemm_q8 where it is built
+    step = "q8" if int8.q8_kernel() else kernel
+    assert calls == [(step, 3)] * (1 + 4 * 13)
+    # two rows: the prompt (12 rows) too
     calls.clear()
     generate_text(model, idx[:2], 5, eos_id=None)
-    prompt = [(kernel, 12)] * 12 if int8.OWN_KERNEL else []
-    assert calls == prompt + [("q8" if int8.q8_kernel() else kernel, 2)] * (1 + 4 * 13)
+    prompt = [(step, 12)] * 12 if int8.q8_kernel() or int8.OWN_KERNEL else []
+    assert calls == prompt + [(step, 2)] * (1 + 4 * 13)
+    # gemm_q8 off for batches (its own choice): int8_kernel.c again
+    if int8.OWN_KERNEL:
+        monkeypatch.setattr(int8, "dynamic_q8_on", lambda rows=1: rows <= 2)
+        calls.clear()
+        generate_text(model, idx, 5, eos_id=None)
+        assert calls == [("own", 3)] * (1 + 4 * 13)
 
 
 # ---------------------------------------------------------------------------------------

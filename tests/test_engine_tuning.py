@@ -267,7 +267,8 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert cpu_kernels.copy_kind(torch.bfloat16, 8) == cpu_kernels.PACKED
     assert cpu_kernels.screened_head(1)
     assert int8.own_kernel_on() is (int8.own_kernel() is not None)
-    assert int8.dynamic_q8_on() is (int8.q8_kernel() is not None)
+    assert int8.dynamic_q8_on() is int8.dynamic_q8_on(8) is (int8.q8_kernel() is not None)
+    assert "int8 products (fp32 rows: 8)" in asked or int8.q8_kernel() is None
     assert pages.chosen() is pages.available()
     assert int8.bf16_rows_on()
     assert "decoding products (fp32, 1 row)" in asked and "greedy head (fp32, 1 row)" in asked
@@ -281,7 +282,7 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert not cpu_kernels.onednn_fp32() and not cpu_kernels.aligned_logits(torch.float32)
     assert cpu_kernels.copy_kind(torch.float32, 1) == cpu_kernels.PLAIN
     assert not cpu_kernels.screened_head(8)
-    assert not int8.own_kernel_on() and not int8.dynamic_q8_on()
+    assert not int8.own_kernel_on() and not int8.dynamic_q8_on() and not int8.dynamic_q8_on(8)
     assert not pages.chosen() and not int8.bf16_rows_on()
     assert int8.activation_dtype() == torch.bfloat16
     # ... unless a flag says
@@ -436,7 +437,8 @@ def test_the_int8_candidates_compute_the_same(small_shapes):
     # the bf16 matmul rounds the rows and the sums to bf16: 2^-9 of each, at most
     torch.testing.assert_close(_flat(out["bf16 matmul"]), _flat(out["dequantized fp32"]),
                                rtol=2 ** -6, atol=1e-3)
-    out = _outputs(int8._time_dynamic_q8())
-    plain, fast = _flat(out["weight-only int8"]), _flat(out["gemm_q8"])
-    # gemm_q8 also rounds the rows to int8: within its rounding (test_engine_int8.py)
-    assert (fast - plain).abs().max() < 0.04 * plain.std()
+    for rows in ((1, 2), (8,)):
+        out = _outputs(int8._time_dynamic_q8(rows))
+        plain, fast = _flat(out["weight-only int8"]), _flat(out["gemm_q8"])
+        # gemm_q8 also rounds the rows to int8: within its rounding (test_engine_int8.py)
+        assert (fast - plain).abs().max() < 0.04 * plain.std()
