@@ -78,16 +78,16 @@ OWN_KERNEL_MAX_ROWS = 16
 # Without it, products of up to this many rows go through _weight_int8pack_mm (whose cost
 # grows with every 4 rows), and larger ones through a bf16 matmul of the converted weights.
 INT8MM_MAX_ROWS = 4
-# fp32 products of up to DYNAMIC_Q8_MAX_ROWS rows (decoding at batch 1 and 2) through
-# decode_kernel.c's gemm_q8 instead: the rows rounded to int8 too (blocks of 32), int8
-# products summed in int32 (AVX512-VNNI, or AVX2), each row of q read once for all of them.
-# On the AMD EPYC
-# (Zen 4), the 124M model's 49 products of one decoding step, 2 threads: 1 row 5.2-5.5 ms
+# fp32 products of up to DYNAMIC_Q8_MAX_ROWS rows (decoding, batches up to 16, short
+# prompts) through decode_kernel.c's gemm_q8 instead: the rows rounded to int8 too (blocks
+# of 32), int8 products summed in int32 (AVX512-VNNI, or AVX2), each row of q read once for
+# all of them. On the AMD EPYC (Zen 4), the 124M model's 49 products of one decoding step,
+# 2 threads: 1 row 5.2-5.5 ms
 # against 8.7-9.0 with the kernel above, 2 rows 6.1-7.0 against 7.1-7.9; from 4 rows on the
 # two were even (4: 9.4-10.4 against 8.5-8.7; 8: 15.5-16.4 against 15.3-15.8), the int8
 # sums there being bound by the CPU's vector units; whole greedy decoding at batch 8 (2 MiB
-# pages), 411 against 346 tok/s. Where int8_kernel.c cannot run (AVX2 CPUs) the product
-# without gemm_q8 dequantizes the weights at every call: batch 8, 286 against 31 tok/s (the
+# pages), 412 against 378 tok/s. Where int8_kernel.c cannot run (AVX2 CPUs) the product
+# without gemm_q8 dequantizes the weights at every call: batch 8, 391 against 36 tok/s (the
 # same Zen 4 seen as an AVX2 CPU). 1-2 rows and 3-16 are timed apart. None: chosen by the
 # clock (dynamic_q8_on).
 DYNAMIC_Q8 = None
@@ -323,7 +323,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):                                                   # x (..., in)
         if self.dynamic_q8(x):
-            # one or two fp32 rows (decoding): x in int8 too, through our int8 kernel
+            # up to 16 fp32 rows (decoding): x in int8 too, through gemm_q8
             rows = x.numel() // self.in_features
             y = torch.empty(*x.shape[:-1], self.out_features)
             b = None if self.bias is None else self.bias.data_ptr()
