@@ -161,7 +161,6 @@ def test_q8_kernel_equals_its_reference(monkeypatch, out_in, rows, bias, kernel_
     # values
     if int8.q8_kernel() is None:
         pytest.skip("gemm_q8 needs decode_kernel.c, which cannot be built here")
-    monkeypatch.setattr(int8, "DYNAMIC_Q8_MAX_ROWS", 16)       # all it takes (default: 2)
     out, k = out_in
     torch.manual_seed(3)
     layer = nn.Linear(k, out, bias=bias)
