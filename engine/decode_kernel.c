@@ -128,41 +128,47 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                  \
 }
 #else
-/* The same with AVX2 (also where AVX-512 has no VNNI), over 32-input pieces. vpmaddubsw
+/* The same with AVX2 (also where AVX-512 has no VNNI), 32 inputs at a time. vpmaddubsw
    multiplies unsigned by signed bytes and adds neighbouring pairs in int16, saturating: with
    q_w + 128 a pair could reach 2 * 255 * 127, so it takes |q_x| times q_w with q_x's sign
    (each pair then at most 2 * 127 * 127 < 2^15, exact); vpmaddwd adds pairs of those into
    the int32 sum of 4 products, the lanes vpdpbusd gives. No flip, no corr. */
 #define Q8_FLIP 0
+/* 32 int8 weights times 32 int8 inputs: the int32 sum of each 4 products, as 8 floats */
+static inline __m256 sums32(__m256i wv, __m256i xq) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xq), _mm256_sign_epi8(wv, xq));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+/* 32 weights from w, of which ``left`` are the row's (its end: zeros after) */
+static inline __m256i load32(const int8_t *w, int left) {
+    if (left >= 32) return _mm256_loadu_si256((const __m256i *)w);
+    int8_t part[32] = {0};
+    memcpy(part, w, (size_t)(left > 0 ? left : 0));
+    return _mm256_loadu_si256((const __m256i *)part);
+}
+/* over 64-input pieces, as two halves with a sum each (two chains of FMAs, not one) */
 #define DEFINE_ROWS_Q8(R)                                                               \
 static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
-    const __m256i ones = _mm256_set1_epi16(1);                                          \
     size_t Kp = (size_t)padded(K, 64);                                                  \
-    __m256 acc[R];                                                                      \
+    __m256 acc0[R], acc1[R];                                                            \
     _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                           \
-    for (int k = 0; k < K; k += 32) {                                                   \
-        __m256i wv;                                                                     \
-        if (K - k >= 32) wv = _mm256_loadu_si256((const __m256i *)(w + k));             \
-        else {                  /* the row's end: its last bytes, zeros after */        \
-            int8_t part[32] = {0};                                                      \
-            memcpy(part, w + k, (size_t)(K - k));                                       \
-            wv = _mm256_loadu_si256((const __m256i *)part);                             \
-        }                                                                               \
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();                \
+    for (int k = 0; k < K; k += 64) {                                                   \
+        __m256i w0 = load32(w + k, K - k), w1 = load32(w + k + 32, K - k - 32);         \
         _Pragma("GCC unroll 4")                                                         \
         for (int r = 0; r < R; r++) {                                                   \
-            size_t row = (size_t)(r0 + r);                                              \
-            __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + row * Kp + k));    \
-            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xq),                   \
-                                                 _mm256_sign_epi8(wv, xq));             \
-            __m256i d = _mm256_madd_epi16(pairs, ones);                                 \
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),                             \
-                                     _mm256_loadu_ps(a->lane + row * Kp / 4 + k / 4), acc[r]); \
+            const int8_t *xq = a->q + (size_t)(r0 + r) * Kp + k;                        \
+            const float *lane = a->lane + (size_t)(r0 + r) * Kp / 4 + k / 4;            \
+            acc0[r] = _mm256_fmadd_ps(sums32(w0, _mm256_loadu_si256((const __m256i *)xq)), \
+                                      _mm256_loadu_ps(lane), acc0[r]);                  \
+            acc1[r] = _mm256_fmadd_ps(sums32(w1, _mm256_loadu_si256((const __m256i *)(xq + 32))), \
+                                      _mm256_loadu_ps(lane + 8), acc1[r]);              \
         }                                                                               \
     }                                                                                   \
     _Pragma("GCC unroll 4")                                                             \
     for (int r = 0; r < R; r++) {                                                       \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)); \
+        __m256 t = _mm256_add_ps(acc0[r], acc1[r]);                                     \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));   \
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                         \
         out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                      \
     }                                                                                   \
