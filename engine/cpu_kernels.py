@@ -311,11 +311,16 @@ def packed_weight(weight, rows=8, in_out=False, dtype=None, kind=None):
     packing, while 8-row steps ran 1.7x slower with the 1-row one; 8 served every batch
     from 2 to 16. ``dtype`` (default: the weight's) is the precision of the copy: bfloat16
     for fp32 weights under autocast. ``kind``: PACKED or OWN (a OneRow for our one-row
-    kernels); default: copy_kind's pick.
+    kernels); default: copy_kind's pick. Raises ValueError where no copy in ``dtype`` can
+    be made here (bf16 without oneDNN's bf16 products or our one-row kernel).
     """
     rows = 1 if rows == 1 else 8
     dtype = dtype or weight.dtype
-    if (kind or copy_kind(dtype, rows, need_copy=True)) == OWN and rows == 1:
+    kind = kind or copy_kind(dtype, rows, need_copy=True)
+    if kind == PLAIN:
+        raise ValueError(f"no {_dtype_name(dtype)} copy for {rows}-row products can be made "
+                         "here: oneDNN has no bf16 products on this CPU")
+    if kind == OWN and rows == 1:
         rows = "gemv"           # the copy is a OneRow for our kernel (the cache key says so)
     key = (*_version_key(weight), rows, dtype)
     # The storage itself is compared too (through a weak reference, which dies with it):

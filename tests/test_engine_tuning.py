@@ -264,7 +264,8 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert cpu_kernels.aligned_logits(torch.bfloat16)
     assert cpu_kernels.copy_kind(torch.float32, 1) == (cpu_kernels.OWN if own else
                                                        cpu_kernels.PACKED)
-    assert cpu_kernels.copy_kind(torch.bfloat16, 8) == cpu_kernels.PACKED
+    assert cpu_kernels.copy_kind(torch.bfloat16, 8) == (
+        cpu_kernels.PACKED if cpu_kernels.onednn_packs(torch.bfloat16) else cpu_kernels.PLAIN)
     assert cpu_kernels.screened_head(1)
     assert int8.own_kernel_on() is (int8.own_kernel() is not None)
     assert int8.dynamic_q8_on() is int8.dynamic_q8_on(8) is (int8.q8_kernel() is not None)
@@ -409,7 +410,9 @@ def test_the_float_candidates_compute_the_same(small_shapes):
         assert torch.equal(out["rows padded to 64"], out["rows of 50257"])
         for rows in (1, 8):
             out = _outputs(cpu_kernels._time_copies(dtype, rows))
-            want = {cpu_kernels.PLAIN, cpu_kernels.PACKED}
+            want = {cpu_kernels.PLAIN}
+            if cpu_kernels.onednn_packs(dtype):
+                want.add(cpu_kernels.PACKED)
             if rows == 1 and cpu_kernels.own_gemv() is not None:
                 want.add(cpu_kernels.OWN)
             assert set(out) == want
@@ -418,6 +421,8 @@ def test_the_float_candidates_compute_the_same(small_shapes):
                 torch.testing.assert_close(_flat(out[label]), _flat(out[cpu_kernels.PLAIN]),
                                            rtol=tol, atol=tol)
     for rows in (1, 8):
+        if not cpu_kernels.screened_head(rows):          # no bf16 copy can be made here
+            continue
         out = _outputs(cpu_kernels._time_screened_head(rows))
         assert out["bf16-screened"].tolist() == out["fp32 logits"].tolist()
     if pages.available():                 # the same products of the same numbers: equal

@@ -218,6 +218,8 @@ def _packed_logits(model, idx):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_packed_weights_compute_the_plain_forward(dtype, tol, batch):
+    if cpu_kernels.copy_kinds(dtype, batch) == [cpu_kernels.PLAIN]:
+        pytest.skip("no bf16 copies for batches here: oneDNN has no bf16 products")
     model = _small_model(dtype=dtype)
     idx = torch.randint(0, 211, (batch, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), cpu_kernels.disabled():       # the plain PyTorch forward
@@ -290,6 +292,8 @@ def test_packing_stays_out_of_training_and_can_be_turned_off(monkeypatch):
 def test_autocast_decoding_packs_bfloat16_copies_once(batch):
     # Under bf16 autocast the fp32 weights are packed as bf16 copies (autocast would cast
     # every weight again at every step): the logits are autocast's, the weights stay fp32.
+    if cpu_kernels.copy_kinds(torch.bfloat16, batch) == [cpu_kernels.PLAIN]:
+        pytest.skip("no bf16 copies for batches here: oneDNN has no bf16 products")
     model = _small_model()
     idx = torch.randint(0, 211, (batch, 7), generator=torch.Generator().manual_seed(3))
     fc = model.trf_blocks[0].ff.fc
@@ -408,6 +412,8 @@ def test_screened_argmax_is_the_fp32_argmax(batch):
     weight = torch.randn(211, 48) * 0.02
     weight[8] = weight[7] * (1 + 2 ** -20)
     weight[30] = weight[20]
+    if not cpu_kernels.screened_head(batch):
+        pytest.skip("no bf16 copies for batches here: oneDNN has no bf16 products")
     screen = cpu_kernels.packed_weight(weight, batch, dtype=torch.bfloat16)
     norms = weight.norm(dim=1)
     for trial in range(200):
@@ -429,7 +435,10 @@ def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
     idx = torch.randint(0, 211, (2, 5), generator=torch.Generator().manual_seed(6))
     head = model.out_head.weight
     out = generate_text(model, idx, 6, 40)
-    assert cpu_kernels._PACKED.get(head)[2].dtype == torch.bfloat16
+    # (where no bf16 copy of 8 rows can be made, the greedy head is the fp32 one)
+    screened = cpu_kernels.screened_head(2)
+    assert cpu_kernels._PACKED.get(head)[2].dtype == (torch.bfloat16 if screened
+                                                      else torch.float32)
     ref = idx
     with torch.no_grad(), cpu_kernels.disabled():       # the plain PyTorch forward
         for _ in range(6):
@@ -437,6 +446,34 @@ def test_greedy_generation_reads_a_bfloat16_head_and_sampling_an_fp32_one():
     assert out.tolist() == ref.tolist()
     generate_text(model, idx, 3, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert cpu_kernels._PACKED.get(head)[2].dtype == torch.float32
+
+
+@needs_packing
+def test_without_onednn_bf16_no_bf16_copy_is_asked_for(monkeypatch):
+    # On a CPU whose oneDNN has no bf16 products (AVX2), packing a bf16 copy raises; greedy
+    # fp32 decoding once asked for one (the screened head) and failed there
+    from engine import devices
+    monkeypatch.setattr(devices, "onednn_bf16", lambda: False)
+    own = cpu_kernels.own_gemv() is not None
+    assert cpu_kernels.copy_kinds(torch.bfloat16, 8) == [cpu_kernels.PLAIN]
+    assert cpu_kernels.copy_kinds(torch.bfloat16, 1, need_copy=True) == (
+        [cpu_kernels.OWN] if own else [cpu_kernels.PLAIN])
+    assert cpu_kernels.PACKED in cpu_kernels.copy_kinds(torch.float32, 8)
+    assert not cpu_kernels.screened_head(8) and cpu_kernels.screened_head(1) is own
+    assert cpu_kernels.PACKED not in cpu_kernels._time_copies(torch.bfloat16, 8)
+    with pytest.raises(ValueError, match="no bf16 copy for 8-row products can be made here"):
+        cpu_kernels.packed_weight(torch.randn(5, 4), 3, dtype=torch.bfloat16)
+    model = _small_model()
+    for batch in (1, 2):
+        idx = torch.randint(0, 211, (batch, 5), generator=torch.Generator().manual_seed(6))
+        out = generate_text(model, idx, 6, 40)
+        with torch.no_grad(), cpu_kernels.disabled():
+            ref = generate_text(model, idx, 6, 40)
+        assert out.tolist() == ref.tolist()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            generate_text(model, idx, 3, 40)                 # bf16 products, no bf16 copies
+        generate_text(model.to(torch.bfloat16), idx, 3, 40)
+        model.float()
 
 
 @needs_packing
