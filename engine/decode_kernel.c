@@ -42,6 +42,12 @@ static int padded(int K, int step) { return (K + step - 1) / step * step; }
 
 #define MAX_ROWS 16                            /* rows of x a Q8 product takes at once */
 
+#if defined(__AVX512BF16__) && VW == 16
+#define BF16_DOT 1                             /* vdpbf16ps: bf16 pairs summed into fp32 */
+#else
+#define BF16_DOT 0
+#endif
+
 /* A product's input x as each kind of matrix reads it (Kp: K rounded up to 64, zeros after
    K), one row for F32 and BF16, up to MAX_ROWS for Q8:
    f32   x (fp32, Kp)
@@ -73,7 +79,7 @@ static float row_f32(const float *x, const float *w, int K) {
 
 /* the same for a bf16 row, with x in bf16 */
 static float row_bf16(const uint16_t *x, const uint16_t *w, int K) {
-#if defined(__AVX512BF16__) && VW == 16
+#if BF16_DOT
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 32) {
         __m512i xv = _mm512_loadu_si512(x + k);         /* zeros after K */
@@ -166,12 +172,7 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
         }                                                                               \
     }                                                                                   \
     _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) {                                                       \
-        __m256 t = _mm256_add_ps(acc0[r], acc1[r]);                                     \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));   \
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                         \
-        out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                      \
-    }                                                                                   \
+    for (int r = 0; r < R; r++) out[r] = sum8(_mm256_add_ps(acc0[r], acc1[r]));       \
 }
 #endif
 DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
@@ -179,7 +180,7 @@ DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
 /* what this build uses: "avx512" or "avx2", then " bf16" and " vnni" where it has them */
 const char *isa(void) {
     return SIMD_ISA
-#if defined(__AVX512BF16__) && VW == 16
+#if BF16_DOT
         " bf16"
 #endif
 #if Q8_FLIP
