@@ -119,13 +119,16 @@ def own_kernel_on():
         "PyTorch's int8 kernels", "int8_kernel.c")
 
 
+# gemm_q8's two choices: (decision, rows timed) for 1-2 rows and for 3-16
+_Q8_CHOICES = (("int8 products (fp32 rows: 1, 2)", (1, 2)), ("int8 products (fp32 rows: 8)", (8,)))
+
+
 def dynamic_q8_on(rows=1):
     """Whether ``rows`` fp32 rows (1 to DYNAMIC_Q8_MAX_ROWS) go through gemm_q8 (rounded to
     int8) here: batch-1 and -2 decoding, and batches up to 16, each timed on its own."""
-    timed = (1, 2) if rows <= 2 else (8,)
+    name, timed = _Q8_CHOICES[rows > 2]
     return ENABLED and q8_kernel() is not None and tuning.switch(
-        DYNAMIC_Q8, f"int8 products (fp32 rows: {', '.join(map(str, timed))})",
-        lambda: _time_dynamic_q8(timed), "weight-only int8", "gemm_q8")
+        DYNAMIC_Q8, name, lambda: _time_dynamic_q8(timed), "weight-only int8", "gemm_q8")
 
 
 def bf16_rows_on():
