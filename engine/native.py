@@ -98,9 +98,24 @@ def build(source, options=(), needs="avx2"):
 _DECODE = None      # decode_kernel.c once loaded; an exception: it cannot be built here
 
 
+def decode_signatures(lib):
+    """``lib`` (a build of decode_kernel.c) with its functions' signatures set (gemv_f32,
+    gemv_bf16, gemm_q8, decode_token, isa)."""
+    ptr, num = ctypes.c_void_p, ctypes.c_int
+    for name in ("gemv_f32", "gemv_bf16"):
+        getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
+        getattr(lib, name).restype = num
+    lib.gemm_q8.argtypes, lib.gemm_q8.restype = [ptr] * 5 + [num] * 4, num
+    lib.isa.argtypes, lib.isa.restype = [], ctypes.c_char_p
+    lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
+                                 ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]
+    lib.decode_token.restype = num
+    return lib
+
+
 def decode_kernels():
     """decode_kernel.c built and loaded once per process, its functions' signatures set
-    (gemv_f32, gemv_bf16, gemm_q8, decode_token, isa); raises as build() does."""
+    (decode_signatures); raises as build() does."""
     global _DECODE
     if _DECODE is None:
         try:
@@ -108,16 +123,7 @@ def decode_kernels():
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _DECODE = e
             raise
-        ptr, num = ctypes.c_void_p, ctypes.c_int
-        for name in ("gemv_f32", "gemv_bf16"):
-            getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
-            getattr(lib, name).restype = num
-        lib.gemm_q8.argtypes, lib.gemm_q8.restype = [ptr] * 5 + [num] * 4, num
-        lib.isa.argtypes, lib.isa.restype = [], ctypes.c_char_p
-        lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
-                                     ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]
-        lib.decode_token.restype = num
-        _DECODE = lib
+        _DECODE = decode_signatures(lib)
     if isinstance(_DECODE, Exception):
         raise _DECODE
     return _DECODE

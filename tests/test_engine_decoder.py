@@ -337,23 +337,18 @@ def test_each_build_of_the_kernels_computes_the_same_products(tmp_path, monkeypa
     # AVX512-VNNI (bf16 products widened to fp32, int8 sums with AVX2's instructions), and
     # as for an AVX2 CPU (8-wide vectors): each one-row product against its reference, the
     # int8 one against gemm_q8's arithmetic in float64 (the same integer sums either way)
-    import ctypes
     from pathlib import Path
 
     from test_engine_int8 import _q8_reference
     if build != "native" and native.kernel_isa() != "avx512":
         pytest.skip("builds without AVX-512 features need an AVX-512 CPU to differ")
     monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
-    lib = native.build(Path(native.__file__).with_name("decode_kernel.c"), BUILDS[build])
-    lib.isa.restype = ctypes.c_char_p
+    lib = native.decode_signatures(
+        native.build(Path(native.__file__).with_name("decode_kernel.c"), BUILDS[build]))
     isa = lib.isa().decode()
     assert isa.split()[0] == ("avx2" if build == "AVX2" else native.kernel_isa())
     if build != "native":
         assert "bf16" not in isa and "vnni" not in isa
-    ptr, num = ctypes.c_void_p, ctypes.c_int
-    for name in ("gemv_f32", "gemv_bf16"):
-        getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
-    lib.gemm_q8.argtypes = [ptr] * 5 + [num] * 4
     g = torch.Generator().manual_seed(9)
     for n, k in ((211, 48), (5, 37), (33, 100), (64, 768)):      # tails of every width
         x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
