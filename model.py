@@ -141,7 +141,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):                                                   # x (..., in)
-        # fast path: oneDNN on x86 CPUs where it beats MKL's fp32 (cpu_kernels.linear)
+        # fast path: oneDNN on x86 CPUs where it beats MKL's fp32; bf16 multiplied in fp32
+        # where the CPU has no bf16 matmul kernel (cpu_kernels.linear)
         y = cpu_kernels.linear(x, self)
         if y is not None:
             return y                                                        # (..., out)

@@ -4,6 +4,8 @@ and against transformers' GPT2LMHeadModel.generate.
     python bench/generate_speed.py                   # 124M shape, fp32 + bf16 + int8, batch 1, 8
     python bench/generate_speed.py --dtypes fp32     # fp32 only (ours, plain, HF)
     python bench/generate_speed.py --quick           # tiny shape, few tokens: a smoke run
+    python bench/generate_speed.py --as-avx2 --prompt-len 256 --dtypes bf16
+                                                     # seen as an AVX2 CPU: bf16 prompts
 
 All models hold the same random weights (HF init, dropout 0, loaded into ours with
 download_weights_hf.load_weights_into_gpt); bf16 is that model ``.to(torch.bfloat16)`` (what
@@ -19,7 +21,10 @@ bytes of the weights read per step``, with the bandwidth measured here, in the s
 best sum over a 512 MiB tensor, with the threads the models use; the median of measurements
 before the runs and after each batch size), and the bytes from the weights' sizes in each
 dtype. "decode tokens/s" counts from the first new token to the last
-(the prompt's forward pass left out), as the ceiling assumes; "tokens/s" is the whole call.
+(the prompt's forward pass left out), as the ceiling assumes; "tokens/s" is the whole call,
+"first token s" the time to the first new token (the prompt's forward pass). ``--as-avx2``:
+the script starts again as on an x86 CPU without AVX-512 (bench/common.AVX2_ENV), where
+oneDNN has no bf16 products.
 """
 
 import argparse
@@ -204,8 +209,10 @@ def bench_generation(shape="124M", batches=(1, 8), prompt_len=16, new_tokens=128
             dtype = dtype_of(name)
             ceiling = batch * bandwidth * 1e9 / step_bytes[dtype]
             agree = float((outputs[name] == outputs["HF fp32"]).float().mean())
+            first = common.median([t - d for t, d, _ in r])
             results.append({"batch": batch, "contender": name, "dtype": dtype,
-                            "median_s": med, "min_s": min(times), "max_s": max(times),
+                            "median_s": med, "first_token_s": first,
+                            "min_s": min(times), "max_s": max(times),
                             "tok_per_s": batch * new_tokens / med, "decode_tok_per_s": decode_tps,
                             "ceiling_tok_per_s": ceiling, "ceiling_share": decode_tps / ceiling,
                             "vs_hf_fp32": hf_s / med, "token_agreement": agree})
@@ -250,8 +257,12 @@ def main(argv=None):
                         "runs: it is checked against HF)")
     p.add_argument("--hf-bf16", action="store_true",
                    help="also time HF converted to bfloat16 (for information)")
+    p.add_argument("--as-avx2", action="store_true", help="this machine seen as an x86 CPU "
+                   "without AVX-512 (bench/common.AVX2_ENV)")
     common.add_run_flags(p, "tiny shape, 16 tokens, 2 rounds", tune_malloc=False)
     args = p.parse_args(argv)
+    if args.as_avx2:
+        common.restart_as_avx2(__file__, sys.argv[1:] if argv is None else argv)
     shape = args.shape or ("tiny" if args.quick else "124M")
     new_tokens = args.new_tokens or (16 if args.quick else 128)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -267,20 +278,24 @@ def main(argv=None):
           f"{new_tokens} new tokens, KV cache, {rounds} interleaved rounds, median")
     print(common.machine_line())
     print(cpu_line())
+    print(common.vectors_line())
     print(malloc)
     results, _ = bench_generation(shape, batches, args.prompt_len, new_tokens, rounds,
                                   bf16="bf16" in dtypes, int8="int8" in dtypes,
                                   hf_bf16=args.hf_bf16, seed=args.seed)
     rows = [[r["batch"], r["contender"], f"{r['median_s']:.3f}",
-             f"{r['min_s']:.3f}-{r['max_s']:.3f}", f"{r['tok_per_s']:.1f}",
+             f"{r['min_s']:.3f}-{r['max_s']:.3f}", f"{r['first_token_s']:.3f}",
+             f"{r['tok_per_s']:.1f}",
              f"{r['decode_tok_per_s']:.1f}", f"{r['ceiling_tok_per_s']:.1f}",
              f"{r['ceiling_share']:.0%}", f"{r['vs_hf_fp32']:.2f}x",
              f"{r['token_agreement']:.3f}"] for r in results]
     print()
-    print(common.table(["batch", "contender", "median s", "range s", "tokens/s",
-                        "decode tok/s", "ceiling", "share", "vs HF fp32", "tokens = HF"], rows,
-                       [">", "<", ">", ">", ">", ">", ">", ">", ">", ">"]))
-    print("(tokens/s = batch * new tokens / wall time of the whole call, prompt included; "
+    print(common.table(["batch", "contender", "median s", "range s", "first token s",
+                        "tokens/s", "decode tok/s", "ceiling", "share", "vs HF fp32",
+                        "tokens = HF"], rows,
+                       [">", "<", ">", ">", ">", ">", ">", ">", ">", ">", ">"]))
+    print("(tokens/s = batch * new tokens / wall time of the whole call, prompt included "
+          "(first token s: the time to the first new token); "
           "decode tok/s = batch * (new - 1) / time from the first new token to the last; "
           "ceiling = batch * read bandwidth / weight bytes read per step, in the contender's "
           "dtype; share = decode tok/s / ceiling; 'vs HF fp32' compares whole calls; "

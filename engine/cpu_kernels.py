@@ -4,8 +4,11 @@ model.py computes GPT-2 in plain PyTorch and asks this module at three places wh
 faster kernel applies; each seam returns None where none does, and the plain code runs:
 
     Linear.forward      -> linear(x, layer)        oneDNN fp32 product (training, evaluation),
-                                                   or a packed weight copy (decoding)
-    GPTModel.logits     -> head_logits(h, weight)  the output head: oneDNN, or rows aligned to 64
+                                                   or a packed weight copy (decoding), or
+                                                   bf16 multiplied in fp32 (matmul_in_fp32)
+                                                   where PyTorch has no bf16 kernel here
+    GPTModel.logits     -> head_logits(h, weight)  the output head: oneDNN, or rows aligned to
+                                                   64, or bf16 in fp32 as above
     GPTModel.train      -> forget_packed(params)   packed copies are dropped for training
 
 generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)`` (through
@@ -57,6 +60,13 @@ PACK_FP32_BATCH_1 = None    # ... for one-row fp32 decoding (None: as PACKING's 
 OWN_GEMV = None
 # Greedy fp32 decoding's argmax through a bf16 copy of the output head (screened_argmax)
 SCREENED_HEAD = None
+
+# bf16 products computed in fp32 (matmul_in_fp32): None, where PyTorch has no bf16 matmul
+# kernel here (oneDNN without bf16 products: AVX2 x86 CPUs); True, everywhere (the tests
+# compare it with the plain bf16 product on any CPU); False, never. Not for the clock: the
+# fallback it replaces multiplies at ~0.2 GFLOP/s (a 256-token prompt of the bf16 124M model
+# took 30 s), and no fp32 product is that slow.
+BF16_IN_FP32 = None
 
 # the candidates' names, as engine/tuning.py prints them
 PLAIN, PACKED, OWN = "x @ W", "oneDNN-packed copy", "own C kernel (decode_kernel.c)"
@@ -152,6 +162,9 @@ def linear(x, layer):
     if onednn_fp32_applies(x, layer.weight) and onednn_fp32():
         y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
         return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
+    if bf16_in_fp32(x, layer.weight):
+        y = matmul_in_fp32(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])                           # (..., out)
     return None
 
 
@@ -166,6 +179,9 @@ def head_logits(h, weight):
         return None
     if onednn_fp32_applies(h, weight) and onednn_fp32():
         out = _OneDNNLinear.apply(h.reshape(-1, h.shape[-1]), weight.t(), None)
+        return out.view(*h.shape[:-1], weight.shape[0])                     # (..., vocab)
+    if bf16_in_fp32(h, weight):
+        out = matmul_in_fp32(h.reshape(-1, h.shape[-1]), weight.t())
         return out.view(*h.shape[:-1], weight.shape[0])                     # (..., vocab)
     # what autocast would do for the head: multiply in its low-precision dtype (the casts
     # do nothing outside autocast)
@@ -270,6 +286,47 @@ class _AlignedLogits(torch.autograd.Function):
         grad_h = grad @ weight if ctx.needs_input_grad[0] else None             # (N, C)
         grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None        # (vocab, C)
         return grad_h, grad_weight
+
+
+# ---------------------------------------------------------------------------------------
+# bf16 products where PyTorch has no bf16 matmul kernel
+#
+# PyTorch multiplies bf16 matrices on the CPU through oneDNN; where oneDNN has no bf16
+# products (an AVX2 CPU: no AVX-512, no AVX-NE-CONVERT, no AMX) it falls back to a generic
+# loop, and for our (in, out) weights that loop is slow: on the Zen 4 seen as an AVX2 CPU,
+# 256 rows times a 768 x 3072 matrix took 2.7 s, the same in fp32 0.07 s (and 12 ms a row
+# for one row). There the product is computed in fp32 from the bf16 operands, which is what
+# a bf16 matmul computes (each product of two bf16 numbers is exact in fp32, the sums are
+# fp32), rounded to bf16 at the end as it rounds: the same numbers up to the order of the
+# sums, for the cost of widening the weight (a pass over it) at every call.
+
+def bf16_in_fp32(x, weight):
+    """Whether the CPU product of ``x`` and ``weight`` runs in bf16 (the tensors' own dtype,
+    or autocast's) where BF16_IN_FP32 says to compute it in fp32 (matmul_in_fp32)."""
+    if BF16_IN_FP32 is False or not ENABLED or x.device.type != "cpu" \
+            or torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, nn.Parameter):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.is_floating_point() \
+            and weight.is_floating_point()
+    else:
+        bf16 = x.dtype == weight.dtype == torch.bfloat16
+    return bf16 and (BF16_IN_FP32 or not devices.onednn_bf16())
+
+
+def matmul_in_fp32(x, w, bias=None):
+    """x (N, in) @ w (in, out) + bias as a bf16 matmul computes it (the operands rounded to
+    bf16, products and sums in fp32, the result rounded to bf16), multiplied in fp32;
+    differentiable (the gradients as autocast's or a bf16 model's, in their dtypes)."""
+    with torch.autocast("cpu", enabled=False):
+        xf = x.to(torch.bfloat16).float()                                  # (N, in)
+        wf = w.to(torch.bfloat16).float()                                  # (in, out)
+        bf = None if bias is None else bias.to(torch.bfloat16).float()     # (out,)
+        if onednn_fp32_applies(xf, wf) and onednn_fp32():
+            y = _OneDNNLinear.apply(xf, wf, bf)
+        else:
+            y = xf @ wf if bf is None else torch.addmm(bf, xf, wf)
+    return y.to(torch.bfloat16)                                            # (N, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,6 +461,9 @@ class OneRow:
             x = x.to(self.dtype)
             w = self.plain.to(self.dtype)
             bias = None if bias is None else bias.to(self.dtype)
+            if bf16_in_fp32(x, w):
+                y = matmul_in_fp32(x.reshape(-1, k), w.t(), bias)
+                return y.view(*x.shape[:-1], out)
             if onednn_fp32_applies(x, w) and onednn_fp32():
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), w, bias,
                                                        "none", [], "")

@@ -82,7 +82,9 @@ def _onednn(a, b):
 
 
 def _mm(a, b):
-    return cpu_kernels.onednn_mm(a, b) if _onednn(a, b) else a @ b
+    if _onednn(a, b):
+        return cpu_kernels.onednn_mm(a, b)
+    return cpu_kernels.matmul_in_fp32(a, b) if cpu_kernels.bf16_in_fp32(a, b) else a @ b
 
 
 def _chunked(h, weight, targets, want_h, want_w):

@@ -319,6 +319,85 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
     assert calls == []
 
 
+def _count_fp32_products(monkeypatch):
+    calls = []
+    real = cpu_kernels.matmul_in_fp32
+    monkeypatch.setattr(cpu_kernels, "matmul_in_fp32",
+                        lambda x, *rest: calls.append(tuple(x.shape)) or real(x, *rest))
+    return calls
+
+
+def test_bf16_products_in_fp32_are_bf16_matmuls_with_gradients(monkeypatch):
+    # Where PyTorch has no bf16 matmul kernel (oneDNN without bf16: AVX2 CPUs) bf16 products
+    # run in fp32 (cpu_kernels.matmul_in_fp32): a bf16 matmul's numbers (exact products, the
+    # sums rounded once to bf16), with and without bias, (in, out) weights and the head's
+    # transposed view, and gradients as the plain bf16 product's. Forced on here, any CPU.
+    monkeypatch.setattr(cpu_kernels, "BF16_IN_FP32", True)
+    g = torch.Generator().manual_seed(0)
+    for bias_on, transposed in [(True, False), (False, True)]:
+        x = torch.randn(37, 64, generator=g).bfloat16().requires_grad_(True)
+        base = torch.randn(40, 64, generator=g) if transposed else torch.randn(64, 40, generator=g)
+        base = base.bfloat16().requires_grad_(True)
+        bias = torch.randn(40, generator=g).bfloat16().requires_grad_(True) if bias_on else None
+        w = base.t() if transposed else base                             # (64, 40)
+        y = cpu_kernels.matmul_in_fp32(x, w, bias)
+        exact = x.double() @ w.double() + (bias.double() if bias_on else 0)
+        assert y.dtype == torch.bfloat16
+        # the fp32 sums rounded to bf16 are the exact sums rounded, give or take one step
+        torch.testing.assert_close(y.double(), exact.bfloat16().double(), atol=1e-6,
+                                   rtol=2**-7)
+        wanted = [t for t in (x, base, bias) if t is not None]
+        upstream = torch.randn(37, 40, generator=g).bfloat16()
+        grads = torch.autograd.grad(y, wanted, upstream)
+        ref_grads = torch.autograd.grad(x @ w + (bias if bias_on else 0), wanted, upstream)
+        for a, b in zip(grads, ref_grads):
+            assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-2, rtol=2**-6)
+
+    # a bf16 model: every block product, the head and the fused loss take it, forward and
+    # backward give the plain code's loss and gradients (to bf16's rounding)
+    calls = _count_fp32_products(monkeypatch)
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 211, "context_length": 16, "emb_dim": 32, "n_heads": 4,
+                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}).bfloat16()
+    idx, targets = torch.randint(0, 211, (2, 9)), torch.randint(0, 211, (2, 9))
+
+    def loss_and_grads():
+        model.zero_grad()
+        h = model.hidden_states(idx)
+        loss = model.loss(h, targets)
+        loss.backward()
+        return model.logits(h.detach()), loss, {n: p.grad for n, p in model.named_parameters()}
+
+    logits, loss, grads = loss_and_grads()
+    # 4 products a block; the fused loss's head: logits and both gradients; model.logits
+    assert len(calls) == 2 * 4 + 3 + 1
+    with cpu_kernels.disabled():
+        ref_logits, ref_loss, ref_grads = loss_and_grads()
+    assert logits.dtype == ref_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=0.05, rtol=0.02)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=0.01)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name].float(), g.float(), atol=2e-3, rtol=0.05,
+                                   msg=name)
+    # autocast over fp32 weights: bf16 results, fp32 gradients
+    layer = Linear(24, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(5, 24))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
+
+    # left to the clock's None, it runs exactly where oneDNN has no bf16 products
+    from engine import devices
+    monkeypatch.setattr(cpu_kernels, "BF16_IN_FP32", None)
+    for onednn_bf16 in (True, False):
+        monkeypatch.setattr(devices, "onednn_bf16", lambda has=onednn_bf16: has)
+        calls.clear()
+        with torch.no_grad():
+            model(idx)
+        assert len(calls) == (0 if onednn_bf16 else 2 * 4 + 1)
+
+
 def test_a_tying_config_does_not_drop_a_different_head(tmp_path, tiny_cfg):
     untied = GPTModel({**tiny_cfg, "tie_embeddings": False})
     torch.save(untied.state_dict(), tmp_path / "bare.pth")
