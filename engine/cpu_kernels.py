@@ -1,4 +1,4 @@
-"""The CPU fast paths behind model.py: the same arithmetic, computed faster on x86 CPUs.
+"""The CPU fast paths behind model.py: the same arithmetic, computed faster on the CPU.
 
 model.py computes GPT-2 in plain PyTorch and asks this module at three places whether a
 faster kernel applies; each seam returns None where none does, and the plain code runs:
@@ -127,7 +127,7 @@ def copy_kinds(dtype, rows, need_copy=False):
     if dtype == torch.float32 and rows == 1 and PACKING is not False \
             and PACK_FP32_BATCH_1 is not None:
         copies = PACK_FP32_BATCH_1
-    if not (ENABLED and available()) or (copies is False and not need_copy):
+    if not ENABLED or (copies is False and not need_copy):
         return [PLAIN]
     kinds = [PACKED] if onednn_packs(dtype) else []
     if (rows == 1 and dtype in (torch.float32, torch.bfloat16) and OWN_GEMV is not False
@@ -518,9 +518,9 @@ def packed_for_cpu(model, batch_size=8, greedy=False, kind=None):
     argmax will be asked for) packs an fp32 head as a bfloat16 copy for screened_argmax:
     greedy tokens exactly as fp32 picks them, with half the head's bytes read (``logits``
     then is the model's own head), where screened_head picks it. Where copies are not
-    available or not wanted (switched off, not x86, copy_kind picks the plain product, weights
-    not on the CPU, gradients on, weights over a quarter of the RAM) nothing changes and
-    ``logits`` is ``model.logits``. ``kind``: the copies to make (PLAIN, PACKED, OWN)
+    available or not wanted (switched off, neither oneDNN (x86) nor our kernels here,
+    copy_kind picks the plain product, weights not on the CPU, gradients on, weights over a
+    quarter of the RAM) nothing changes and ``logits`` is ``model.logits``. ``kind``: the copies to make (PLAIN, PACKED, OWN)
     instead of copy_kind's pick (engine/decoder.py times one-call steps so).
 
     The copies are reused by later blocks until a weight changes (an in-place edit, an
@@ -535,7 +535,7 @@ def packed_for_cpu(model, batch_size=8, greedy=False, kind=None):
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
     head = model.out_head.weight                                             # (vocab, C)
     rows = 1 if batch_size == 1 else 8
-    usable = (ENABLED and available() and w.device.type == "cpu"
+    usable = (ENABLED and (available() or own_gemv() is not None) and w.device.type == "cpu"
               and {w.dtype, dtype} <= {torch.float32, torch.bfloat16}
               and type(w) in (torch.Tensor, nn.Parameter)     # not a sharded DTensor
               # int8 layers (engine/int8.py) read their own int8 matrices: nothing to pack

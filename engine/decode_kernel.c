@@ -1,10 +1,12 @@
-/* Batch-1 decoding on x86-64 CPUs: one token through every block of GPT-2 in one call.
+/* Batch-1 decoding on x86-64 and 64-bit Arm CPUs: one token through every block of GPT-2 in
+   one call.
 
    engine/native.py compiles this file once per machine (gcc -O3 -march=native -fopenmp);
    engine/decoder.py, engine/cpu_kernels.py and engine/int8.py call it through ctypes. It is
-   written in simd.h's vector operations, so it runs on AVX-512 CPUs (16 floats a vector)
-   and on AVX2 ones (8), with AVX512-BF16 and AVX512-VNNI instructions where the CPU has
-   them (isa() says which it was built with).
+   written in simd.h's vector operations, so it runs on AVX-512 CPUs (16 floats a vector),
+   on AVX2 ones (8) and on Arm's NEON (8, as two vectors of 4), with AVX512-BF16,
+   AVX512-VNNI and Arm's dotprod instructions where the CPU has them (isa() says which it
+   was built with).
 
    Four pieces, the first three also exported on their own:
    gemv_f32     y = x @ W.T + bias for one fp32 row x and an fp32 W (N, K) row-major (each
@@ -133,6 +135,49 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
     _Pragma("GCC unroll 4")                                                             \
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                  \
 }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+/* The same with NEON, 16 inputs at a time: int8 times int8 directly (no flip, no corr),
+   each group of 4 products summed in an int32 lane, the lanes vpdpbusd gives: sdot where the
+   CPU has it (Armv8.2 dotprod: Graviton 2 and later, Raspberry Pi 5), else the 16 products
+   in int16 (each at most 127 * 127) added pairwise twice */
+#define Q8_FLIP 0
+static inline int32x4_t sums16(int8x16_t wv, int8x16_t xq) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(vdupq_n_s32(0), wv, xq);
+#else
+    int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(wv), vget_low_s8(xq)));
+    int32x4_t hi = vpaddlq_s16(vmull_high_s8(wv, xq));
+    return vpaddq_s32(lo, hi);
+#endif
+}
+/* 16 weights from w, of which ``left`` are the row's (its end: zeros after) */
+static inline int8x16_t load16(const int8_t *w, int left) {
+    if (left >= 16) return vld1q_s8(w);
+    int8_t part[16] = {0};
+    memcpy(part, w, (size_t)(left > 0 ? left : 0));
+    return vld1q_s8(part);
+}
+#define DEFINE_ROWS_Q8(R)                                                               \
+static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
+    size_t Kp = (size_t)padded(K, 64);                                                  \
+    float32x4_t acc0[R], acc1[R];                                                       \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = vdupq_n_f32(0.0f);                 \
+    for (int k = 0; k < K; k += 32) {                                                   \
+        int8x16_t w0 = load16(w + k, K - k), w1 = load16(w + k + 16, K - k - 16);       \
+        _Pragma("GCC unroll 4")                                                         \
+        for (int r = 0; r < R; r++) {                                                   \
+            const int8_t *xq = a->q + (size_t)(r0 + r) * Kp + k;                        \
+            const float *lane = a->lane + (size_t)(r0 + r) * Kp / 4 + k / 4;            \
+            acc0[r] = vfmaq_f32(acc0[r], vcvtq_f32_s32(sums16(w0, vld1q_s8(xq))),       \
+                                vld1q_f32(lane));                                       \
+            acc1[r] = vfmaq_f32(acc1[r], vcvtq_f32_s32(sums16(w1, vld1q_s8(xq + 16))),  \
+                                vld1q_f32(lane + 4));                                   \
+        }                                                                               \
+    }                                                                                   \
+    _Pragma("GCC unroll 4")                                                             \
+    for (int r = 0; r < R; r++) out[r] = vaddvq_f32(vaddq_f32(acc0[r], acc1[r]));      \
+}
 #else
 /* The same with AVX2 (also where AVX-512 has no VNNI), 32 inputs at a time. vpmaddubsw
    multiplies unsigned by signed bytes and adds neighbouring pairs in int16, saturating: with
@@ -177,7 +222,8 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
 #endif
 DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)
 
-/* what this build uses: "avx512" or "avx2", then " bf16" and " vnni" where it has them */
+/* what this build uses: "avx512", "avx2" or "neon", then " bf16" and " vnni" (x86) or
+   " dotprod" (Arm) where it has them */
 const char *isa(void) {
     return SIMD_ISA
 #if BF16_DOT
@@ -185,6 +231,9 @@ const char *isa(void) {
 #endif
 #if Q8_FLIP
         " vnni"
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+        " dotprod"
 #endif
         ;
 }

@@ -56,6 +56,15 @@ def cpu_info(key):
     return line.split(":", 1)[1].strip()
 
 
+def cpu_model():
+    """The CPU's name: x86's "model name"; on Arm, which has none, its implementer and part
+    numbers ("Arm 0x41 part 0xd0c": a Neoverse N1)."""
+    name = cpu_info("model name")
+    if name or not cpu_info("CPU part"):
+        return name
+    return f"Arm {cpu_info('CPU implementer')} part {cpu_info('CPU part')}"
+
+
 def onednn_bf16():
     """Whether oneDNN, which runs PyTorch's bf16 products on x86 CPUs, has bf16 products here
     (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX, unless ONEDNN_MAX_CPU_ISA holds it back; never

@@ -9,11 +9,11 @@ saying why; the callers then keep PyTorch's kernels. Two files use it: int8_kern
 (engine/int8.py) and decode_kernel.c (``decode_kernels()``: engine/decoder.py,
 engine/cpu_kernels.py and engine/int8.py).
 
-The kernels need Linux on x86-64 and PyTorch's OpenMP (libgomp), whose thread pool they
-share; decode_kernel.c needs AVX2 with FMA and uses AVX-512 where the CPU has it (engine/
-simd.h), int8_kernel.c needs AVX-512 (F, BW). ``GPT2_KERNEL_ISA=avx2`` builds them as for a
-CPU without AVX-512 (so int8_kernel.c is not built): to measure or test on an AVX-512 machine
-what an AVX2 one runs.
+The kernels need Linux and PyTorch's OpenMP (libgomp), whose thread pool they share;
+decode_kernel.c needs x86-64 with AVX2 and FMA, using AVX-512 where the CPU has it, or 64-bit
+Arm, using NEON (engine/simd.h); int8_kernel.c needs AVX-512 (F, BW).
+``GPT2_KERNEL_ISA=avx2`` builds them as for a CPU without AVX-512 (so int8_kernel.c is not
+built): to measure or test on an AVX-512 machine what an AVX2 one runs.
 """
 
 import ctypes
@@ -26,24 +26,29 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.devices import cpu_info
+from engine.devices import cpu_info, cpu_model
 from engine.fileio import atomic_write
 
 
 def cpu_flags():
-    return set(cpu_info("flags").split())
+    """The CPU's features as Linux lists them: x86's "flags", Arm's "Features"."""
+    return set((cpu_info("flags") or cpu_info("Features")).split())
 
 
 def kernel_isa():
     """The widest vectors the kernels are built for here: "avx512" (F, BW, VL), "avx2" (with
-    FMA; also where ``GPT2_KERNEL_ISA=avx2`` asks for it), or None (neither, or not Linux on
-    x86-64)."""
+    FMA; also where ``GPT2_KERNEL_ISA=avx2`` asks for it), "neon" (64-bit Arm, where NEON is
+    always there), or None (none of them, or not Linux)."""
     flags = cpu_flags()
-    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
-        return None
     asked = os.environ.get("GPT2_KERNEL_ISA", "").lower()
     if asked not in ("", "avx2", "avx512"):
         raise ValueError(f"GPT2_KERNEL_ISA={asked!r}: use avx2, avx512 or leave it unset")
+    if not sys.platform.startswith("linux"):
+        return None
+    if platform.machine() == "aarch64":
+        return "neon"
+    if platform.machine() != "x86_64":
+        return None
     if asked != "avx2" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else None
@@ -56,15 +61,16 @@ def cache_folder():
                 or Path.home() / ".cache" / "gpt2-from-scratch")
 
 
-def build(source, options=(), needs="avx2"):
+def build(source, options=(), needs=None):
     """The compiled ``source`` (a Path to a .c file) as a ctypes.CDLL; see the module.
     ``options``: more compiler options (the tests build without some CPU features); ``needs``:
-    "avx2" (built for kernel_isa()) or "avx512" (refused where kernel_isa() is "avx2")."""
+    None (built for kernel_isa(), whichever it is) or "avx512" (refused elsewhere)."""
     flags = cpu_flags()
     isa = kernel_isa()
     if isa is None or (needs == "avx512" and isa != "avx512"):
         raise RuntimeError("needs Linux on an x86-64 CPU with "
-                           + ("AVX-512 (F, BW, VL)" if needs == "avx512" else "AVX2 and FMA")
+                           + ("AVX-512 (F, BW, VL)" if needs == "avx512"
+                              else "AVX2 and FMA, or on 64-bit Arm")
                            + (" (GPT2_KERNEL_ISA=avx2 is set)"
                               if isa == "avx2" and needs == "avx512" else ""))
     if isa == "avx2" and "avx512f" in flags:
@@ -80,7 +86,7 @@ def build(source, options=(), needs="avx2"):
                              timeout=30).stdout
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, version.encode(),
-                                      *map(str.encode, options), cpu_info("model name").encode(),
+                                      *map(str.encode, options), cpu_model().encode(),
                                       " ".join(sorted(flags)).encode()])).hexdigest()[:16]
     lib_path = cache_folder() / f"{source.stem}-{key}.so"
     if not lib_path.exists():

@@ -1,8 +1,11 @@
-/* The vector operations decode_kernel.c is written in, for two kinds of x86-64 CPU:
+/* The vector operations decode_kernel.c is written in, for two kinds of x86-64 CPU and for
+   64-bit Arm:
 
    AVX-512 (F, BW, VL)   a vector holds VW = 16 floats
    AVX2 with FMA         VW = 8 (Zen 2 and 3, Intel's desktop and laptop CPUs since Haswell,
                          and every AVX-512 CPU too)
+   NEON (AArch64)        VW = 8, as two of NEON's 4-float vectors (Arm servers: Graviton,
+                         Ampere; Raspberry Pi 4 and 5)
 
    engine/native.py compiles the kernel with -march=native, so the widest the CPU has is
    chosen here; GPT2_KERNEL_ISA=avx2 compiles it with -mno-avx512f, as for an AVX2 CPU (the
@@ -12,9 +15,13 @@
 #ifndef GPT2_SIMD_H
 #define GPT2_SIMD_H
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 #ifdef __AVX2__
 /* the sum of 8 floats (AVX2's vf_sum; also the int8 sums', which use AVX2 in every build) */
@@ -135,8 +142,79 @@ static inline void vf_store_i8(int8_t *q, vf v) {
     memcpy(q + 4, &hi, 4);
 }
 
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+
+/* 64-bit Arm: NEON's vectors hold 4 floats; a vf is two of them, so that the kernel's loops
+   keep two independent chains of FMAs per accumulator, as with AVX2's 8 */
+#define VW 8
+#define SIMD_ISA "neon"
+typedef struct { float32x4_t lo, hi; } vf;
+
+static inline vf vf_make(float32x4_t lo, float32x4_t hi) { vf v = {lo, hi}; return v; }
+static inline vf vf_zero(void) { return vf_make(vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)); }
+static inline vf vf_set(float a) { return vf_make(vdupq_n_f32(a), vdupq_n_f32(a)); }
+static inline vf vf_load(const float *p) { return vf_make(vld1q_f32(p), vld1q_f32(p + 4)); }
+static inline vf vf_load_n(const float *p, int n) {
+    if (n >= 8) return vf_load(p);
+    float part[8] = {0};                            /* NEON has no masked load */
+    memcpy(part, p, (size_t)(n > 0 ? n : 0) * 4);
+    return vf_load(part);
+}
+static inline void vf_store(float *p, vf v) { vst1q_f32(p, v.lo); vst1q_f32(p + 4, v.hi); }
+static inline void vf_store_n(float *p, vf v, int n) {
+    if (n >= 8) { vf_store(p, v); return; }
+    float part[8];
+    vf_store(part, v);
+    memcpy(p, part, (size_t)(n > 0 ? n : 0) * 4);
+}
+static inline vf vf_keep_n(vf v, int n) {
+    static const int32_t at[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    int32x4_t nn = vdupq_n_s32(n);
+    return vf_make(
+        vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v.lo), vcltq_s32(vld1q_s32(at), nn))),
+        vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v.hi), vcltq_s32(vld1q_s32(at + 4), nn))));
+}
+static inline vf vf_add(vf a, vf b) { return vf_make(vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)); }
+static inline vf vf_sub(vf a, vf b) { return vf_make(vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)); }
+static inline vf vf_mul(vf a, vf b) { return vf_make(vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)); }
+static inline vf vf_div(vf a, vf b) { return vf_make(vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)); }
+/* NEON's max and min give NaN where either operand is one */
+static inline vf vf_max(vf a, vf b) { return vf_make(vmaxq_f32(a.lo, b.lo), vmaxq_f32(a.hi, b.hi)); }
+static inline vf vf_min(vf a, vf b) { return vf_make(vminq_f32(a.lo, b.lo), vminq_f32(a.hi, b.hi)); }
+static inline vf vf_abs(vf a) { return vf_make(vabsq_f32(a.lo), vabsq_f32(a.hi)); }
+static inline vf vf_fma(vf a, vf b, vf c) {                                       /* ab + c */
+    return vf_make(vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi));
+}
+static inline vf vf_fnma(vf a, vf b, vf c) {                                      /* c - ab */
+    return vf_make(vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi));
+}
+static inline vf vf_round(vf a) { return vf_make(vrndnq_f32(a.lo), vrndnq_f32(a.hi)); }
+static inline float vf_sum(vf a) { return vaddvq_f32(vaddq_f32(a.lo, a.hi)); }
+static inline float vf_hmax(vf a) { return vmaxvq_f32(vmaxq_f32(a.lo, a.hi)); }
+/* 2^n built in the exponent bits, as for AVX2 */
+static inline vf vf_scale2(vf p, vf n) {
+    n = vf_min(vf_max(n, vf_set(-127.0f)), vf_set(128.0f));
+    int32x4_t bias = vdupq_n_s32(127);
+    int32x4_t lo = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.lo), bias), 23);
+    int32x4_t hi = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.hi), bias), 23);
+    return vf_mul(p, vf_make(vreinterpretq_f32_s32(lo), vreinterpretq_f32_s32(hi)));
+}
+static inline vf vf_bf16(const uint16_t *p) {
+    return vf_make(vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)),
+                   vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p + 4), 16)));
+}
+static inline vf vf_bf16_n(const uint16_t *p, int n) {
+    uint16_t part[8] = {0};
+    memcpy(part, p, (size_t)(n < 0 ? 0 : n > 8 ? 8 : n) * 2);
+    return vf_bf16(part);
+}
+static inline void vf_store_i8(int8_t *q, vf v) {
+    int16x8_t h = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(v.lo)), vqmovn_s32(vcvtnq_s32_f32(v.hi)));
+    vst1_s8(q, vqmovn_s16(h));
+}
+
 #else
-#error "decode_kernel.c needs AVX-512 (F, BW, VL) or AVX2 with FMA"
+#error "decode_kernel.c needs AVX-512 (F, BW, VL), AVX2 with FMA, or 64-bit Arm's NEON"
 #endif
 
 /* e^x for VW floats (about 1 ulp): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from engine import devices, native
-from engine.devices import cpu_info
+from engine.devices import cpu_model
 from engine.fileio import atomic_write
 
 MODE = os.environ.get("GPT2_FAST_PATHS", "measure")
@@ -243,7 +243,7 @@ def machine_key():
     vectors its kernels use, whether oneDNN has bf16 products: ATEN_CPU_CAPABILITY and
     ONEDNN_MAX_CPU_ISA change them), the C kernels (their sources and the vectors they are
     built for, native.kernel_isa())."""
-    parts = [f"format {FORMAT}", cpu_info("model name"), " ".join(sorted(native.cpu_flags())),
+    parts = [f"format {FORMAT}", cpu_model(), " ".join(sorted(native.cpu_flags())),
              torch.__version__, torch.backends.cpu.get_cpu_capability(),
              str(devices.onednn_bf16()), str(native.kernel_isa())]
     engine = Path(__file__).parent
@@ -278,7 +278,7 @@ def _read(path):
 
 def _write(path, entry, times):
     data = {**_read(path), entry: times}
-    text = json.dumps({"format": FORMAT, "cpu": cpu_info("model name"),
+    text = json.dumps({"format": FORMAT, "cpu": cpu_model(),
                        "torch": torch.__version__, "choices": data}, indent=1)
     try:
         atomic_write(path, lambda f: f.write(text.encode()))

@@ -328,19 +328,23 @@ def test_the_int8_table_keeps_the_quantized_model_unchanged():
 
 
 BUILDS = {"native": (), "AVX-512 without BF16 and VNNI": ("-mno-avx512bf16", "-mno-avx512vnni"),
-          "AVX2": ("-mno-avx512f",)}
+          "AVX2": ("-mno-avx512f",), "Arm without dotprod": ("-march=armv8-a",)}
 
 
 @pytest.mark.parametrize("build", list(BUILDS))
 def test_each_build_of_the_kernels_computes_the_same_products(tmp_path, monkeypatch, build):
     # decode_kernel.c built for this CPU, as for an AVX-512 CPU without AVX512-BF16 and
     # AVX512-VNNI (bf16 products widened to fp32, int8 sums with AVX2's instructions), and
-    # as for an AVX2 CPU (8-wide vectors): each one-row product against its reference, the
-    # int8 one against gemm_q8's arithmetic in float64 (the same integer sums either way)
+    # as for an AVX2 CPU (8-wide vectors); on Arm, for this CPU (NEON, with dotprod where it
+    # has it) and as for one without dotprod: each one-row product against its reference,
+    # the int8 one against gemm_q8's arithmetic in float64 (the same integer sums either way)
     from pathlib import Path
 
     from test_engine_int8 import _q8_reference
-    if build != "native" and native.kernel_isa() != "avx512":
+    arm = native.kernel_isa() == "neon"
+    if build != "native" and arm != build.startswith("Arm"):
+        pytest.skip("a build for the other CPU architecture")
+    if build != "native" and not arm and native.kernel_isa() != "avx512":
         pytest.skip("builds without AVX-512 features need an AVX-512 CPU to differ")
     monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
     lib = native.decode_signatures(
@@ -348,7 +352,7 @@ def test_each_build_of_the_kernels_computes_the_same_products(tmp_path, monkeypa
     isa = lib.isa().decode()
     assert isa.split()[0] == ("avx2" if build == "AVX2" else native.kernel_isa())
     if build != "native":
-        assert "bf16" not in isa and "vnni" not in isa
+        assert "bf16" not in isa and "vnni" not in isa and "dotprod" not in isa
     g = torch.Generator().manual_seed(9)
     for n, k in ((211, 48), (5, 37), (33, 100), (64, 768)):      # tails of every width
         x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)

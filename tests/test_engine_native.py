@@ -8,11 +8,12 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from engine import int8, native, tuning
+from engine import devices, int8, native, tuning
 
 AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
 X86_LINUX = sys.platform.startswith("linux") and platform.machine() == "x86_64"
@@ -34,6 +35,30 @@ def test_the_vectors_follow_the_cpu_and_the_switch(monkeypatch):
     monkeypatch.setenv("GPT2_KERNEL_ISA", "avx3")
     with pytest.raises(ValueError, match="GPT2_KERNEL_ISA='avx3': use avx2, avx512 or leave it"):
         native.kernel_isa()
+
+
+def test_64_bit_arm_gets_the_neon_build_and_its_cpuinfo_is_read(monkeypatch):
+    # Arm's /proc/cpuinfo has "Features" for x86's "flags" and no "model name"
+    arm = {"Features": "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp",
+           "CPU implementer": "0x41", "CPU part": "0xd0c"}
+    monkeypatch.setattr(devices, "cpu_info", lambda key: arm.get(key, ""))
+    monkeypatch.setattr(native, "cpu_info", devices.cpu_info)
+    monkeypatch.setattr(native.sys, "platform", "linux")
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv("GPT2_KERNEL_ISA", raising=False)
+    assert native.kernel_isa() == "neon"
+    assert {"asimd", "asimddp"} <= native.cpu_flags()
+    assert devices.cpu_model() == "Arm 0x41 part 0xd0c"
+    monkeypatch.setenv("GPT2_KERNEL_ISA", "avx2")           # an x86 switch: no change here
+    assert native.kernel_isa() == "neon"
+    monkeypatch.setattr(native.platform, "machine", lambda: "armv7l")     # 32-bit Arm
+    assert native.kernel_isa() is None
+    monkeypatch.setattr(native.sys, "platform", "darwin")
+    monkeypatch.setattr(native.platform, "machine", lambda: "arm64")      # Apple silicon
+    assert native.kernel_isa() is None
+    with pytest.raises(RuntimeError, match="needs Linux on an x86-64 CPU with AVX2 and FMA, "
+                                           "or on 64-bit Arm"):
+        native.build(Path(native.__file__).with_name("decode_kernel.c"))
 
 
 def test_the_int8_kernel_needs_avx512_and_the_clock_keeps_apart(monkeypatch, tmp_path):

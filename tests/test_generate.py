@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dataset import get_tokenizer
-from engine import cpu_kernels
+from engine import cpu_kernels, native
 from generate import (
     TextStreamer,
     generate_and_print,
@@ -198,6 +198,10 @@ def test_generate_and_print_and_cli(tmp_path, tiny_cfg, capsys):
 
 needs_packing = pytest.mark.skipif(not cpu_kernels.available(),
                                    reason="oneDNN packing is used on x86 CPUs only")
+# copies of some kind: oneDNN's (x86), or OneRow copies for our kernels (x86-64, 64-bit Arm)
+needs_copies = pytest.mark.skipif(
+    not (cpu_kernels.available() or native.kernel_isa()),
+    reason="no weight copies for decoding here: no oneDNN (x86) and no kernel of ours")
 
 
 def _small_model(seed=0, dtype=torch.float32):
@@ -214,7 +218,7 @@ def _packed_logits(model, idx):
         return session.logits(model.hidden_states(idx))
 
 
-@needs_packing
+@needs_copies
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_packed_weights_compute_the_plain_forward(dtype, tol, batch):
@@ -402,7 +406,7 @@ def test_generate_cli_says_what_is_wrong_with_the_weights(tmp_path, capsys):
         assert message in err and "Traceback" not in err
 
 
-@needs_packing
+@needs_copies
 @pytest.mark.parametrize("batch", [1, 3])
 def test_screened_argmax_is_the_fp32_argmax(batch):
     # The bfloat16 screen plus the fp32 recheck must pick exactly what argmax over all
@@ -476,7 +480,7 @@ def test_without_onednn_bf16_no_bf16_copy_is_asked_for(monkeypatch):
         model.float()
 
 
-@needs_packing
+@needs_copies
 def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
     # engine/decode_kernel.c: the one-row fp32 products of batch-1 decoding (where it builds)
     if cpu_kernels.own_gemv() is None:
@@ -503,7 +507,7 @@ def test_one_row_fp32_products_through_our_kernel_equal_the_plain_product():
     assert out.tolist() == ref.tolist()
 
 
-@needs_packing
+@needs_copies
 def test_one_row_bf16_products_through_our_kernel_equal_a_bf16_product():
     # gemv_bf16: x rounded to bf16, bf16 weights, fp32 sums, the result rounded to bf16, as
     # a bf16 matmul (or autocast) gives it; the copy made from fp32 or bf16 weights
