@@ -520,8 +520,9 @@ def packed_for_cpu(model, batch_size=8, greedy=False, kind=None):
     then is the model's own head), where screened_head picks it. Where copies are not
     available or not wanted (switched off, neither oneDNN (x86) nor our kernels here,
     copy_kind picks the plain product, weights not on the CPU, gradients on, weights over a
-    quarter of the RAM) nothing changes and ``logits`` is ``model.logits``. ``kind``: the copies to make (PLAIN, PACKED, OWN)
-    instead of copy_kind's pick (engine/decoder.py times one-call steps so).
+    quarter of the RAM) nothing changes and ``logits`` is ``model.logits``. ``kind``: the
+    copies to make (PLAIN, PACKED, OWN) instead of copy_kind's pick (engine/decoder.py times
+    one-call steps so).
 
     The copies are reused by later blocks until a weight changes (an in-place edit, an
     optimizer step, load_state_dict, .to()); an edit that autograd does not see (through

@@ -17,8 +17,9 @@
                 per output (engine/int8.py's layers). x is rounded to int8 on the fly in
                 blocks of 32 (one fp32 scale each, as llama.cpp's q8_0 does), and the int8 x
                 int8 products are summed in int32 (AVX512-VNNI's vpdpbusd: 64 products per
-                instruction; without it AVX2's vpmaddubsw, 32), each 32-block's sum scaled
-                back to fp32; each row of q is read once for all rows of x.
+                instruction; without it AVX2's vpmaddubsw, 32; on Arm sdot, 16), each
+                32-block's sum scaled back to fp32; each row of q is read once for all rows
+                of x.
    decode_token every block of the model for one new token (LayerNorm, the qkv product,
                 attention over the KV cache, the projection, the MLP with its tanh GELU,
                 both residual adds) and the final LayerNorm, in one OpenMP parallel region:
