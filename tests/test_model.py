@@ -221,6 +221,8 @@ def test_aligned_logits_equal_the_plain_head_with_gradients(vocab, row, autocast
     # values, loss and every gradient must be those of the plain nn.Linear head. (fp32 on
     # x86 takes oneDNN instead, tested below: switched off here so that this path is run.)
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", False)
+    # (and where oneDNN has no bf16, autocast's head multiplies in fp32 instead: off here too)
+    monkeypatch.setattr(cpu_kernels, "BF16_IN_FP32", False)
     torch.manual_seed(0)
     model = GPTModel({"vocab_size": vocab, "context_length": 16, "emb_dim": 32, "n_heads": 4,
                       "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
@@ -314,6 +316,8 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
     assert len(calls) == 3 + 2 + 2 + 1            # forwards, then one backward per grad asked
     calls.clear()
     layer = Linear(24, 40)
+    # (where oneDNN has no bf16, autocast's products run in fp32, through this path: off here)
+    monkeypatch.setattr(cpu_kernels, "BF16_IN_FP32", False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(5, 24)).dtype == torch.bfloat16
     assert calls == []
