@@ -317,6 +317,8 @@ def test_one_call_decoding_is_timed_on_the_model_it_decodes(measuring, monkeypat
         native.decode_kernels()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pytest.skip(f"decode_kernel.c cannot be built here: {e}")
+    if products == cpu_kernels.PACKED and not cpu_kernels.onednn_packs(torch.float32):
+        pytest.skip("no oneDNN-packed copies here (oneDNN on x86 only)")
     for flag in ("PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV", "SCREENED_HEAD"):
         monkeypatch.setattr(cpu_kernels, flag, None)
     monkeypatch.setattr(decoder, "ONE_CALL", None)
