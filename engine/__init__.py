@@ -13,7 +13,7 @@ the textbook through one small, named call, and none of them imports a textbook 
     int8          int8 inference: Int8Linear, quantize_, its kernels
     pages         the weights decoding streams, in 2 MiB pages (transparent huge pages)
     native        the C kernels (int8_kernel.c; decode_kernel.c, written in simd.h's vectors
-                  for AVX-512 or AVX2 CPUs), compiled once per machine
+                  for AVX-512, AVX2 or 64-bit Arm's NEON), compiled once per machine
     tuning        which fast path runs here: each timed once per machine against the code it
                   replaces (what the CPU can do says whether it can run; the clock, whether
                   it does), the timings kept beside the compiled kernels

@@ -142,43 +142,29 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
    CPU has it (Armv8.2 dotprod: Graviton 2 and later, Raspberry Pi 5), else the 16 products
    in int16 (each at most 127 * 127) added pairwise twice */
 #define Q8_FLIP 0
-static inline int32x4_t sums16(int8x16_t wv, int8x16_t xq) {
-#if defined(__ARM_FEATURE_DOTPROD)
-    return vdotq_s32(vdupq_n_s32(0), wv, xq);
-#else
-    int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(wv), vget_low_s8(xq)));
-    int32x4_t hi = vpaddlq_s16(vmull_high_s8(wv, xq));
-    return vpaddq_s32(lo, hi);
-#endif
-}
-/* 16 weights from w, of which ``left`` are the row's (its end: zeros after) */
-static inline int8x16_t load16(const int8_t *w, int left) {
+#define Q8_HALF 16                             /* inputs a step, in each of two sums */
+typedef int8x16_t q8_wv;
+typedef float32x4_t q8_acc;
+static inline q8_acc q8_zero(void) { return vdupq_n_f32(0.0f); }
+/* Q8_HALF weights from w, of which ``left`` are the row's (its end: zeros after) */
+static inline q8_wv q8_load(const int8_t *w, int left) {
     if (left >= 16) return vld1q_s8(w);
     int8_t part[16] = {0};
     memcpy(part, w, (size_t)(left > 0 ? left : 0));
     return vld1q_s8(part);
 }
-#define DEFINE_ROWS_Q8(R)                                                               \
-static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
-    size_t Kp = (size_t)padded(K, 64);                                                  \
-    float32x4_t acc0[R], acc1[R];                                                       \
-    _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = vdupq_n_f32(0.0f);                 \
-    for (int k = 0; k < K; k += 32) {                                                   \
-        int8x16_t w0 = load16(w + k, K - k), w1 = load16(w + k + 16, K - k - 16);       \
-        _Pragma("GCC unroll 4")                                                         \
-        for (int r = 0; r < R; r++) {                                                   \
-            const int8_t *xq = a->q + (size_t)(r0 + r) * Kp + k;                        \
-            const float *lane = a->lane + (size_t)(r0 + r) * Kp / 4 + k / 4;            \
-            acc0[r] = vfmaq_f32(acc0[r], vcvtq_f32_s32(sums16(w0, vld1q_s8(xq))),       \
-                                vld1q_f32(lane));                                       \
-            acc1[r] = vfmaq_f32(acc1[r], vcvtq_f32_s32(sums16(w1, vld1q_s8(xq + 16))),  \
-                                vld1q_f32(lane + 4));                                   \
-        }                                                                               \
-    }                                                                                   \
-    _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) out[r] = vaddvq_f32(vaddq_f32(acc0[r], acc1[r]));      \
+/* acc + lane scales * the int32 sums of each 4 products of wv and the inputs at xq */
+static inline q8_acc q8_fma(q8_acc acc, q8_wv wv, const int8_t *xq, const float *lane) {
+    int8x16_t x = vld1q_s8(xq);
+#if defined(__ARM_FEATURE_DOTPROD)
+    int32x4_t sums = vdotq_s32(vdupq_n_s32(0), wv, x);
+#else
+    int32x4_t sums = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(wv), vget_low_s8(x))),
+                                vpaddlq_s16(vmull_high_s8(wv, x)));
+#endif
+    return vfmaq_f32(acc, vcvtq_f32_s32(sums), vld1q_f32(lane));
 }
+static inline float q8_total(q8_acc a, q8_acc b) { return vaddvq_f32(vaddq_f32(a, b)); }
 #else
 /* The same with AVX2 (also where AVX-512 has no VNNI), 32 inputs at a time. vpmaddubsw
    multiplies unsigned by signed bytes and adds neighbouring pairs in int16, saturating: with
@@ -186,39 +172,45 @@ static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out
    (each pair then at most 2 * 127 * 127 < 2^15, exact); vpmaddwd adds pairs of those into
    the int32 sum of 4 products, the lanes vpdpbusd gives. No flip, no corr. */
 #define Q8_FLIP 0
-/* 32 int8 weights times 32 int8 inputs: the int32 sum of each 4 products, as 8 floats */
-static inline __m256 sums32(__m256i wv, __m256i xq) {
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xq), _mm256_sign_epi8(wv, xq));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-/* 32 weights from w, of which ``left`` are the row's (its end: zeros after) */
-static inline __m256i load32(const int8_t *w, int left) {
+#define Q8_HALF 32
+typedef __m256i q8_wv;
+typedef __m256 q8_acc;
+static inline q8_acc q8_zero(void) { return _mm256_setzero_ps(); }
+static inline q8_wv q8_load(const int8_t *w, int left) {
     if (left >= 32) return _mm256_loadu_si256((const __m256i *)w);
     int8_t part[32] = {0};
     memcpy(part, w, (size_t)(left > 0 ? left : 0));
     return _mm256_loadu_si256((const __m256i *)part);
 }
-/* over 64-input pieces, as two halves with a sum each (two chains of FMAs, not one) */
+static inline q8_acc q8_fma(q8_acc acc, q8_wv wv, const int8_t *xq, const float *lane) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(wv, x));
+    __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_fmadd_ps(sums, _mm256_loadu_ps(lane), acc);
+}
+static inline float q8_total(q8_acc a, q8_acc b) { return sum8(_mm256_add_ps(a, b)); }
+#endif
+#if !Q8_FLIP
+/* AVX2 and NEON: over pieces of 2 Q8_HALF inputs, as two halves with a sum each (two chains
+   of FMAs, not one), the weights loaded once for the R rows */
 #define DEFINE_ROWS_Q8(R)                                                               \
 static void rows_q8_##R(const Act *a, int r0, const int8_t *w, int K, float *out) {    \
     size_t Kp = (size_t)padded(K, 64);                                                  \
-    __m256 acc0[R], acc1[R];                                                            \
+    q8_acc acc0[R], acc1[R];                                                            \
     _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();                \
-    for (int k = 0; k < K; k += 64) {                                                   \
-        __m256i w0 = load32(w + k, K - k), w1 = load32(w + k + 32, K - k - 32);         \
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = q8_zero();                          \
+    for (int k = 0; k < K; k += 2 * Q8_HALF) {                                          \
+        q8_wv w0 = q8_load(w + k, K - k), w1 = q8_load(w + k + Q8_HALF, K - k - Q8_HALF); \
         _Pragma("GCC unroll 4")                                                         \
         for (int r = 0; r < R; r++) {                                                   \
             const int8_t *xq = a->q + (size_t)(r0 + r) * Kp + k;                        \
             const float *lane = a->lane + (size_t)(r0 + r) * Kp / 4 + k / 4;            \
-            acc0[r] = _mm256_fmadd_ps(sums32(w0, _mm256_loadu_si256((const __m256i *)xq)), \
-                                      _mm256_loadu_ps(lane), acc0[r]);                  \
-            acc1[r] = _mm256_fmadd_ps(sums32(w1, _mm256_loadu_si256((const __m256i *)(xq + 32))), \
-                                      _mm256_loadu_ps(lane + 8), acc1[r]);              \
+            acc0[r] = q8_fma(acc0[r], w0, xq, lane);                                    \
+            acc1[r] = q8_fma(acc1[r], w1, xq + Q8_HALF, lane + Q8_HALF / 4);            \
         }                                                                               \
     }                                                                                   \
     _Pragma("GCC unroll 4")                                                             \
-    for (int r = 0; r < R; r++) out[r] = sum8(_mm256_add_ps(acc0[r], acc1[r]));       \
+    for (int r = 0; r < R; r++) out[r] = q8_total(acc0[r], acc1[r]);                   \
 }
 #endif
 DEFINE_ROWS_Q8(1) DEFINE_ROWS_Q8(2) DEFINE_ROWS_Q8(3) DEFINE_ROWS_Q8(4)

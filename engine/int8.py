@@ -17,11 +17,11 @@ streams the head; the lookup reads one row per token).
 
 The product ``y = x @ W.T + b`` runs, in this order of preference:
 
-    CPU, 1-16 fp32 rows    decode_kernel.c's gemm_q8 (AVX2 or AVX-512; where
+    CPU, 1-16 fp32 rows    decode_kernel.c's gemm_q8 (AVX2, AVX-512 or NEON; where
                            dynamic_q8_on(rows)): the rows rounded to int8 too, in blocks of 32
                            with a scale each (llama.cpp's q8_0 does the same), int8 products
-                           summed in int32 (64 at a time with AVX512-VNNI, 32 with AVX2),
-                           each row of q read once for all the rows of x
+                           summed in int32 (64 at a time with AVX512-VNNI, 32 with AVX2, 16
+                           on Arm), each row of q read once for all the rows of x
     CPU, up to 16 rows     int8_kernel.c, ours (AVX-512, built once per machine with the C
                            compiler, engine/native.py; where own_kernel_on()): int8 -> fp32
                            in registers, fp32 sums,
