@@ -8,9 +8,9 @@ Multitask Learners", section 2.3; the block is the Transformer decoder of Vaswan
 
 B is the batch size, T the number of tokens, C the embedding width (``emb_dim``). The same
 code runs our own training runs and OpenAI's pretrained weights (engine/gpt2_params.py maps
-the names). Each speed or memory trick is one call into the engine, engine/cpu_kernels.py
-(x86 CPU kernels) or engine/fused_loss.py, marked "fast path", with the plain PyTorch
-computation right after it. A first read can skip the checkpoint functions at the end.
+the names). Each speed or memory trick is one call into the engine (engine/cpu_kernels.py,
+attention.py, fused_loss.py), marked "fast path", with the plain PyTorch computation right
+after it. A first read can skip the checkpoint functions at the end.
 """
 
 import math
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import checkpoints, cpu_kernels, decoder, fused_loss
+from engine import attention, checkpoints, cpu_kernels, decoder, fused_loss
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (model.<name> too)
 from engine.int8 import is_quantized, quantize_
@@ -38,8 +38,7 @@ GPT_CONFIG_124M = {
 
 
 def _pretrained(emb_dim, n_layers, n_heads):
-    # OpenAI's released models: 1024 positions, biases everywhere, no dropout at
-    # inference, and the output head shares the token-embedding matrix.
+    """OpenAI's released models: 1024 positions, biases, no dropout, the head tied."""
     return {"vocab_size": 50257, "context_length": 1024, "emb_dim": emb_dim,
             "n_heads": n_heads, "n_layers": n_layers, "drop_rate": 0.0,
             "qkv_bias": True, "tie_embeddings": True}
@@ -182,13 +181,14 @@ class MultiHeadAttention(nn.Module):
             k = cache.k[layer, :, :, :start + T]            # (B, n_heads, start+T, head_dim)
             v = cache.v[layer, :, :, :start + T]
 
-        # scaled_dot_product_attention computes softmax(q k^T / sqrt(head_dim)) v and picks
-        # the fastest kernel it has (flash attention on CUDA). is_causal builds the
-        # triangular mask on the fly, so no (T, T) mask buffer lives in the state dict; one
-        # new token after a cache (T = 1) may see every key, so it needs no mask at all.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)           # (B, n_heads, T, head_dim)
+        dropout = self.dropout if self.training else 0.0
+        # fast path: training on the CPU, softmax and dropout in C (engine/attention.py)
+        if (y := attention.causal(q, k, v, dropout, mask)) is None:
+            # scaled_dot_product_attention: softmax(q k^T / sqrt(head_dim)) v, by the fastest
+            # kernel it has (flash attention on CUDA). is_causal masks on the fly (no (T, T)
+            # buffer to keep); one new token after a cache (T = 1) sees every key: no mask.
+            y = F.scaled_dot_product_attention(                 # (B, n_heads, T, head_dim)
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
         return self.out_proj(y)
 

@@ -62,7 +62,8 @@ NOT_SLOWER = 1 / 1.03
 
 
 def vendor_table(vendor):
-    """{(module, flag): value} as the flags were set by CPU vendor before the clock chose."""
+    """{(module, flag): value} as the flags were set by CPU vendor before the clock chose
+    (training attention, newer than that table, was PyTorch's everywhere)."""
     amd, intel = vendor == "AuthenticAMD", vendor == "GenuineIntel"
     return {("cpu_kernels", "ONEDNN_FP32"): not intel,
             ("cpu_kernels", "ALIGNED_LOGITS"): not intel, ("cpu_kernels", "PACKING"): True,
@@ -70,18 +71,20 @@ def vendor_table(vendor):
             ("cpu_kernels", "SCREENED_HEAD"): True, ("cpu_kernels", "OWN_GEMV"): amd,
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
             ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
-            ("int8", "BF16_ROWS"): False}
+            ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False}
 
 
 # ---------------------------------------------------------------------------------------
 # Part 1: the decisions
+
+ATTENTION_SHAPE = (1, 12, 1024, 64)     # training attention's q: 124M, context 1024, batch 1
 
 def meet_every_decision():
     """Call every fast path's choice with its flags left to the clock; returns {decision:
     label} as picked (from the cache folder's timings, or measured now)."""
     import torch
 
-    from engine import cpu_kernels, int8, pages, tuning
+    from engine import attention, cpu_kernels, int8, pages, tuning
     pages.chosen()
     for dtype in (torch.float32, torch.bfloat16):
         cpu_kernels.onednn_fp32()
@@ -94,6 +97,10 @@ def meet_every_decision():
     int8.bf16_rows_on()
     for rows in (1, 8):
         int8.dynamic_q8_on(rows)
+    if attention.kernel() is not None:
+        for dtype in (torch.float32, torch.bfloat16):
+            for p in (0.0, 0.1):            # without dropout, and GPT-2's
+                attention.blocked_wins(ATTENTION_SHAPE, dtype, p)
     return tuning.picked()
 
 
@@ -284,6 +291,8 @@ def main(argv=None):
         tuning.BLOCK_124M = ((128, 384), (128, 128), (128, 512), (512, 128))
         tuning.HEAD_124M = (4096, 128)
         tuning.WORKING_SET = 1
+        global ATTENTION_SHAPE
+        ATTENTION_SHAPE = (1, 4, 64, 16)
     print(f"choice_speed: the clock's choices on this machine; GPT-2 {shape}, {threads} "
           f"threads")
     print(common.machine_line())

@@ -9,7 +9,10 @@ context 1024, batch 1. Both sides start from the same random weights, take the s
 batch of token ids, and run the same code: train_utils.accumulate_gradients (forward,
 cross-entropy on fp32 logits, backward), clip_grad_norm_(1.0), AdamW from
 train_utils.make_optimizer (same groups, lr 4e-4, weight decay 0.1, betas 0.9/0.95),
-zero_grad. HF's model is wrapped so that it returns logits like ours. Dropout is 0.
+zero_grad. HF's model is wrapped so that it returns logits like ours. Dropout is 0, or
+--drop-rate P in every contender (on attention weights, embeddings and residual branches, as
+GPT-2 trains: 0.1): on the CPU PyTorch has no fused attention with dropout, so it measures
+engine/attention.py against the plain math every peer falls back to.
 
 Besides the contenders, in the same interleaved rounds:
 
@@ -104,7 +107,7 @@ def make_step(model, batch, dtype, plain=False, device="cpu"):
 
     import torch
 
-    from engine import cpu_kernels, fused_loss
+    from engine import attention, cpu_kernels, fused_loss
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device(device)
@@ -115,6 +118,7 @@ def make_step(model, batch, dtype, plain=False, device="cpu"):
             if plain:
                 off.enter_context(cpu_kernels.disabled())
                 off.enter_context(fused_loss.disabled())
+                off.enter_context(attention.disabled())
             loss, _ = accumulate_gradients(model, [batch], device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -439,8 +443,19 @@ def contender_rows(name, runs, info, peak, stat="median"):
     return rows
 
 
+def set_drop_rate(model, p):
+    """Dropout ``p`` everywhere in ``model`` (ours, HF's or nanoGPT's): every nn.Dropout, and
+    the float that a module passes to scaled_dot_product_attention (ours, nanoGPT's)."""
+    import torch.nn as nn
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
+
+
 def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nanogpt=None,
-                 compile=False, breakdown=True, profile=False, stat="median"):
+                 compile=False, breakdown=True, profile=False, stat="median", drop_rate=0.0):
     """Median (``stat``) step time of each contender on config ``name``; returns (rows, info).
 
     ``nanogpt``: nanoGPT's model module (load_nanogpt) or None. info holds the peaks, the
@@ -460,6 +475,9 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nan
     hf_mod = hf_logits_module(hf)
     nano = build_nanogpt(nanogpt, hf, context) if nanogpt is not None else None
     check_initial_losses(name, batch, ours, hf_mod, nano, log)
+    for model in (ours, hf, nano):
+        if model is not None and drop_rate:
+            set_drop_rate(model, drop_rate)
 
     # ours' contenders share one model (bf16 autocast keeps fp32 weights); "plain" runs with
     # the CPU fast paths off, to see what they are worth on this machine
@@ -474,6 +492,7 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nan
     fpt, n_nonemb = flops_per_token(ours, context)
     cfg = ours.cfg
     info = {"config": name, "shape": shape, "context": context, "batch": batch_size,
+            "drop_rate": drop_rate,
             "flops_per_token": fpt, "n_nonemb": n_nonemb, "emb_dim": cfg["emb_dim"],
             "n_layers": cfg["n_layers"], "vocab_size": cfg["vocab_size"],
             "peak_fp32": peak["fp32"], "peak_bf16": peak["bf16"],
@@ -500,7 +519,8 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nan
 
 def print_config_info(info):
     print(f"config {info['config']}: {info['shape']} shape, context {info['context']}, "
-          f"batch {info['batch']}; N_nonemb {info['n_nonemb'] / 1e6:.2f}M; "
+          f"batch {info['batch']}, dropout {info.get('drop_rate', 0.0)}; "
+          f"N_nonemb {info['n_nonemb'] / 1e6:.2f}M; "
           f"{info['flops_per_token'] / 1e6:.1f} MFLOP/token; HF attention "
           f"{info['attn']}; matmul peak 2048^3 (best of torch.mm, oneDNN): "
           f"fp32 {info['peak_fp32'] / 1e9:.0f} "
@@ -601,6 +621,8 @@ def main(argv=None):
                    help="torch.profiler over one ours bf16 step: op groups, top ops")
     p.add_argument("--stat", choices=list(STATS), default="median",
                    help="figures from the median round (default) or the fastest one")
+    p.add_argument("--drop-rate", type=float, default=0.0,
+                   help="dropout in every contender (GPT-2 trains with 0.1; default 0)")
     common.add_run_flags(p, "tiny config, 2 rounds, 1 warmup step", tune_malloc=True)
     args = p.parse_args(argv)
     configs = (args.configs or ("tiny" if args.quick else "S,M")).split(",")
@@ -631,7 +653,7 @@ def main(argv=None):
         r, info = bench_config(name, rounds, warmup, args.hf_bf16, args.seed,
                                nanogpt=nanogpt, compile=args.compile,
                                breakdown=args.breakdown, profile=args.profile,
-                               stat=args.stat)
+                               stat=args.stat, drop_rate=args.drop_rate)
         rows += r
         infos.append(info)
     print()

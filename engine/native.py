@@ -5,13 +5,15 @@
 ~/.cache/gpt2-from-scratch), named by a hash of the source and the headers beside it
 (bf16.h), the compiler and the CPU, so that a change of any of them builds it anew, and
 loads it. Where that cannot be done it raises OSError, RuntimeError or SubprocessError
-saying why; the callers then keep PyTorch's kernels. Two files use it: int8_kernel.c
-(engine/int8.py) and decode_kernel.c (``decode_kernels()``: engine/decoder.py,
-engine/cpu_kernels.py and engine/int8.py).
+saying why; the callers then keep PyTorch's kernels. Three files use it: int8_kernel.c
+(engine/int8.py), decode_kernel.c (``decode_kernels()``: engine/decoder.py,
+engine/cpu_kernels.py and engine/int8.py) and attention_kernel.c (``attention_kernels()``:
+engine/attention.py).
 
 The kernels need Linux and PyTorch's OpenMP (libgomp), whose thread pool they share;
 decode_kernel.c needs x86-64 with AVX2 and FMA, using AVX-512 where the CPU has it, or 64-bit
-Arm, using NEON (engine/simd.h); int8_kernel.c needs AVX-512 (F, BW).
+Arm, using NEON (engine/simd.h), and so does attention_kernel.c; int8_kernel.c needs AVX-512
+(F, BW).
 ``GPT2_KERNEL_ISA=avx2`` builds them as for a CPU without AVX-512 (so int8_kernel.c is not
 built): to measure or test on an AVX-512 machine what an AVX2 one runs.
 """
@@ -122,15 +124,38 @@ def decode_signatures(lib):
 def decode_kernels():
     """decode_kernel.c built and loaded once per process, its functions' signatures set
     (decode_signatures); raises as build() does."""
-    global _DECODE
-    if _DECODE is None:
-        try:
-            lib = build(Path(__file__).with_name("decode_kernel.c"))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _DECODE = e
-            raise
-        _DECODE = decode_signatures(lib)
-    if isinstance(_DECODE, Exception):
-        raise _DECODE
-    return _DECODE
+    return _once("_DECODE", "decode_kernel.c", decode_signatures)
 
+
+_ATTENTION = None   # attention_kernel.c, as _DECODE
+
+
+def attention_signatures(lib):
+    """``lib`` (a build of attention_kernel.c) with its functions' signatures set."""
+    ptr, size = ctypes.c_void_p, ctypes.c_long
+    geometry = [ctypes.c_int] + [size] * 5 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+    lib.softmax_dropout.argtypes = [ptr] * 3 + geometry
+    lib.softmax_dropout_backward.argtypes = [ptr] * 4 + geometry
+    lib.softmax_dropout.restype = lib.softmax_dropout_backward.restype = ctypes.c_int
+    return lib
+
+
+def attention_kernels():
+    """attention_kernel.c built and loaded once per process (engine/attention.py); raises as
+    build() does."""
+    return _once("_ATTENTION", "attention_kernel.c", attention_signatures)
+
+
+def _once(name, source, signatures):
+    """The library kept in the global ``name``: built from ``source`` the first time, its
+    signatures set; where it cannot be built, the exception is kept and raised again."""
+    lib = globals()[name]
+    if lib is None:
+        try:
+            lib = signatures(build(Path(__file__).with_name(source)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            lib = e
+        globals()[name] = lib
+    if isinstance(lib, Exception):
+        raise lib
+    return lib

@@ -8,7 +8,7 @@ import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
 from conftest import CLOCK_FLAGS, ROOT, set_clock_flags
-from engine import cpu_kernels, decoder, devices, int8, native, pages, tuning
+from engine import attention, cpu_kernels, decoder, devices, int8, native, pages, tuning
 
 _path = list(sys.path)
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,16 +21,18 @@ def test_the_vendor_table_it_compares_with():
     amd = choice_speed.vendor_table("AuthenticAMD")
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
-    # the table had every path on for AMD, but weights in 4 KiB pages and fp32 int8 prompts
-    # on dequantized weights everywhere
+    # the table had every path on for AMD, but weights in 4 KiB pages, fp32 int8 prompts
+    # on dequantized weights and PyTorch's training attention everywhere
     assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES"),
-                                                    ("int8", "BF16_ROWS")}
+                                                    ("int8", "BF16_ROWS"),
+                                                    ("attention", "BLOCKED")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
     # it sets every flag the clock chooses, each of which exists
     assert sorted(amd) == sorted(CLOCK_FLAGS)
-    modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages}
+    modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages,
+               "attention": attention}
     for module, flag in amd:
         assert hasattr(modules[module], flag)
 
@@ -51,7 +53,8 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
             ["torch.mm", "oneDNN", "rows of 50257", "rows padded to 64", cpu_kernels.PLAIN,
              cpu_kernels.PACKED, cpu_kernels.OWN, "fp32 logits", "bf16-screened",
              "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8",
-             pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul"])},
+             pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul",
+             attention.PLAIN, attention.OURS])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -65,6 +68,10 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
     if pages.available():
         assert picked["weights for decoding"] == pages.SMALL_LABEL
     assert picked["int8 products (fp32 rows: 64)"] == "dequantized fp32"
+    if attention.kernel() is not None:
+        assert picked["training attention (bf16, dropout, 12 heads x 1024 x 64, batch 1)"] \
+            == attention.PLAIN
+        assert sum(name.startswith("training attention (") for name in picked) == 4
 
 
 def test_the_summary_line():

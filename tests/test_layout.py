@@ -123,7 +123,8 @@ def test_model_py_reaches_the_engine_only_for_kernels_and_files():
     # a learner reads model.py as GPT-2: the kernels, the fused loss and the file plumbing
     # are one call away, and no other textbook module is needed to follow it
     assert _graph()["model"] == {"engine.cpu_kernels", "engine.decoder", "engine.fused_loss",
-                                 "engine.devices", "engine.checkpoints", "engine.int8"}
+                                 "engine.attention", "engine.devices", "engine.checkpoints",
+                                 "engine.int8"}
 
 
 def test_converters_and_entry_points_are_untangled():

@@ -1,0 +1,173 @@
+"""Causal self-attention while training on the CPU, in blocks of queries, with its softmax and
+dropout in one C pass.
+
+model.py's attention is one call, ``F.scaled_dot_product_attention(q, k, v, is_causal=True,
+dropout_p=p)``. With p = 0 PyTorch runs it through its fused CPU kernel (flash attention).
+With dropout, which GPT-2 trains with (``drop_rate`` 0.1), PyTorch's CPU has no fused kernel:
+it falls back to the plain math, which builds every (T, T) score matrix whole, draws the
+dropout mask with its CPU generator one element at a time (7-8 ns each: 12.6 million
+elements a layer at 12 heads x 1024 tokens) and keeps the mask for the backward pass. At
+GPT-2 124M's shape (context 1024) that made attention 370 ms a layer, 6x the fused kernel,
+and a bf16 training step 2.4x slower with dropout than without (bench/README.md).
+
+Here the same computation,
+
+    y = dropout(softmax(q k^T / sqrt(head_dim) + causal mask)) v
+
+runs a block of BLOCK query rows at a time: a block needs only the keys up to its last row
+(the others are masked), so about half of the score matrix is computed, as the fused kernel
+does. Its two products are PyTorch's (bf16 under bf16 autocast); between them
+engine/attention_kernel.c takes each row's softmax over the keys it may see, in fp32, and
+the dropout in one pass, keeping the probabilities for the backward pass, whose softmax and
+dropout gradient is one pass too. Whether an element is dropped is a hash of (a seed, its
+row, its column): the mask costs a few vector instructions an element instead of a draw,
+and the backward pass computes it again instead of keeping it. The seed is drawn from
+PyTorch's generator once per call, so a seeded run (and a resumed one, which restores the
+generator) gets the same masks again.
+
+Where it can run: on the CPU, for training (gradients on) or dropout, without an explicit
+mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.py), once per
+dtype, shape, and with or without dropout: on a Zen 4, at 124M's shape, it won with dropout
+(4-9x) and in bf16 without (1.1-1.4x), and lost to PyTorch's flash kernel in fp32 without
+dropout (0.9x).
+
+Switches: ``attention.ENABLED = False`` (or ``GPT2_FAST_ATTENTION=0`` before Python
+starts), or ``with attention.disabled():``, turn it off; ``BLOCKED`` True takes it wherever
+it can run (False: never; None: the clock). The tests compare it with the plain math under
+the same mask. Off under torch.compile, and where the kernel cannot be built.
+"""
+
+import contextlib
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from engine import native, tuning, turned_off
+
+ENABLED = os.environ.get("GPT2_FAST_ATTENTION", "1") != "0"   # the switch
+# None: where it beats PyTorch's attention, timed where it runs
+BLOCKED = True if os.environ.get("GPT2_FAST_ATTENTION") == "1" else None
+BLOCK = 256         # query rows a block
+PLAIN, OURS = "PyTorch's attention", "blocks, C softmax"
+
+
+def disabled():
+    """Within this block model.py's attention runs the plain PyTorch call."""
+    return turned_off(sys.modules[__name__])
+
+
+def kernel():
+    """attention_kernel.c loaded, or None where it cannot be built here."""
+    try:
+        return native.attention_kernels()
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+
+
+def draw_seed():
+    """The seed of one call's dropout mask: one draw from PyTorch's generator, so that
+    seeded runs repeat their masks."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def causal(q, k, v, p, mask=None):
+    """softmax(q k^T / sqrt(head_dim), causal) v with dropout ``p`` on the attention weights,
+    (B, H, T, D) like q, where this path runs (see the module); else None: then the caller
+    runs F.scaled_dot_product_attention."""
+    if (not ENABLED or BLOCKED is False or mask is not None or q.device.type != "cpu"
+            or not (p > 0 or torch.is_grad_enabled() and q.requires_grad)
+            or q.shape != k.shape or q.shape != v.shape or q.shape[-2] < 2
+            or torch.compiler.is_compiling()):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or q.dtype != v.dtype
+            or kernel() is None or not blocked_wins(q.shape, dtype, p)):
+        return None
+    return blocked(q, k, v, p)
+
+
+def blocked_wins(shape, dtype, p):
+    """Whether blocked() beats PyTorch's attention here for q (B, H, T, D) ``shape`` in
+    ``dtype`` with (p > 0) or without dropout: BLOCKED where set, else the clock's pick."""
+    B, H, T, D = shape
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    name = (f"training attention ({kind}, {'dropout' if p > 0 else 'no dropout'}, "
+            f"{H} heads x {T} x {D}, batch {B})")
+    return tuning.switch(BLOCKED, name, lambda: _candidates(shape, dtype, p), PLAIN, OURS)
+
+
+@contextlib.contextmanager
+def _candidates(shape, dtype, p):
+    """{label: one forward and backward pass} of both ways on random q, k, v (tuning.py,
+    which times under inference_mode: gradients are turned back on here), with PyTorch's
+    generator put back afterwards: measuring draws no masks from a run's."""
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        q, k, v = (tuning.filled(shape, dtype).requires_grad_() for _ in range(3))
+        grad = tuning.filled(shape, dtype)
+
+        def plain():
+            with torch.inference_mode(False), torch.enable_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=p).backward(grad)
+
+        def ours():
+            with torch.inference_mode(False), torch.enable_grad():
+                blocked(q, k, v, p).backward(grad)
+        yield {PLAIN: plain, OURS: ours}
+
+
+def blocked(q, k, v, p):
+    """causal()'s computation, taken: q, k, v (B, H, T, D) fp32 or bf16, dropout ``p``."""
+    B, H, T, D = q.shape
+    seed = draw_seed() if p > 0 else 0
+    q = q * (1.0 / math.sqrt(D))         # scale the queries: (T, D), not the (T, T) scores
+    out = []
+    for start in range(0, T, BLOCK):
+        end = min(start + BLOCK, T)                  # queries start..end see keys 0..end
+        scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1))
+        # softmax over each row's keys 0..its own position, then dropout, in one C pass
+        weights = SoftmaxDropout.apply(scores, p, seed, start, T)  # (B, H, end - start, end)
+        out.append(torch.matmul(weights, v[:, :, :end]))             # (B, H, end - start, D)
+    return torch.cat(out, dim=2)                                       # (B, H, T, D)
+
+
+def _geometry(x, p, seed, row0, mat_rows):
+    """attention_kernel.c's arguments after the tensors, for blocks ``x`` (..., rows, cols)."""
+    rows, cols = x.shape[-2:]
+    threshold = min(round(p * 2**32), 2**32 - 1)
+    return (int(x.dtype == torch.bfloat16), x.numel() // (rows * cols), rows, cols, row0,
+            mat_rows, seed, threshold, 1.0 / (1.0 - p))
+
+
+class SoftmaxDropout(torch.autograd.Function):
+    """Causal softmax of a block of scores, then dropout (attention_kernel.c). The backward
+    pass computes the probabilities again from the scores (kept: the product made them) and
+    each row's log-sum-exp, and the mask again from the seed."""
+
+    @staticmethod
+    def forward(ctx, scores, p, seed, row0, mat_rows):
+        scores = scores.contiguous()                         # (..., rows, cols) fp32 or bf16
+        lse = torch.empty(scores.shape[:-1], dtype=torch.float32)             # (..., rows)
+        out = torch.empty_like(scores)
+        ctx.args = _geometry(scores, p, seed, row0, mat_rows)
+        if kernel().softmax_dropout(scores.data_ptr(), lse.data_ptr(), out.data_ptr(),
+                                    *ctx.args):
+            raise MemoryError("attention: out of memory for the softmax's row buffers")
+        ctx.save_for_backward(scores, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        scores, lse = ctx.saved_tensors
+        grad = grad.to(scores.dtype).contiguous()
+        out = torch.empty_like(grad)
+        if kernel().softmax_dropout_backward(grad.data_ptr(), scores.data_ptr(), lse.data_ptr(),
+                                             out.data_ptr(), *ctx.args):
+            raise MemoryError("attention: out of memory for the softmax's row buffers")
+        return out, None, None, None, None

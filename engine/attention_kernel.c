@@ -1,0 +1,165 @@
+/* Attention's softmax and dropout while training on the CPU (engine/attention.py), for one
+ * block of query rows at a time, in one pass over the scores forward and one backward.
+ *
+ * softmax_dropout(s, lse, pd, bf16, mats, rows, cols, row0, mat_rows, seed, threshold, scale)
+ *     s, pd (mats, rows, cols): bf16 where `bf16`, else fp32; lse (mats, rows) fp32.
+ *     Row r of every matrix is query row0 + r (of mat_rows in all) against keys 0..cols-1;
+ *     causal, it sees keys 0..row0 + r, so for those
+ *         p   = softmax(s row) = exp(s - lse)       (the rest of the row: 0)
+ *         lse = log(sum(exp(s row)))                (kept for the backward pass)
+ *         pd  = p * keep * scale                    (scale = 1 / (1 - dropout))
+ * softmax_dropout_backward(dpd, s, lse, ds, bf16, ...the same...) is its gradient, with p
+ * computed again from the scores (kept anyway: they are the product's output):
+ *         dp = dpd * keep * scale,   ds = p * (dp - sum(p * dp))
+ *
+ * keep(row, column) hashes (seed, row, column) to 32 bits h and keeps the element where
+ * h >= threshold: with threshold = dropout * 2^32 an element is dropped with probability
+ * `dropout`. The mask is a function of the element's coordinates, not a stream of draws, so
+ * the backward pass computes it again from the seed and nothing of the size of the attention
+ * matrix is kept for it; the rows are independent work for the threads; and the same seed
+ * gives the same mask whatever the block size or the number of threads. (GPU flash
+ * attention does the same with the Philox counter-based generator.) PyTorch's CPU generator
+ * draws 7-8 ns an element, one at a time; a hash is a few vector instructions.
+ *
+ * The mixer is an invertible 32-bit hash (xor-shift, multiply, xor-shift, multiply, xor-shift,
+ * with the constants of C. Wellons' "lowbias32", chosen by his hash-prospector search for
+ * low bias), applied to the row, then to each column added to that row's key.
+ * Both functions return 0, or -1 where a thread's row buffers could not be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "bf16.h"
+#include "simd.h"
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* factor[c] = scale where (row, c) is kept, else 0, for the first n columns */
+static void keep_factors(float *factor, uint64_t seed, uint64_t row, long n,
+                         uint32_t threshold, float scale) {
+    /* every 64-bit (seed, row) pair its own 32-bit key */
+    uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)row
+                         ^ mix32((uint32_t)(row >> 32) ^ (uint32_t)(seed >> 32))));
+    for (long c = 0; c < n; c++) {          /* the compiler vectorizes this loop */
+        uint32_t h = mix32(key + (uint32_t)c * 0x9e3779b9u);
+        factor[c] = h >= threshold ? scale : 0.0f;
+    }
+}
+
+/* the largest of x[0..n-1], n >= 1 */
+static float row_max(const float *x, long n) {
+    long c = 0;
+    float best = x[0];
+    if (n >= VW) {
+        vf top = vf_load(x);
+        for (c = VW; c + VW <= n; c += VW) top = vf_max(top, vf_load(x + c));
+        best = vf_hmax(top);
+    }
+    for (; c < n; c++) best = x[c] > best ? x[c] : best;
+    return best;
+}
+
+/* the first n values of a bf16 or fp32 row, in fp32 */
+static void load_row(float *out, const void *x, long n, int bf16) {
+    if (bf16) {
+        for (long c = 0; c < n; c++) out[c] = bf16_to_f32(((const uint16_t *)x)[c]);
+    } else {
+        for (long c = 0; c < n; c++) out[c] = ((const float *)x)[c];
+    }
+}
+
+/* a row of n values stored, then zeros to `cols` */
+static void store_row(void *y, const float *row, long n, long cols, int bf16) {
+    if (bf16) {
+        uint16_t *out = y;
+        for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c]);
+        for (long c = n; c < cols; c++) out[c] = 0;
+    } else {
+        float *out = y;
+        for (long c = 0; c < n; c++) out[c] = row[c];
+        for (long c = n; c < cols; c++) out[c] = 0.0f;
+    }
+}
+
+int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, long rows,
+                    long cols, long row0, long mat_rows, uint64_t seed, uint32_t threshold,
+                    float scale) {
+    int failed = 0;
+    size_t width = bf16 ? 2 : 4;
+    #pragma omp parallel
+    {
+        float *x = malloc(2 * (size_t)cols * sizeof(float));    /* a row, its factors */
+        float *factor = x ? x + cols : NULL;
+        if (!x) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (long mr = 0; mr < mats * rows; mr++) {
+            if (!x) continue;
+            long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
+            load_row(x, (const char *)s + mr * cols * width, n, bf16);
+            float best = row_max(x, n);
+            vf total = vf_zero();
+            for (long c = 0; c < n; c += VW) {
+                vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(x + c, n - c), vf_set(best))), n - c);
+                vf_store_n(x + c, e, n - c);
+                total = vf_add(total, e);
+            }
+            float sum = vf_sum(total), inv = 1.0f / sum;
+            lse[mr] = best + logf(sum);
+            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, n,
+                         threshold, scale);
+            for (long c = 0; c < n; c++) x[c] *= inv * factor[c];
+            store_row((char *)pd + mr * cols * width, x, n, cols, bf16);
+        }
+        free(x);
+    }
+    return failed ? -1 : 0;
+}
+
+int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, void *ds,
+                             int bf16, long mats, long rows, long cols, long row0,
+                             long mat_rows, uint64_t seed, uint32_t threshold, float scale) {
+    int failed = 0;
+    size_t width = bf16 ? 2 : 4;
+    #pragma omp parallel
+    {
+        float *x = malloc(3 * (size_t)cols * sizeof(float));  /* dp, its factors, p */
+        float *factor = x ? x + cols : NULL, *prob = x ? x + 2 * cols : NULL;
+        if (!x) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (long mr = 0; mr < mats * rows; mr++) {
+            if (!x) continue;
+            long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
+            load_row(prob, (const char *)s + mr * cols * width, n, bf16);
+            load_row(x, (const char *)dpd + mr * cols * width, n, bf16);
+            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, n,
+                         threshold, scale);
+            vf dots = vf_zero();
+            for (long c = 0; c < n; c += VW) {
+                vf p = vf_exp(vf_sub(vf_load_n(prob + c, n - c), vf_set(lse[mr])));
+                vf dp = vf_mul(vf_load_n(x + c, n - c), vf_load_n(factor + c, n - c));
+                vf_store_n(prob + c, p, n - c);
+                vf_store_n(x + c, dp, n - c);
+                dots = vf_fma(vf_keep_n(p, n - c), dp, dots);
+            }
+            float dot = vf_sum(dots);
+            for (long c = 0; c < n; c++) x[c] = prob[c] * (x[c] - dot);
+            store_row((char *)ds + mr * cols * width, x, n, cols, bf16);
+        }
+        free(x);
+    }
+    return failed ? -1 : 0;
+}
