@@ -218,7 +218,8 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
         self.ff = FeedForward(cfg)
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+        # nn.Dropout; fast path: on the CPU its mask is drawn in C (engine/attention.py)
+        self.drop_shortcut = attention.Dropout(cfg["drop_rate"])
 
     def forward(self, x, cache=None, layer=0, mask=None):
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, mask))  # (B, T, C)
@@ -236,7 +237,7 @@ class GPTModel(nn.Module):
         meta = torch.empty(0).is_meta
         self.tok_emb = nn.Embedding(V, C, _weight=torch.empty(V, C) if meta else None)
         self.pos_emb = nn.Embedding(T, C, _weight=torch.empty(T, C) if meta else None)
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.drop_emb = attention.Dropout(cfg["drop_rate"])              # nn.Dropout, as above
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(C, eps=1e-5)
         tied = cfg["tie_embeddings"]    # then the head has no matrix of its own to allocate

@@ -44,6 +44,7 @@ import subprocess
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -171,3 +172,42 @@ class SoftmaxDropout(torch.autograd.Function):
                                              out.data_ptr(), *ctx.args):
             raise MemoryError("attention: out of memory for the softmax's row buffers")
         return out, None, None, None, None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (the same module: its ``p``, no weights) whose mask, while training on the
+    CPU, is attention_kernel.c's hash of (a seed, the row, the column) instead of a draw per
+    element from PyTorch's generator (7-8 ns each: at 124M's shape the model's 25 other
+    dropouts took ~130 ms of a training step); its backward pass draws the mask again.
+    model.py's embedding and residual dropouts; the switches are this module's."""
+
+    def forward(self, x):
+        if (not self.training or self.p <= 0 or not ENABLED or BLOCKED is False
+                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or x.dim() == 0 or x.numel() == 0 or torch.compiler.is_compiling()
+                or kernel() is None):
+            return super().forward(x)
+        return _HashDropout.apply(x, self.p, draw_seed())
+
+
+def _dropout_rows(x, p, seed):
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    cols = x.shape[-1]
+    kernel().dropout_rows(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16),
+                          x.numel() // cols, cols, *_geometry(x.view(-1, cols), p, seed, 0, 1)[-3:])
+    return y
+
+
+class _HashDropout(torch.autograd.Function):
+    """x * keep / (1 - p), keep a hash of (seed, row, column): its own gradient."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.args = (p, seed)
+        return _dropout_rows(x, p, seed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _dropout_rows(grad, *ctx.args), None, None

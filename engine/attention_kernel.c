@@ -21,10 +21,14 @@
  * attention does the same with the Philox counter-based generator.) PyTorch's CPU generator
  * draws 7-8 ns an element, one at a time; a hash is a few vector instructions.
  *
+ * dropout_rows(x, y, bf16, rows, cols, seed, threshold, scale) is the same mask on its own,
+ * for the model's other dropouts (embeddings, residual branches): y = x * keep * scale for x
+ * and y (rows, cols), row r being row r of the mask. It is its own gradient.
+ *
  * The mixer is an invertible 32-bit hash (xor-shift, multiply, xor-shift, multiply, xor-shift,
  * with the constants of C. Wellons' "lowbias32", chosen by his hash-prospector search for
  * low bias), applied to the row, then to each column added to that row's key.
- * Both functions return 0, or -1 where a thread's row buffers could not be allocated.
+ * The softmax functions return 0, or -1 where a thread's row buffers could not be allocated.
  */
 #include <math.h>
 #include <stdint.h>
@@ -42,14 +46,14 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-/* factor[c] = scale where (row, c) is kept, else 0, for the first n columns */
-static void keep_factors(float *factor, uint64_t seed, uint64_t row, long n,
+/* factor[c] = scale where (row, c0 + c) is kept, else 0, for n columns from c0 */
+static void keep_factors(float *factor, uint64_t seed, uint64_t row, long c0, long n,
                          uint32_t threshold, float scale) {
     /* every 64-bit (seed, row) pair its own 32-bit key */
     uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)row
                          ^ mix32((uint32_t)(row >> 32) ^ (uint32_t)(seed >> 32))));
     for (long c = 0; c < n; c++) {          /* the compiler vectorizes this loop */
-        uint32_t h = mix32(key + (uint32_t)c * 0x9e3779b9u);
+        uint32_t h = mix32(key + (uint32_t)(c0 + c) * 0x9e3779b9u);
         factor[c] = h >= threshold ? scale : 0.0f;
     }
 }
@@ -116,7 +120,7 @@ int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, lo
             }
             float sum = vf_sum(total), inv = 1.0f / sum;
             lse[mr] = best + logf(sum);
-            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, n,
+            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
                          threshold, scale);
             for (long c = 0; c < n; c++) x[c] *= inv * factor[c];
             store_row((char *)pd + mr * cols * width, x, n, cols, bf16);
@@ -145,7 +149,7 @@ int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, v
             long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
             load_row(prob, (const char *)s + mr * cols * width, n, bf16);
             load_row(x, (const char *)dpd + mr * cols * width, n, bf16);
-            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, n,
+            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
                          threshold, scale);
             vf dots = vf_zero();
             for (long c = 0; c < n; c += VW) {
@@ -162,4 +166,24 @@ int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, v
         free(x);
     }
     return failed ? -1 : 0;
+}
+
+void dropout_rows(const void *x, void *y, int bf16, long rows, long cols, uint64_t seed,
+                  uint32_t threshold, float scale) {
+    size_t width = bf16 ? 2 : 4;
+    #pragma omp parallel
+    {
+        float row[256], factor[256];            /* a row in pieces of 256 */
+        #pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            for (long c0 = 0; c0 < cols; c0 += 256) {
+                long n = cols - c0 < 256 ? cols - c0 : 256;
+                const char *in = (const char *)x + (r * cols + c0) * width;
+                load_row(row, in, n, bf16);
+                keep_factors(factor, seed, (uint64_t)r, c0, n, threshold, scale);
+                for (long c = 0; c < n; c++) row[c] *= factor[c];
+                store_row((char *)y + (r * cols + c0) * width, row, n, n, bf16);
+            }
+        }
+    }
 }

@@ -137,6 +137,8 @@ def attention_signatures(lib):
     lib.softmax_dropout.argtypes = [ptr] * 3 + geometry
     lib.softmax_dropout_backward.argtypes = [ptr] * 4 + geometry
     lib.softmax_dropout.restype = lib.softmax_dropout_backward.restype = ctypes.c_int
+    lib.dropout_rows.argtypes = [ptr] * 2 + [ctypes.c_int] + [size] * 2 + geometry[-3:]
+    lib.dropout_rows.restype = None
     return lib
 
 

@@ -245,3 +245,34 @@ def test_recomputed_activations_draw_the_same_masks():
         grads.append([p.grad for p in m.parameters()])
     for g, r in zip(*grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_models_other_dropouts_keep_by_the_same_hash(dtype):
+    # attention.Dropout (model.py's embedding and residual dropouts): rows of the last
+    # dimension, each element kept by its definition, scaled by 1 / (1 - p); the gradient
+    # through the same mask; an nn.Dropout in every other respect
+    from model_sources import set_dropout
+    drop = attention.Dropout(0.25).train()
+    assert isinstance(drop, torch.nn.Dropout)
+    x = torch.randn(3, 70, 300, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x.requires_grad_()
+    torch.manual_seed(8)
+    seed = attention.draw_seed()
+    torch.manual_seed(8)
+    y = drop(x)
+    keep = reference_keep(seed, 1, 210, 300, p=0.25).view(3, 70, 300)
+    factor = keep * torch.tensor(1 / 0.75)             # fp32, as the kernel multiplies
+    torch.testing.assert_close(y, (x.detach().float() * factor).to(dtype), rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, factor.to(dtype), rtol=0, atol=0)
+    assert abs((~keep).double().mean().item() - 0.25) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    from model import GPTModel
+    model = set_dropout(GPTModel({"vocab_size": 97, "context_length": 8, "emb_dim": 16,
+                                  "n_heads": 2, "n_layers": 1, "drop_rate": 0.1,
+                                  "qkv_bias": True}), 0.3)
+    assert [m.p for m in model.modules() if isinstance(m, attention.Dropout)] == [0.3, 0.3]
+    half = x.detach().half()                  # not fp32 or bf16: nn.Dropout's own draws
+    assert drop.train()(half).eq(0).any()
