@@ -18,23 +18,25 @@ runs a block of BLOCK query rows at a time: a block needs only the keys up to it
 (the others are masked), so about half of the score matrix is computed, as the fused kernel
 does. Its two products are PyTorch's (bf16 under bf16 autocast); between them
 engine/attention_kernel.c takes each row's softmax over the keys it may see, in fp32, and
-the dropout in one pass, keeping the probabilities for the backward pass, whose softmax and
-dropout gradient is one pass too. Whether an element is dropped is a hash of (a seed, its
-row, its column): the mask costs a few vector instructions an element instead of a draw,
-and the backward pass computes it again instead of keeping it. The seed is drawn from
-PyTorch's generator once per call, so a seeded run (and a resumed one, which restores the
-generator) gets the same masks again.
+the dropout in one pass, keeping only each row's log-sum-exp: the backward pass (one pass
+too) computes the probabilities again from the scores, which autograd keeps anyway. Whether
+an element is dropped is a hash of (a seed, its row, its column): the mask costs a few
+vector instructions an element instead of a draw, and the backward pass computes it again
+instead of keeping it. The seed is drawn from PyTorch's generator once per call, so a seeded
+run (and a resumed one, which restores the generator) gets the same masks again.
 
 Where it can run: on the CPU, for training (gradients on) or dropout, without an explicit
 mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.py), once per
-dtype, shape, and with or without dropout: on a Zen 4, at 124M's shape, it won with dropout
-(4-9x) and in bf16 without (1.1-1.4x), and lost to PyTorch's flash kernel in fp32 without
-dropout (0.9x).
+dtype, shape, and with or without dropout, one layer's forward and backward timed alone: on
+a Zen 4, at 124M's shape, it won with dropout (3-5x) and in bf16 without (1.1-1.6x alone,
+2-3% of a whole step), and lost to PyTorch's flash kernel in fp32 without dropout (0.9x).
+The model's other dropouts (``Dropout``, below) draw their masks by the same hash.
 
 Switches: ``attention.ENABLED = False`` (or ``GPT2_FAST_ATTENTION=0`` before Python
 starts), or ``with attention.disabled():``, turn it off; ``BLOCKED`` True takes it wherever
-it can run (False: never; None: the clock). The tests compare it with the plain math under
-the same mask. Off under torch.compile, and where the kernel cannot be built.
+it can run (as ``GPT2_FAST_ATTENTION=1`` does; False: never; None: the clock). The tests
+compare it with the plain math under the same mask. Off under torch.compile, and where the
+kernel cannot be built.
 """
 
 import contextlib
@@ -81,7 +83,7 @@ def causal(q, k, v, p, mask=None):
     (B, H, T, D) like q, where this path runs (see the module); else None: then the caller
     runs F.scaled_dot_product_attention."""
     if (not ENABLED or BLOCKED is False or mask is not None or q.device.type != "cpu"
-            or not (p > 0 or torch.is_grad_enabled() and q.requires_grad)
+            or not (p > 0 or torch.is_grad_enabled() and q.requires_grad) or p >= 1
             or q.shape != k.shape or q.shape != v.shape or q.shape[-2] < 2
             or torch.compiler.is_compiling()):
         return None
@@ -137,12 +139,17 @@ def blocked(q, k, v, p):
     return torch.cat(out, dim=2)                                       # (B, H, T, D)
 
 
+def _mask(p, seed):
+    """attention_kernel.c's last three arguments: the seed, the threshold of the hash under
+    which an element is dropped (p * 2^32), the kept elements' factor 1 / (1 - p)."""
+    return seed, min(round(p * 2**32), 2**32 - 1), 1.0 / (1.0 - p)
+
+
 def _geometry(x, p, seed, row0, mat_rows):
     """attention_kernel.c's arguments after the tensors, for blocks ``x`` (..., rows, cols)."""
     rows, cols = x.shape[-2:]
-    threshold = min(round(p * 2**32), 2**32 - 1)
     return (int(x.dtype == torch.bfloat16), x.numel() // (rows * cols), rows, cols, row0,
-            mat_rows, seed, threshold, 1.0 / (1.0 - p))
+            mat_rows, *_mask(p, seed))
 
 
 class SoftmaxDropout(torch.autograd.Function):
@@ -182,7 +189,7 @@ class Dropout(nn.Dropout):
     model.py's embedding and residual dropouts; the switches are this module's."""
 
     def forward(self, x):
-        if (not self.training or self.p <= 0 or not ENABLED or BLOCKED is False
+        if (not self.training or not 0 < self.p < 1 or not ENABLED or BLOCKED is False
                 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
                 or x.dim() == 0 or x.numel() == 0 or torch.compiler.is_compiling()
                 or kernel() is None):
@@ -191,11 +198,12 @@ class Dropout(nn.Dropout):
 
 
 def _dropout_rows(x, p, seed):
+    """x (..., cols) times its mask, rows numbered in x's order (dropout_rows)."""
     x = x.contiguous()
     y = torch.empty_like(x)
     cols = x.shape[-1]
     kernel().dropout_rows(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16),
-                          x.numel() // cols, cols, *_geometry(x.view(-1, cols), p, seed, 0, 1)[-3:])
+                          x.numel() // cols, cols, *_mask(p, seed))
     return y
 
 

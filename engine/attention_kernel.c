@@ -27,7 +27,8 @@
  *
  * The mixer is an invertible 32-bit hash (xor-shift, multiply, xor-shift, multiply, xor-shift,
  * with the constants of C. Wellons' "lowbias32", chosen by his hash-prospector search for
- * low bias), applied to the row, then to each column added to that row's key.
+ * low bias), applied to the row, then to each column (times 0x9e3779b9) added to that row's
+ * key.
  * The softmax functions return 0, or -1 where a thread's row buffers could not be allocated.
  */
 #include <math.h>
