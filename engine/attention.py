@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from engine import native, tuning, turned_off
+from engine import cpu_kernels, native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_FAST_ATTENTION", "1") != "0"   # the switch
 # None: where it beats PyTorch's attention, timed where it runs
@@ -128,14 +128,16 @@ def blocked(q, k, v, p):
     """causal()'s computation, taken: q, k, v (B, H, T, D) fp32 or bf16, dropout ``p``."""
     B, H, T, D = q.shape
     seed = draw_seed() if p > 0 else 0
+    # bf16 products where the CPU has no bf16 matmul kernel: in fp32 (cpu_kernels)
+    matmul = cpu_kernels.matmul_in_fp32 if cpu_kernels.bf16_in_fp32(q, k) else torch.matmul
     q = q * (1.0 / math.sqrt(D))         # scale the queries: (T, D), not the (T, T) scores
     out = []
     for start in range(0, T, BLOCK):
         end = min(start + BLOCK, T)                  # queries start..end see keys 0..end
-        scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1))
+        scores = matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1))
         # softmax over each row's keys 0..its own position, then dropout, in one C pass
         weights = SoftmaxDropout.apply(scores, p, seed, start, T)  # (B, H, end - start, end)
-        out.append(torch.matmul(weights, v[:, :, :end]))             # (B, H, end - start, D)
+        out.append(matmul(weights, v[:, :, :end]))                   # (B, H, end - start, D)
     return torch.cat(out, dim=2)                                       # (B, H, T, D)
 
 

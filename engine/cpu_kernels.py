@@ -317,12 +317,13 @@ def bf16_in_fp32(x, weight):
 def matmul_in_fp32(x, w, bias=None):
     """x (N, in) @ w (in, out) + bias as a bf16 matmul computes it (the operands rounded to
     bf16, products and sums in fp32, the result rounded to bf16), multiplied in fp32;
-    differentiable (the gradients as autocast's or a bf16 model's, in their dtypes)."""
+    differentiable (the gradients as autocast's or a bf16 model's, in their dtypes). Also
+    batched, without bias: x (..., N, in) @ w (..., in, out) (engine/attention.py)."""
     with torch.autocast("cpu", enabled=False):
         xf = x.to(torch.bfloat16).float()                                  # (N, in)
         wf = w.to(torch.bfloat16).float()                                  # (in, out)
         bf = None if bias is None else bias.to(torch.bfloat16).float()     # (out,)
-        if onednn_fp32_applies(xf, wf) and onednn_fp32():
+        if wf.dim() == 2 and onednn_fp32_applies(xf, wf) and onednn_fp32():
             y = _OneDNNLinear.apply(xf, wf, bf)
         else:
             y = xf @ wf if bf is None else torch.addmm(bf, xf, wf)

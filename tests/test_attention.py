@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import flag_in_a_fresh_process
-from engine import attention, native, tuning
+from engine import attention, cpu_kernels, native, tuning
 
 needs_kernel = pytest.mark.skipif(attention.kernel() is None,
                                   reason="attention_kernel.c cannot be built here")
@@ -51,12 +51,18 @@ def _qkv(B=2, H=3, T=21, D=16, dtype=torch.float32, seed=0):
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "autocast"])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("bf16_in_fp32", [False, True])
 def test_blocked_attention_equals_the_plain_math_under_the_same_mask(monkeypatch, dtype, p,
-                                                                     kernel_build):
+                                                                     bf16_in_fp32, kernel_build):
     # 21 queries in blocks of 8 (the last one short): every block's causal edge, the mask
     # of each row by its number in the whole matrix, the gradients of q, k and v; with the
-    # kernel built for this CPU and (on an AVX-512 one) as for an AVX2 CPU
+    # kernel built for this CPU and (on an AVX-512 one) as for an AVX2 CPU; bf16 products
+    # by PyTorch's bf16 matmul or, as where the CPU has none, in fp32 (cpu_kernels)
     monkeypatch.setattr(attention, "BLOCK", 8)
+    monkeypatch.setattr(cpu_kernels, "BF16_IN_FP32", bf16_in_fp32)
+    taken = []
+    in_fp32 = cpu_kernels.matmul_in_fp32
+    monkeypatch.setattr(cpu_kernels, "matmul_in_fp32", lambda *a: taken.append(1) or in_fp32(*a))
     tensors = _qkv(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     grad = torch.randn(2, 3, 21, 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(5)
@@ -76,6 +82,7 @@ def test_blocked_attention_equals_the_plain_math_under_the_same_mask(monkeypatch
     torch.testing.assert_close(y.double(), ref, **tol)
     for t, r in zip(tensors, exact):
         torch.testing.assert_close(t.grad.double(), r.grad, **tol)
+    assert len(taken) == (6 if bf16_in_fp32 and dtype != "fp32" else 0)   # 2 a block
     if p == 0.5:            # a wrong mask is far off: the comparison can tell
         other = reference_attention(*exact, reference_keep(seed + 1, 6, 21, 21, p=p), p)
         assert (other - y.double()).abs().max() > 0.2
