@@ -79,6 +79,7 @@ def vendor_table(vendor):
 
 ATTENTION_SHAPE = (1, 12, 1024, 64)     # training attention's q: 124M, context 1024, batch 1
 
+
 def meet_every_decision():
     """Call every fast path's choice with its flags left to the clock; returns {decision:
     label} as picked (from the cache folder's timings, or measured now)."""

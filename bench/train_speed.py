@@ -625,6 +625,8 @@ def main(argv=None):
                    help="dropout in every contender (GPT-2 trains with 0.1; default 0)")
     common.add_run_flags(p, "tiny config, 2 rounds, 1 warmup step", tune_malloc=True)
     args = p.parse_args(argv)
+    if not 0.0 <= args.drop_rate < 1.0:
+        p.error(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
     configs = (args.configs or ("tiny" if args.quick else "S,M")).split(",")
     rounds = args.rounds or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
