@@ -66,17 +66,22 @@ CLOCK = time.perf_counter
 WORKING_SET = None
 
 SEEN = {}               # name -> (setup, keep_autocast) of each decision met (bench scripts)
+MARGINS = {}            # name -> the margin of a decision that asks more than MARGIN
 _PICKED = {}            # (name, threads, allowed) -> label, this process
 _TIMES = {}             # file entry -> {label: seconds} measured on a busy machine, this process
 _NOTED = set()          # notes printed once
 
 
-def pick(name, setup, allowed, keep_autocast=False):
+def pick(name, setup, allowed, keep_autocast=False, margin=None):
     """The label among ``allowed`` (a sequence, the baseline first) that runs here; see the
     module. ``setup`` is called only when a measurement is needed; ``keep_autocast``: the
-    candidates run under the caller's autocast (else with autocast off)."""
+    candidates run under the caller's autocast (else with autocast off); ``margin``: how much
+    faster another must be than the baseline, where more than MARGIN (a path that costs
+    something the clock does not see, such as memory)."""
     allowed = tuple(allowed)
     SEEN[name] = (setup, keep_autocast)
+    if margin is not None:
+        MARGINS[name] = margin
     if len(allowed) == 1:
         return allowed[0]
     if MODE not in MODES:
@@ -86,30 +91,32 @@ def pick(name, setup, allowed, keep_autocast=False):
     key = (name, torch.get_num_threads(), allowed)
     if key not in _PICKED:
         times, measured = timings(name, setup, keep_autocast)
-        _PICKED[key] = _fastest(times, allowed)
+        _PICKED[key] = _fastest(times, allowed, margin)
         if measured:
-            print(f"{name}: {describe({a: times[a] for a in allowed if a in times}, _PICKED[key])}",
-                  file=sys.stderr, flush=True)
+            timed = {a: times[a] for a in allowed if a in times}
+            print(f"{name}: {describe(timed, _PICKED[key], margin)}", file=sys.stderr,
+                  flush=True)
     return _PICKED[key]
 
 
-def switch(flag, name, setup, plain, fast):
+def switch(flag, name, setup, plain, fast, margin=None):
     """Whether the fast path of one of the engine's flags runs here: ``flag`` itself where it
     is set (True or False), else (None) the clock's pick between the labels ``plain`` and
-    ``fast`` (``setup`` as pick's)."""
+    ``fast`` (``setup`` and ``margin`` as pick's)."""
     if flag is not None:
         return bool(flag)
-    return pick(name, setup, (plain, fast)) == fast
+    return pick(name, setup, (plain, fast), margin=margin) == fast
 
 
-def _fastest(times, allowed):
-    """The fastest label of ``allowed`` by ``times``; the baseline unless beaten by MARGIN."""
+def _fastest(times, allowed, margin=None):
+    """The fastest label of ``allowed`` by ``times``; the baseline unless beaten by ``margin``
+    (MARGIN where None)."""
     timed = [label for label in allowed if label in times]
     if not timed:
         return allowed[0]
     best = min(timed, key=lambda label: times[label])
     base = allowed[0]
-    if base in times and best != base and times[best] * MARGIN > times[base]:
+    if base in times and best != base and times[best] * (margin or MARGIN) > times[base]:
         return base
     return best
 
@@ -205,18 +212,19 @@ def repeats_of(candidates, repeats=None):
     return seconds
 
 
-def describe(times, chosen=None):
+def describe(times, chosen=None, margin=None):
     """'own C kernel, 1.80x plain on this CPU (oneDNN packed 1.20x)' for {label: seconds}:
     the fastest (or ``chosen``) against the first, the baseline."""
     labels = list(times)
     base = labels[0]
-    chosen = chosen or _fastest(times, labels)
+    chosen = chosen or _fastest(times, labels, margin)
     if len(labels) == 1:
         return f"{base} (the only one that runs here)"
     others = [f"{label} {times[base] / times[label]:.2f}x" for label in labels[1:]
               if label != chosen]
     if chosen == base:
-        text = f"{base} (the others: {', '.join(others)} of its speed; need {MARGIN:.2f}x)"
+        text = (f"{base} (the others: {', '.join(others)} of its speed; "
+                f"need {margin or MARGIN:.2f}x)")
     else:
         text = f"{chosen}, {times[base] / times[chosen]:.2f}x {base} on this CPU"
         if others:

@@ -200,28 +200,36 @@ def test_training_steps_of_the_model_take_it_and_match_the_plain_attention(monke
 
 
 def test_the_clock_decides_per_dtype_shape_and_dropout_and_leaves_the_generator_alone(
-        monkeypatch, tmp_path):
+        monkeypatch, tmp_path, capsys):
     # the decision's name, its two candidates really running (gradients on, under tuning's
-    # inference mode), and PyTorch's generator as it was: measuring draws no run's masks
+    # inference mode), and PyTorch's generator as it was: measuring draws no run's masks;
+    # without dropout the blocks must win by NO_DROPOUT_MARGIN (they keep more memory)
     monkeypatch.setattr(tuning, "MODE", "measure")
     monkeypatch.setattr(tuning, "_PICKED", {})
     monkeypatch.setattr(tuning, "_TIMES", {})
+    monkeypatch.setattr(tuning, "busy", lambda: "")
     monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(attention, "BLOCKED", None)
-    asked = []
+    asked, ours = [], {"s": 0.6}
 
     def timings(name, setup, keep_autocast=False):
         asked.append(name)
-        runs = tuning.measure_setup(setup, keep_autocast, repeats=1)
-        return ({attention.PLAIN: 1.0, attention.OURS: 0.5 if "bf16" in name else 2.0}
-                if attention.kernel() else runs), False
+        tuning.measure_setup(setup, keep_autocast, repeats=1)
+        return {attention.PLAIN: 1.0, attention.OURS: ours["s"]}, True
     monkeypatch.setattr(tuning, "timings", timings)
     state = torch.get_rng_state()
-    assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.1) is bool(attention.kernel())
-    assert not attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)
+    assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.1)      # 1.67x
+    assert not attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)   # 1.67x < 2x
     assert torch.equal(torch.get_rng_state(), state)
     assert asked == ["training attention (bf16, dropout, 3 heads x 21 x 16, batch 2)",
                      "training attention (fp32, no dropout, 3 heads x 21 x 16, batch 2)"]
+    said = capsys.readouterr().err
+    assert "(bf16, dropout, 3 heads x 21 x 16, batch 2): blocks, C softmax, 1.67x" in said
+    assert "blocks, C softmax 1.67x of its speed; need 2.00x" in said
+    ours["s"] = 0.45                                           # 2.2x: worth the memory
+    assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.0)
+    assert tuning.MARGINS["training attention (bf16, no dropout, 3 heads x 21 x 16, batch 2)"] \
+        == attention.NO_DROPOUT_MARGIN == 2.0
     monkeypatch.setattr(attention, "BLOCKED", True)           # a flag wins over the clock
     assert attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)
 
