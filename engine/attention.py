@@ -30,8 +30,8 @@ mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.
 dtype, shape, and with or without dropout, one layer's forward and backward timed alone;
 without dropout it must win by NO_DROPOUT_MARGIN (2x), since it keeps more memory than
 PyTorch's flash kernel. On a Zen 4, at 124M's shape, it won with dropout (4-7x); without,
-PyTorch's stays (bf16: 1.36x alone, 2-3% of a whole step; fp32: 0.9x); seen as an AVX2 CPU
-(no bf16 matmul kernel) it won in bf16 without dropout too (4.3x).
+PyTorch's stays (bf16: 1.33-1.6x alone, 2-3% of a whole step; fp32: 0.9x); seen as an AVX2
+CPU (no bf16 matmul kernel) it won in bf16 without dropout too (4.4x).
 The model's other dropouts (``Dropout``, below) draw their masks by the same hash.
 
 Switches: ``attention.ENABLED = False`` (or ``GPT2_FAST_ATTENTION=0`` before Python
