@@ -16,7 +16,8 @@ let go after the timing); ``allowed`` the labels the switches leave (a
 forced flag leaves one: then nothing is timed). Each candidate is called once to warm up,
 then REPEATS times, interleaved (a, b, b, a, ...: a machine that gets busier part-way slows
 both alike), and the median of each is kept. The first allowed label is the baseline: another
-is picked only where it is MARGIN (3%) faster, so that noise cannot switch a path on.
+is picked only where it is MARGIN (3%) faster, so that noise cannot switch a path on (or by
+a decision's own margin, where a path costs what the clock does not time: memory).
 
 The times are kept in ``choices-<key>.json`` in the cache folder (native.cache_folder():
 ``$GPT2_KERNEL_CACHE`` or ~/.cache/gpt2-from-scratch, beside the compiled kernels), where
