@@ -94,15 +94,48 @@ static void store_row(void *y, const float *row, long n, long cols, int bf16) {
     }
 }
 
-int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, long rows,
-                    long cols, long row0, long mat_rows, uint64_t seed, uint32_t threshold,
-                    float scale) {
+/* forward, one row of n scores (x: read into it; made p * keep * scale there): its lse */
+static float forward_row(float *x, const float *factor, const void *s, long n, int bf16) {
+    load_row(x, s, n, bf16);
+    float best = row_max(x, n);
+    vf total = vf_zero();
+    for (long c = 0; c < n; c += VW) {
+        vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(x + c, n - c), vf_set(best))), n - c);
+        vf_store_n(x + c, e, n - c);
+        total = vf_add(total, e);
+    }
+    float sum = vf_sum(total), inv = 1.0f / sum;
+    for (long c = 0; c < n; c++) x[c] *= inv * factor[c];
+    return best + logf(sum);
+}
+
+/* backward, one row: x gets ds from the row's dpd, its scores s and lse (prob: room for p) */
+static void backward_row(float *x, float *prob, const float *factor, const void *dpd,
+                         const void *s, float lse, long n, int bf16) {
+    load_row(prob, s, n, bf16);
+    load_row(x, dpd, n, bf16);
+    vf dots = vf_zero();
+    for (long c = 0; c < n; c += VW) {
+        vf p = vf_exp(vf_sub(vf_load_n(prob + c, n - c), vf_set(lse)));
+        vf dp = vf_mul(vf_load_n(x + c, n - c), vf_load_n(factor + c, n - c));
+        vf_store_n(prob + c, p, n - c);
+        vf_store_n(x + c, dp, n - c);
+        dots = vf_fma(vf_keep_n(p, n - c), dp, dots);
+    }
+    float dot = vf_sum(dots);
+    for (long c = 0; c < n; c++) x[c] = prob[c] * (x[c] - dot);
+}
+
+/* every row of a block, each by one thread, forward (dpd NULL: lse written) or backward
+   (lse read), the result (pd or ds) into out */
+static int each_row(const void *s, const void *dpd, float *lse, void *out, int bf16,
+                    long mats, long rows, long cols, long row0, long mat_rows, uint64_t seed,
+                    uint32_t threshold, float scale) {
     int failed = 0;
     size_t width = bf16 ? 2 : 4;
     #pragma omp parallel
     {
-        float *x = malloc(2 * (size_t)cols * sizeof(float));    /* a row, its factors */
-        float *factor = x ? x + cols : NULL;
+        float *x = malloc(3 * (size_t)cols * sizeof(float));    /* a row, its factors, p */
         if (!x) {
             #pragma omp atomic write
             failed = 1;
@@ -111,62 +144,34 @@ int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, lo
         for (long mr = 0; mr < mats * rows; mr++) {
             if (!x) continue;
             long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
-            load_row(x, (const char *)s + mr * cols * width, n, bf16);
-            float best = row_max(x, n);
-            vf total = vf_zero();
-            for (long c = 0; c < n; c += VW) {
-                vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(x + c, n - c), vf_set(best))), n - c);
-                vf_store_n(x + c, e, n - c);
-                total = vf_add(total, e);
-            }
-            float sum = vf_sum(total), inv = 1.0f / sum;
-            lse[mr] = best + logf(sum);
+            size_t at = (size_t)mr * cols * width;
+            float *factor = x + cols;
             keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
                          threshold, scale);
-            for (long c = 0; c < n; c++) x[c] *= inv * factor[c];
-            store_row((char *)pd + mr * cols * width, x, n, cols, bf16);
+            if (dpd)
+                backward_row(x, x + 2 * cols, factor, (const char *)dpd + at,
+                             (const char *)s + at, lse[mr], n, bf16);
+            else
+                lse[mr] = forward_row(x, factor, (const char *)s + at, n, bf16);
+            store_row((char *)out + at, x, n, cols, bf16);
         }
         free(x);
     }
     return failed ? -1 : 0;
 }
 
+int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, long rows,
+                    long cols, long row0, long mat_rows, uint64_t seed, uint32_t threshold,
+                    float scale) {
+    return each_row(s, NULL, lse, pd, bf16, mats, rows, cols, row0, mat_rows, seed,
+                    threshold, scale);
+}
+
 int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, void *ds,
                              int bf16, long mats, long rows, long cols, long row0,
                              long mat_rows, uint64_t seed, uint32_t threshold, float scale) {
-    int failed = 0;
-    size_t width = bf16 ? 2 : 4;
-    #pragma omp parallel
-    {
-        float *x = malloc(3 * (size_t)cols * sizeof(float));  /* dp, its factors, p */
-        float *factor = x ? x + cols : NULL, *prob = x ? x + 2 * cols : NULL;
-        if (!x) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (long mr = 0; mr < mats * rows; mr++) {
-            if (!x) continue;
-            long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
-            load_row(prob, (const char *)s + mr * cols * width, n, bf16);
-            load_row(x, (const char *)dpd + mr * cols * width, n, bf16);
-            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
-                         threshold, scale);
-            vf dots = vf_zero();
-            for (long c = 0; c < n; c += VW) {
-                vf p = vf_exp(vf_sub(vf_load_n(prob + c, n - c), vf_set(lse[mr])));
-                vf dp = vf_mul(vf_load_n(x + c, n - c), vf_load_n(factor + c, n - c));
-                vf_store_n(prob + c, p, n - c);
-                vf_store_n(x + c, dp, n - c);
-                dots = vf_fma(vf_keep_n(p, n - c), dp, dots);
-            }
-            float dot = vf_sum(dots);
-            for (long c = 0; c < n; c++) x[c] = prob[c] * (x[c] - dot);
-            store_row((char *)ds + mr * cols * width, x, n, cols, bf16);
-        }
-        free(x);
-    }
-    return failed ? -1 : 0;
+    return each_row(s, dpd, (float *)lse, ds, bf16, mats, rows, cols, row0, mat_rows, seed,
+                    threshold, scale);
 }
 
 void dropout_rows(const void *x, void *y, int bf16, long rows, long cols, uint64_t seed,
