@@ -19,7 +19,7 @@ import torch.nn as nn
 from dataset import get_tokenizer
 from download_weights import download_and_save_gpt2
 from download_weights_hf import SOURCES_HELP, load_source  # noqa: F401 (the CLIs import it)
-from model import MODEL_CONFIGS, OPENAI_SIZES, load_checkpoint, validate_config
+from model import GPT_CONFIG_124M, MODEL_CONFIGS, OPENAI_SIZES, load_checkpoint, validate_config
 
 
 def load_model(source, device=None, dtype=None, cfg=None, cache_dir="model_weights",
@@ -88,12 +88,14 @@ def crop_context(model, context_length):
 
 
 def set_dropout(model, rate):
-    """Set every dropout of ``model`` (embeddings, attention, residual branches) to ``rate``."""
-    cfg = validate_config({**model.cfg, "drop_rate": rate})    # the config's own check
+    """Set every dropout of ``model`` (embeddings, attention, residual branches) to ``rate``;
+    ours keeps it in its config too. Any nn.Module goes (bench/ sets HF's and nanoGPT's)."""
+    cfg = validate_config({**getattr(model, "cfg", GPT_CONFIG_124M), "drop_rate": rate})
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = rate
         elif hasattr(m, "dropout") and isinstance(m.dropout, float):   # MultiHeadAttention
             m.dropout = rate
-    model.cfg = cfg
+    if hasattr(model, "cfg"):
+        model.cfg = cfg
     return model

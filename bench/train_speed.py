@@ -99,7 +99,7 @@ def hf_logits_module(hf):
 def make_step(model, batch, dtype, plain=False, device="cpu"):
     """A function doing one full optimizer step; returns (seconds, loss).
 
-    ``plain``: with every fast path off (cpu_kernels.disabled, fused_loss.disabled), the
+    ``plain``: with every fast path off (cpu_kernels, fused_loss and attention disabled), the
     plain PyTorch code. ``device``: where the model and batch are (bench/gpu_check.py: a GPU,
     whose work is waited for before the clock is read).
     """
@@ -443,17 +443,6 @@ def contender_rows(name, runs, info, peak, stat="median"):
     return rows
 
 
-def set_drop_rate(model, p):
-    """Dropout ``p`` everywhere in ``model`` (ours, HF's or nanoGPT's): every nn.Dropout, and
-    the float that a module passes to scaled_dot_product_attention (ours, nanoGPT's)."""
-    import torch.nn as nn
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = p
-
-
 def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nanogpt=None,
                  compile=False, breakdown=True, profile=False, stat="median", drop_rate=0.0):
     """Median (``stat``) step time of each contender on config ``name``; returns (rows, info).
@@ -464,6 +453,7 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nan
     import torch
 
     from engine import fused_loss
+    from model_sources import set_dropout
     shape, context, batch_size = CONFIGS[name]
     ours, hf = common.build_pair(shape, seed, context_length=context)
     ours.train()
@@ -477,7 +467,7 @@ def bench_config(name, rounds=5, warmup=2, hf_bf16=False, seed=0, log=print, nan
     check_initial_losses(name, batch, ours, hf_mod, nano, log)
     for model in (ours, hf, nano):
         if model is not None and drop_rate:
-            set_drop_rate(model, drop_rate)
+            set_dropout(model, drop_rate)
 
     # ours' contenders share one model (bf16 autocast keeps fp32 weights); "plain" runs with
     # the CPU fast paths off, to see what they are worth on this machine
