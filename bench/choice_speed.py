@@ -63,7 +63,8 @@ NOT_SLOWER = 1 / 1.03
 
 def vendor_table(vendor):
     """{(module, flag): value} as the flags were set by CPU vendor before the clock chose
-    (training attention, newer than that table, was PyTorch's everywhere)."""
+    (training attention and the loss's rows, newer than that table, were PyTorch's
+    everywhere)."""
     amd, intel = vendor == "AuthenticAMD", vendor == "GenuineIntel"
     return {("cpu_kernels", "ONEDNN_FP32"): not intel,
             ("cpu_kernels", "ALIGNED_LOGITS"): not intel, ("cpu_kernels", "PACKING"): True,
@@ -71,7 +72,8 @@ def vendor_table(vendor):
             ("cpu_kernels", "SCREENED_HEAD"): True, ("cpu_kernels", "OWN_GEMV"): amd,
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
             ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
-            ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False}
+            ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False,
+            ("fused_loss", "C_ROWS"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def meet_every_decision():
     label} as picked (from the cache folder's timings, or measured now)."""
     import torch
 
-    from engine import attention, cpu_kernels, int8, pages, tuning
+    from engine import attention, cpu_kernels, fused_loss, int8, pages, tuning
     pages.chosen()
     for dtype in (torch.float32, torch.bfloat16):
         cpu_kernels.onednn_fp32()
@@ -102,6 +104,9 @@ def meet_every_decision():
         for dtype in (torch.float32, torch.bfloat16):
             for p in (0.0, 0.1):            # without dropout, and GPT-2's
                 attention.blocked_wins(ATTENTION_SHAPE, dtype, p)
+    if fused_loss.kernel() is not None:
+        for dtype in (torch.float32, torch.bfloat16):
+            fused_loss.c_rows(dtype, torch.device("cpu"))
     return tuning.picked()
 
 

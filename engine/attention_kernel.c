@@ -59,41 +59,6 @@ static void keep_factors(float *factor, uint64_t seed, uint64_t row, long c0, lo
     }
 }
 
-/* the largest of x[0..n-1], n >= 1 */
-static float row_max(const float *x, long n) {
-    long c = 0;
-    float best = x[0];
-    if (n >= VW) {
-        vf top = vf_load(x);
-        for (c = VW; c + VW <= n; c += VW) top = vf_max(top, vf_load(x + c));
-        best = vf_hmax(top);
-    }
-    for (; c < n; c++) best = x[c] > best ? x[c] : best;
-    return best;
-}
-
-/* the first n values of a bf16 or fp32 row, in fp32 */
-static void load_row(float *out, const void *x, long n, int bf16) {
-    if (bf16) {
-        for (long c = 0; c < n; c++) out[c] = bf16_to_f32(((const uint16_t *)x)[c]);
-    } else {
-        for (long c = 0; c < n; c++) out[c] = ((const float *)x)[c];
-    }
-}
-
-/* a row of n values stored, then zeros to `cols` */
-static void store_row(void *y, const float *row, long n, long cols, int bf16) {
-    if (bf16) {
-        uint16_t *out = y;
-        for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c]);
-        for (long c = n; c < cols; c++) out[c] = 0;
-    } else {
-        float *out = y;
-        for (long c = 0; c < n; c++) out[c] = row[c];
-        for (long c = n; c < cols; c++) out[c] = 0.0f;
-    }
-}
-
 /* forward, one row of n scores (x: read into it; made p * keep * scale there): its lse */
 static float forward_row(float *x, const float *factor, const void *s, long n, int bf16) {
     load_row(x, s, n, bf16);

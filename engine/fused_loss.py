@@ -31,15 +31,19 @@ or ``with fused_loss.disabled():``; the tests compare both paths. Off under torc
 """
 
 import os
+import subprocess
 import sys
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from engine import cpu_kernels, turned_off
+from engine import cpu_kernels, native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_FUSED_LOSS", "1") != "0"   # the one switch
+# the rows' softmax, loss and gradient by loss_kernel.c (True), PyTorch's ops (False), or
+# where the kernel beats those here (None: the clock, engine/tuning.py)
+C_ROWS = None
 CHUNK_ELEMENTS = 2**23      # logits held at once: 32 MB in fp32 (166 rows of GPT-2's vocab),
                             # 8x that when the head's weight gets a gradient too
 IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross_entropy)
@@ -48,6 +52,41 @@ IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross
 def disabled():
     """Within this block GPTModel.loss runs the plain code: logits, then F.cross_entropy."""
     return turned_off(sys.modules[__name__])
+
+
+def kernel():
+    """loss_kernel.c loaded, or None where it cannot be built here."""
+    try:
+        return native.loss_kernels()
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+
+
+def c_rows(dtype, device):
+    """Whether the loss's rows of ``dtype`` logits go through loss_kernel.c here: on the CPU,
+    fp32 or bf16, where it can be built and C_ROWS (or the clock) says so."""
+    if (C_ROWS is False or device.type != "cpu" or kernel() is None
+            or dtype not in (torch.float32, torch.bfloat16)):
+        return False
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return tuning.switch(C_ROWS, f"training loss rows ({kind}, {ROWS_TIMED} x "
+                         f"{tuning.HEAD_124M[0]} logits)", lambda: _candidates(dtype),
+                         TORCH_ROWS, C_ROWS_LABEL)
+
+
+TORCH_ROWS, C_ROWS_LABEL = "PyTorch's ops", "one C pass a row"
+ROWS_TIMED = 256        # logits rows the clock times (50 MB in fp32 at GPT-2's vocabulary)
+
+
+def _candidates(dtype):
+    # the loss and gradient of ROWS_TIMED rows of GPT-2's vocabulary, each way; both write
+    # into their logits, so each repeat starts from a fresh copy (the same copy both ways)
+    g = torch.Generator().manual_seed(0)
+    logits = tuning.filled((ROWS_TIMED, tuning.HEAD_124M[0]), dtype, g) * 40
+    targets = torch.randint(0, tuning.HEAD_124M[0], (ROWS_TIMED,), generator=g)
+    ok = torch.ones(ROWS_TIMED, dtype=torch.bool)
+    return {TORCH_ROWS: lambda: _rows_in_torch(logits.clone(), targets, ok, ROWS_TIMED, True),
+            C_ROWS_LABEL: lambda: _rows_in_c(logits.clone(), targets, ok, ROWS_TIMED, True)}
 
 
 def head_cross_entropy(h, weight, targets):
@@ -63,6 +102,12 @@ def head_cross_entropy(h, weight, targets):
     if h2.shape[0] != t.shape[0]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match the hidden states "
                          f"{tuple(h.shape)}: one target id per position")
+    vocab = weight.shape[0]
+    bad = t[(t != IGNORE_INDEX) & ((t < 0) | (t >= vocab))]
+    if bad.numel():
+        raise IndexError(f"target id {int(bad[0])} is out of range: the vocabulary has "
+                         f"{vocab} ids (0..{vocab - 1}), and {IGNORE_INDEX} marks a position "
+                         f"that is not scored")
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return _HeadCrossEntropy.apply(h2, weight, t)
     return _chunked(h2, weight, t, False, False)[0]     # evaluation: no gradients to keep
@@ -102,22 +147,12 @@ def _chunked(h, weight, targets, want_h, want_w):
         rows = max(1, CHUNK_ELEMENTS // V * (8 if want_w else 1))
         for r0 in range(0, N, rows):
             hc = h[r0:r0 + rows].to(dtype)                                      # (R, C)
-            ok = scored[r0:r0 + rows]                                           # (R,)
-            tc = torch.where(ok, targets[r0:r0 + rows], 0)[:, None]             # (R, 1)
-            logits = _mm(hc, w.t()).float()                                     # (R, V)
-            picked = logits.gather(1, tc).squeeze(1)                            # (R,)
-            # log-sum-exp with the row's max taken out (no overflow), in place: the
-            # buffer then holds exp(logits - max), and after the division the softmax
-            top = logits.amax(dim=1, keepdim=True)                              # (R, 1)
-            sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)             # (R, 1)
-            lse = (top + sums.log()).squeeze(1)                                 # (R,)
-            total += ((lse - picked) * ok).sum()
-            if not (want_h or want_w):
+            logits = _mm(hc, w.t())                                             # (R, V)
+            loss, g = loss_rows(logits, targets[r0:r0 + rows], scored[r0:r0 + rows],
+                                count, want_h or want_w)
+            total += loss
+            if g is None:
                 continue
-            # d loss / d logits = (softmax - one-hot target) / count
-            probs = logits.div_(sums)                                           # (R, V)
-            probs.scatter_add_(1, tc, -ok[:, None].float())
-            g = probs.mul_(ok[:, None] / count).to(dtype)                       # (R, V)
             if want_h:
                 grad_h[r0:r0 + rows] = _mm(g, w)                                # (R, C)
             if want_w:
@@ -130,6 +165,46 @@ def _chunked(h, weight, targets, want_h, want_w):
     if not scored.any():        # nothing to score: NaN, as F.cross_entropy gives
         total = total * float("nan")
     return total / count, grad_h, grad_w
+
+
+def loss_rows(logits, targets, ok, count, grad):
+    """(the summed cross-entropy of the rows of ``logits`` (R, V) that are ``ok``, d loss / d
+    logits (R, V) in the logits' dtype or None) for a loss that is a mean over ``count`` rows;
+    ``grad``: whether to work out the gradient. Overwrites ``logits``. By loss_kernel.c's
+    one pass a row where C_ROWS (or the clock) says so, else by PyTorch's element-wise ops."""
+    if c_rows(logits.dtype, logits.device):
+        return _rows_in_c(logits, targets, ok, count, grad)
+    return _rows_in_torch(logits, targets, ok, count, grad)
+
+
+def _rows_in_torch(logits, targets, ok, count, grad):
+    tc = torch.where(ok, targets, 0)[:, None]                                   # (R, 1)
+    x = logits.float()                                                          # (R, V)
+    picked = x.gather(1, tc).squeeze(1)                                         # (R,)
+    # log-sum-exp with the row's max taken out (no overflow), in place: the buffer then
+    # holds exp(logits - max), and after the division the softmax
+    top = x.amax(dim=1, keepdim=True)                                           # (R, 1)
+    sums = x.sub_(top).exp_().sum(dim=1, keepdim=True)                          # (R, 1)
+    lse = (top + sums.log()).squeeze(1)                                         # (R,)
+    loss = ((lse - picked) * ok).sum()
+    if not grad:
+        return loss, None
+    # d loss / d logits = (softmax - one-hot target) / count
+    probs = x.div_(sums)                                                        # (R, V)
+    probs.scatter_add_(1, tc, -ok[:, None].float())
+    return loss, probs.mul_(ok[:, None] / count).to(logits.dtype)
+
+
+def _rows_in_c(logits, targets, ok, count, grad):
+    logits = logits.contiguous()                                     # (R, V) fp32 or bf16
+    rows, vocab = logits.shape
+    ids = torch.where(ok, targets, -1).to(torch.int64).contiguous()             # (R,)
+    losses = torch.empty(rows, dtype=torch.float32)                             # (R,)
+    if kernel().cross_entropy_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16),
+                                   rows, vocab, ids.data_ptr(), losses.data_ptr(),
+                                   1.0 / count, int(grad)):
+        raise MemoryError("fused_loss: out of memory for the loss's row buffers")
+    return losses.sum(), logits if grad else None
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -3,17 +3,17 @@
 ``build(source)`` compiles one C file of this folder with the machine's C compiler
 (``$CC``, cc or gcc; ``-O3 -march=native -fopenmp``) into ``$GPT2_KERNEL_CACHE`` (default
 ~/.cache/gpt2-from-scratch), named by a hash of the source and the headers beside it
-(bf16.h), the compiler and the CPU, so that a change of any of them builds it anew, and
+(bf16.h, simd.h), the compiler and the CPU, so that a change of any of them builds it anew, and
 loads it. Where that cannot be done it raises OSError, RuntimeError or SubprocessError
-saying why; the callers then keep PyTorch's kernels. Three files use it: int8_kernel.c
+saying why; the callers then keep PyTorch's kernels. Four files use it: int8_kernel.c
 (engine/int8.py), decode_kernel.c (``decode_kernels()``: engine/decoder.py,
-engine/cpu_kernels.py and engine/int8.py) and attention_kernel.c (``attention_kernels()``:
-engine/attention.py).
+engine/cpu_kernels.py and engine/int8.py), attention_kernel.c (``attention_kernels()``:
+engine/attention.py) and loss_kernel.c (``loss_kernels()``: engine/fused_loss.py).
 
 The kernels need Linux and PyTorch's OpenMP (libgomp), whose thread pool they share;
 decode_kernel.c needs x86-64 with AVX2 and FMA, using AVX-512 where the CPU has it, or 64-bit
-Arm, using NEON (engine/simd.h), and so does attention_kernel.c; int8_kernel.c needs AVX-512
-(F, BW).
+Arm, using NEON (engine/simd.h), and so do attention_kernel.c and loss_kernel.c;
+int8_kernel.c needs AVX-512 (F, BW).
 ``GPT2_KERNEL_ISA=avx2`` builds them as for a CPU without AVX-512 (so int8_kernel.c is not
 built): to measure or test on an AVX-512 machine what an AVX2 one runs.
 """
@@ -146,6 +146,24 @@ def attention_kernels():
     """attention_kernel.c built and loaded once per process (engine/attention.py); raises as
     build() does."""
     return _once("_ATTENTION", "attention_kernel.c", attention_signatures)
+
+
+_LOSS = None        # loss_kernel.c, as _DECODE
+
+
+def loss_signatures(lib):
+    """``lib`` (a build of loss_kernel.c) with its function's signature set."""
+    ptr, size = ctypes.c_void_p, ctypes.c_long
+    lib.cross_entropy_rows.argtypes = [ptr, ctypes.c_int, size, size, ptr, ptr,
+                                       ctypes.c_float, ctypes.c_int]
+    lib.cross_entropy_rows.restype = ctypes.c_int
+    return lib
+
+
+def loss_kernels():
+    """loss_kernel.c built and loaded once per process (engine/fused_loss.py); raises as
+    build() does."""
+    return _once("_LOSS", "loss_kernel.c", loss_signatures)
 
 
 def _once(name, source, signatures):

@@ -1,5 +1,5 @@
-/* The vector operations decode_kernel.c and attention_kernel.c are written in, for two kinds
-   of x86-64 CPU and for 64-bit Arm:
+/* The vector operations decode_kernel.c, attention_kernel.c and loss_kernel.c are written
+   in, for two kinds of x86-64 CPU and for 64-bit Arm:
 
    AVX-512 (F, BW, VL)   a vector holds VW = 16 floats
    AVX2 with FMA         VW = 8 (Zen 2 and 3, Intel's desktop and laptop CPUs since Haswell,
@@ -17,6 +17,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #elif defined(__ARM_NEON)
@@ -235,6 +237,43 @@ static inline vf vf_exp(vf x) {
     p = vf_fma(p, r, vf_set(1.0f));
     p = vf_fma(p, r, vf_set(1.0f));
     return vf_scale2(p, n);
+}
+
+/* Rows of numbers in fp32 buffers (attention_kernel.c, loss_kernel.c) */
+
+/* the largest of x[0..n-1], n >= 1 */
+static inline float row_max(const float *x, long n) {
+    long c = 0;
+    float best = x[0];
+    if (n >= VW) {
+        vf top = vf_load(x);
+        for (c = VW; c + VW <= n; c += VW) top = vf_max(top, vf_load(x + c));
+        best = vf_hmax(top);
+    }
+    for (; c < n; c++) best = x[c] > best ? x[c] : best;
+    return best;
+}
+
+/* the first n values of a bf16 or fp32 row, in fp32 */
+static inline void load_row(float *out, const void *x, long n, int bf16) {
+    if (bf16) {
+        for (long c = 0; c < n; c++) out[c] = bf16_to_f32(((const uint16_t *)x)[c]);
+    } else {
+        for (long c = 0; c < n; c++) out[c] = ((const float *)x)[c];
+    }
+}
+
+/* a row of n values stored, then zeros to `cols` */
+static inline void store_row(void *y, const float *row, long n, long cols, int bf16) {
+    if (bf16) {
+        uint16_t *out = y;
+        for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c]);
+        for (long c = n; c < cols; c++) out[c] = 0;
+    } else {
+        float *out = y;
+        for (long c = 0; c < n; c++) out[c] = row[c];
+        for (long c = n; c < cols; c++) out[c] = 0.0f;
+    }
 }
 
 #endif

@@ -8,7 +8,7 @@ import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
 from conftest import CLOCK_FLAGS, ROOT, set_clock_flags
-from engine import attention, cpu_kernels, decoder, devices, int8, native, pages, tuning
+from engine import attention, cpu_kernels, decoder, devices, fused_loss, int8, native, pages, tuning
 
 _path = list(sys.path)
 sys.path.insert(0, str(ROOT / "bench"))
@@ -22,17 +22,18 @@ def test_the_vendor_table_it_compares_with():
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
     # the table had every path on for AMD, but weights in 4 KiB pages, fp32 int8 prompts
-    # on dequantized weights and PyTorch's training attention everywhere
+    # on dequantized weights, PyTorch's training attention and loss rows everywhere
     assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES"),
                                                     ("int8", "BF16_ROWS"),
-                                                    ("attention", "BLOCKED")}
+                                                    ("attention", "BLOCKED"),
+                                                    ("fused_loss", "C_ROWS")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
     # it sets every flag the clock chooses, each of which exists
     assert sorted(amd) == sorted(CLOCK_FLAGS)
     modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages,
-               "attention": attention}
+               "attention": attention, "fused_loss": fused_loss}
     for module, flag in amd:
         assert hasattr(modules[module], flag)
 
@@ -63,7 +64,8 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
              cpu_kernels.PACKED, cpu_kernels.OWN, "fp32 logits", "bf16-screened",
              "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8",
              pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul",
-             attention.PLAIN, attention.OURS])},
+             attention.PLAIN, attention.OURS, fused_loss.TORCH_ROWS,
+             fused_loss.C_ROWS_LABEL])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -81,6 +83,9 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
         assert picked["training attention (bf16, dropout, 12 heads x 1024 x 64, batch 1)"] \
             == attention.PLAIN
         assert sum(name.startswith("training attention (") for name in picked) == 4
+    if fused_loss.kernel() is not None:
+        assert picked["training loss rows (bf16, 256 x 50257 logits)"] == fused_loss.TORCH_ROWS
+        assert sum(name.startswith("training loss rows (") for name in picked) == 2
 
 
 def test_the_summary_line():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cfg_from_hf, make_hf_model
-from engine import cpu_kernels, fused_loss
+from engine import cpu_kernels, fused_loss, native
 from engine.gpt2_params import gpt2_param_names
 from model import GPTModel
 from train_utils import calc_loss_batch
@@ -172,3 +172,101 @@ def test_calc_loss_batch_takes_the_fused_path_only_for_our_model(tiny_cfg, monke
         plain = calc_loss_batch(idx, targets, model, "cpu")
     assert len(calls) == 1
     torch.testing.assert_close(other, plain)
+
+
+def _rows_case(dtype, seed=3):
+    # 37 rows of 1001 logits (no multiple of a vector's width), spreads from 0.1 to 8, one row
+    # around 300 (the max must be taken out before exp), 5 rows not scored
+    g = torch.Generator().manual_seed(seed)
+    rows, vocab = 37, 1001
+    logits = torch.randn(rows, vocab, generator=g) * torch.linspace(0.1, 8, rows)[:, None]
+    logits[3] += 300
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    ok = torch.ones(rows, dtype=torch.bool)
+    ok[[0, 7, 8, 20, 36]] = False
+    return logits.to(dtype), targets, ok
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_rows_in_c_equal_float64_math_and_pytorchs_ops(dtype, grad, kernel_build):
+    # loss_kernel.c's one pass a row against the element-wise ops it replaces and against
+    # float64 math on the same logits, built for this CPU and as for an AVX2 one
+    if fused_loss.kernel() is None:
+        pytest.skip("loss_kernel.c cannot be built here")
+    logits, targets, ok = _rows_case(dtype)
+    count = int(ok.sum())
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=1)
+    want_loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * ok).sum()
+    want_grad = (torch.softmax(x, dim=1)
+                 - F.one_hot(targets, x.shape[1]).double()) * (ok[:, None] / count)
+    torch_loss, torch_grad = fused_loss._rows_in_torch(logits.clone(), targets, ok, count, grad)
+    c_loss, c_grad = fused_loss._rows_in_c(logits.clone(), targets, ok, count, grad)
+    for loss in (torch_loss, c_loss):
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(want_loss.item(), rel=2e-6)
+    if not grad:
+        assert torch_grad is None and c_grad is None
+        return
+    assert c_grad.dtype == torch_grad.dtype == dtype and c_grad.shape == logits.shape
+    assert not c_grad[~ok].any()                            # rows not scored: zeros
+    # fp32: a few ulps of the largest entry; bf16: each entry rounded once (2^-8 of itself)
+    for got in (torch_grad, c_grad):
+        err = (got.double() - want_grad).abs()
+        if dtype == torch.float32:
+            assert err.max() <= 1e-6 * want_grad.abs().max()
+        else:
+            assert (err <= want_grad.abs() * 2**-8 + 1e-9).all()
+    torch.testing.assert_close(c_grad, torch_grad, rtol=2**-7 if dtype != torch.float32
+                               else 1e-5, atol=1e-9)
+
+
+def test_loss_rows_in_c_keep_a_nan(kernel_build):
+    if fused_loss.kernel() is None:
+        pytest.skip("loss_kernel.c cannot be built here")
+    logits, targets, ok = _rows_case(torch.float32)
+    logits[5, 17] = float("nan")
+    loss, grad = fused_loss._rows_in_c(logits, targets, ok, int(ok.sum()), True)
+    assert torch.isnan(loss) and torch.isnan(grad[5]).all() and not torch.isnan(grad[6]).any()
+
+
+def test_the_loss_rows_take_the_c_pass_where_switched_on(tiny_cfg, monkeypatch):
+    # C_ROWS True (the tests' default: conftest) takes loss_kernel.c in a training step, in
+    # fp32 and under bf16 autocast; False takes PyTorch's ops; the same gradients either way
+    if fused_loss.kernel() is None:
+        pytest.skip("loss_kernel.c cannot be built here")
+    calls = []
+    real = fused_loss._rows_in_c
+    monkeypatch.setattr(fused_loss, "_rows_in_c", lambda *a: calls.append(a[0].dtype) or real(*a))
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).train()
+    idx, targets = _batch(50257, B=2, T=8)
+    loss, grads = _loss_and_grads(model, idx, targets, fused=True)
+    _loss_and_grads(model, idx, targets, fused=True, dtype="bf16")
+    assert calls == [torch.float32, torch.bfloat16]
+    monkeypatch.setattr(fused_loss, "C_ROWS", False)
+    ref_loss, ref_grads = _loss_and_grads(model, idx, targets, fused=True)
+    assert len(calls) == 2
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=2e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-4,
+                                   msg=name)
+    # fp16 logits, another device or no kernel: PyTorch's ops
+    assert not fused_loss.c_rows(torch.float16, torch.device("cpu"))
+    monkeypatch.setattr(fused_loss, "C_ROWS", True)
+    assert not fused_loss.c_rows(torch.float32, torch.device("meta"))
+    monkeypatch.setattr(native, "_LOSS", RuntimeError("no C compiler"))
+    assert fused_loss.kernel() is None
+    assert not fused_loss.c_rows(torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bad", [300, -5])
+def test_a_target_out_of_the_vocabulary_is_refused(bad):
+    h, w = torch.randn(2, 4, 8), torch.randn(300, 8)
+    targets = torch.randint(0, 300, (2, 4))
+    targets[1, 2] = bad
+    with pytest.raises(IndexError, match=rf"target id {bad} is out of range: the vocabulary "
+                                         r"has 300 ids \(0..299\), and -100 marks a position "
+                                         r"that is not scored"):
+        fused_loss.head_cross_entropy(h, w, targets)
