@@ -122,9 +122,7 @@ def decision_row(name, picked, times):
     labels = list(times)
     fastest = min(labels, key=times.get)
     base = labels[0]
-    margin = tuning.MARGINS.get(name, tuning.MARGIN)     # more for paths that cost memory
-    agrees = picked in times and (times[picked] <= times[fastest] * tuning.MARGIN
-                                  or picked == base and times[base] <= times[fastest] * margin)
+    agrees = picked in times and times[picked] <= times[fastest] * tuning.MARGIN
     return {"decision": name, "picked": picked, "fastest": fastest, "agrees": agrees,
             "times": times, "pick_vs_plain": times[base] / times[picked] if picked in times
             else float("nan")}
@@ -319,7 +317,7 @@ def main(argv=None):
         print_decisions(decisions)
         print("(the engine's pick, from its timings; then every candidate timed again here, "
               "median of interleaved repeats; agrees: the pick is the fastest here or within "
-              f"{tuning.MARGIN:.2f}x of it, or the baseline kept by a decision's own margin)")
+              f"{tuning.MARGIN:.2f}x of it)")
     if args.only != "decisions":
         workdir = args.workdir or tempfile.mkdtemp(prefix="choice_speed_")
         try:

@@ -18,20 +18,22 @@ runs a block of BLOCK query rows at a time: a block needs only the keys up to it
 (the others are masked), so about half of the score matrix is computed, as the fused kernel
 does. Its two products are PyTorch's (bf16 under bf16 autocast); between them
 engine/attention_kernel.c takes each row's softmax over the keys it may see, in fp32, and
-the dropout in one pass, keeping only each row's log-sum-exp: the backward pass (one pass
-too) computes the probabilities again from the scores, which autograd keeps anyway. Whether
-an element is dropped is a hash of (a seed, its row, its column): the mask costs a few
-vector instructions an element instead of a draw, and the backward pass computes it again
-instead of keeping it. The seed is drawn from PyTorch's generator once per call, so a seeded
-run (and a resumed one, which restores the generator) gets the same masks again.
+the dropout in one pass. Whether an element is dropped is a hash of (a seed, its row, its
+column): the mask costs a few vector instructions an element instead of a draw, and the
+backward pass computes it again instead of keeping it. The seed is drawn from PyTorch's
+generator once per call, so a seeded run (and a resumed one, which restores the generator)
+gets the same masks again. For the backward pass it keeps what flash attention keeps: q, k,
+v and each row's log-sum-exp, O(T) numbers a head, not the (T, T) scores or weights; the
+backward pass computes a block's scores again (one product more, of the five it takes) and
+from them, the lse and the seed its weights and their gradient, in one C pass a row.
 
 Where it can run: on the CPU, for training (gradients on) or dropout, without an explicit
 mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.py), once per
-dtype, shape, and with or without dropout, one layer's forward and backward timed alone;
-without dropout it must win by NO_DROPOUT_MARGIN (2x), since it keeps more memory than
-PyTorch's flash kernel. On a Zen 4, at 124M's shape, it won with dropout (4-7x); without,
-PyTorch's stays (bf16: 1.33-1.6x alone, 2-3% of a whole step; fp32: 0.9x); seen as an AVX2
-CPU (no bf16 matmul kernel) it won in bf16 without dropout too (4.4x).
+dtype, shape, and with or without dropout, one layer's forward and backward timed alone. On a
+Zen 4, at 124M's shape (one layer, forward and backward, PyTorch's / this): with dropout
+bf16 212 / 45 ms, fp32 201 / 75 ms; without, bf16 51 / 42 ms (taken: whole steps 3-5%
+faster), fp32 70 / 85 ms (PyTorch's stays); seen as an AVX2 CPU (no bf16 matmul kernel) it
+won in bf16 without dropout too.
 The model's other dropouts (``Dropout``, below) draw their masks by the same hash.
 
 Switches: ``attention.ENABLED = False`` (or ``GPT2_FAST_ATTENTION=0`` before Python
@@ -58,12 +60,6 @@ ENABLED = os.environ.get("GPT2_FAST_ATTENTION", "1") != "0"   # the switch
 # None: where it beats PyTorch's attention, timed where it runs
 BLOCKED = True if os.environ.get("GPT2_FAST_ATTENTION") == "1" else None
 BLOCK = 256         # query rows a block
-# Without dropout PyTorch's flash kernel keeps O(T) numbers a head for the backward pass; the
-# blocks keep their scores, O(T^2) (~30 MB a layer at 124M, context 1024, batch 1): there
-# they must be this much faster, timed alone, to be worth the memory (on a Zen 4 in bf16
-# they were 1.36-1.6x alone, 1.02-1.03x in whole steps). With dropout PyTorch's plain math
-# keeps more than they do.
-NO_DROPOUT_MARGIN = 2.0
 PLAIN, OURS = "PyTorch's attention", "blocks, C softmax"
 
 
@@ -109,8 +105,7 @@ def blocked_wins(shape, dtype, p):
     kind = "bf16" if dtype == torch.bfloat16 else "fp32"
     name = (f"training attention ({kind}, {'dropout' if p > 0 else 'no dropout'}, "
             f"{H} heads x {T} x {D}, batch {B})")
-    return tuning.switch(BLOCKED, name, lambda: _candidates(shape, dtype, p), PLAIN, OURS,
-                         margin=None if p > 0 else NO_DROPOUT_MARGIN)
+    return tuning.switch(BLOCKED, name, lambda: _candidates(shape, dtype, p), PLAIN, OURS)
 
 
 @contextlib.contextmanager
@@ -134,20 +129,73 @@ def _candidates(shape, dtype, p):
 
 
 def blocked(q, k, v, p):
-    """causal()'s computation, taken: q, k, v (B, H, T, D) fp32 or bf16, dropout ``p``."""
-    B, H, T, D = q.shape
+    """causal()'s computation, taken: q, k, v (B, H, T, D) fp32 or bf16 (or under autocast:
+    its dtype), dropout ``p``."""
     seed = draw_seed() if p > 0 else 0
-    # bf16 products where the CPU has no bf16 matmul kernel: in fp32 (cpu_kernels)
-    matmul = cpu_kernels.matmul_in_fp32 if cpu_kernels.bf16_in_fp32(q, k) else torch.matmul
-    q = q * (1.0 / math.sqrt(D))         # scale the queries: (T, D), not the (T, T) scores
-    out = []
-    for start in range(0, T, BLOCK):
-        end = min(start + BLOCK, T)                  # queries start..end see keys 0..end
-        scores = matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1))
-        # softmax over each row's keys 0..its own position, then dropout, in one C pass
-        weights = SoftmaxDropout.apply(scores, p, seed, start, T)  # (B, H, end - start, end)
-        out.append(matmul(weights, v[:, :, :end]))                   # (B, H, end - start, D)
-    return torch.cat(out, dim=2)                                       # (B, H, T, D)
+    if torch.is_autocast_enabled("cpu"):             # the products' dtype, as autocast's
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast("cpu", enabled=False):
+        return BlockedAttention.apply(q, k, v, p, seed)
+
+
+def _products(x):
+    """The block products' matmul for tensors like ``x``: PyTorch's, or where the CPU has no
+    bf16 matmul kernel, in fp32 (cpu_kernels)."""
+    return cpu_kernels.matmul_in_fp32 if cpu_kernels.bf16_in_fp32(x, x) else torch.matmul
+
+
+def _blocks(T):
+    """(start, end) of each block of queries: queries start..end see keys 0..end."""
+    return [(start, min(start + BLOCK, T)) for start in range(0, T, BLOCK)]
+
+
+class BlockedAttention(torch.autograd.Function):
+    """Attention a block of queries at a time, keeping for backward what flash attention
+    keeps: q, k, v, the output and each row's log-sum-exp (O(T) numbers a head). The
+    backward pass computes each block's scores again (one more product) and, from them and
+    the lse, the probabilities and their dropout (attention_kernel.c)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, seed):              # q, k, v (B, H, T, D), one dtype
+        B, H, T, D = q.shape
+        matmul = _products(q)
+        qs = q * (1.0 / math.sqrt(D))       # scale the queries: (T, D), not the (T, T) scores
+        lse = torch.empty(B, H, T, dtype=torch.float32)
+        out = []
+        for start, end in _blocks(T):
+            scores = matmul(qs[:, :, start:end], k[:, :, :end].transpose(-2, -1))
+            # softmax over each row's keys 0..its own position, then dropout, in one C pass
+            weights, lse[:, :, start:end] = _softmax_dropout(scores, p, seed, start, T)
+            out.append(matmul(weights, v[:, :, :end]))              # (B, H, end - start, D)
+        out = torch.cat(out, dim=2)                                 # (B, H, T, D)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.args = (p, seed)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):                                        # grad (B, H, T, D)
+        q, k, v, lse = ctx.saved_tensors
+        p, seed = ctx.args
+        B, H, T, D = q.shape
+        matmul, scale = _products(q), 1.0 / math.sqrt(D)
+        grad = grad.to(q.dtype).contiguous()
+        qs = q * scale
+        # k's and v's gradients gather over the blocks: in fp32 (B, H, T, D)
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(B, H, T, D, dtype=torch.float32) for _ in range(2))
+        for start, end in _blocks(T):
+            g, kb, vb = grad[:, :, start:end], k[:, :, :end], v[:, :, :end]
+            scores = matmul(qs[:, :, start:end], kb.transpose(-2, -1))  # (B, H, R, end)
+            dweights = matmul(g, vb.transpose(-2, -1))                  # (B, H, R, end)
+            dscores, weights = _softmax_dropout_backward(dweights, scores,
+                                                         lse[:, :, start:end], p, seed,
+                                                         start, T)
+            dv[:, :, :end] += matmul(weights.transpose(-2, -1), g)      # (B, H, end, D)
+            dq[:, :, start:end] = matmul(dscores, kb) * scale           # (B, H, R, D)
+            dk[:, :, :end] += matmul(dscores.transpose(-2, -1), qs[:, :, start:end])
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _mask(p, seed):
@@ -163,33 +211,28 @@ def _geometry(x, p, seed, row0, mat_rows):
             mat_rows, *_mask(p, seed))
 
 
-class SoftmaxDropout(torch.autograd.Function):
-    """Causal softmax of a block of scores, then dropout (attention_kernel.c). The backward
-    pass computes the probabilities again from the scores (kept: the product made them) and
-    each row's log-sum-exp, and the mask again from the seed."""
+def _softmax_dropout(scores, p, seed, row0, mat_rows):
+    """(the weights p * keep / (1 - p), each row's lse (..., rows) fp32) of a block of scores
+    (..., rows, cols) whose first row is query ``row0`` of ``mat_rows``."""
+    scores = scores.contiguous()
+    lse = torch.empty(scores.shape[:-1], dtype=torch.float32)
+    out = torch.empty_like(scores)
+    if kernel().softmax_dropout(scores.data_ptr(), lse.data_ptr(), out.data_ptr(),
+                                *_geometry(scores, p, seed, row0, mat_rows)):
+        raise MemoryError("attention: out of memory for the softmax's row buffers")
+    return out, lse
 
-    @staticmethod
-    def forward(ctx, scores, p, seed, row0, mat_rows):
-        scores = scores.contiguous()                         # (..., rows, cols) fp32 or bf16
-        lse = torch.empty(scores.shape[:-1], dtype=torch.float32)             # (..., rows)
-        out = torch.empty_like(scores)
-        ctx.args = _geometry(scores, p, seed, row0, mat_rows)
-        if kernel().softmax_dropout(scores.data_ptr(), lse.data_ptr(), out.data_ptr(),
-                                    *ctx.args):
-            raise MemoryError("attention: out of memory for the softmax's row buffers")
-        ctx.save_for_backward(scores, lse)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        scores, lse = ctx.saved_tensors
-        grad = grad.to(scores.dtype).contiguous()
-        out = torch.empty_like(grad)
-        if kernel().softmax_dropout_backward(grad.data_ptr(), scores.data_ptr(), lse.data_ptr(),
-                                             out.data_ptr(), *ctx.args):
-            raise MemoryError("attention: out of memory for the softmax's row buffers")
-        return out, None, None, None, None
+def _softmax_dropout_backward(grad, scores, lse, p, seed, row0, mat_rows):
+    """(the scores' gradient, the weights again) from the weights' gradient ``grad``, the
+    scores and the rows' ``lse`` of one block."""
+    grad, scores, lse = grad.to(scores.dtype).contiguous(), scores.contiguous(), lse.contiguous()
+    dscores, weights = torch.empty_like(scores), torch.empty_like(scores)
+    if kernel().softmax_dropout_backward(grad.data_ptr(), scores.data_ptr(), lse.data_ptr(),
+                                         dscores.data_ptr(), weights.data_ptr(),
+                                         *_geometry(scores, p, seed, row0, mat_rows)):
+        raise MemoryError("attention: out of memory for the softmax's row buffers")
+    return dscores, weights
 
 
 class Dropout(nn.Dropout):

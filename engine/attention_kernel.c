@@ -8,9 +8,10 @@
  *         p   = softmax(s row) = exp(s - lse)       (the rest of the row: 0)
  *         lse = log(sum(exp(s row)))                (kept for the backward pass)
  *         pd  = p * keep * scale                    (scale = 1 / (1 - dropout))
- * softmax_dropout_backward(dpd, s, lse, ds, bf16, ...the same...) is its gradient, with p
- * computed again from the scores (kept anyway: they are the product's output):
+ * softmax_dropout_backward(dpd, s, lse, ds, pd, bf16, ...the same...) is its gradient, with p
+ * computed again from the scores (the backward pass computes them again too) and the lse:
  *         dp = dpd * keep * scale,   ds = p * (dp - sum(p * dp))
+ * and, where pd is not NULL, pd again (the product with v needs it for v's gradient).
  *
  * keep(row, column) hashes (seed, row, column) to 32 bits h and keeps the element where
  * h >= threshold: with threshold = dropout * 2^32 an element is dropped with probability
@@ -50,6 +51,10 @@ static inline uint32_t mix32(uint32_t x) {
 /* factor[c] = scale where (row, c0 + c) is kept, else 0, for n columns from c0 */
 static void keep_factors(float *factor, uint64_t seed, uint64_t row, long c0, long n,
                          uint32_t threshold, float scale) {
+    if (threshold == 0) {                   /* no dropout: every element kept */
+        for (long c = 0; c < n; c++) factor[c] = scale;
+        return;
+    }
     /* every 64-bit (seed, row) pair its own 32-bit key */
     uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)row
                          ^ mix32((uint32_t)(row >> 32) ^ (uint32_t)(seed >> 32))));
@@ -74,7 +79,8 @@ static float forward_row(float *x, const float *factor, const void *s, long n, i
     return best + logf(sum);
 }
 
-/* backward, one row: x gets ds from the row's dpd, its scores s and lse (prob: room for p) */
+/* backward, one row: x gets ds from the row's dpd, its scores s and lse; prob gets p * keep *
+   scale (pd) */
 static void backward_row(float *x, float *prob, const float *factor, const void *dpd,
                          const void *s, float lse, long n, int bf16) {
     load_row(prob, s, n, bf16);
@@ -88,14 +94,17 @@ static void backward_row(float *x, float *prob, const float *factor, const void 
         dots = vf_fma(vf_keep_n(p, n - c), dp, dots);
     }
     float dot = vf_sum(dots);
-    for (long c = 0; c < n; c++) x[c] = prob[c] * (x[c] - dot);
+    for (long c = 0; c < n; c++) {
+        x[c] = prob[c] * (x[c] - dot);
+        prob[c] *= factor[c];
+    }
 }
 
 /* every row of a block, each by one thread, forward (dpd NULL: lse written) or backward
-   (lse read), the result (pd or ds) into out */
-static int each_row(const void *s, const void *dpd, float *lse, void *out, int bf16,
-                    long mats, long rows, long cols, long row0, long mat_rows, uint64_t seed,
-                    uint32_t threshold, float scale) {
+   (lse read), the result (pd or ds) into out; backward, pd also into pd_out unless NULL */
+static int each_row(const void *s, const void *dpd, float *lse, void *out, void *pd_out,
+                    int bf16, long mats, long rows, long cols, long row0, long mat_rows,
+                    uint64_t seed, uint32_t threshold, float scale) {
     int failed = 0;
     size_t width = bf16 ? 2 : 4;
     #pragma omp parallel
@@ -119,6 +128,7 @@ static int each_row(const void *s, const void *dpd, float *lse, void *out, int b
             else
                 lse[mr] = forward_row(x, factor, (const char *)s + at, n, bf16);
             store_row((char *)out + at, x, n, cols, bf16);
+            if (dpd && pd_out) store_row((char *)pd_out + at, x + 2 * cols, n, cols, bf16);
         }
         free(x);
     }
@@ -128,15 +138,15 @@ static int each_row(const void *s, const void *dpd, float *lse, void *out, int b
 int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, long rows,
                     long cols, long row0, long mat_rows, uint64_t seed, uint32_t threshold,
                     float scale) {
-    return each_row(s, NULL, lse, pd, bf16, mats, rows, cols, row0, mat_rows, seed,
+    return each_row(s, NULL, lse, pd, NULL, bf16, mats, rows, cols, row0, mat_rows, seed,
                     threshold, scale);
 }
 
 int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, void *ds,
-                             int bf16, long mats, long rows, long cols, long row0,
+                             void *pd, int bf16, long mats, long rows, long cols, long row0,
                              long mat_rows, uint64_t seed, uint32_t threshold, float scale) {
-    return each_row(s, dpd, (float *)lse, ds, bf16, mats, rows, cols, row0, mat_rows, seed,
-                    threshold, scale);
+    return each_row(s, dpd, (float *)lse, ds, pd, bf16, mats, rows, cols, row0, mat_rows,
+                    seed, threshold, scale);
 }
 
 void dropout_rows(const void *x, void *y, int bf16, long rows, long cols, uint64_t seed,

@@ -135,7 +135,7 @@ def attention_signatures(lib):
     ptr, size = ctypes.c_void_p, ctypes.c_long
     geometry = [ctypes.c_int] + [size] * 5 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
     lib.softmax_dropout.argtypes = [ptr] * 3 + geometry
-    lib.softmax_dropout_backward.argtypes = [ptr] * 4 + geometry
+    lib.softmax_dropout_backward.argtypes = [ptr] * 5 + geometry
     lib.softmax_dropout.restype = lib.softmax_dropout_backward.restype = ctypes.c_int
     lib.dropout_rows.argtypes = [ptr] * 2 + [ctypes.c_int] + [size] * 2 + geometry[-3:]
     lib.dropout_rows.restype = None

@@ -16,8 +16,7 @@ let go after the timing); ``allowed`` the labels the switches leave (a
 forced flag leaves one: then nothing is timed). Each candidate is called once to warm up,
 then REPEATS times, interleaved (a, b, b, a, ...: a machine that gets busier part-way slows
 both alike), and the median of each is kept. The first allowed label is the baseline: another
-is picked only where it is MARGIN (3%) faster, so that noise cannot switch a path on (or by
-a decision's own margin, where a path costs what the clock does not time: memory).
+is picked only where it is MARGIN (3%) faster, so that noise cannot switch a path on.
 
 The times are kept in ``choices-<key>.json`` in the cache folder (native.cache_folder():
 ``$GPT2_KERNEL_CACHE`` or ~/.cache/gpt2-from-scratch, beside the compiled kernels), where
@@ -67,22 +66,17 @@ CLOCK = time.perf_counter
 WORKING_SET = None
 
 SEEN = {}               # name -> (setup, keep_autocast) of each decision met (bench scripts)
-MARGINS = {}            # name -> the margin of a decision that asks more than MARGIN
 _PICKED = {}            # (name, threads, allowed) -> label, this process
 _TIMES = {}             # file entry -> {label: seconds} measured on a busy machine, this process
 _NOTED = set()          # notes printed once
 
 
-def pick(name, setup, allowed, keep_autocast=False, margin=None):
+def pick(name, setup, allowed, keep_autocast=False):
     """The label among ``allowed`` (a sequence, the baseline first) that runs here; see the
     module. ``setup`` is called only when a measurement is needed; ``keep_autocast``: the
-    candidates run under the caller's autocast (else with autocast off); ``margin``: how much
-    faster another must be than the baseline, where more than MARGIN (a path that costs
-    something the clock does not see, such as memory)."""
+    candidates run under the caller's autocast (else with autocast off)."""
     allowed = tuple(allowed)
     SEEN[name] = (setup, keep_autocast)
-    if margin is not None:
-        MARGINS[name] = margin
     if len(allowed) == 1:
         return allowed[0]
     if MODE not in MODES:
@@ -92,32 +86,30 @@ def pick(name, setup, allowed, keep_autocast=False, margin=None):
     key = (name, torch.get_num_threads(), allowed)
     if key not in _PICKED:
         times, measured = timings(name, setup, keep_autocast)
-        _PICKED[key] = _fastest(times, allowed, margin)
+        _PICKED[key] = _fastest(times, allowed)
         if measured:
             timed = {a: times[a] for a in allowed if a in times}
-            print(f"{name}: {describe(timed, _PICKED[key], margin)}", file=sys.stderr,
-                  flush=True)
+            print(f"{name}: {describe(timed, _PICKED[key])}", file=sys.stderr, flush=True)
     return _PICKED[key]
 
 
-def switch(flag, name, setup, plain, fast, margin=None):
+def switch(flag, name, setup, plain, fast):
     """Whether the fast path of one of the engine's flags runs here: ``flag`` itself where it
     is set (True or False), else (None) the clock's pick between the labels ``plain`` and
-    ``fast`` (``setup`` and ``margin`` as pick's)."""
+    ``fast`` (``setup`` as pick's)."""
     if flag is not None:
         return bool(flag)
-    return pick(name, setup, (plain, fast), margin=margin) == fast
+    return pick(name, setup, (plain, fast)) == fast
 
 
-def _fastest(times, allowed, margin=None):
-    """The fastest label of ``allowed`` by ``times``; the baseline unless beaten by ``margin``
-    (MARGIN where None)."""
+def _fastest(times, allowed):
+    """The fastest label of ``allowed`` by ``times``; the baseline unless beaten by MARGIN."""
     timed = [label for label in allowed if label in times]
     if not timed:
         return allowed[0]
     best = min(timed, key=lambda label: times[label])
     base = allowed[0]
-    if base in times and best != base and times[best] * (margin or MARGIN) > times[base]:
+    if base in times and best != base and times[best] * MARGIN > times[base]:
         return base
     return best
 
@@ -213,19 +205,18 @@ def repeats_of(candidates, repeats=None):
     return seconds
 
 
-def describe(times, chosen=None, margin=None):
+def describe(times, chosen=None):
     """'own C kernel, 1.80x plain on this CPU (oneDNN packed 1.20x)' for {label: seconds}:
     the fastest (or ``chosen``) against the first, the baseline."""
     labels = list(times)
     base = labels[0]
-    chosen = chosen or _fastest(times, labels, margin)
+    chosen = chosen or _fastest(times, labels)
     if len(labels) == 1:
         return f"{base} (the only one that runs here)"
     others = [f"{label} {times[base] / times[label]:.2f}x" for label in labels[1:]
               if label != chosen]
     if chosen == base:
-        text = (f"{base} (the others: {', '.join(others)} of its speed; "
-                f"need {margin or MARGIN:.2f}x)")
+        text = f"{base} (the others: {', '.join(others)} of its speed; need {MARGIN:.2f}x)"
     else:
         text = f"{chosen}, {times[base] / times[chosen]:.2f}x {base} on this CPU"
         if others:

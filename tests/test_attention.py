@@ -82,7 +82,8 @@ def test_blocked_attention_equals_the_plain_math_under_the_same_mask(monkeypatch
     torch.testing.assert_close(y.double(), ref, **tol)
     for t, r in zip(tensors, exact):
         torch.testing.assert_close(t.grad.double(), r.grad, **tol)
-    assert len(taken) == (6 if bf16_in_fp32 and dtype != "fp32" else 0)   # 2 a block
+    # 2 products a block forward, 5 backward (the scores again, then the gradients)
+    assert len(taken) == (21 if bf16_in_fp32 and dtype != "fp32" else 0)
     if p == 0.5:            # a wrong mask is far off: the comparison can tell
         other = reference_attention(*exact, reference_keep(seed + 1, 6, 21, 21, p=p), p)
         assert (other - y.double()).abs().max() > 0.2
@@ -203,7 +204,7 @@ def test_the_clock_decides_per_dtype_shape_and_dropout_and_leaves_the_generator_
         monkeypatch, tmp_path, capsys):
     # the decision's name, its two candidates really running (gradients on, under tuning's
     # inference mode), and PyTorch's generator as it was: measuring draws no run's masks;
-    # without dropout the blocks must win by NO_DROPOUT_MARGIN (they keep more memory)
+    # with or without dropout the blocks are taken where they win by tuning's margin
     monkeypatch.setattr(tuning, "MODE", "measure")
     monkeypatch.setattr(tuning, "_PICKED", {})
     monkeypatch.setattr(tuning, "_TIMES", {})
@@ -219,17 +220,16 @@ def test_the_clock_decides_per_dtype_shape_and_dropout_and_leaves_the_generator_
     monkeypatch.setattr(tuning, "timings", timings)
     state = torch.get_rng_state()
     assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.1)      # 1.67x
-    assert not attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)   # 1.67x < 2x
+    assert attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)
     assert torch.equal(torch.get_rng_state(), state)
     assert asked == ["training attention (bf16, dropout, 3 heads x 21 x 16, batch 2)",
                      "training attention (fp32, no dropout, 3 heads x 21 x 16, batch 2)"]
     said = capsys.readouterr().err
     assert "(bf16, dropout, 3 heads x 21 x 16, batch 2): blocks, C softmax, 1.67x" in said
-    assert "blocks, C softmax 1.67x of its speed; need 2.00x" in said
-    ours["s"] = 0.45                                           # 2.2x: worth the memory
-    assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.0)
-    assert tuning.MARGINS["training attention (bf16, no dropout, 3 heads x 21 x 16, batch 2)"] \
-        == attention.NO_DROPOUT_MARGIN == 2.0
+    assert "(fp32, no dropout, 3 heads x 21 x 16, batch 2): blocks, C softmax, 1.67x" in said
+    ours["s"] = 0.99                                           # within the margin: PyTorch's
+    assert not attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.0)
+    assert "blocks, C softmax 1.01x of its speed; need 1.03x" in capsys.readouterr().err
     monkeypatch.setattr(attention, "BLOCKED", True)           # a flag wins over the clock
     assert attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)
 

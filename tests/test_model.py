@@ -374,9 +374,9 @@ def test_bf16_products_in_fp32_are_bf16_matmuls_with_gradients(monkeypatch):
         return model.logits(h.detach()), loss, {n: p.grad for n, p in model.named_parameters()}
 
     logits, loss, grads = loss_and_grads()
-    # 4 products a block and attention's 2 (engine/attention.py, one block of queries); the
-    # fused loss's head: logits and both gradients; model.logits
-    assert len(calls) == 2 * (4 + 2) + 3 + 1
+    # 4 products a block and attention's 7 (engine/attention.py, one block of queries: 2
+    # forward, 5 backward); the fused loss's head: logits and both gradients; model.logits
+    assert len(calls) == 2 * (4 + 7) + 3 + 1
     with cpu_kernels.disabled():
         ref_logits, ref_loss, ref_grads = loss_and_grads()
     assert logits.dtype == ref_logits.dtype == torch.bfloat16
