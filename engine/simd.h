@@ -95,9 +95,16 @@ static inline __m256i lanes(int n) {
 static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
 static inline vf vf_set(float a) { return _mm256_set1_ps(a); }
 static inline vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline vf vf_load_n(const float *p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
+/* _n with n >= 8 (a loop's whole vectors): the plain load and store; masked stores are slow
+   on AMD's Zen (microcoded) */
+static inline vf vf_load_n(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes(n));
+}
 static inline void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
-static inline void vf_store_n(float *p, vf v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
+static inline void vf_store_n(float *p, vf v, int n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes(n), v);
+}
 static inline vf vf_keep_n(vf v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes(n))); }
 static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
