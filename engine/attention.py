@@ -31,9 +31,9 @@ Where it can run: on the CPU, for training (gradients on) or dropout, without an
 mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.py), once per
 dtype, shape, and with or without dropout, one layer's forward and backward timed alone. On a
 Zen 4, at 124M's shape (one layer, forward and backward, PyTorch's / this): with dropout
-bf16 212 / 45 ms, fp32 201 / 75 ms; without, bf16 51 / 42 ms (taken: whole steps 3-5%
-faster), fp32 70 / 85 ms (PyTorch's stays); seen as an AVX2 CPU (no bf16 matmul kernel) it
-won in bf16 without dropout too.
+bf16 304 / 39 ms, fp32 294 / 65 ms; without, bf16 49 / 38 ms (taken: whole steps 3-5%
+faster), fp32 59 / 65 ms (PyTorch's stays); seen as an AVX2 CPU (no bf16 matmul kernel) it
+won in bf16 without dropout too (288 / 81 ms).
 The model's other dropouts (``Dropout``, below) draw their masks by the same hash.
 
 Switches: ``attention.ENABLED = False`` (or ``GPT2_FAST_ATTENTION=0`` before Python
@@ -152,7 +152,7 @@ def _blocks(T):
 
 class BlockedAttention(torch.autograd.Function):
     """Attention a block of queries at a time, keeping for backward what flash attention
-    keeps: q, k, v, the output and each row's log-sum-exp (O(T) numbers a head). The
+    keeps: q, k, v and each row's log-sum-exp (O(T) numbers a head). The
     backward pass computes each block's scores again (one more product) and, from them and
     the lse, the probabilities and their dropout (attention_kernel.c)."""
 
@@ -181,7 +181,7 @@ class BlockedAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         matmul, scale = _products(q), 1.0 / math.sqrt(D)
         grad = grad.to(q.dtype).contiguous()
-        qs = q * scale
+        qs, ks = q * scale, k * scale               # scores = qs k^T: dq = dscores ks
         # k's and v's gradients gather over the blocks: in fp32 (B, H, T, D)
         dq = torch.empty_like(q)
         dk, dv = (torch.zeros(B, H, T, D, dtype=torch.float32) for _ in range(2))
@@ -193,7 +193,7 @@ class BlockedAttention(torch.autograd.Function):
                                                          lse[:, :, start:end], p, seed,
                                                          start, T)
             dv[:, :, :end] += matmul(weights.transpose(-2, -1), g)      # (B, H, end, D)
-            dq[:, :, start:end] = matmul(dscores, kb) * scale           # (B, H, R, D)
+            dq[:, :, start:end] = matmul(dscores, ks[:, :, :end])       # (B, H, R, D)
             dk[:, :, :end] += matmul(dscores.transpose(-2, -1), qs[:, :, start:end])
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
