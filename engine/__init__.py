@@ -9,14 +9,15 @@ the textbook through one small, named call, and none of them imports a textbook 
     cpu_kernels   x86 CPU fast paths behind model.py (oneDNN products, packed decoding,
                   one-row fp32 and bf16 products through decode_kernel.c)
     decoder       batch-1 decoding: a new token through every block in one C call
-    fused_loss    the output head and cross-entropy without the whole logits tensor
+    fused_loss    the output head and cross-entropy without the whole logits tensor, the
+                  rows' softmax and gradient in C (loss_kernel.c)
     attention     training attention on the CPU in blocks of queries, its softmax and dropout
                   in C (attention_kernel.c; PyTorch has no fused CPU kernel with dropout)
     int8          int8 inference: Int8Linear, quantize_, its kernels
     pages         the weights decoding streams, in 2 MiB pages (transparent huge pages)
-    native        the C kernels (int8_kernel.c; decode_kernel.c and attention_kernel.c,
-                  written in simd.h's vectors for AVX-512, AVX2 or 64-bit Arm's NEON),
-                  compiled once per machine
+    native        the C kernels (int8_kernel.c; decode_kernel.c, attention_kernel.c and
+                  loss_kernel.c, written in simd.h's vectors for AVX-512, AVX2 or 64-bit
+                  Arm's NEON), compiled once per machine
     tuning        which fast path runs here: each timed once per machine against the code it
                   replaces (what the CPU can do says whether it can run; the clock, whether
                   it does), the timings kept beside the compiled kernels

@@ -46,7 +46,6 @@ kernel cannot be built.
 import contextlib
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -70,10 +69,7 @@ def disabled():
 
 def kernel():
     """attention_kernel.c loaded, or None where it cannot be built here."""
-    try:
-        return native.attention_kernels()
-    except (OSError, RuntimeError, subprocess.SubprocessError):
-        return None
+    return native.optional(native.attention_kernels)
 
 
 def draw_seed():

@@ -32,7 +32,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import subprocess
 import sys
 import weakref
 
@@ -430,7 +429,7 @@ def own_gemv():
             lib = native.decode_kernels()
             _GEMV = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}
             GEMV_STATUS = "on"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except native.BUILD_ERRORS as e:
             GEMV_STATUS = f"unavailable: {e}"
     return _GEMV or None
 

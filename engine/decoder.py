@@ -41,7 +41,6 @@ on wherever it applies; False, off.
 import contextlib
 import ctypes
 import os
-import subprocess
 import sys
 
 import torch
@@ -168,9 +167,8 @@ class _OneToken:
         lose to model.py's code here (``decided``: already timed, they won)."""
         if not _on() or model.tok_emb.weight.device.type != "cpu":
             return None
-        try:
-            lib = native.decode_kernels()
-        except (OSError, RuntimeError, subprocess.SubprocessError):
+        lib = native.optional(native.decode_kernels)
+        if lib is None:
             return None
         try:
             step = cls(model, session, lib)

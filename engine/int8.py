@@ -59,7 +59,6 @@ nn.Linear, (vocab, C)).
 
 import ctypes
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -161,7 +160,7 @@ def own_kernel():
         try:
             _KERNEL = _load_kernel()
             KERNEL_STATUS = "on"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except native.BUILD_ERRORS as e:
             KERNEL_STATUS = f"unavailable: {e}"
     return _KERNEL or None
 
@@ -183,10 +182,8 @@ def q8_kernel():
     the int8 weights), or None where it cannot be built."""
     global _Q8
     if _Q8 is None:
-        try:
-            _Q8 = native.decode_kernels().gemm_q8
-        except (OSError, RuntimeError, subprocess.SubprocessError):
-            _Q8 = False
+        lib = native.optional(native.decode_kernels)
+        _Q8 = lib.gemm_q8 if lib is not None else False
     return _Q8 or None
 
 

@@ -166,6 +166,18 @@ def loss_kernels():
     return _once("_LOSS", "loss_kernel.c", loss_signatures)
 
 
+BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)    # what build() raises
+
+
+def optional(loader):
+    """``loader()`` (decode_kernels, attention_kernels, loss_kernels), or None where its kernel
+    cannot be built here: then the caller keeps PyTorch's code."""
+    try:
+        return loader()
+    except BUILD_ERRORS:
+        return None
+
+
 def _once(name, source, signatures):
     """The library kept in the global ``name``: built from ``source`` the first time, its
     signatures set; where it cannot be built, the exception is kept and raised again."""
@@ -173,7 +185,7 @@ def _once(name, source, signatures):
     if lib is None:
         try:
             lib = signatures(build(Path(__file__).with_name(source)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except BUILD_ERRORS as e:
             lib = e
         globals()[name] = lib
     if isinstance(lib, Exception):
