@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import attention, checkpoints, cpu_kernels, decoder, fused_loss
+from engine import attention, checkpoints, cpu_kernels, decoder, fused_loss, gelu
 from engine.checkpoints import misfit, read_checkpoint, state_and_config, write_checkpoint
 from engine.devices import DTYPES, resolve_dtype, unwrap_model  # noqa: F401  (model.<name> too)
 from engine.int8 import is_quantized, quantize_
@@ -200,9 +200,9 @@ class FeedForward(nn.Module):
         super().__init__()
         C = cfg["emb_dim"]
         self.fc = Linear(C, 4 * C)
-        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form gives
-        # slightly different logits with OpenAI's weights.
-        self.gelu = nn.GELU(approximate="tanh")
+        # GPT-2 was trained with the tanh approximation of GELU (the exact erf form gives
+        # slightly different logits with OpenAI's weights). nn.GELU; fast path: engine/gelu.py
+        self.gelu = gelu.GELU(approximate="tanh")
         self.proj = Linear(4 * C, C)
 
     def forward(self, x):

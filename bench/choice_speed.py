@@ -63,7 +63,7 @@ NOT_SLOWER = 1 / 1.03
 
 def vendor_table(vendor):
     """{(module, flag): value} as the flags were set by CPU vendor before the clock chose
-    (training attention and the loss's rows, newer than that table, were PyTorch's
+    (training attention, the loss's rows and GELU, newer than that table, were PyTorch's
     everywhere)."""
     amd, intel = vendor == "AuthenticAMD", vendor == "GenuineIntel"
     return {("cpu_kernels", "ONEDNN_FP32"): not intel,
@@ -73,7 +73,7 @@ def vendor_table(vendor):
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
             ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
             ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False,
-            ("fused_loss", "C_ROWS"): False}
+            ("fused_loss", "C_ROWS"): False, ("gelu", "C_PASS"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def meet_every_decision():
     label} as picked (from the cache folder's timings, or measured now)."""
     import torch
 
-    from engine import attention, cpu_kernels, fused_loss, int8, pages, tuning
+    from engine import attention, cpu_kernels, fused_loss, gelu, int8, pages, tuning
     pages.chosen()
     for dtype in (torch.float32, torch.bfloat16):
         cpu_kernels.onednn_fp32()
@@ -107,6 +107,9 @@ def meet_every_decision():
     if fused_loss.kernel() is not None:
         for dtype in (torch.float32, torch.bfloat16):
             fused_loss.c_rows(dtype, torch.device("cpu"))
+    if gelu.kernel() is not None:
+        for dtype in (torch.float32, torch.bfloat16):
+            gelu.c_pass(torch.empty(0, dtype=dtype))
     return tuning.picked()
 
 

@@ -99,15 +99,15 @@ def hf_logits_module(hf):
 def make_step(model, batch, dtype, plain=False, device="cpu"):
     """A function doing one full optimizer step; returns (seconds, loss).
 
-    ``plain``: with every fast path off (cpu_kernels, fused_loss and attention disabled), the
-    plain PyTorch code. ``device``: where the model and batch are (bench/gpu_check.py: a GPU,
-    whose work is waited for before the clock is read).
+    ``plain``: with every fast path off (cpu_kernels, fused_loss, attention and gelu
+    disabled), the plain PyTorch code. ``device``: where the model and batch are
+    (bench/gpu_check.py: a GPU, whose work is waited for before the clock is read).
     """
     import contextlib
 
     import torch
 
-    from engine import attention, cpu_kernels, fused_loss
+    from engine import attention, cpu_kernels, fused_loss, gelu
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device(device)
@@ -119,6 +119,7 @@ def make_step(model, batch, dtype, plain=False, device="cpu"):
                 off.enter_context(cpu_kernels.disabled())
                 off.enter_context(fused_loss.disabled())
                 off.enter_context(attention.disabled())
+                off.enter_context(gelu.disabled())
             loss, _ = accumulate_gradients(model, [batch], device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -13,11 +13,13 @@ the textbook through one small, named call, and none of them imports a textbook 
                   rows' softmax and gradient in C (loss_kernel.c)
     attention     training attention on the CPU in blocks of queries, its softmax and dropout
                   in C (attention_kernel.c; PyTorch has no fused CPU kernel with dropout)
+    gelu          GPT-2's GELU and its gradient while training on the CPU, one C pass each
+                  (gelu_kernel.c)
     int8          int8 inference: Int8Linear, quantize_, its kernels
     pages         the weights decoding streams, in 2 MiB pages (transparent huge pages)
-    native        the C kernels (int8_kernel.c; decode_kernel.c, attention_kernel.c and
-                  loss_kernel.c, written in simd.h's vectors for AVX-512, AVX2 or 64-bit
-                  Arm's NEON), compiled once per machine
+    native        the C kernels (int8_kernel.c; decode_kernel.c, attention_kernel.c,
+                  loss_kernel.c and gelu_kernel.c, written in simd.h's vectors for AVX-512,
+                  AVX2 or 64-bit Arm's NEON), compiled once per machine
     tuning        which fast path runs here: each timed once per machine against the code it
                   replaces (what the CPU can do says whether it can run; the clock, whether
                   it does), the timings kept beside the compiled kernels

@@ -1,5 +1,5 @@
 /* bfloat16 <-> fp32 for the engine's C kernels (int8_kernel.c, decode_kernel.c,
-   attention_kernel.c, loss_kernel.c).
+   attention_kernel.c, loss_kernel.c, gelu_kernel.c).
 
    bf16 is the top half of an fp32 number: widening is a shift; narrowing rounds to nearest,
    ties to even, as torch does, and keeps a NaN a NaN. engine/native.py rebuilds a kernel

@@ -1,5 +1,5 @@
-/* The vector operations decode_kernel.c, attention_kernel.c and loss_kernel.c are written
-   in, for two kinds of x86-64 CPU and for 64-bit Arm:
+/* The vector operations decode_kernel.c, attention_kernel.c, loss_kernel.c and gelu_kernel.c
+   are written in, for two kinds of x86-64 CPU and for 64-bit Arm:
 
    AVX-512 (F, BW, VL)   a vector holds VW = 16 floats
    AVX2 with FMA         VW = 8 (Zen 2 and 3, Intel's desktop and laptop CPUs since Haswell,

@@ -41,7 +41,7 @@ CLOCK_FLAGS = [*(("cpu_kernels", flag) for flag in (
     "ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
     "SCREENED_HEAD")), ("decoder", "ONE_CALL"), ("int8", "OWN_KERNEL"),
     ("int8", "DYNAMIC_Q8"), ("int8", "BF16_ROWS"), ("pages", "HUGE_PAGES"),
-    ("attention", "BLOCKED"), ("fused_loss", "C_ROWS")]
+    ("attention", "BLOCKED"), ("fused_loss", "C_ROWS"), ("gelu", "C_PASS")]
 
 
 def set_clock_flags(monkeypatch, value, flags=CLOCK_FLAGS):
@@ -71,7 +71,8 @@ def kernel_build(request, monkeypatch):
             pytest.skip("this CPU's own build is the AVX2 one (or none)")
         monkeypatch.setenv("GPT2_KERNEL_ISA", "avx2")
     for module, name in ((native, "_DECODE"), (native, "_ATTENTION"), (native, "_LOSS"),
-                         (cpu_kernels, "_GEMV"), (int8, "_Q8"), (int8, "_KERNEL")):
+                         (native, "_GELU"), (cpu_kernels, "_GEMV"), (int8, "_Q8"),
+                         (int8, "_KERNEL")):
         monkeypatch.setattr(module, name, None)
     for module, name in ((cpu_kernels, "GEMV_STATUS"), (int8, "KERNEL_STATUS")):
         monkeypatch.setattr(module, name, getattr(module, name))      # put back afterwards

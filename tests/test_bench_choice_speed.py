@@ -8,7 +8,7 @@ import pytest
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (before bench/ is on sys.path)
 
 from conftest import CLOCK_FLAGS, ROOT, set_clock_flags
-from engine import attention, cpu_kernels, decoder, devices, fused_loss, int8, native, pages, tuning
+from engine import attention, cpu_kernels, decoder, devices, fused_loss, gelu, int8, pages, tuning
 
 _path = list(sys.path)
 sys.path.insert(0, str(ROOT / "bench"))
@@ -22,18 +22,19 @@ def test_the_vendor_table_it_compares_with():
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
     # the table had every path on for AMD, but weights in 4 KiB pages, fp32 int8 prompts
-    # on dequantized weights, PyTorch's training attention and loss rows everywhere
+    # on dequantized weights, PyTorch's training attention, loss rows and GELU everywhere
     assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES"),
                                                     ("int8", "BF16_ROWS"),
                                                     ("attention", "BLOCKED"),
-                                                    ("fused_loss", "C_ROWS")}
+                                                    ("fused_loss", "C_ROWS"),
+                                                    ("gelu", "C_PASS")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
     # it sets every flag the clock chooses, each of which exists
     assert sorted(amd) == sorted(CLOCK_FLAGS)
     modules = {"cpu_kernels": cpu_kernels, "int8": int8, "decoder": decoder, "pages": pages,
-               "attention": attention, "fused_loss": fused_loss}
+               "attention": attention, "fused_loss": fused_loss, "gelu": gelu}
     for module, flag in amd:
         assert hasattr(modules[module], flag)
 
@@ -56,7 +57,7 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
              "PyTorch's int8 kernels", "int8_kernel.c", "weight-only int8", "gemm_q8",
              pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul",
              attention.PLAIN, attention.OURS, fused_loss.TORCH_ROWS,
-             fused_loss.C_ROWS_LABEL])},
+             fused_loss.C_ROWS_LABEL, gelu.TORCH_GELU, gelu.C_PASS_LABEL])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -77,6 +78,9 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
     if fused_loss.kernel() is not None:
         assert picked["training loss rows (bf16, 256 x 50257 logits)"] == fused_loss.TORCH_ROWS
         assert sum(name.startswith("training loss rows (") for name in picked) == 2
+    if gelu.kernel() is not None:
+        assert picked["training GELU (bf16, 1024 x 3072)"] == gelu.TORCH_GELU
+        assert sum(name.startswith("training GELU (") for name in picked) == 2
 
 
 def test_the_summary_line():
@@ -107,5 +111,5 @@ def test_as_avx2_starts_again_with_the_cpu_seen_as_an_avx2_one(monkeypatch):
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["GPT2_KERNEL_ISA"] == "avx2"
     for k, v in common.AVX2_ENV.items():                    # started so: it goes on
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(native, "_DECODE", None)            # built for AVX2 in this test only
+    monkeypatch.setattr("engine.native._DECODE", None)      # built for AVX2 in this test only
     assert common.seen_as_avx2() and "seen as an AVX2 CPU" in common.vectors_line()

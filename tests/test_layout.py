@@ -124,7 +124,7 @@ def test_model_py_reaches_the_engine_only_for_kernels_and_files():
     # are one call away, and no other textbook module is needed to follow it
     assert _graph()["model"] == {"engine.cpu_kernels", "engine.decoder", "engine.fused_loss",
                                  "engine.attention", "engine.devices", "engine.checkpoints",
-                                 "engine.int8"}
+                                 "engine.int8", "engine.gelu"}
 
 
 def test_converters_and_entry_points_are_untangled():
