@@ -63,8 +63,8 @@ NOT_SLOWER = 1 / 1.03
 
 def vendor_table(vendor):
     """{(module, flag): value} as the flags were set by CPU vendor before the clock chose
-    (training attention, the loss's rows and GELU, newer than that table, were PyTorch's
-    everywhere)."""
+    (training attention, the loss's rows, the head's weight gradient in blocks and GELU,
+    newer than that table, were PyTorch's code everywhere)."""
     amd, intel = vendor == "AuthenticAMD", vendor == "GenuineIntel"
     return {("cpu_kernels", "ONEDNN_FP32"): not intel,
             ("cpu_kernels", "ALIGNED_LOGITS"): not intel, ("cpu_kernels", "PACKING"): True,
@@ -73,7 +73,8 @@ def vendor_table(vendor):
             ("decoder", "ONE_CALL"): amd, ("int8", "OWN_KERNEL"): amd,
             ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
             ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False,
-            ("fused_loss", "C_ROWS"): False, ("gelu", "C_PASS"): False}
+            ("fused_loss", "C_ROWS"): False, ("fused_loss", "SPLIT"): False,
+            ("gelu", "C_PASS"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ def meet_every_decision():
     if fused_loss.kernel() is not None:
         for dtype in (torch.float32, torch.bfloat16):
             fused_loss.c_rows(dtype, torch.device("cpu"))
+    fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16))
     if gelu.kernel() is not None:
         for dtype in (torch.float32, torch.bfloat16):
             gelu.c_pass(torch.empty(0, dtype=dtype))

@@ -32,6 +32,9 @@ pass a row, the row held in the core's cache (``loss_rows``); the clock (engine/
 takes it where it beats PyTorch's ops (``C_ROWS``: None, or True / False to force it). On a
 Zen 4: 2.3-3.6x on the rows; the 124M head and loss, forward and backward at context 1024,
 bf16 736 -> 674 ms (PyTorch's plain code 725 ms), fp32 1286 -> 1259 ms (plain 1465 ms).
+In bf16 the head's weight gradient g.T @ h (vocab, C) can be made in blocks of SPLIT_ROWS
+of its rows (``SPLIT``: the clock, or True / False): oneDNN multiplies a tall g.T (50257
+rows) 1.2-1.3x faster in blocks on a Zen 4 (124M at context 1024: 257 -> 213 ms).
 
 One switch: ``fused_loss.ENABLED = False`` (or ``GPT2_FUSED_LOSS=0`` before Python starts),
 or ``with fused_loss.disabled():``; the tests compare both paths. Off under torch.compile
@@ -51,6 +54,11 @@ ENABLED = os.environ.get("GPT2_FUSED_LOSS", "1") != "0"   # the one switch
 # the rows' softmax, loss and gradient by loss_kernel.c (True), PyTorch's ops (False), or
 # where the kernel beats those here (None: the clock, engine/tuning.py)
 C_ROWS = None
+# the head's weight gradient g.T @ h (vocab, C) made in blocks of SPLIT_ROWS of its rows
+# (True), in one product (False), or where the blocks are faster here (None: the clock).
+# oneDNN's bf16 product of a tall g.T (vocab x rows) ran 1.2-1.3x faster in blocks on a Zen 4
+SPLIT = None
+SPLIT_ROWS = 8192
 CHUNK_ELEMENTS = 2**23      # logits held at once: 32 MB in fp32 (166 rows of GPT-2's vocab),
                             # 8x that when the head's weight gets a gradient too
 IGNORE_INDEX = -100         # targets with this id are not scored (as in F.cross_entropy)
@@ -161,15 +169,51 @@ def _chunked(h, weight, targets, want_h, want_w):
             if want_h:
                 grad_h[r0:r0 + rows] = _mm(g, w)                                # (R, C)
             if want_w:
-                if grad_w is None:
-                    grad_w = _mm(g.t(), hc).to(weight.dtype)                    # (V, C)
-                elif g.dtype == grad_w.dtype and not _onednn(g, hc):
-                    grad_w.addmm_(g.t(), hc)        # adds in the product: no (V, C) temporary
-                else:
-                    grad_w += _mm(g.t(), hc)
+                grad_w = _weight_grad(grad_w, g, hc, weight.dtype)              # (V, C)
     if not scored.any():        # nothing to score: NaN, as F.cross_entropy gives
         total = total * float("nan")
     return total / count, grad_h, grad_w
+
+
+def _weight_grad(grad_w, g, hc, dtype, split=None):
+    """grad_w + g.T @ hc (V, C) in ``dtype``; grad_w None: the product alone. ``split``: in
+    blocks of SPLIT_ROWS rows (True) or not (False); None: as split_products says."""
+    if grad_w is not None and g.dtype == grad_w.dtype and not _onednn(g, hc):
+        return grad_w.addmm_(g.t(), hc)            # adds in the product: no (V, C) temporary
+    if not (split_products(g) if split is None else split):
+        part = _mm(g.t(), hc)                                                   # (V, C)
+        return part.to(dtype) if grad_w is None else grad_w.add_(part)
+    V = g.shape[1]
+    out = torch.empty(V, hc.shape[1], dtype=dtype, device=g.device) if grad_w is None else grad_w
+    for v0 in range(0, V, SPLIT_ROWS):
+        part = _mm(g[:, v0:v0 + SPLIT_ROWS].t(), hc)                            # (S, C)
+        if grad_w is None:
+            out[v0:v0 + SPLIT_ROWS] = part
+        else:
+            out[v0:v0 + SPLIT_ROWS] += part
+    return out
+
+
+def split_products(g):
+    """Whether the head's weight gradient from ``g`` (R, V) is made in blocks of SPLIT_ROWS
+    of its rows here: bf16 on the CPU, where SPLIT (or the clock) says so."""
+    if SPLIT is False or g.device.type != "cpu" or g.dtype != torch.bfloat16:
+        return False
+    return tuning.switch(SPLIT, f"training head's weight gradient (bf16, {ROWS_TIMED} x "
+                         f"{tuning.HEAD_124M[0]} x {tuning.HEAD_124M[1]})", _split_candidates,
+                         WHOLE_LABEL, SPLIT_LABEL)
+
+
+WHOLE_LABEL, SPLIT_LABEL = "one product", f"blocks of {SPLIT_ROWS} rows"
+
+
+def _split_candidates():
+    # g.T @ h for ROWS_TIMED rows of GPT-2's head, into a new fp32 gradient, each way
+    gen = torch.Generator().manual_seed(0)
+    g = tuning.filled((ROWS_TIMED, tuning.HEAD_124M[0]), torch.bfloat16, gen)
+    h = tuning.filled((ROWS_TIMED, tuning.HEAD_124M[1]), torch.bfloat16, gen)
+    return {WHOLE_LABEL: lambda: _weight_grad(None, g, h, torch.float32, split=False),
+            SPLIT_LABEL: lambda: _weight_grad(None, g, h, torch.float32, split=True)}
 
 
 def loss_rows(logits, targets, ok, count, grad):

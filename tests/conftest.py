@@ -41,7 +41,8 @@ CLOCK_FLAGS = [*(("cpu_kernels", flag) for flag in (
     "ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
     "SCREENED_HEAD")), ("decoder", "ONE_CALL"), ("int8", "OWN_KERNEL"),
     ("int8", "DYNAMIC_Q8"), ("int8", "BF16_ROWS"), ("pages", "HUGE_PAGES"),
-    ("attention", "BLOCKED"), ("fused_loss", "C_ROWS"), ("gelu", "C_PASS")]
+    ("attention", "BLOCKED"), ("fused_loss", "C_ROWS"), ("fused_loss", "SPLIT"),
+    ("gelu", "C_PASS")]
 
 
 def set_clock_flags(monkeypatch, value, flags=CLOCK_FLAGS):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cfg_from_hf, make_hf_model
-from engine import cpu_kernels, fused_loss, native
+from engine import cpu_kernels, fused_loss, native, tuning
 from engine.gpt2_params import gpt2_param_names
 from model import GPTModel
 from train_utils import calc_loss_batch
@@ -85,6 +85,57 @@ def test_fused_equals_plain_loss_and_gradients(tiny_cfg, monkeypatch, tie, dtype
         scale = ref_grads[name].abs().max()
         for got in (grads[name], plain_grads[name]):
             assert (got - ref_grads[name]).abs().max() <= 0.02 * scale, name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_heads_weight_gradient_in_blocks_equals_one_product(tiny_cfg, monkeypatch, dtype):
+    # SPLIT True (the tests' default: conftest) makes the head's weight gradient in blocks of
+    # SPLIT_ROWS of its rows in bf16 (here 11, the last short, in each of 3 chunks of rows
+    # that add into it), never in fp32; the gradients as from one product (SPLIT False)
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 50257 * 2)       # 16 rows a chunk
+    monkeypatch.setattr(fused_loss, "SPLIT_ROWS", 5000)
+    firsts, real = [], fused_loss._mm
+    monkeypatch.setattr(fused_loss, "_mm", lambda a, b: firsts.append(a.shape[0]) or real(a, b))
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).train()
+    idx, targets = _batch(50257, B=2, T=20)
+    loss, grads = _loss_and_grads(model, idx, targets, fused=True, dtype=dtype)
+    blocks = [n for n in firsts if n in (5000, 50257 % 5000)]
+    assert len(blocks) == (33 if dtype == "bf16" else 0)
+    assert (50257 in firsts) == (dtype == "fp32")                  # one whole product
+    monkeypatch.setattr(fused_loss, "SPLIT", False)
+    ref_loss, ref_grads = _loss_and_grads(model, idx, targets, fused=True, dtype=dtype)
+    assert torch.equal(loss, ref_loss)
+    for name in grads:
+        if name != "tok_emb.weight":
+            assert torch.equal(grads[name], ref_grads[name]), name
+    head, ref_head = grads["tok_emb.weight"], ref_grads["tok_emb.weight"]
+    # each block's entries are the same sums, rounded to bf16 as one product rounds them
+    torch.testing.assert_close(head, ref_head, rtol=2**-7, atol=1e-3 * ref_head.abs().max())
+
+
+def test_the_clock_times_the_heads_weight_gradient_both_ways(monkeypatch):
+    # SPLIT None: the clock's pick, by the decision's name; its two candidates make the same
+    # gradient (124M's head, 256 rows); fp32, another device: one product, nothing timed
+    monkeypatch.setattr(fused_loss, "SPLIT", None)
+    monkeypatch.setattr(tuning, "MODE", "measure")
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    asked = []
+
+    def timings(name, setup, keep_autocast=False):
+        made = setup()
+        asked.append((name, made))
+        return {fused_loss.WHOLE_LABEL: 1.0, fused_loss.SPLIT_LABEL: 0.8}, True
+    monkeypatch.setattr(tuning, "timings", timings)
+    assert fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16))
+    (name, made), = asked
+    assert name == "training head's weight gradient (bf16, 256 x 50257 x 768)"
+    whole, split = made[fused_loss.WHOLE_LABEL](), made[fused_loss.SPLIT_LABEL]()
+    assert whole.dtype == split.dtype == torch.float32 and whole.shape == (50257, 768)
+    torch.testing.assert_close(split, whole, rtol=2**-7, atol=1e-3 * whole.abs().max())
+    assert not fused_loss.split_products(torch.empty(0))
+    assert not fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16, device="meta"))
+    assert len(asked) == 1
 
 
 def test_frozen_head_gets_no_gradient_and_hidden_states_do(tiny_cfg):
