@@ -33,8 +33,9 @@ takes it where it beats PyTorch's ops (``C_ROWS``: None, or True / False to forc
 Zen 4: 2.3-3.6x on the rows; the 124M head and loss, forward and backward at context 1024,
 bf16 736 -> 674 ms (PyTorch's plain code 725 ms), fp32 1286 -> 1259 ms (plain 1465 ms).
 In bf16 the head's weight gradient g.T @ h (vocab, C) can be made in blocks of SPLIT_ROWS
-of its rows (``SPLIT``: the clock, or True / False): oneDNN multiplies a tall g.T (50257
-rows) 1.2-1.3x faster in blocks on a Zen 4 (124M at context 1024: 257 -> 213 ms).
+of its rows (``SPLIT``: the clock, or True / False; where oneDNN has bf16 products): oneDNN
+multiplies a tall g.T (50257 rows) 1.2-1.3x faster in blocks on a Zen 4 (124M at context
+1024: 257 -> 213 ms).
 
 One switch: ``fused_loss.ENABLED = False`` (or ``GPT2_FUSED_LOSS=0`` before Python starts),
 or ``with fused_loss.disabled():``; the tests compare both paths. Off under torch.compile
@@ -48,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from engine import cpu_kernels, native, tuning, turned_off
+from engine import cpu_kernels, devices, native, tuning, turned_off
 
 ENABLED = os.environ.get("GPT2_FUSED_LOSS", "1") != "0"   # the one switch
 # the rows' softmax, loss and gradient by loss_kernel.c (True), PyTorch's ops (False), or
@@ -196,8 +197,11 @@ def _weight_grad(grad_w, g, hc, dtype, split=None):
 
 def split_products(g):
     """Whether the head's weight gradient from ``g`` (R, V) is made in blocks of SPLIT_ROWS
-    of its rows here: bf16 on the CPU, where SPLIT (or the clock) says so."""
-    if SPLIT is False or g.device.type != "cpu" or g.dtype != torch.bfloat16:
+    of its rows here: bf16 on a CPU with oneDNN's bf16 products, where SPLIT (or the clock)
+    says so. (Where bf16 is multiplied in fp32, cpu_kernels.matmul_in_fp32, blocks did not
+    help: 0.97-1.02x seen as AVX2 on the Zen 4.)"""
+    if (SPLIT is False or g.device.type != "cpu" or g.dtype != torch.bfloat16
+            or not devices.onednn_bf16()):
         return False
     return tuning.switch(SPLIT, f"training head's weight gradient (bf16, {ROWS_TIMED} x "
                          f"{tuning.HEAD_124M[0]} x {tuning.HEAD_124M[1]})", _split_candidates,

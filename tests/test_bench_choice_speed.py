@@ -81,8 +81,9 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
     if fused_loss.kernel() is not None:
         assert picked["training loss rows (bf16, 256 x 50257 logits)"] == fused_loss.TORCH_ROWS
         assert sum(name.startswith("training loss rows (") for name in picked) == 2
-    assert picked["training head's weight gradient (bf16, 256 x 50257 x 768)"] == \
-        fused_loss.WHOLE_LABEL
+    if devices.onednn_bf16():
+        assert picked["training head's weight gradient (bf16, 256 x 50257 x 768)"] == \
+            fused_loss.WHOLE_LABEL
     if gelu.kernel() is not None:
         assert picked["training GELU (bf16, 1024 x 3072)"] == gelu.TORCH_GELU
         assert sum(name.startswith("training GELU (") for name in picked) == 2
