@@ -9,10 +9,10 @@ engine/gelu_kernel.c while a gradient is being recorded on the CPU (training, fi
 The kernel writes 1 + tanh(u) as 2 / (1 + e^(-2u)), so each number costs one e^x where
 PyTorch's CPU kernel computes a tanh, and its backward pass one more; bf16 numbers are
 widened, computed in fp32 and rounded once, as PyTorch does. On a Zen 4 (124M's MLP,
-1024 x 3072 numbers, 2 threads): bf16 3.2 -> 0.8 ms forward, 3.1 -> 1.2 ms backward, ~50
-ms of a 2.7 s training step; seen as an AVX2 CPU 3.2x and 2.9x. Inference (no gradient
-recorded) keeps PyTorch's kernel, so that evaluation and generation give the numbers they
-always gave.
+1024 x 3072 numbers, 2 threads): bf16 forward 2.9-3.4x, backward 2.1-2.5x (3.1-3.5 ms each
+in PyTorch), ~40 ms of a 2.7 s training step; seen as an AVX2 CPU 3.1-4.1x and 2.6-2.8x
+(bench/README.md). Inference (no gradient recorded) keeps PyTorch's kernel, so that
+evaluation and generation give the numbers they always gave.
 
 The clock (engine/tuning.py) takes the C pass where it beats PyTorch's kernel on 124M's
 MLP (``C_PASS``: None, or True / False to force it). One switch: ``gelu.ENABLED = False``
