@@ -108,12 +108,15 @@ def test_the_heads_weight_gradient_in_blocks_equals_one_product(tiny_cfg, monkey
     monkeypatch.setattr(fused_loss, "SPLIT", False)
     ref_loss, ref_grads = _loss_and_grads(model, idx, targets, fused=True, dtype=dtype)
     assert torch.equal(loss, ref_loss)
+    head = next(n for n, p in model.named_parameters() if p is model.out_head.weight)
     for name in grads:
-        if name != "tok_emb.weight":
+        if name != head:
             assert torch.equal(grads[name], ref_grads[name]), name
-    head, ref_head = grads["tok_emb.weight"], ref_grads["tok_emb.weight"]
-    # each block's entries are the same sums, rounded to bf16 as one product rounds them
-    torch.testing.assert_close(head, ref_head, rtol=2**-7, atol=1e-3 * ref_head.abs().max())
+    # each block's entries are the same sums, rounded to bf16 as one product rounds them (up
+    # to the order of the sums: Arm's bf16 products round partial sums too)
+    ref_head = ref_grads[head]
+    torch.testing.assert_close(grads[head], ref_head, rtol=2**-7,
+                               atol=2**-7 * ref_head.abs().max())
 
 
 def test_the_clock_times_the_heads_weight_gradient_both_ways(monkeypatch):
@@ -137,7 +140,7 @@ def test_the_clock_times_the_heads_weight_gradient_both_ways(monkeypatch):
     assert name == "training head's weight gradient (bf16, 256 x 50257 x 768)"
     whole, split = made[fused_loss.WHOLE_LABEL](), made[fused_loss.SPLIT_LABEL]()
     assert whole.dtype == split.dtype == torch.float32 and whole.shape == (50257, 768)
-    torch.testing.assert_close(split, whole, rtol=2**-7, atol=1e-3 * whole.abs().max())
+    torch.testing.assert_close(split, whole, rtol=2**-7, atol=2**-7 * whole.abs().max())
     assert not fused_loss.split_products(torch.empty(0))
     assert not fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16, device="meta"))
     assert len(asked) == 1
