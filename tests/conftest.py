@@ -51,6 +51,39 @@ def set_clock_flags(monkeypatch, value, flags=CLOCK_FLAGS):
         monkeypatch.setattr(importlib.import_module(f"engine.{module}"), flag, value)
 
 
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """tuning as a user's first run meets it: MODE "measure" (the tests run with "on"), an
+    empty cache folder, nothing picked in this process yet, a machine that is not busy, and
+    time for every repeat (the fake clocks of test_engine_tuning.py give each call seconds)."""
+    from engine import tuning
+    monkeypatch.setattr(tuning, "MODE", "measure")
+    monkeypatch.setattr(tuning, "BUDGET", 1000.0)
+    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    monkeypatch.setattr(tuning, "_TIMES", {})
+    monkeypatch.setattr(tuning, "_NOTED", set())
+    monkeypatch.setattr(tuning, "busy", lambda: "")
+    return tmp_path
+
+
+def answered_clock(monkeypatch, times, run=False):
+    """Every decision met from now on answered from ``times`` {label: seconds} (the caller
+    may change it between decisions); with ``run`` its candidates are made and each runs
+    once first, and the answer counts as measured now (the pick's line is printed). Returns
+    the list the decisions' names are added to, in the order met."""
+    from engine import tuning
+    asked = []
+
+    def timings(name, setup, keep_autocast=False):
+        asked.append(name)
+        if run:
+            tuning.measure_setup(setup, keep_autocast, repeats=1)
+        return times, run
+    monkeypatch.setattr(tuning, "timings", timings)
+    return asked
+
+
 @pytest.fixture(autouse=True)
 def every_cpu_fast_path_on(monkeypatch):
     """Every CPU fast path on wherever it can run, whatever the clock would choose on this

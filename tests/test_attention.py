@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import flag_in_a_fresh_process
-from engine import attention, cpu_kernels, native, tuning
+from conftest import answered_clock, flag_in_a_fresh_process
+from engine import attention, cpu_kernels, native
 
 needs_kernel = pytest.mark.skipif(attention.kernel() is None,
                                   reason="attention_kernel.c cannot be built here")
@@ -201,23 +201,13 @@ def test_training_steps_of_the_model_take_it_and_match_the_plain_attention(monke
 
 
 def test_the_clock_decides_per_dtype_shape_and_dropout_and_leaves_the_generator_alone(
-        monkeypatch, tmp_path, capsys):
+        measuring, monkeypatch, capsys):
     # the decision's name, its two candidates really running (gradients on, under tuning's
     # inference mode), and PyTorch's generator as it was: measuring draws no run's masks;
     # with or without dropout the blocks are taken where they win by tuning's margin
-    monkeypatch.setattr(tuning, "MODE", "measure")
-    monkeypatch.setattr(tuning, "_PICKED", {})
-    monkeypatch.setattr(tuning, "_TIMES", {})
-    monkeypatch.setattr(tuning, "busy", lambda: "")
-    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(attention, "BLOCKED", None)
-    asked, ours = [], {"s": 0.6}
-
-    def timings(name, setup, keep_autocast=False):
-        asked.append(name)
-        tuning.measure_setup(setup, keep_autocast, repeats=1)
-        return {attention.PLAIN: 1.0, attention.OURS: ours["s"]}, True
-    monkeypatch.setattr(tuning, "timings", timings)
+    times = {attention.PLAIN: 1.0, attention.OURS: 0.6}
+    asked = answered_clock(monkeypatch, times, run=True)
     state = torch.get_rng_state()
     assert attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.1)      # 1.67x
     assert attention.blocked_wins((2, 3, 21, 16), torch.float32, 0.0)
@@ -227,7 +217,7 @@ def test_the_clock_decides_per_dtype_shape_and_dropout_and_leaves_the_generator_
     said = capsys.readouterr().err
     assert "(bf16, dropout, 3 heads x 21 x 16, batch 2): blocks, C softmax, 1.67x" in said
     assert "(fp32, no dropout, 3 heads x 21 x 16, batch 2): blocks, C softmax, 1.67x" in said
-    ours["s"] = 0.99                                           # within the margin: PyTorch's
+    times[attention.OURS] = 0.99                               # within the margin: PyTorch's
     assert not attention.blocked_wins((2, 3, 21, 16), torch.bfloat16, 0.0)
     assert "blocks, C softmax 1.01x of its speed; need 1.03x" in capsys.readouterr().err
     monkeypatch.setattr(attention, "BLOCKED", True)           # a flag wins over the clock

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cfg_from_hf, make_hf_model
+from conftest import answered_clock, cfg_from_hf, make_hf_model
 from engine import cpu_kernels, devices, fused_loss, native, tuning
 from engine.gpt2_params import gpt2_param_names
 from model import GPTModel
@@ -119,25 +119,19 @@ def test_the_heads_weight_gradient_in_blocks_equals_one_product(tiny_cfg, monkey
                                atol=2**-7 * ref_head.abs().max())
 
 
-def test_the_clock_times_the_heads_weight_gradient_both_ways(monkeypatch):
+def test_the_clock_times_the_heads_weight_gradient_both_ways(measuring, monkeypatch):
     # SPLIT None: the clock's pick, by the decision's name; its two candidates make the same
     # gradient (124M's head, 256 rows); fp32, another device: one product, nothing timed
     monkeypatch.setattr(fused_loss, "SPLIT", None)
-    monkeypatch.setattr(tuning, "MODE", "measure")
-    monkeypatch.setattr(tuning, "_PICKED", {})
-    asked = []
-
-    def timings(name, setup, keep_autocast=False):
-        made = setup()
-        asked.append((name, made))
-        return {fused_loss.WHOLE_LABEL: 1.0, fused_loss.SPLIT_LABEL: 0.8}, True
-    monkeypatch.setattr(tuning, "timings", timings)
+    asked = answered_clock(monkeypatch, {fused_loss.WHOLE_LABEL: 1.0,
+                                         fused_loss.SPLIT_LABEL: 0.8})
     if not devices.onednn_bf16():
         assert not fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16))
         pytest.skip("no bf16 products in oneDNN here: one product, nothing timed")
     assert fused_loss.split_products(torch.empty(0, dtype=torch.bfloat16))
-    (name, made), = asked
+    (name,) = asked
     assert name == "training head's weight gradient (bf16, 256 x 50257 x 768)"
+    made = tuning.SEEN[name][0]()                                  # its candidates
     whole, split = made[fused_loss.WHOLE_LABEL](), made[fused_loss.SPLIT_LABEL]()
     assert whole.dtype == split.dtype == torch.float32 and whole.shape == (50257, 768)
     torch.testing.assert_close(split, whole, rtol=2**-7, atol=2**-7 * whole.abs().max())

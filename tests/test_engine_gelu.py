@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_CFG, flag_in_a_fresh_process
-from engine import gelu, native, tuning
+from conftest import TINY_CFG, answered_clock, flag_in_a_fresh_process
+from engine import gelu, native
 from model import GPTModel
 
 
@@ -123,30 +123,20 @@ def test_without_a_gradient_or_off_the_cpu_pytorchs_kernel_runs(monkeypatch):
     assert gelu.kernel() is None and not gelu.c_pass(x)
 
 
-def test_the_clock_decides_per_dtype(monkeypatch, tmp_path, capsys):
+def test_the_clock_decides_per_dtype(measuring, monkeypatch, capsys):
     # C_PASS None: the clock's pick, named by dtype and the shape it times, both candidates
     # running; PyTorch's kept where the C pass wins by less than tuning's margin
     if gelu.kernel() is None:
         pytest.skip("gelu_kernel.c cannot be built here")
-    monkeypatch.setattr(tuning, "MODE", "measure")
-    monkeypatch.setattr(tuning, "_PICKED", {})
-    monkeypatch.setattr(tuning, "_TIMES", {})
-    monkeypatch.setattr(tuning, "busy", lambda: "")
-    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(gelu, "C_PASS", None)
     monkeypatch.setattr(gelu, "TIMED", (8, 96))               # small: the test stays quick
-    asked, ours = [], {"s": 0.4}
-
-    def timings(name, setup, keep_autocast=False):
-        asked.append(name)
-        tuning.measure_setup(setup, keep_autocast, repeats=1)
-        return {gelu.TORCH_GELU: 1.0, gelu.C_PASS_LABEL: ours["s"]}, True
-    monkeypatch.setattr(tuning, "timings", timings)
+    times = {gelu.TORCH_GELU: 1.0, gelu.C_PASS_LABEL: 0.4}
+    asked = answered_clock(monkeypatch, times, run=True)
     assert gelu.c_pass(torch.ones(2, dtype=torch.bfloat16))
     assert asked == ["training GELU (bf16, 8 x 96)"]
     said = capsys.readouterr().err
     assert "training GELU (bf16, 8 x 96): one C pass, 2.50x PyTorch's GELU" in said
-    ours["s"] = 0.99
+    times[gelu.C_PASS_LABEL] = 0.99
     assert not gelu.c_pass(torch.ones(2))
     assert asked[-1] == "training GELU (fp32, 8 x 96)"
     assert "one C pass 1.01x of its speed; need 1.03x" in capsys.readouterr().err

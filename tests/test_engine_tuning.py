@@ -11,23 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, flag_in_a_fresh_process, set_clock_flags, small_gpt
+from conftest import ROOT, answered_clock, flag_in_a_fresh_process, set_clock_flags, small_gpt
 from engine import cpu_kernels, decoder, int8, native, pages, tuning
-
-
-@pytest.fixture
-def measuring(monkeypatch, tmp_path):
-    """tuning as a user's first run meets it: MODE "measure" (the tests run with "on"), an
-    empty cache folder, nothing picked in this process yet, a machine that is not busy, and
-    time for every repeat (the fake clocks below give each call seconds)."""
-    monkeypatch.setattr(tuning, "MODE", "measure")
-    monkeypatch.setattr(tuning, "BUDGET", 1000.0)
-    monkeypatch.setenv("GPT2_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(tuning, "_PICKED", {})
-    monkeypatch.setattr(tuning, "_TIMES", {})
-    monkeypatch.setattr(tuning, "_NOTED", set())
-    monkeypatch.setattr(tuning, "busy", lambda: "")
-    return tmp_path
 
 
 class FakeClock:
@@ -239,17 +224,6 @@ print(tuning.pick("raced", setup, ("plain", "fast")))
 # ---------------------------------------------------------------------------------------
 # Each fast path's wiring: the flag when set, else the pick, from its own candidates
 
-def _timed_as(monkeypatch, times):
-    """Every decision answered from ``times`` {label: seconds} (labels of all decisions)."""
-    asked = []
-
-    def timings(name, setup, keep_autocast=False):
-        asked.append(name)
-        return times, False
-    monkeypatch.setattr(tuning, "timings", timings)
-    return asked
-
-
 def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     set_clock_flags(monkeypatch, None)
     fast = {"torch.mm": 1.0, "oneDNN": 0.5, "rows of 50257": 1.0, "rows padded to 64": 0.5,
@@ -258,7 +232,7 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
             "int8_kernel.c": 0.5, "weight-only int8": 1.0, "gemm_q8": 0.5,
             pages.SMALL_LABEL: 1.0, pages.HUGE_LABEL: 0.5, "dequantized fp32": 1.0,
             "bf16 matmul": 0.5}
-    asked = _timed_as(monkeypatch, fast)
+    asked = answered_clock(monkeypatch, fast)
     own = cpu_kernels.own_gemv() is not None
     assert cpu_kernels.onednn_fp32() is cpu_kernels.available()
     assert cpu_kernels.aligned_logits(torch.bfloat16)
@@ -275,7 +249,7 @@ def test_each_flag_left_to_the_clock_follows_its_pick(measuring, monkeypatch):
     assert "decoding products (fp32, 1 row)" in asked and "greedy head (fp32, 1 row)" in asked
     # every one slower: the plain code everywhere
     _fresh_process(monkeypatch)
-    _timed_as(monkeypatch, {k: (1.0 if k in ("torch.mm", "rows of 50257", cpu_kernels.PLAIN,
+    answered_clock(monkeypatch, {k: (1.0 if k in ("torch.mm", "rows of 50257", cpu_kernels.PLAIN,
                                              "fp32 logits", "PyTorch's int8 kernels",
                                              "weight-only int8", pages.SMALL_LABEL,
                                              "dequantized fp32")
@@ -325,7 +299,7 @@ def test_one_call_decoding_is_timed_on_the_model_it_decodes(measuring, monkeypat
     times = {"plain": 1.0, "one-call C kernel": 0.5 if won else 0.99, "fp32 logits": 1.0,
              "bf16-screened": 2.0, cpu_kernels.PLAIN: 1.0, cpu_kernels.PACKED: 0.5,
              cpu_kernels.OWN: 0.4 if products == cpu_kernels.OWN else 0.6}
-    asked = _timed_as(monkeypatch, times)
+    asked = answered_clock(monkeypatch, times)
     model = small_gpt()
     prompt = torch.tensor([[1, 2, 3]])
     kinds = []
