@@ -141,6 +141,15 @@ def _products(x):
     return cpu_kernels.matmul_in_fp32 if cpu_kernels.bf16_in_fp32(x, x) else torch.matmul
 
 
+def _dense(x):
+    """x, a block's rows of q, k, v or their gradient (B, H, rows, D), ready for the products.
+    PyTorch's CPU matmul in bf16 (oneDNN) takes a batch of matrices only when dense (or the
+    transpose of a dense one) and otherwise copies it first, for a slice of keys taken as k^T
+    by gathering the transpose; copying the rows here instead made a layer's attention 6-8%
+    faster in bf16 (Zen 4, 124M's shape). fp32 products (MKL) take any strides: no copy."""
+    return x if x.dtype == torch.float32 else x.contiguous()
+
+
 def _blocks(T):
     """(start, end) of each block of queries: queries start..end see keys 0..end."""
     return [(start, min(start + BLOCK, T)) for start in range(0, T, BLOCK)]
@@ -155,16 +164,16 @@ class BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p, seed):              # q, k, v (B, H, T, D), one dtype
         B, H, T, D = q.shape
-        matmul = _products(q)
-        qs = q * (1.0 / math.sqrt(D))       # scale the queries: (T, D), not the (T, T) scores
+        matmul, scale = _products(q), 1.0 / math.sqrt(D)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         out = []
         for start, end in _blocks(T):
-            scores = matmul(qs[:, :, start:end], k[:, :, :end].transpose(-2, -1))
+            qb = q[:, :, start:end] * scale  # scale the queries: (R, D), not the (R, end) scores
+            scores = matmul(qb, _dense(k[:, :, :end]).transpose(-2, -1))  # (B, H, R, end)
             # softmax over each row's keys 0..its own position, then dropout, in one C pass
             weights, lse[:, :, start:end] = _softmax_dropout(scores, p, seed, start, T)
-            out.append(matmul(weights, v[:, :, :end]))              # (B, H, end - start, D)
-        out = torch.cat(out, dim=2)                                 # (B, H, T, D)
+            out.append(matmul(weights, _dense(v[:, :, :end])))          # (B, H, R, D)
+        out = torch.cat(out, dim=2)                                     # (B, H, T, D)
         ctx.save_for_backward(q, k, v, lse)
         ctx.args = (p, seed)
         return out
@@ -176,21 +185,22 @@ class BlockedAttention(torch.autograd.Function):
         p, seed = ctx.args
         B, H, T, D = q.shape
         matmul, scale = _products(q), 1.0 / math.sqrt(D)
-        grad = grad.to(q.dtype).contiguous()
-        qs, ks = q * scale, k * scale               # scores = qs k^T: dq = dscores ks
+        grad = grad.to(q.dtype)
         # k's and v's gradients gather over the blocks: in fp32 (B, H, T, D)
-        dq = torch.empty_like(q)
+        dq = torch.empty(B, H, T, D, dtype=q.dtype)
         dk, dv = (torch.zeros(B, H, T, D, dtype=torch.float32) for _ in range(2))
         for start, end in _blocks(T):
-            g, kb, vb = grad[:, :, start:end], k[:, :, :end], v[:, :, :end]
-            scores = matmul(qs[:, :, start:end], kb.transpose(-2, -1))  # (B, H, R, end)
+            g, kb, vb = (_dense(x[:, :, s:end]) for x, s in ((grad, start), (k, 0), (v, 0)))
+            qb = q[:, :, start:end] * scale                             # (B, H, R, D)
+            scores = matmul(qb, kb.transpose(-2, -1))                   # (B, H, R, end)
             dweights = matmul(g, vb.transpose(-2, -1))                  # (B, H, R, end)
             dscores, weights = _softmax_dropout_backward(dweights, scores,
                                                          lse[:, :, start:end], p, seed,
                                                          start, T)
             dv[:, :, :end] += matmul(weights.transpose(-2, -1), g)      # (B, H, end, D)
-            dq[:, :, start:end] = matmul(dscores, ks[:, :, :end])       # (B, H, R, D)
-            dk[:, :, :end] += matmul(dscores.transpose(-2, -1), qs[:, :, start:end])
+            # scores = qb k^T with qb = q * scale: dq = dscores (k * scale)
+            dq[:, :, start:end] = matmul(dscores, kb * scale)           # (B, H, R, D)
+            dk[:, :, :end] += matmul(dscores.transpose(-2, -1), qb)     # (B, H, end, D)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
