@@ -7,7 +7,7 @@
 Config S: 6 layers, 6 heads, emb 384, context 256, batch 8. Config M: the 124M shape,
 context 1024, batch 1. Both sides start from the same random weights, take the same
 batch of token ids, and run the same code: train_utils.accumulate_gradients (forward,
-cross-entropy on fp32 logits, backward), clip_grad_norm_(1.0), AdamW from
+cross-entropy on fp32 logits, backward), train_model's clip_gradients(1.0), AdamW from
 train_utils.make_optimizer (same groups, lr 4e-4, weight decay 0.1, betas 0.9/0.95),
 zero_grad. HF's model is wrapped so that it returns logits like ours. Dropout is 0, or
 --drop-rate P in every contender (on attention weights, embeddings and residual branches, as
@@ -108,6 +108,7 @@ def make_step(model, batch, dtype, plain=False, device="cpu"):
     import torch
 
     from engine import attention, cpu_kernels, fused_loss, gelu
+    from engine.runs import clip_gradients
     from train_utils import accumulate_gradients, make_optimizer
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device(device)
@@ -121,7 +122,7 @@ def make_step(model, batch, dtype, plain=False, device="cpu"):
                 off.enter_context(attention.disabled())
                 off.enter_context(gelu.disabled())
             loss, _ = accumulate_gradients(model, [batch], device, dtype)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         synchronize(device)
@@ -150,11 +151,12 @@ def make_phased_step(model, batch, dtype, phase_log):
 
     The phases are train_utils.accumulate_gradients' for one micro-batch in one process
     (no gradient sync), written out: the scored-token count, the forward pass and loss
-    under autocast, the backward pass, the loss's .item(); then clip_grad_norm_, AdamW's
+    under autocast, the backward pass, the loss's .item(); then clip_gradients, AdamW's
     step and zero_grad. "rest" is the whole step minus the four timed phases.
     """
     import torch
 
+    from engine.runs import clip_gradients
     from train_utils import calc_loss_batch, make_optimizer, scored_tokens
     opt = make_optimizer(model, learning_rate=4e-4, weight_decay=0.1)
     device = torch.device("cpu")
@@ -172,7 +174,7 @@ def make_phased_step(model, batch, dtype, phase_log):
         t2 = clock()
         value = loss.item()
         t3 = clock()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, 1.0)
         t4 = clock()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -633,7 +635,7 @@ def main(argv=None):
         nanogpt = load_nanogpt(args.nanogpt)
     bf16_units = native_bf16(torch.device("cpu"))
     print(f"train_speed: one optimizer step = forward + cross-entropy + backward + "
-          f"clip_grad_norm_ + AdamW; {warmup} warmup steps, {rounds} interleaved rounds, "
+          f"clip_gradients + AdamW; {warmup} warmup steps, {rounds} interleaved rounds, "
           f"{'median' if args.stat == 'median' else 'fastest round (--stat min)'}")
     print(common.machine_line())
     print(f"bf16 products: {bf16_units or 'not native (emulated)'}")

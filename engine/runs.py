@@ -440,11 +440,18 @@ def check_model_finite(gpt, current_loss, device, world_size, run, path, optimiz
 
 def clip_gradients(model, max_norm):
     """Scale the gradients down to a total norm of ``max_norm`` when above it (0 or None: no
-    clipping); return their total norm before: a rising norm warns of divergence early."""
+    clipping); return their total norm before: a rising norm warns of divergence early.
+
+    As torch.nn.utils.clip_grad_norm_, which multiplies every gradient by
+    min(max_norm / (norm + 1e-6), 1) even when that is 1 (so that a GPU need not wait for the
+    norm): here the norm is read anyway (the log), so that pass over every gradient (~15 ms
+    a step at 124M on a 2-core CPU) is made only when it changes them. A non-finite norm
+    still goes through it, as in PyTorch."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm and not bool(max_norm / (norm + 1e-6) >= 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def weights_copy(model):

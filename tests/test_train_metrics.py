@@ -99,3 +99,38 @@ def test_bad_eval_task_values_are_one_line(tmp_path, run_flags):
     with pytest.raises(ValueError, match="hellaswag"):
         main(flags[:j] + [str(lambada)] + flags[j + 1:])
     assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("case", ["above", "below", "just under", "nan", "inf", "off"])
+def test_clip_gradients_scales_and_reports_as_clip_grad_norm_(case):
+    """engine.runs.clip_gradients skips PyTorch's multiply by 1: the gradients and the norm
+    must still be clip_grad_norm_'s, bit for bit, at the edge where the norm is under
+    max_norm but the + 1e-6 still scales, and with a non-finite norm."""
+    import copy
+
+    import torch
+
+    from engine.runs import clip_gradients
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = [p.grad for p in model.parameters()]
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    factor = {"above": 10.0, "below": 0.01, "just under": (1.0 - 0.5e-6) / norm}.get(case, 1.0)
+    for g in grads:
+        g *= factor
+    if case in ("nan", "inf"):
+        grads[0][0, 0] = float(case)
+    other = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), other.parameters()):
+        q.grad = p.grad.clone()
+    max_norm = 0.0 if case == "off" else 1.0
+    if max_norm:
+        expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    else:
+        expected = float(torch.nn.utils.get_total_norm(grads))
+    got = clip_gradients(other, max_norm)
+    assert got == expected or (got != got and expected != expected)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p.grad.nan_to_num(7.0), q.grad.nan_to_num(7.0))
