@@ -64,39 +64,70 @@ static void keep_factors(float *factor, uint64_t seed, uint64_t row, long c0, lo
     }
 }
 
-/* forward, one row of n scores (x: read into it; made p * keep * scale there): its lse */
-static float forward_row(float *x, const float *factor, const void *s, long n, int bf16) {
-    load_row(x, s, n, bf16);
-    float best = row_max(x, n);
+/* y[c] = row[c] * (inv * factor[c]) for c < n (factor NULL: every factor `scale`), then zeros
+   to `cols` */
+static inline void store_scaled(void *y, const float *row, const float *factor, float inv,
+                                float scale, long n, long cols, int bf16) {
+    float k = inv * scale;
+    if (bf16) {
+        uint16_t *out = y;
+        if (factor) for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c] * (inv * factor[c]));
+        else for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c] * k);
+        for (long c = n; c < cols; c++) out[c] = 0;
+    } else {
+        float *out = y;
+        if (factor) for (long c = 0; c < n; c++) out[c] = row[c] * (inv * factor[c]);
+        else for (long c = 0; c < n; c++) out[c] = row[c] * k;
+        for (long c = n; c < cols; c++) out[c] = 0.0f;
+    }
+}
+
+/* forward, one row of n scores into x as e^(s - max): returns 1 / the sum (lse: *lse) */
+static float forward_row(float *x, float *lse, const void *s, long n, int bf16) {
+    float best = load_row_max(x, s, n, bf16);
     vf total = vf_zero();
     for (long c = 0; c < n; c += VW) {
         vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(x + c, n - c), vf_set(best))), n - c);
         vf_store_n(x + c, e, n - c);
         total = vf_add(total, e);
     }
-    float sum = vf_sum(total), inv = 1.0f / sum;
-    for (long c = 0; c < n; c++) x[c] *= inv * factor[c];
-    return best + logf(sum);
+    float sum = vf_sum(total);
+    *lse = best + logf(sum);
+    return 1.0f / sum;
 }
 
-/* backward, one row: x gets ds from the row's dpd, its scores s and lse; prob gets p * keep *
-   scale (pd) */
+/* backward, one row: ds into out, pd = p * keep * scale into pd_out unless NULL */
 static void backward_row(float *x, float *prob, const float *factor, const void *dpd,
-                         const void *s, float lse, long n, int bf16) {
-    load_row(prob, s, n, bf16);
-    load_row(x, dpd, n, bf16);
+                         const void *s, float lse, long n, long cols, int bf16, float scale,
+                         void *out, void *pd_out) {
     vf dots = vf_zero();
     for (long c = 0; c < n; c += VW) {
-        vf p = vf_exp(vf_sub(vf_load_n(prob + c, n - c), vf_set(lse)));
-        vf dp = vf_mul(vf_load_n(x + c, n - c), vf_load_n(factor + c, n - c));
+        vf p = vf_exp(vf_sub(vf_row_n(s, c, n, bf16), vf_set(lse)));
+        vf f = factor ? vf_load_n(factor + c, n - c) : vf_set(scale);
+        vf dp = vf_mul(vf_row_n(dpd, c, n, bf16), f);
         vf_store_n(prob + c, p, n - c);
         vf_store_n(x + c, dp, n - c);
         dots = vf_fma(vf_keep_n(p, n - c), dp, dots);
     }
     float dot = vf_sum(dots);
-    for (long c = 0; c < n; c++) {
-        x[c] = prob[c] * (x[c] - dot);
-        prob[c] *= factor[c];
+    if (bf16) {
+        uint16_t *ds = out, *pd = pd_out;
+        for (long c = 0; c < n; c++) ds[c] = f32_to_bf16(prob[c] * (x[c] - dot));
+        for (long c = n; c < cols; c++) ds[c] = 0;
+        if (pd) {
+            if (factor) for (long c = 0; c < n; c++) pd[c] = f32_to_bf16(prob[c] * factor[c]);
+            else for (long c = 0; c < n; c++) pd[c] = f32_to_bf16(prob[c] * scale);
+            for (long c = n; c < cols; c++) pd[c] = 0;
+        }
+    } else {
+        float *ds = out, *pd = pd_out;
+        for (long c = 0; c < n; c++) ds[c] = prob[c] * (x[c] - dot);
+        for (long c = n; c < cols; c++) ds[c] = 0.0f;
+        if (pd) {
+            if (factor) for (long c = 0; c < n; c++) pd[c] = prob[c] * factor[c];
+            else for (long c = 0; c < n; c++) pd[c] = prob[c] * scale;
+            for (long c = n; c < cols; c++) pd[c] = 0.0f;
+        }
     }
 }
 
@@ -119,16 +150,19 @@ static int each_row(const void *s, const void *dpd, float *lse, void *out, void 
             if (!x) continue;
             long r = mr % rows, n = row0 + r + 1 < cols ? row0 + r + 1 : cols;
             size_t at = (size_t)mr * cols * width;
-            float *factor = x + cols;
-            keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
-                         threshold, scale);
-            if (dpd)
+            /* without dropout every factor is `scale`: none made */
+            float *factor = threshold ? x + cols : NULL;
+            if (factor)
+                keep_factors(factor, seed, (uint64_t)(mr / rows) * mat_rows + row0 + r, 0, n,
+                             threshold, scale);
+            if (dpd) {
                 backward_row(x, x + 2 * cols, factor, (const char *)dpd + at,
-                             (const char *)s + at, lse[mr], n, bf16);
-            else
-                lse[mr] = forward_row(x, factor, (const char *)s + at, n, bf16);
-            store_row((char *)out + at, x, n, cols, bf16);
-            if (dpd && pd_out) store_row((char *)pd_out + at, x + 2 * cols, n, cols, bf16);
+                             (const char *)s + at, lse[mr], n, cols, bf16, scale,
+                             (char *)out + at, pd_out ? (char *)pd_out + at : NULL);
+            } else {
+                float inv = forward_row(x, lse + mr, (const char *)s + at, n, bf16);
+                store_scaled((char *)out + at, x, factor, inv, scale, n, cols, bf16);
+            }
         }
         free(x);
     }

@@ -12,8 +12,8 @@
  * PyTorch's element-wise ops take 8 passes over the (rows, vocab) matrix for this (widen to
  * fp32, max, subtract, exp, sum, divide, scale, round to bf16), each reading and writing all
  * of it: 200 MB a pass for 1024 rows of GPT-2's 50257 logits. Here each row is widened once
- * into a buffer of its thread's (200 KB: it stays in the core's cache), the max, exps, sum
- * and gradient are made there, and the row is written back once.
+ * into a buffer of its thread's (200 KB: it stays in the core's cache) as its max is taken,
+ * the exps and their sum are made there, and the gradient is written back once.
  * Returns 0, or -1 where a thread's row buffer could not be allocated.
  */
 #include <math.h>
@@ -23,10 +23,10 @@
 #include "bf16.h"
 #include "simd.h"
 
-/* a scored row of n logits in `row` (fp32), target t: its loss; where grad, the row made
-   (softmax - one-hot) * scale */
-static float row_loss(float *row, long n, long t, float scale, int grad) {
-    float best = row_max(row, n), picked = row[t];
+/* a scored row of n logits `x` (bf16 or fp32), target t, through the fp32 buffer `row`: its
+   loss; where grad, x made (softmax - one-hot) * scale */
+static float row_loss(float *row, void *x, long n, long t, float scale, int grad, int bf16) {
+    float best = load_row_max(row, x, n, bf16), picked = row[t];
     vf total = vf_zero();
     for (long c = 0; c < n; c += VW) {
         vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(row + c, n - c), vf_set(best))), n - c);
@@ -34,11 +34,17 @@ static float row_loss(float *row, long n, long t, float scale, int grad) {
         total = vf_add(total, e);
     }
     float sum = vf_sum(total);
-    if (grad) {
-        vf factor = vf_set(scale / sum);                    /* softmax = e / sum */
-        for (long c = 0; c < n; c += VW)
-            vf_store_n(row + c, vf_mul(vf_load_n(row + c, n - c), factor), n - c);
-        row[t] -= scale;
+    if (grad) {                                             /* softmax = e / sum */
+        float factor = scale / sum;
+        if (bf16) {
+            uint16_t *out = x;
+            for (long c = 0; c < n; c++) out[c] = f32_to_bf16(row[c] * factor);
+            out[t] = f32_to_bf16(row[t] * factor - scale);
+        } else {
+            float *out = x;
+            for (long c = 0; c < n; c++) out[c] = row[c] * factor;
+            out[t] = row[t] * factor - scale;
+        }
     }
     return best + logf(sum) - picked;
 }
@@ -63,9 +69,7 @@ int cross_entropy_rows(void *x, int bf16, long rows, long vocab, const int64_t *
                 if (grad) store_row(at, row, 0, vocab, bf16);          /* zeros */
                 continue;
             }
-            load_row(row, at, vocab, bf16);
-            loss[r] = row_loss(row, vocab, (long)targets[r], scale, grad);
-            if (grad) store_row(at, row, vocab, vocab, bf16);
+            loss[r] = row_loss(row, at, vocab, (long)targets[r], scale, grad, bf16);
         }
         free(row);
     }

@@ -246,7 +246,7 @@ static inline vf vf_exp(vf x) {
     return vf_scale2(p, n);
 }
 
-/* Rows of numbers in fp32 buffers (attention_kernel.c, loss_kernel.c) */
+/* Rows of numbers in fp32 buffers (attention_kernel.c, loss_kernel.c, gelu_kernel.c) */
 
 /* the largest of x[0..n-1], n >= 1 */
 static inline float row_max(const float *x, long n) {
@@ -259,6 +259,35 @@ static inline float row_max(const float *x, long n) {
     }
     for (; c < n; c++) best = x[c] > best ? x[c] : best;
     return best;
+}
+
+/* the first n values of a bf16 or fp32 row into out in fp32, and the largest of them as
+   row_max takes it, in one pass */
+static inline float load_row_max(float *out, const void *x, long n, int bf16) {
+    long c = 0;
+    float best;
+    if (n >= VW) {
+        vf top = bf16 ? vf_bf16((const uint16_t *)x) : vf_load((const float *)x);
+        vf_store(out, top);
+        for (c = VW; c + VW <= n; c += VW) {
+            vf v = bf16 ? vf_bf16((const uint16_t *)x + c) : vf_load((const float *)x + c);
+            vf_store(out + c, v);
+            top = vf_max(top, v);
+        }
+        best = vf_hmax(top);
+    }
+    for (long i = c; i < n; i++)
+        out[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    if (c == 0) best = out[0];
+    for (; c < n; c++) best = out[c] > best ? out[c] : best;
+    return best;
+}
+
+/* numbers c.. of a bf16 or fp32 row of n in fp32, VW of them (zeros from n on) */
+static inline vf vf_row_n(const void *x, long c, long n, int bf16) {
+    if (!bf16) return vf_load_n((const float *)x + c, n - c);
+    const uint16_t *p = (const uint16_t *)x + c;
+    return n - c >= VW ? vf_bf16(p) : vf_bf16_n(p, n - c);
 }
 
 /* the first n values of a bf16 or fp32 row, in fp32 */
