@@ -15,8 +15,8 @@
  * with 1 - s taken as e^(-2u) s, not subtracted (no cancellation where s is near 1).
  * e^(-2u) is taken at most e^80 (the largest 2^n that AVX2's vf_exp makes is 2^127): for x
  * below about -9, gelu(x) and its gradient come out under 1e-20 in size where PyTorch's
- * give 0. The numbers go through a buffer of the thread's in pieces of PIECE (fp32,
- * in the core's L1 cache): each is read and written once.
+ * give 0. The numbers are read as they are used and written through a buffer of the thread's
+ * in pieces of PIECE (fp32, in the core's L1 cache): each is read and written once.
  */
 #include <stdint.h>
 
@@ -49,9 +49,9 @@ void gelu_tanh(const void *x, void *y, int bf16, long n) {
         #pragma omp for schedule(static)
         for (long p = 0; p < pieces; p++) {
             long m, at = piece(p, n, &m);
-            load_row(buf, (const char *)x + at * width, m, bf16);
+            const char *in = (const char *)x + at * width;
             for (long i = 0; i < m; i += VW) {
-                vf v = vf_load_n(buf + i, m - i);
+                vf v = vf_row_n(in, i, m, bf16);
                 vf s = vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), minus_2u_exp(v)));
                 vf_store_n(buf + i, vf_mul(v, s), m - i);
             }
@@ -65,20 +65,19 @@ void gelu_tanh_backward(const void *g, const void *x, void *dx, int bf16, long n
     long pieces = (n + PIECE - 1) / PIECE;
     #pragma omp parallel
     {
-        float buf[PIECE] __attribute__((aligned(64))), grad[PIECE] __attribute__((aligned(64)));
+        float buf[PIECE] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (long p = 0; p < pieces; p++) {
             long m, at = piece(p, n, &m);
-            load_row(buf, (const char *)x + at * width, m, bf16);
-            load_row(grad, (const char *)g + at * width, m, bf16);
+            const char *in = (const char *)x + at * width, *gin = (const char *)g + at * width;
             for (long i = 0; i < m; i += VW) {
-                vf v = vf_load_n(buf + i, m - i), e = minus_2u_exp(v);
+                vf v = vf_row_n(in, i, m, bf16), e = minus_2u_exp(v);
                 vf s = vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), e));
                 vf s_1_s = vf_mul(vf_mul(e, s), s);                     /* s (1 - s) */
                 vf du = vf_mul(vf_set(SQRT_2_OVER_PI),
                                vf_fma(vf_set(3.0f * KAPPA), vf_mul(v, v), vf_set(1.0f)));
                 vf d = vf_fma(vf_mul(vf_add(v, v), s_1_s), du, s);
-                vf_store_n(buf + i, vf_mul(d, vf_load_n(grad + i, m - i)), m - i);
+                vf_store_n(buf + i, vf_mul(d, vf_row_n(gin, i, m, bf16)), m - i);
             }
             store_row((char *)dx + at * width, buf, m, m, bf16);
         }
