@@ -31,8 +31,8 @@ Where it can run: on the CPU, for training (gradients on) or dropout, without an
 mask or a cache, in fp32 or bf16. Whether it does is the clock's (engine/tuning.py), once per
 dtype, shape, and with or without dropout, one layer's forward and backward timed alone. On a
 Zen 4, at 124M's shape (one layer, forward and backward, PyTorch's / this): with dropout
-bf16 304 / 39 ms, fp32 294 / 65 ms; without, bf16 49 / 38 ms (taken: whole steps 3-5%
-faster), fp32 59 / 65 ms (PyTorch's stays); seen as an AVX2 CPU (no bf16 matmul kernel) it
+bf16 261 / 47 ms, fp32 282 / 68 ms; without, bf16 49 / 33 ms (taken: whole steps 3-5%
+faster), fp32 61 / 64 ms (PyTorch's stays); seen as an AVX2 CPU (no bf16 matmul kernel) it
 won in bf16 without dropout too (288 / 81 ms).
 The model's other dropouts (``Dropout``, below) draw their masks by the same hash.
 
