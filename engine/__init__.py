@@ -19,7 +19,7 @@ the textbook through one small, named call, and none of them imports a textbook 
     pages         the weights decoding streams, in 2 MiB pages (transparent huge pages)
     native        the C kernels (int8_kernel.c; decode_kernel.c, attention_kernel.c,
                   loss_kernel.c and gelu_kernel.c, written in simd.h's vectors for AVX-512,
-                  AVX2 or 64-bit Arm's NEON), compiled once per machine
+                  AVX2 or 64-bit Arm's NEON; transpose_kernel.c), compiled once per machine
     tuning        which fast path runs here: each timed once per machine against the code it
                   replaces (what the CPU can do says whether it can run; the clock, whether
                   it does), the timings kept beside the compiled kernels

@@ -5,16 +5,18 @@
 ~/.cache/gpt2-from-scratch), named by a hash of the source and the headers beside it
 (bf16.h, simd.h), the compiler and the CPU, so that a change of any of them builds it anew, and
 loads it. Where that cannot be done it raises OSError, RuntimeError or SubprocessError
-saying why; the callers then keep PyTorch's kernels. Five files use it: int8_kernel.c
+saying why; the callers then keep PyTorch's kernels. Six files use it: int8_kernel.c
 (engine/int8.py), decode_kernel.c (``decode_kernels()``: engine/decoder.py,
 engine/cpu_kernels.py and engine/int8.py), attention_kernel.c (``attention_kernels()``:
-engine/attention.py), loss_kernel.c (``loss_kernels()``: engine/fused_loss.py) and
-gelu_kernel.c (``gelu_kernels()``: engine/gelu.py).
+engine/attention.py), loss_kernel.c (``loss_kernels()``: engine/fused_loss.py),
+gelu_kernel.c (``gelu_kernels()``: engine/gelu.py) and transpose_kernel.c
+(``transpose_kernels()``: engine/cpu_kernels.py).
 
 The kernels need Linux and PyTorch's OpenMP (libgomp), whose thread pool they share;
 decode_kernel.c needs x86-64 with AVX2 and FMA, using AVX-512 where the CPU has it, or 64-bit
 Arm, using NEON (engine/simd.h), and so do attention_kernel.c, loss_kernel.c and
-gelu_kernel.c; int8_kernel.c needs AVX-512 (F, BW).
+gelu_kernel.c (transpose_kernel.c builds on any of them: 8 x 8 blocks in AVX registers
+on x86, element by element elsewhere); int8_kernel.c needs AVX-512 (F, BW).
 ``GPT2_KERNEL_ISA=avx2`` builds them as for a CPU without AVX-512 (so int8_kernel.c is not
 built): to measure or test on an AVX-512 machine what an AVX2 one runs.
 """
@@ -185,11 +187,28 @@ def gelu_kernels():
     return _once("_GELU", "gelu_kernel.c", gelu_signatures)
 
 
+_TRANSPOSE = None   # transpose_kernel.c, as _DECODE
+
+
+def transpose_signatures(lib):
+    """``lib`` (a build of transpose_kernel.c) with its function's signature set."""
+    lib.transpose_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
+    lib.transpose_f32.restype = None
+    return lib
+
+
+def transpose_kernels():
+    """transpose_kernel.c built and loaded once per process (engine/cpu_kernels.py); raises
+    as build() does."""
+    return _once("_TRANSPOSE", "transpose_kernel.c", transpose_signatures)
+
+
 BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)    # what build() raises
 
 
 def optional(loader):
-    """``loader()`` (decode_kernels, attention_kernels, loss_kernels, gelu_kernels), or None
+    """``loader()`` (decode_kernels, attention_kernels, loss_kernels, gelu_kernels,
+    transpose_kernels), or None
     where its kernel cannot be built here: then the caller keeps PyTorch's code."""
     try:
         return loader()

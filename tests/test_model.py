@@ -323,6 +323,30 @@ def test_onednn_linear_equals_addmm_with_gradients(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="oneDNN fp32 path: x86 CPUs only")
+def test_transposed_inputs_reach_onednn_copied_by_the_kernel(monkeypatch, kernel_build):
+    # in_rows: a transposed fp32 matrix (a weight gradient's x.T) copied by
+    # transpose_kernel.c into exactly a.contiguous(), across every tail of its 64 x 64 tiles
+    # and 8 x 8 blocks; anything else passes through untouched
+    from engine import native
+    assert native.optional(native.transpose_kernels) is not None
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(1, 1), (1, 9), (7, 8), (8, 8), (9, 17), (63, 64), (64, 65),
+                       (130, 200), (1001, 37)]:
+        base = torch.randn(rows, cols, generator=g)                      # a.T, in rows
+        got = cpu_kernels.in_rows(base.t())                              # (cols, rows)
+        assert got.is_contiguous() and torch.equal(got, base.t())
+    for other in (base, base.t().bfloat16(), base[:, ::2].t(), base.t()[None]):
+        assert cpu_kernels.in_rows(other) is other
+    # a layer's weight gradient through it is the one oneDNN's own copy gives
+    x, up = torch.randn(300, 70, generator=g), torch.randn(300, 90, generator=g)
+    w = torch.randn(70, 90, generator=g).requires_grad_()
+    copied = torch.autograd.grad(cpu_kernels._OneDNNLinear.apply(x, w, None), w, up)[0]
+    monkeypatch.setattr(cpu_kernels, "in_rows", lambda a: a)
+    by_onednn = torch.autograd.grad(cpu_kernels._OneDNNLinear.apply(x, w, None), w, up)[0]
+    assert torch.equal(copied, by_onednn)
+
+
 def _count_fp32_products(monkeypatch):
     calls = []
     real = cpu_kernels.matmul_in_fp32
