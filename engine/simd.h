@@ -248,21 +248,8 @@ static inline vf vf_exp(vf x) {
 
 /* Rows of numbers in fp32 buffers (attention_kernel.c, loss_kernel.c, gelu_kernel.c) */
 
-/* the largest of x[0..n-1], n >= 1 */
-static inline float row_max(const float *x, long n) {
-    long c = 0;
-    float best = x[0];
-    if (n >= VW) {
-        vf top = vf_load(x);
-        for (c = VW; c + VW <= n; c += VW) top = vf_max(top, vf_load(x + c));
-        best = vf_hmax(top);
-    }
-    for (; c < n; c++) best = x[c] > best ? x[c] : best;
-    return best;
-}
-
-/* the first n values of a bf16 or fp32 row into out in fp32, and the largest of them as
-   row_max takes it, in one pass */
+/* the first n values (n >= 1) of a bf16 or fp32 row into out in fp32, and the largest of
+   them, in one pass */
 static inline float load_row_max(float *out, const void *x, long n, int bf16) {
     long c = 0;
     float best;
