@@ -40,7 +40,24 @@ static inline long piece(long p, long n, long *m) {
     return at;
 }
 
-void gelu_tanh(const void *x, void *y, int bf16, long n) {
+/* gelu(v) = v s, s = 1 / (1 + e^(-2u)) */
+static inline vf gelu_v(vf v) {
+    return vf_mul(v, vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), minus_2u_exp(v))));
+}
+
+/* g gelu'(v) */
+static inline vf gelu_grad_v(vf v, vf g) {
+    vf e = minus_2u_exp(v);
+    vf s = vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), e));
+    vf s_1_s = vf_mul(vf_mul(e, s), s);                                 /* s (1 - s) */
+    vf du = vf_mul(vf_set(SQRT_2_OVER_PI),
+                   vf_fma(vf_set(3.0f * KAPPA), vf_mul(v, v), vf_set(1.0f)));
+    vf d = vf_fma(vf_mul(vf_add(v, v), s_1_s), du, s);
+    return vf_mul(d, g);
+}
+
+/* y = gelu(x) (g NULL) or y = g gelu'(x), n numbers, a piece of PIECE at a time per thread */
+static void each_piece(const void *g, const void *x, void *y, int bf16, long n) {
     size_t width = bf16 ? 2 : 4;
     long pieces = (n + PIECE - 1) / PIECE;
     #pragma omp parallel
@@ -50,36 +67,21 @@ void gelu_tanh(const void *x, void *y, int bf16, long n) {
         for (long p = 0; p < pieces; p++) {
             long m, at = piece(p, n, &m);
             const char *in = (const char *)x + at * width;
+            const char *gin = g ? (const char *)g + at * width : NULL;
             for (long i = 0; i < m; i += VW) {
                 vf v = vf_row_n(in, i, m, bf16);
-                vf s = vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), minus_2u_exp(v)));
-                vf_store_n(buf + i, vf_mul(v, s), m - i);
+                vf_store_n(buf + i, gin ? gelu_grad_v(v, vf_row_n(gin, i, m, bf16)) : gelu_v(v),
+                           m - i);
             }
             store_row((char *)y + at * width, buf, m, m, bf16);
         }
     }
 }
 
+void gelu_tanh(const void *x, void *y, int bf16, long n) {
+    each_piece(NULL, x, y, bf16, n);
+}
+
 void gelu_tanh_backward(const void *g, const void *x, void *dx, int bf16, long n) {
-    size_t width = bf16 ? 2 : 4;
-    long pieces = (n + PIECE - 1) / PIECE;
-    #pragma omp parallel
-    {
-        float buf[PIECE] __attribute__((aligned(64)));
-        #pragma omp for schedule(static)
-        for (long p = 0; p < pieces; p++) {
-            long m, at = piece(p, n, &m);
-            const char *in = (const char *)x + at * width, *gin = (const char *)g + at * width;
-            for (long i = 0; i < m; i += VW) {
-                vf v = vf_row_n(in, i, m, bf16), e = minus_2u_exp(v);
-                vf s = vf_div(vf_set(1.0f), vf_add(vf_set(1.0f), e));
-                vf s_1_s = vf_mul(vf_mul(e, s), s);                     /* s (1 - s) */
-                vf du = vf_mul(vf_set(SQRT_2_OVER_PI),
-                               vf_fma(vf_set(3.0f * KAPPA), vf_mul(v, v), vf_set(1.0f)));
-                vf d = vf_fma(vf_mul(vf_add(v, v), s_1_s), du, s);
-                vf_store_n(buf + i, vf_mul(d, vf_row_n(gin, i, m, bf16)), m - i);
-            }
-            store_row((char *)dx + at * width, buf, m, m, bf16);
-        }
-    }
+    each_piece(g, x, dx, bf16, n);
 }

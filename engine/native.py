@@ -208,8 +208,8 @@ BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)    # what bui
 
 def optional(loader):
     """``loader()`` (decode_kernels, attention_kernels, loss_kernels, gelu_kernels,
-    transpose_kernels), or None
-    where its kernel cannot be built here: then the caller keeps PyTorch's code."""
+    transpose_kernels), or None where its kernel cannot be built here: then the caller keeps
+    PyTorch's code."""
     try:
         return loader()
     except BUILD_ERRORS:

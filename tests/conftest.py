@@ -106,8 +106,7 @@ def kernel_build(request, monkeypatch):
         monkeypatch.setenv("GPT2_KERNEL_ISA", "avx2")
     for module, name in ((native, "_DECODE"), (native, "_ATTENTION"), (native, "_LOSS"),
                          (native, "_GELU"), (native, "_TRANSPOSE"), (cpu_kernels, "_GEMV"),
-                         (int8, "_Q8"),
-                         (int8, "_KERNEL")):
+                         (int8, "_Q8"), (int8, "_KERNEL")):
         monkeypatch.setattr(module, name, None)
     for module, name in ((cpu_kernels, "GEMV_STATUS"), (int8, "KERNEL_STATUS")):
         monkeypatch.setattr(module, name, getattr(module, name))      # put back afterwards
