@@ -17,8 +17,9 @@ Here the same computation,
 runs a block of BLOCK query rows at a time: a block needs only the keys up to its last row
 (the others are masked), so about half of the score matrix is computed, as the fused kernel
 does. Its two products are PyTorch's (bf16 under bf16 autocast); between them
-engine/attention_kernel.c takes each row's softmax over the keys it may see, in fp32, and
-the dropout in one pass. Whether an element is dropped is a hash of (a seed, its row, its
+engine/attention_kernel.c takes each row's softmax over the keys it may see, in fp32 (the
+1 / sqrt(head_dim) applied as it reads q k^T, not in a pass over q), and the dropout in one
+pass. Whether an element is dropped is a hash of (a seed, its row, its
 column): the mask costs a few vector instructions an element instead of a draw, and the
 backward pass computes it again instead of keeping it. The seed is drawn from PyTorch's
 generator once per call, so a seeded run (and a resumed one, which restores the generator)
@@ -168,10 +169,11 @@ class BlockedAttention(torch.autograd.Function):
         lse = torch.empty(B, H, T, dtype=torch.float32)
         out = []
         for start, end in _blocks(T):
-            qb = q[:, :, start:end] * scale  # scale the queries: (R, D), not the (R, end) scores
-            scores = matmul(qb, _dense(k[:, :, :end]).transpose(-2, -1))  # (B, H, R, end)
-            # softmax over each row's keys 0..its own position, then dropout, in one C pass
-            weights, lse[:, :, start:end] = _softmax_dropout(scores, p, seed, start, T)
+            qb, kb = _dense(q[:, :, start:end]), _dense(k[:, :, :end])
+            scores = matmul(qb, kb.transpose(-2, -1))       # q k^T, unscaled (B, H, R, end)
+            # scaled by 1 / sqrt(D), softmax over each row's keys 0..its own position, then
+            # dropout: one C pass (the scaling done as the scores are read, no pass of its own)
+            weights, lse[:, :, start:end] = _softmax_dropout(scores, p, seed, start, T, scale)
             out.append(matmul(weights, _dense(v[:, :, :end])))          # (B, H, R, D)
         out = torch.cat(out, dim=2)                                     # (B, H, T, D)
         ctx.save_for_backward(q, k, v, lse)
@@ -190,16 +192,16 @@ class BlockedAttention(torch.autograd.Function):
         dq = torch.empty(B, H, T, D, dtype=q.dtype)
         dk, dv = (torch.zeros(B, H, T, D, dtype=torch.float32) for _ in range(2))
         for start, end in _blocks(T):
-            g, kb, vb = (_dense(x[:, :, s:end]) for x, s in ((grad, start), (k, 0), (v, 0)))
-            qb = q[:, :, start:end] * scale                             # (B, H, R, D)
+            g, qb, kb, vb = (_dense(x[:, :, s:e]) for x, s, e in
+                             ((grad, start, end), (q, start, end), (k, 0, end), (v, 0, end)))
             scores = matmul(qb, kb.transpose(-2, -1))                   # (B, H, R, end)
             dweights = matmul(g, vb.transpose(-2, -1))                  # (B, H, R, end)
+            # dscores: the gradient of the unscaled q k^T (the 1 / sqrt(D) is in it)
             dscores, weights = _softmax_dropout_backward(dweights, scores,
                                                          lse[:, :, start:end], p, seed,
-                                                         start, T)
+                                                         start, T, scale)
             dv[:, :, :end] += matmul(weights.transpose(-2, -1), g)      # (B, H, end, D)
-            # scores = qb k^T with qb = q * scale: dq = dscores (k * scale)
-            dq[:, :, start:end] = matmul(dscores, kb * scale)           # (B, H, R, D)
+            dq[:, :, start:end] = matmul(dscores, kb)                   # (B, H, R, D)
             dk[:, :, :end] += matmul(dscores.transpose(-2, -1), qb)     # (B, H, end, D)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -210,33 +212,34 @@ def _mask(p, seed):
     return seed, min(round(p * 2**32), 2**32 - 1), 1.0 / (1.0 - p)
 
 
-def _geometry(x, p, seed, row0, mat_rows):
-    """attention_kernel.c's arguments after the tensors, for blocks ``x`` (..., rows, cols)."""
+def _geometry(x, p, seed, row0, mat_rows, scale):
+    """attention_kernel.c's arguments after the tensors, for blocks ``x`` (..., rows, cols)
+    of q k^T, which the kernel multiplies by ``scale``."""
     rows, cols = x.shape[-2:]
     return (int(x.dtype == torch.bfloat16), x.numel() // (rows * cols), rows, cols, row0,
-            mat_rows, *_mask(p, seed))
+            mat_rows, scale, *_mask(p, seed))
 
 
-def _softmax_dropout(scores, p, seed, row0, mat_rows):
-    """(the weights p * keep / (1 - p), each row's lse (..., rows) fp32) of a block of scores
-    (..., rows, cols) whose first row is query ``row0`` of ``mat_rows``."""
+def _softmax_dropout(scores, p, seed, row0, mat_rows, scale):
+    """(the weights p * keep / (1 - p), each row's lse (..., rows) fp32) of a block of q k^T
+    (..., rows, cols) times ``scale``, whose first row is query ``row0`` of ``mat_rows``."""
     scores = scores.contiguous()
     lse = torch.empty(scores.shape[:-1], dtype=torch.float32)
     out = torch.empty_like(scores)
     if kernel().softmax_dropout(scores.data_ptr(), lse.data_ptr(), out.data_ptr(),
-                                *_geometry(scores, p, seed, row0, mat_rows)):
+                                *_geometry(scores, p, seed, row0, mat_rows, scale)):
         raise MemoryError("attention: out of memory for the softmax's row buffers")
     return out, lse
 
 
-def _softmax_dropout_backward(grad, scores, lse, p, seed, row0, mat_rows):
-    """(the scores' gradient, the weights again) from the weights' gradient ``grad``, the
-    scores and the rows' ``lse`` of one block."""
+def _softmax_dropout_backward(grad, scores, lse, p, seed, row0, mat_rows, scale):
+    """(the gradient of q k^T, the weights again) from the weights' gradient ``grad``, q k^T
+    and the rows' ``lse`` of one block (the forward's ``scale``)."""
     grad, scores, lse = grad.to(scores.dtype).contiguous(), scores.contiguous(), lse.contiguous()
     dscores, weights = torch.empty_like(scores), torch.empty_like(scores)
     if kernel().softmax_dropout_backward(grad.data_ptr(), scores.data_ptr(), lse.data_ptr(),
                                          dscores.data_ptr(), weights.data_ptr(),
-                                         *_geometry(scores, p, seed, row0, mat_rows)):
+                                         *_geometry(scores, p, seed, row0, mat_rows, scale)):
         raise MemoryError("attention: out of memory for the softmax's row buffers")
     return dscores, weights
 

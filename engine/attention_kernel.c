@@ -1,16 +1,18 @@
 /* Attention's softmax and dropout while training on the CPU (engine/attention.py), for one
  * block of query rows at a time, in one pass over the scores forward and one backward.
  *
- * softmax_dropout(s, lse, pd, bf16, mats, rows, cols, row0, mat_rows, seed, threshold, scale)
+ * softmax_dropout(s, lse, pd, bf16, mats, rows, cols, row0, mat_rows, t, seed, threshold,
+ *                 scale)
  *     s, pd (mats, rows, cols): bf16 where `bf16`, else fp32; lse (mats, rows) fp32.
  *     Row r of every matrix is query row0 + r (of mat_rows in all) against keys 0..cols-1;
- *     causal, it sees keys 0..row0 + r, so for those
- *         p   = softmax(s row) = exp(s - lse)       (the rest of the row: 0)
- *         lse = log(sum(exp(s row)))                (kept for the backward pass)
+ *     causal, it sees keys 0..row0 + r, so for those, with the scores x = t * s (t = 1 /
+ *     sqrt(head_dim): s is q k^T, scaled here as it is read rather than in a pass of its own)
+ *         p   = softmax(x row) = exp(x - lse)       (the rest of the row: 0)
+ *         lse = log(sum(exp(x row)))                (kept for the backward pass)
  *         pd  = p * keep * scale                    (scale = 1 / (1 - dropout))
  * softmax_dropout_backward(dpd, s, lse, ds, pd, bf16, ...the same...) is its gradient, with p
  * computed again from the scores (the backward pass computes them again too) and the lse:
- *         dp = dpd * keep * scale,   ds = p * (dp - sum(p * dp))
+ *         dp = dpd * keep * scale,   ds = t * p * (dp - sum(p * dp))   (d/ds, not d/dx)
  * and, where pd is not NULL, pd again (the product with v needs it for v's gradient).
  *
  * keep(row, column) hashes (seed, row, column) to 32 bits h and keeps the element where
@@ -82,27 +84,28 @@ static inline void store_scaled(void *y, const float *row, const float *factor, 
     }
 }
 
-/* forward, one row of n scores into x as e^(s - max): returns 1 / the sum (lse: *lse) */
-static float forward_row(float *x, float *lse, const void *s, long n, int bf16) {
-    float best = load_row_max(x, s, n, bf16);
+/* forward, one row of n scores into x as e^(t (s - max)): returns 1 / the sum (lse: *lse) */
+static float forward_row(float *x, float *lse, const void *s, long n, int bf16, float t) {
+    float best = load_row_max(x, s, n, bf16);       /* t > 0: the max of t * s is t * best */
     vf total = vf_zero();
     for (long c = 0; c < n; c += VW) {
-        vf e = vf_keep_n(vf_exp(vf_sub(vf_load_n(x + c, n - c), vf_set(best))), n - c);
+        vf e = vf_keep_n(vf_exp(vf_mul(vf_sub(vf_load_n(x + c, n - c), vf_set(best)),
+                                       vf_set(t))), n - c);
         vf_store_n(x + c, e, n - c);
         total = vf_add(total, e);
     }
     float sum = vf_sum(total);
-    *lse = best + logf(sum);
+    *lse = t * best + logf(sum);
     return 1.0f / sum;
 }
 
 /* backward, one row: ds into out, pd = p * keep * scale into pd_out unless NULL */
 static void backward_row(float *x, float *prob, const float *factor, const void *dpd,
-                         const void *s, float lse, long n, long cols, int bf16, float scale,
-                         void *out, void *pd_out) {
+                         const void *s, float lse, long n, long cols, int bf16, float t,
+                         float scale, void *out, void *pd_out) {
     vf dots = vf_zero();
     for (long c = 0; c < n; c += VW) {
-        vf p = vf_exp(vf_sub(vf_row_n(s, c, n, bf16), vf_set(lse)));
+        vf p = vf_exp(vf_sub(vf_mul(vf_row_n(s, c, n, bf16), vf_set(t)), vf_set(lse)));
         vf f = factor ? vf_load_n(factor + c, n - c) : vf_set(scale);
         vf dp = vf_mul(vf_row_n(dpd, c, n, bf16), f);
         vf_store_n(prob + c, p, n - c);
@@ -112,7 +115,7 @@ static void backward_row(float *x, float *prob, const float *factor, const void 
     float dot = vf_sum(dots);
     if (bf16) {
         uint16_t *ds = out, *pd = pd_out;
-        for (long c = 0; c < n; c++) ds[c] = f32_to_bf16(prob[c] * (x[c] - dot));
+        for (long c = 0; c < n; c++) ds[c] = f32_to_bf16(prob[c] * (x[c] - dot) * t);
         for (long c = n; c < cols; c++) ds[c] = 0;
         if (pd) {
             if (factor) for (long c = 0; c < n; c++) pd[c] = f32_to_bf16(prob[c] * factor[c]);
@@ -121,7 +124,7 @@ static void backward_row(float *x, float *prob, const float *factor, const void 
         }
     } else {
         float *ds = out, *pd = pd_out;
-        for (long c = 0; c < n; c++) ds[c] = prob[c] * (x[c] - dot);
+        for (long c = 0; c < n; c++) ds[c] = prob[c] * (x[c] - dot) * t;
         for (long c = n; c < cols; c++) ds[c] = 0.0f;
         if (pd) {
             if (factor) for (long c = 0; c < n; c++) pd[c] = prob[c] * factor[c];
@@ -135,7 +138,7 @@ static void backward_row(float *x, float *prob, const float *factor, const void 
    (lse read), the result (pd or ds) into out; backward, pd also into pd_out unless NULL */
 static int each_row(const void *s, const void *dpd, float *lse, void *out, void *pd_out,
                     int bf16, long mats, long rows, long cols, long row0, long mat_rows,
-                    uint64_t seed, uint32_t threshold, float scale) {
+                    float t, uint64_t seed, uint32_t threshold, float scale) {
     int failed = 0;
     size_t width = bf16 ? 2 : 4;
     #pragma omp parallel
@@ -157,10 +160,10 @@ static int each_row(const void *s, const void *dpd, float *lse, void *out, void 
                              threshold, scale);
             if (dpd) {
                 backward_row(x, x + 2 * cols, factor, (const char *)dpd + at,
-                             (const char *)s + at, lse[mr], n, cols, bf16, scale,
+                             (const char *)s + at, lse[mr], n, cols, bf16, t, scale,
                              (char *)out + at, pd_out ? (char *)pd_out + at : NULL);
             } else {
-                float inv = forward_row(x, lse + mr, (const char *)s + at, n, bf16);
+                float inv = forward_row(x, lse + mr, (const char *)s + at, n, bf16, t);
                 store_scaled((char *)out + at, x, factor, inv, scale, n, cols, bf16);
             }
         }
@@ -170,17 +173,18 @@ static int each_row(const void *s, const void *dpd, float *lse, void *out, void 
 }
 
 int softmax_dropout(const void *s, float *lse, void *pd, int bf16, long mats, long rows,
-                    long cols, long row0, long mat_rows, uint64_t seed, uint32_t threshold,
-                    float scale) {
-    return each_row(s, NULL, lse, pd, NULL, bf16, mats, rows, cols, row0, mat_rows, seed,
+                    long cols, long row0, long mat_rows, float t, uint64_t seed,
+                    uint32_t threshold, float scale) {
+    return each_row(s, NULL, lse, pd, NULL, bf16, mats, rows, cols, row0, mat_rows, t, seed,
                     threshold, scale);
 }
 
 int softmax_dropout_backward(const void *dpd, const void *s, const float *lse, void *ds,
                              void *pd, int bf16, long mats, long rows, long cols, long row0,
-                             long mat_rows, uint64_t seed, uint32_t threshold, float scale) {
+                             long mat_rows, float t, uint64_t seed, uint32_t threshold,
+                             float scale) {
     return each_row(s, dpd, (float *)lse, ds, pd, bf16, mats, rows, cols, row0, mat_rows,
-                    seed, threshold, scale);
+                    t, seed, threshold, scale);
 }
 
 void dropout_rows(const void *x, void *y, int bf16, long rows, long cols, uint64_t seed,
