@@ -278,6 +278,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
                                "compute the loss again (retain_graph is not supported here)")
         grad_h, grad_w = ctx.grads
         ctx.grads = None        # autograd then holds the only reference: .grad adds in place
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            # loss.backward() of one micro-batch: times 1 changes no number, so no pass over
+            # the head's (V, C) gradient (6 ms at 124M on a Zen 4). A GPU tensor is not read
+            # (.item() would wait for it) and is multiplied as always.
+            return grad_h, grad_w, None
         if grad_h is not None:
             grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
