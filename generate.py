@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import decoder
+from engine import cpu_kernels, decoder
 from model import DTYPES, unwrap_model
 
 
@@ -102,7 +102,9 @@ def greedy_tokens(logits):
     .float() first: argmax over bfloat16 has no vectorized CPU kernel; the conversion is
     exact, so the same token comes out, ties included, sooner (bench/README.md).
     """
-    return logits.float().argmax(dim=-1, keepdim=True)
+    # fast path on CPU: one vector pass in C (cpu_kernels.greedy_ids), the same ids
+    ids = cpu_kernels.greedy_ids(logits)
+    return ids if ids is not None else logits.float().argmax(dim=-1, keepdim=True)
 
 
 def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):

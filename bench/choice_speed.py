@@ -26,8 +26,8 @@ runs it); every measurement a fresh process, the variants alternating in order r
     before     the vendor table of the flags before the clock chose them (AMD: every path on;
                Intel: oneDNN fp32, padded logits, one-row fp32 copies, our own decoding and
                int8 kernels, one-call decoding and gemm_q8 off; other CPUs: the kernels
-               measured only on AMD off; weights in 4 KiB pages and int8 prompts of fp32
-               rows on dequantized weights everywhere)
+               measured only on AMD off; weights in 4 KiB pages, int8 prompts of fp32
+               rows on dequantized weights and PyTorch's greedy argmax everywhere)
 
 ``--as-avx2`` runs all of it as on an x86 CPU without AVX-512 (Zen 2 and 3, Intel's desktop
 and laptop CPUs): the script starts again with bench/common.AVX2_ENV set, which limits
@@ -63,8 +63,8 @@ NOT_SLOWER = 1 / 1.03
 
 def vendor_table(vendor):
     """{(module, flag): value} as the flags were set by CPU vendor before the clock chose
-    (training attention, the loss's rows, the head's weight gradient in blocks and GELU,
-    newer than that table, were PyTorch's code everywhere)."""
+    (training attention, the loss's rows, the head's weight gradient in blocks, GELU and
+    greedy's argmax, newer than that table, were PyTorch's code everywhere)."""
     amd, intel = vendor == "AuthenticAMD", vendor == "GenuineIntel"
     return {("cpu_kernels", "ONEDNN_FP32"): not intel,
             ("cpu_kernels", "ALIGNED_LOGITS"): not intel, ("cpu_kernels", "PACKING"): True,
@@ -74,7 +74,7 @@ def vendor_table(vendor):
             ("int8", "DYNAMIC_Q8"): amd, ("pages", "HUGE_PAGES"): False,
             ("int8", "BF16_ROWS"): False, ("attention", "BLOCKED"): False,
             ("fused_loss", "C_ROWS"): False, ("fused_loss", "SPLIT"): False,
-            ("gelu", "C_PASS"): False}
+            ("gelu", "C_PASS"): False, ("cpu_kernels", "OWN_ARGMAX"): False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ def meet_every_decision():
             cpu_kernels.copy_kind(dtype, rows)
     for rows in (1, 8):
         cpu_kernels.screened_head(rows)
+    cpu_kernels.own_argmax()
     int8.own_kernel_on()
     int8.bf16_rows_on()
     for rows in (1, 8):

@@ -59,6 +59,8 @@ PACK_FP32_BATCH_1 = None    # ... for one-row fp32 decoding (None: as PACKING's 
 OWN_GEMV = None
 # Greedy fp32 decoding's argmax through a bf16 copy of the output head (screened_argmax)
 SCREENED_HEAD = None
+# Greedy decoding's argmax over the logits by decode_kernel.c's argmax_rows (greedy_ids)
+OWN_ARGMAX = None
 
 # bf16 products computed in fp32 (matmul_in_fp32): None, where PyTorch has no bf16 matmul
 # kernel here (oneDNN without bf16 products: AVX2 x86 CPUs); True, everywhere (the tests
@@ -190,6 +192,29 @@ def head_logits(h, weight):
     h, weight = h.to(dtype), weight.to(dtype)
     out = _AlignedLogits.apply(h.reshape(-1, h.shape[-1]), weight)           # (N, vocab)
     return out.view(*h.shape[:-1], weight.shape[0])
+
+
+def own_argmax():
+    """Whether greedy decoding's argmax runs in decode_kernel.c here (greedy_ids): where it
+    can be built and OWN_ARGMAX (or the clock) says so."""
+    return ENABLED and OWN_ARGMAX is not False and own_gemv() is not None and tuning.switch(
+        OWN_ARGMAX, "greedy argmax (fp32, 1 row of 50257)", _time_argmax, "torch.argmax", OWN)
+
+
+def greedy_ids(logits):
+    """Each row's most likely token from CPU ``logits`` (B, vocab), fp32 or bf16, as (B, 1)
+    int64 ids, by decode_kernel.c's argmax_rows where OWN_ARGMAX (or the clock) says so; else
+    None (then the plain argmax). The same ids as torch.argmax, ties (the lowest id) and NaNs
+    (the first) included."""
+    if (logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[1] == 0
+            or logits.dtype not in (torch.float32, torch.bfloat16)
+            or torch.compiler.is_compiling() or not own_argmax()):
+        return None
+    x = logits.contiguous()
+    ids = torch.empty(x.shape[0], 1, dtype=torch.int64)                     # (B, 1)
+    native.decode_kernels().argmax_rows(x.data_ptr(), int(x.dtype == torch.bfloat16),
+                                        x.shape[0], x.shape[1], ids.data_ptr())
+    return ids
 
 
 def forget_packed(params):
@@ -696,6 +721,15 @@ def _time_copies(dtype, rows):
         own = [OneRow(w, dtype) for w in out_in]                            # no copy made
         out[OWN] = lambda: [o(xs[o.in_features]) for o in own]
     return out
+
+
+def _time_argmax():
+    # greedy's argmax over one row of GPT-2's 50257 fp32 logits, each way
+    x = tuning.filled((1, tuning.HEAD_124M[0]), torch.float32, torch.Generator().manual_seed(3))
+    ids = torch.empty(1, 1, dtype=torch.int64)
+    lib = native.decode_kernels()
+    return {"torch.argmax": lambda: x.argmax(dim=-1, keepdim=True),
+            OWN: lambda: lib.argmax_rows(x.data_ptr(), 0, 1, x.shape[1], ids.data_ptr())}
 
 
 def _time_screened_head(rows):

@@ -111,7 +111,7 @@ _DECODE = None      # decode_kernel.c once loaded; an exception: it cannot be bu
 
 def decode_signatures(lib):
     """``lib`` (a build of decode_kernel.c) with its functions' signatures set (gemv_f32,
-    gemv_bf16, gemm_q8, decode_token, isa)."""
+    gemv_bf16, gemm_q8, decode_token, argmax_rows, isa)."""
     ptr, num = ctypes.c_void_p, ctypes.c_int
     for name in ("gemv_f32", "gemv_bf16"):
         getattr(lib, name).argtypes = [ptr] * 4 + [num] * 3
@@ -121,6 +121,8 @@ def decode_signatures(lib):
     lib.decode_token.argtypes = [ptr, num, num, num, ptr, ptr, ctypes.c_long, num, ptr,
                                  ptr, ctypes.c_float, ptr, ptr, num, num, ptr, num]
     lib.decode_token.restype = num
+    lib.argmax_rows.argtypes = [ptr, num, ctypes.c_long, ctypes.c_long, ptr]
+    lib.argmax_rows.restype = None
     return lib
 
 

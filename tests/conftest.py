@@ -39,7 +39,7 @@ TINY_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads":
 # (engine/tuning.py): True forces it on, False off
 CLOCK_FLAGS = [*(("cpu_kernels", flag) for flag in (
     "ONEDNN_FP32", "ALIGNED_LOGITS", "PACKING", "PACK_FP32_BATCH_1", "OWN_GEMV",
-    "SCREENED_HEAD")), ("decoder", "ONE_CALL"), ("int8", "OWN_KERNEL"),
+    "SCREENED_HEAD", "OWN_ARGMAX")), ("decoder", "ONE_CALL"), ("int8", "OWN_KERNEL"),
     ("int8", "DYNAMIC_Q8"), ("int8", "BF16_ROWS"), ("pages", "HUGE_PAGES"),
     ("attention", "BLOCKED"), ("fused_loss", "C_ROWS"), ("fused_loss", "SPLIT"),
     ("gelu", "C_PASS")]

@@ -22,14 +22,15 @@ def test_the_vendor_table_it_compares_with():
     intel = choice_speed.vendor_table("GenuineIntel")
     other = choice_speed.vendor_table("")
     # the table had every path on for AMD, but weights in 4 KiB pages, fp32 int8 prompts
-    # on dequantized weights, PyTorch's training attention, loss rows, head weight gradient
-    # and GELU everywhere
+    # on dequantized weights, PyTorch's training attention, loss rows, head weight gradient,
+    # GELU and greedy argmax everywhere
     assert {k for k, v in amd.items() if not v} == {("pages", "HUGE_PAGES"),
                                                     ("int8", "BF16_ROWS"),
                                                     ("attention", "BLOCKED"),
                                                     ("fused_loss", "C_ROWS"),
                                                     ("fused_loss", "SPLIT"),
-                                                    ("gelu", "C_PASS")}
+                                                    ("gelu", "C_PASS"),
+                                                    ("cpu_kernels", "OWN_ARGMAX")}
     assert {k for k, v in intel.items() if v} == {("cpu_kernels", "PACKING"),
                                                   ("cpu_kernels", "SCREENED_HEAD")}
     assert other[("cpu_kernels", "ONEDNN_FP32")] and not other[("decoder", "ONE_CALL")]
@@ -60,7 +61,7 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
              pages.SMALL_LABEL, pages.HUGE_LABEL, "dequantized fp32", "bf16 matmul",
              attention.PLAIN, attention.OURS, fused_loss.TORCH_ROWS,
              fused_loss.C_ROWS_LABEL, fused_loss.WHOLE_LABEL, fused_loss.SPLIT_LABEL,
-             gelu.TORCH_GELU, gelu.C_PASS_LABEL])},
+             gelu.TORCH_GELU, gelu.C_PASS_LABEL, "torch.argmax"])},
         False))
     picked = choice_speed.meet_every_decision()
     if not cpu_kernels.available():
@@ -84,6 +85,8 @@ def test_every_decision_is_met_with_the_flags_left_to_the_clock(monkeypatch):
     if devices.onednn_bf16():
         assert picked["training head's weight gradient (bf16, 256 x 50257 x 768)"] == \
             fused_loss.WHOLE_LABEL
+    if cpu_kernels.own_gemv() is not None:      # decode_kernel.c, also the argmax's
+        assert picked["greedy argmax (fp32, 1 row of 50257)"] == cpu_kernels.OWN
     if gelu.kernel() is not None:
         assert picked["training GELU (bf16, 1024 x 3072)"] == gelu.TORCH_GELU
         assert sum(name.startswith("training GELU (") for name in picked) == 2

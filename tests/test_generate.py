@@ -1,8 +1,10 @@
 import io
+import math
 
 import pytest
 import torch
 
+from conftest import small_gpt
 from dataset import get_tokenizer
 from engine import cpu_kernels, native
 from generate import (
@@ -93,6 +95,45 @@ def test_greedy_in_bf16_takes_the_first_of_tied_maxima():
     # 1.0 and 1.001 are the same bfloat16 number: a tie, resolved to the lower index
     logits = torch.tensor([[0.5, 1.0, 1.001, -2.0], [3.0, 3.0, 1.0, 3.0]]).to(torch.bfloat16)
     assert sample_next_token(logits, 0.0).tolist() == [[1], [0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_own_argmax_gives_torchs_ids_ties_nans_and_infinities_included(kernel_build, monkeypatch,
+                                                                        dtype):
+    # decode_kernel.c's argmax_rows (cpu_kernels.greedy_ids) against torch.argmax: rows of
+    # lengths around its vectors (8 or 16 floats) and pieces (256), the largest in a piece,
+    # in the tail or in both (a tie), NaNs, infinities and signed zeros anywhere
+    try:
+        native.decode_kernels()
+    except native.BUILD_ERRORS as e:
+        pytest.skip(f"decode_kernel.c cannot be built here: {e}")
+    monkeypatch.setattr(cpu_kernels, "OWN_ARGMAX", True)
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n in (1, 7, 8, 15, 16, 17, 255, 256, 257, 511, 513, 1000, 1024, 50257):
+        x = torch.randn(3, n, generator=g)
+        cases += [x, x.round(), -x.abs(), torch.zeros(2, n), -torch.zeros(2, n),
+                  torch.full((1, n), -math.inf), x.t().contiguous().t()]
+        for at in sorted({0, n // 2, n - 1}):
+            for value in (math.nan, math.inf, -math.inf, 100.0):
+                y = x.clone()
+                y[:, at] = value
+                cases.append(y)
+            y = x.clone()
+            y[0, [at, n - 1]] = 100.0                       # tied: the first
+            y[1, [at, 0]] = math.nan                        # NaNs: the first
+            y[2, at] = -math.inf
+            cases.append(y)
+    for x in cases:
+        x = x.to(dtype)
+        got = cpu_kernels.greedy_ids(x)
+        assert got is not None and torch.equal(got, x.float().argmax(dim=-1, keepdim=True)), x
+    # generation takes it: the same tokens as with torch.argmax
+    model, prompt = small_gpt().to(dtype), torch.tensor([[1, 2, 3]])
+    own = generate_text(model, prompt, 10)
+    monkeypatch.setattr(cpu_kernels, "OWN_ARGMAX", False)
+    assert cpu_kernels.greedy_ids(cases[0].to(dtype)) is None
+    assert torch.equal(generate_text(model, prompt, 10), own)
 
 
 def test_eos_is_handled_per_row(hf_pair):
