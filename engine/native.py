@@ -138,15 +138,17 @@ _ATTENTION = None   # attention_kernel.c, as _DECODE
 def attention_signatures(lib):
     """``lib`` (a build of attention_kernel.c) with its functions' signatures set."""
     ptr, size = ctypes.c_void_p, ctypes.c_long
-    # bf16, mats, rows, cols, row0, mat_rows, the scores' scale, then the mask's seed,
+    # bf16, mats, rows, cols, row0, col0, mat_rows, the scores' scale, then the mask's seed,
     # threshold and scale
-    geometry = [ctypes.c_int] + [size] * 5 + [ctypes.c_float, ctypes.c_uint64,
+    geometry = [ctypes.c_int] + [size] * 6 + [ctypes.c_float, ctypes.c_uint64,
                                               ctypes.c_uint32, ctypes.c_float]
     lib.softmax_dropout.argtypes = [ptr] * 3 + geometry
-    lib.softmax_dropout_backward.argtypes = [ptr] * 5 + geometry
+    lib.softmax_dropout_backward.argtypes = [ptr] * 6 + geometry
     lib.softmax_dropout.restype = lib.softmax_dropout_backward.restype = ctypes.c_int
     lib.dropout_rows.argtypes = [ptr] * 2 + [ctypes.c_int] + [size] * 2 + geometry[-3:]
     lib.dropout_rows.restype = None
+    lib.row_dots.argtypes = [ptr] * 3 + [ctypes.c_int, size, size]
+    lib.row_dots.restype = None
     return lib
 
 

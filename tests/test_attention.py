@@ -100,7 +100,7 @@ def test_the_mask_drops_each_weight_with_probability_p_and_repeats_from_its_seed
     seed = 2**40 + 12345                     # both halves of the 64-bit seed matter
     out, lse = torch.empty_like(scores), torch.empty(mats, rows)
     row0 = cols - rows                       # the last block: every row sees 769..1024 keys
-    args = attention._geometry(scores, p, seed, row0, cols, 1.0)
+    args = attention._geometry(scores, p, seed, row0, 0, cols, 1.0)
     assert lib.softmax_dropout(scores.data_ptr(), lse.data_ptr(), out.data_ptr(), *args) == 0
     seen = torch.arange(cols)[None, :] <= (row0 + torch.arange(rows))[:, None]
     keep = out > 0
