@@ -14,7 +14,9 @@ faster kernel applies; each seam returns None where none does, and the plain cod
 generate.py decodes inside ``packed_for_cpu(model, batch_size, greedy)`` (through
 engine/decoder.py's ``decoding``): weight copies for decoding (oneDNN-packed, or for one-row
 fp32 and bf16 steps ``OneRow`` copies that our own kernels, decode_kernel.c, stream:
-``copy_kind`` says which), and a greedy head that reads half the bytes (``screened_argmax``).
+``copy_kind`` says which), and a greedy head that reads half the bytes (``screened_argmax``);
+its greedy_tokens takes the argmax over the logits through ``greedy_ids`` (one vector pass in
+decode_kernel.c).
 train_utils calls ``tune_malloc``. None of them changes what is computed, only how fast (up
 to the last-bit rounding in which any two matmul kernels differ); the tests compare each with
 the plain path.
