@@ -118,11 +118,9 @@ static void backward_row(float *x, float *prob, const float *factor, const void 
         vf_store_n(ds + c, vf_mul(vf_mul(p, vf_sub(dp, vf_set(dot))), vf_set(t)), n - c);
         vf_store_n(pd + c, vf_mul(p, f), n - c);
     }
-    if (bf16) {
-        uint16_t *ds16 = out, *pd16 = pd_out;
-        for (long c = 0; c < n; c++) ds16[c] = f32_to_bf16(x[c]);
-        for (long c = 0; c < n; c++) pd16[c] = f32_to_bf16(prob[c]);
-        for (long c = n; c < cols; c++) ds16[c] = pd16[c] = 0;
+    if (bf16) {                             /* rounded to bf16, then zeros to `cols` */
+        store_row(out, x, n, cols, 1);
+        store_row(pd_out, prob, n, cols, 1);
     } else {
         for (long c = n; c < cols; c++) ds[c] = pd[c] = 0.0f;
     }

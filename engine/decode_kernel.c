@@ -379,11 +379,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
-/* number i of a cache row or an embedding table: fp32, or bf16 when bf16 is set */
-static inline float kv(const void *row, int bf16, size_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
 /* VW numbers of a cache row from number i on, as fp32 */
 static inline vf kv_vec(const void *row, int bf16, size_t i) {
     return bf16 ? vf_bf16((const uint16_t *)row + i) : vf_load((const float *)row + i);
@@ -397,14 +392,15 @@ static void attend(const float *q, const void *k, const void *v, int bf16, int n
     if (d % VW || d > 256) {                        /* any width: plain loops */
         for (int p = 0; p < n; p++) {
             float s = 0.0f;
-            for (int i = 0; i < d; i++) s += q[i] * kv(k, bf16, (size_t)p * d + i);
+            for (int i = 0; i < d; i++) s += q[i] * row_at(k, (size_t)p * d + i, bf16);
             scores[p] = s * scale;
             best = fmaxf(best, scores[p]);
         }
         for (int p = 0; p < n; p++) { scores[p] = expf(scores[p] - best); total += scores[p]; }
         for (int i = 0; i < d; i++) out[i] = 0.0f;
         for (int p = 0; p < n; p++)
-            for (int i = 0; i < d; i++) out[i] += scores[p] / total * kv(v, bf16, (size_t)p * d + i);
+            for (int i = 0; i < d; i++)
+                out[i] += scores[p] / total * row_at(v, (size_t)p * d + i, bf16);
         return;
     }
     for (int p = 0; p < n; p++) {                   /* scores, VW numbers of a row at a time */
@@ -468,7 +464,8 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
     float *x = buf, *xn = x + C, *qkv = xn + C, *att = qkv + 3 * C, *hid = att + C,
           *scores = hid + 4 * C;
     for (int i = 0; i < C; i++)
-        x[i] = kv(tok_emb, bf16, (size_t)token * C + i) + kv(pos_emb, bf16, (size_t)pos * C + i);
+        x[i] = row_at(tok_emb, (size_t)token * C + i, bf16)
+               + row_at(pos_emb, (size_t)pos * C + i, bf16);
     #pragma omp parallel num_threads(threads)
     for (int l = 0; l < n_layers; l++) {
         const Block *bl = &blocks[l];
@@ -518,18 +515,14 @@ int decode_token(const Block *blocks, int n_layers, int C, int H, const void *to
 
 /* Greedy decoding's next token ----------------------------------------------------------- */
 
-static inline float logit(const void *row, int bf16, long i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
 /* index of the largest of n logits (n >= 1), the first of equal ones, or of the first NaN,
    as torch.argmax; by plain comparisons, for a row that holds a NaN or an infinity */
 static long argmax_plain(const void *row, int bf16, long n) {
     long at = 0;
     for (long i = 0; i < n; i++) {
-        float v = logit(row, bf16, i);
+        float v = row_at(row, i, bf16);
         if (v != v) return i;
-        if (v > logit(row, bf16, at)) at = i;
+        if (v > row_at(row, at, bf16)) at = i;
     }
     return at;
 }
@@ -560,7 +553,7 @@ void argmax_rows(const void *x, int bf16, long rows, long n, int64_t *out) {
         float tail_best = -INFINITY, check = vf_sum(odd);
         long tail_at = -1;
         for (long i = full; i < n; i++) {
-            float v = logit(row, bf16, i);
+            float v = row_at(row, i, bf16);
             check += v - v;
             if (v > tail_best) tail_best = v, tail_at = i;
         }
@@ -571,7 +564,7 @@ void argmax_rows(const void *x, int bf16, long rows, long n, int64_t *out) {
         long at = tail_at;                  /* an equal one in the pieces comes first */
         if (piece >= 0 && !(tail_at >= 0 && tail_best > best)) {
             at = piece;
-            while (logit(row, bf16, at) != best) at++;
+            while (row_at(row, at, bf16) != best) at++;
         }
         out[r] = at;
     }

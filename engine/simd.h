@@ -248,6 +248,11 @@ static inline vf vf_exp(vf x) {
 
 /* Rows of numbers in fp32 buffers (attention_kernel.c, loss_kernel.c, gelu_kernel.c) */
 
+/* number i of a bf16 or fp32 row, in fp32 */
+static inline float row_at(const void *x, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
 /* the first n values (n >= 1) of a bf16 or fp32 row into out in fp32, and the largest of
    them, in one pass */
 static inline float load_row_max(float *out, const void *x, long n, int bf16) {
@@ -263,8 +268,7 @@ static inline float load_row_max(float *out, const void *x, long n, int bf16) {
         }
         best = vf_hmax(top);
     }
-    for (long i = c; i < n; i++)
-        out[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    for (long i = c; i < n; i++) out[i] = row_at(x, i, bf16);
     if (c == 0) best = out[0];
     for (; c < n; c++) best = out[c] > best ? out[c] : best;
     return best;
